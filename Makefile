@@ -1,0 +1,41 @@
+# Two commands a new user needs: `make quickstart` and `make test`. Both build .venv first.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= $(or $(RLSIM_DATA_DIR),../shared/datasets)
+OUT ?= runs/quickstart
+PYTEST_ARGS ?=
+
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test test-all bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, from the CPU build on disk, so nothing later can pull a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/rlsim pipeline --config configs/quickstart.yaml --data-dir $(DATA_DIR) --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything, the slow tests included.
+test-all: install
+	$(BIN)/python -m pytest -m '' $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/reward_ml100k.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,91 @@
+"""The `rlsim` command. With jobs/, the only place that reads environment variables or starts Ray.
+
+Each area registers its own subcommands (``register(subparsers)`` in the modules listed in
+COMMAND_MODULES); this file owns the shared flags, config loading and error handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rlsim.config import DataConfig, from_dict, load_yaml
+from rlsim.errors import RlsimError
+
+# Modules exposing register(subparsers); each adds its own subcommands.
+COMMAND_MODULES = [
+    "rlsim.commands.data",
+    "rlsim.commands.baselines",
+]
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--config", help="experiment YAML (sections: data, reward, ...); flags override it")
+    g.add_argument("--dataset", help="ml-100k | ml-latest-small | ml-1m")
+    g.add_argument("--split", help="u1..u5, ua, ub (ml-100k), temporal, random")
+    g.add_argument("--data-dir", help="folder with the dataset (default $RLSIM_DATA_DIR)")
+    g.add_argument("--cache-dir", help="Parquet/embedding cache (default $RLSIM_CACHE_DIR or ~/.cache/rlsim)")
+    g.add_argument("--overviews", help="plot overviews CSV (default: <data-dir>/overviews/<dataset>_overviews.csv)")
+    g.add_argument("--no-download", action="store_true", help="fail instead of downloading from GroupLens")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--text-model", help="sentence-transformers model for item text (default all-MiniLM-L6-v2)")
+
+
+def load_config_file(args) -> dict:
+    return load_yaml(args.config) if getattr(args, "config", None) else {}
+
+
+def data_config(args, file_cfg: dict | None = None) -> DataConfig:
+    """DataConfig from YAML, then environment defaults, then flags (flags win)."""
+    file_cfg = load_config_file(args) if file_cfg is None else file_cfg
+    cfg = from_dict(DataConfig, file_cfg.get("data"), "data")
+    if cfg.data_dir is None and os.environ.get("RLSIM_DATA_DIR"):
+        cfg.data_dir = os.environ["RLSIM_DATA_DIR"]
+    if os.environ.get("RLSIM_CACHE_DIR") and "cache_dir" not in (file_cfg.get("data") or {}):
+        cfg.cache_dir = os.environ["RLSIM_CACHE_DIR"]
+    for flag, attr in [("dataset", "dataset"), ("split", "split"), ("data_dir", "data_dir"),
+                       ("cache_dir", "cache_dir"), ("overviews", "overviews"), ("seed", "seed"),
+                       ("text_model", "text_model")]:
+        v = getattr(args, flag, None)
+        if v is not None:
+            setattr(cfg, attr, v)
+    if getattr(args, "no_download", False):
+        cfg.download = False
+    if cfg.data_dir is None:
+        # With no data folder, downloads land in (and are read from) the cache.
+        cfg.data_dir = str(Path(cfg.cache_dir).expanduser() / "downloads")
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlsim", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rc = args.func(args)
+    except RlsimError as exc:
+        print(f"rlsim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlsim: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Train/test splits: the official folds, and seeded per-user temporal and random hold-outs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from rlsim.data.schema import Dataset
+from rlsim.errors import DataError
+
+GENERATED_SPLITS = ("temporal", "random")
+
+
+@dataclass
+class Split:
+    name: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+    def summary(self) -> dict:
+        return {"split": self.name, "train": int(len(self.train)), "test": int(len(self.test)),
+                "train_users": int(self.train.user_id.nunique()), "test_users": int(self.test.user_id.nunique())}
+
+
+def _per_user_holdout(ratings: pd.DataFrame, frac: float, seed: int, by_time: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if not 0.0 < frac < 1.0:
+        raise DataError(f"test fraction must be in (0, 1), got {frac}")
+    rng = np.random.default_rng(seed)
+    df = ratings.reset_index(drop=True)
+    # A seeded random key breaks timestamp ties (and is the whole order for the random split).
+    tie = rng.random(len(df))
+    order = np.lexsort((tie, df["timestamp"].to_numpy(), df["user_id"].to_numpy())) if by_time else \
+        np.lexsort((tie, df["user_id"].to_numpy()))
+    df = df.iloc[order].reset_index(drop=True)
+    pos = df.groupby("user_id").cumcount().to_numpy()
+    n = df.groupby("user_id")["user_id"].transform("size").to_numpy()
+    # Each user keeps at least one training rating; users with one rating stay in train only.
+    n_test = np.minimum(np.floor(n * frac + 0.5).astype(int), n - 1)
+    is_test = pos >= n - n_test
+    return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+
+
+def make_split(ds: Dataset, split: str, seed: int = 0, test_frac: float = 0.2) -> Split:
+    """An official fold by name (e.g. 'u1'), or 'temporal' / 'random' (last/random test_frac per user)."""
+    if split in ds.official_splits:
+        train, test = ds.official_splits[split]
+        return Split(split, train.reset_index(drop=True), test.reset_index(drop=True))
+    if split == "temporal":
+        train, test = _per_user_holdout(ds.ratings, test_frac, seed, by_time=True)
+    elif split == "random":
+        train, test = _per_user_holdout(ds.ratings, test_frac, seed, by_time=False)
+    else:
+        known = sorted(ds.official_splits) + list(GENERATED_SPLITS)
+        raise DataError(f"unknown split '{split}' for {ds.name} (known: {', '.join(known)})")
+    return Split(split, train, test)
+
+
+def holdout_validation(train: pd.DataFrame, frac: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A per-user random validation set carved out of a training set (for early stopping)."""
+    return _per_user_holdout(train, frac, seed, by_time=False)

@@ -1,0 +1,46 @@
+"""Shared fixtures: generated MovieLens folders, and the real data folder when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import write_latest_small, write_ml1m, write_ml100k, write_overviews
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A folder with ml-100k (with overviews), ml-latest-small and ml-1m fixtures."""
+    root = tmp_path_factory.mktemp("data")
+    write_ml100k(root)
+    write_overviews(root)
+    write_latest_small(root)
+    write_ml1m(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """A cache shared by the session so text embeddings are computed once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def ml100k(data_root, cache_root):
+    from rlsim.data import load_movielens
+
+    return load_movielens("ml-100k", data_dir=data_root, cache_dir=cache_root, download=False)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    d = os.environ.get("RLSIM_DATA_DIR")
+    if not d or not (Path(d) / "ml-100k" / "u.data").is_file():
+        pytest.skip("real MovieLens data not available (set RLSIM_DATA_DIR)")
+    return Path(d)
