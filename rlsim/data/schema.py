@@ -32,7 +32,8 @@ class RatingScale:
     def to_class(self, ratings) -> np.ndarray:
         """Rating values to class indices 0..n_classes-1."""
         r = np.asarray(ratings, dtype=np.float64)
-        return np.clip(np.rint((r - self.min) / self.step), 0, self.n_classes - 1).astype(np.int64)
+        # Half-way values round up (4.5 -> 5), unlike numpy's round-half-to-even.
+        return np.clip(np.floor((r - self.min) / self.step + 0.5), 0, self.n_classes - 1).astype(np.int64)
 
     def from_class(self, classes) -> np.ndarray:
         return self.min + self.step * np.asarray(classes, dtype=np.float64)
