@@ -20,6 +20,8 @@ from rlsim.errors import RlsimError
 COMMAND_MODULES = [
     "rlsim.commands.data",
     "rlsim.commands.baselines",
+    "rlsim.commands.candidates",
+    "rlsim.commands.policy",
 ]
 
 
