@@ -20,8 +20,11 @@ from rlsim.errors import RlsimError
 COMMAND_MODULES = [
     "rlsim.commands.data",
     "rlsim.commands.baselines",
+    "rlsim.commands.reward",
     "rlsim.commands.candidates",
     "rlsim.commands.policy",
+    "rlsim.commands.tune",
+    "rlsim.commands.pipeline",
 ]
 
 

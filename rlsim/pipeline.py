@@ -1,0 +1,286 @@
+"""The end-to-end run: each stage writes OUT/<stage>/ (metrics.json last), and a rerun skips done stages.
+
+Stages are plain functions ``fn(ctx, stage_dir) -> metrics`` in STAGES; `rlsim pipeline`, the
+jobs/ entrypoints and the tests all call :func:`run_stage` / :func:`run_pipeline`. A stage
+counts as done when its metrics.json exists, which is written only after everything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from rlsim.baselines import baseline_predictions, evaluate_baselines, fit_baselines
+from rlsim.config import DataConfig, dump_yaml, from_dict
+from rlsim.errors import ConfigError
+from rlsim.io import read_json, write_json, write_parquet
+from rlsim.metrics import (histogram_distance, pearson, per_user_accuracy, per_user_gini, per_user_ndcg,
+                           rating_histogram, rating_metrics, spearman)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STAGES = ["data", "baselines", "reward", "candidates", "policy", "personas", "evaluate"]
+
+
+@dataclass
+class PipelineConfig:
+    """The `pipeline:` section: which stages run, and the evaluation's knobs."""
+
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    # NDCG cut-off shown in the boxplots and the gate table.
+    k: int = 10
+    # Users sampled for the offline persona stage (0 = all test users).
+    persona_users: int = 30
+    # Baselines drawn beside the reward model in the per-user plots.
+    compare_baselines: list[str] = field(default_factory=lambda: ["bias", "mf"])
+
+
+@dataclass
+class RunContext:
+    """What every stage sees: the data config, the whole YAML (each stage parses its section), OUT."""
+
+    data_cfg: DataConfig
+    sections: dict[str, Any]
+    out: Path
+    cfg: PipelineConfig = field(default_factory=PipelineConfig)
+    progress: bool = True
+    _loaded: tuple | None = None
+
+    def load(self):
+        if self._loaded is None:
+            from rlsim.data import load_split
+
+            self._loaded = load_split(self.data_cfg)
+        return self._loaded
+
+    def section(self, name: str) -> dict:
+        value = self.sections.get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping")
+        return value
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / name
+
+    def stage_metrics(self, name: str) -> dict | None:
+        """A finished stage's metrics; None while absent or incomplete (run_stage adds stage_seconds last)."""
+        p = self.stage_dir(name) / "metrics.json"
+        if not p.is_file():
+            return None
+        m = read_json(p)
+        return m if "stage_seconds" in m else None
+
+
+def make_context(sections: dict, data_cfg: DataConfig, out: str | Path, progress: bool = True) -> RunContext:
+    cfg = from_dict(PipelineConfig, sections.get("pipeline"), "pipeline")
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown pipeline stage(s) {unknown} (known: {', '.join(STAGES)})")
+    return RunContext(data_cfg=data_cfg, sections=sections, out=Path(out), cfg=cfg, progress=progress)
+
+
+def _need(module: str, stage: str):
+    """Import a stage's module, or say plainly which stage needs what."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name.split(".")[0]) and exc.name.startswith("rlsim"):
+            raise ConfigError(f"stage '{stage}' needs {module}, which is not available in this install") from None
+        raise
+
+
+# --------------------------------------------------------------------------- stages
+
+def stage_data(ctx: RunContext, d: Path) -> dict:
+    ds, split = ctx.load()
+    write_parquet(split.train, d / "train.parquet")
+    write_parquet(split.test, d / "test.parquet")
+    return {**ds.summary(), **split.summary()}
+
+
+def stage_baselines(ctx: RunContext, d: Path) -> dict:
+    ds, split = ctx.load()
+    return {"dataset": ds.name, "split": split.name,
+            "baselines": evaluate_baselines(split.train, split.test, ds.scale, seed=ctx.data_cfg.seed)}
+
+
+def _reward_cfg(ctx: RunContext):
+    return _need("rlsim.reward.config", "reward").RewardConfig.from_dict(ctx.section("reward"))
+
+
+def stage_reward(ctx: RunContext, d: Path) -> dict:
+    train_mod = _need("rlsim.reward.train", "reward")
+    cfg = _reward_cfg(ctx)
+    ds, split = ctx.load()
+    metrics = train_mod.train_reward_model(ctx.data_cfg, cfg, d, dataset=ds, split=split)
+    # Predictions on both sides of the split feed the per-user train-vs-test plots.
+    predictor = _need("rlsim.reward.predict", "reward").RewardPredictor.load(d / "checkpoint")
+    for side, pairs in (("train", split.train), ("test", split.test)):
+        pred = predictor.predict(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
+        write_parquet(pairs[["user_id", "item_id", "rating"]].assign(predicted=np.asarray(pred, float)),
+                      d / f"predictions_{side}.parquet")
+    return metrics
+
+
+def stage_sweep(ctx: RunContext, d: Path) -> dict:
+    from rlsim.tune import TuneConfig, run_sweep
+
+    tcfg = from_dict(TuneConfig, ctx.section("tune"), "tune")
+    if tcfg.storage_path is None:
+        tcfg.storage_path = str((d / "ray_results").resolve())
+    ds, split = ctx.load()
+    return run_sweep(ctx.data_cfg, _reward_cfg(ctx), tcfg, out_dir=d, dataset=ds, split=split)
+
+
+def stage_candidates(ctx: RunContext, d: Path) -> dict:
+    raise ConfigError("stage 'candidates' is not wired yet")
+
+
+def stage_policy(ctx: RunContext, d: Path) -> dict:
+    raise ConfigError("stage 'policy' is not wired yet")
+
+
+def stage_personas(ctx: RunContext, d: Path) -> dict:
+    raise ConfigError("stage 'personas' is not wired yet")
+
+
+def _per_user_rows(df: pd.DataFrame, scale, k: int, model: str, side: str) -> pd.DataFrame:
+    acc = per_user_accuracy(df, scale)
+    nd = per_user_ndcg(df, ks=(k,)).set_index("user_id")[[f"ndcg@{k}"]]
+    out = nd.join(acc, how="outer").reset_index()
+    return out.assign(model=model, side=side)
+
+
+def _model_predictions(ctx: RunContext) -> dict[str, dict[str, pd.DataFrame]]:
+    """{model: {"train": df, "test": df}} with user_id, item_id, rating, predicted."""
+    ds, split = ctx.load()
+    preds: dict[str, dict[str, pd.DataFrame]] = {}
+    rdir = ctx.stage_dir("reward")
+    if (rdir / "predictions_test.parquet").is_file():
+        preds["reward_model"] = {s: pd.read_parquet(rdir / f"predictions_{s}.parquet") for s in ("train", "test")}
+    names = [n for n in ctx.cfg.compare_baselines]
+    if names:
+        models = fit_baselines(split.train, ds.scale, seed=ctx.data_cfg.seed)
+        bad = [n for n in names if n not in models]
+        if bad:
+            raise ConfigError(f"pipeline.compare_baselines: unknown baseline(s) {bad}")
+        for side, pairs in (("train", split.train), ("test", split.test)):
+            p = baseline_predictions({n: models[n] for n in names}, pairs)
+            for n in names:
+                preds.setdefault(n, {})[side] = pairs[["user_id", "item_id", "rating"]].assign(predicted=p[n].to_numpy())
+    return preds
+
+
+def stage_evaluate(ctx: RunContext, d: Path) -> dict:
+    """Per-user accuracy/NDCG (train vs test), Gini correlations, histograms, and every stage's numbers
+    beside the baseline gate."""
+    ds, split = ctx.load()
+    k = ctx.cfg.k
+    preds = _model_predictions(ctx)
+    rows = [_per_user_rows(df, ds.scale, k, m, side) for m, sides in preds.items() for side, df in sides.items()]
+    per_user = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    gini = per_user_gini(split.train, ds.scale)
+    n_train = split.train.groupby("user_id").size().rename("n_train")
+    if len(per_user):
+        per_user = per_user.merge(gini.reset_index(), on="user_id", how="left").merge(
+            n_train.reset_index(), on="user_id", how="left")
+    write_parquet(per_user, d / "per_user.parquet")
+
+    gate = (ctx.stage_metrics("baselines") or stage_baselines(ctx, d))["baselines"]
+    models = {}
+    correlations = {}
+    for m, sides in preds.items():
+        test = sides["test"]
+        mm = rating_metrics(test["rating"], test["predicted"], ds.scale)
+        mm[f"ndcg@{k}"] = float(per_user_ndcg(test, ks=(k,))[f"ndcg@{k}"].mean())
+        models[m] = mm
+        pu = per_user[(per_user.model == m) & (per_user.side == "test")]
+        correlations[m] = {f"{metric}~{col}": {"spearman": spearman(pu[col], pu[metric]),
+                                                "pearson": pearson(pu[col], pu[metric])}
+                           for metric in ("accuracy", f"ndcg@{k}") for col in ("gini", "n_train")}
+    real = split.test["rating"].to_numpy()
+    histograms = {"values": ds.scale.values.tolist(), "real_test": rating_histogram(real, ds.scale).tolist()}
+    distances = {}
+    for m, sides in preds.items():
+        sim = ds.scale.round(sides["test"]["predicted"].to_numpy())
+        histograms[m] = rating_histogram(sim, ds.scale).tolist()
+        distances[m] = histogram_distance(real, sim, ds.scale)
+    personas = ctx.stage_metrics("personas")
+    if personas and personas.get("histograms"):
+        for name, h in personas["histograms"].items():
+            histograms[f"personas:{name}"] = h
+    out = {"k": k, "models": models, "baselines": gate, "correlations": correlations,
+           "histograms": histograms, "histogram_distance": distances,
+           "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))}}
+    policy = ctx.stage_metrics("policy")
+    if policy:
+        out["policy"] = {k2: policy.get(k2) for k2 in ("policy", "random", "oracle", "gap_closed")}
+    if personas:
+        out["personas"] = {k2: personas.get(k2) for k2 in ("persona", "reward_model", "baselines", "shared_users")
+                           if k2 in personas}
+    return out
+
+
+STAGES: dict[str, Callable[[RunContext, Path], dict]] = {
+    "data": stage_data,
+    "baselines": stage_baselines,
+    "reward": stage_reward,
+    "sweep": stage_sweep,
+    "candidates": stage_candidates,
+    "policy": stage_policy,
+    "personas": stage_personas,
+    "evaluate": stage_evaluate,
+}
+
+
+# --------------------------------------------------------------------------- running
+
+def run_stage(ctx: RunContext, name: str, force: bool = False) -> tuple[dict, bool]:
+    """(metrics, ran): run one stage unless its metrics.json already exists."""
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}' (known: {', '.join(STAGES)})")
+    d = ctx.stage_dir(name)
+    done = ctx.stage_metrics(name)
+    if done is not None and not force:
+        log.info("stage %s: done already (%s), skipping", name, d / "metrics.json")
+        return done, False
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    metrics = STAGES[name](ctx, d)
+    metrics = {**metrics, "stage_seconds": round(time.time() - t0, 2)}
+    write_json(d / "metrics.json", metrics)
+    return metrics, True
+
+
+def run_pipeline(ctx: RunContext, force: bool = False, report: bool = True) -> dict:
+    """Run ctx.cfg.stages in order, then write OUT/metrics.json (all stages) and OUT/report.html."""
+    from tqdm.auto import tqdm
+
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    dump_yaml({**ctx.sections, "data": ctx.data_cfg.__dict__}, ctx.out / "config.yaml")
+    all_metrics: dict[str, Any] = {}
+    ran = []
+    bar = tqdm(ctx.cfg.stages, desc="pipeline", unit="stage", disable=not ctx.progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        # Evaluation reads the others' outputs, so it is redone whenever anything before it ran.
+        metrics, did = run_stage(ctx, name, force=force or (name == "evaluate" and bool(ran)))
+        if did:
+            ran.append(name)
+        all_metrics[name] = metrics
+    summary = {"dataset": ctx.data_cfg.dataset, "split": ctx.data_cfg.split, "stages": all_metrics, "ran": ran}
+    write_json(ctx.out / "metrics.json", summary)
+    if report:
+        from rlsim.report import write_report
+
+        per_user_path = ctx.stage_dir("evaluate") / "per_user.parquet"
+        per_user = pd.read_parquet(per_user_path) if per_user_path.is_file() else None
+        write_report(summary, ctx.out, per_user=per_user)
+    return summary

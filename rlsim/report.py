@@ -1,0 +1,251 @@
+"""The run report: PNG figures (matplotlib, Agg) and one HTML page next to them.
+
+Works from the pipeline's metrics.json summary plus the evaluation's per-user table, so it can
+be re-rendered from a finished run (`write_report(read_json(OUT/metrics.json), OUT, per_user)`).
+Every table of model numbers carries the baseline gate rows beside it.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+GATE_COLUMNS = ["rmse", "mae", "exact", "off_by_1", "ndcg@10"]
+SIDE_COLORS = {"train": "#8da0cb", "test": "#fc8d62"}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "nan" if np.isnan(v) else f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def html_table(rows: list[dict], columns: list[str], first: str = "name", highlight: set[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [first, *columns])
+    body = []
+    for r in rows:
+        cls = ' class="model"' if highlight and r.get(first) in highlight else ""
+        cells = "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns)
+        body.append(f"<tr{cls}><td>{_fmt(r.get(first))}</td>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def gate_rows(models: dict[str, dict], baselines: dict[str, dict], k: int = 10) -> list[dict]:
+    """Model rows first, then the baselines, on the same columns (ndcg@k shown as ndcg@10's column)."""
+    rows = []
+    for name, m in models.items():
+        rows.append({"name": name, **m, "ndcg@10": m.get(f"ndcg@{k}", m.get("ndcg@10"))})
+    for name, m in baselines.items():
+        rows.append({"name": f"baseline: {name}", **m})
+    return rows
+
+
+# --------------------------------------------------------------------------- figures
+
+def plot_per_user(per_user: pd.DataFrame, k: int, path: Path) -> Path | None:
+    if per_user is None or per_user.empty:
+        return None
+    models = list(dict.fromkeys(per_user["model"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ["accuracy", f"ndcg@{k}"]):
+        data, pos, colors = [], [], []
+        for i, m in enumerate(models):
+            for j, side in enumerate(["train", "test"]):
+                v = per_user[(per_user.model == m) & (per_user.side == side)][metric].dropna().to_numpy()
+                data.append(v if len(v) else np.array([np.nan]))
+                pos.append(i * 3 + j)
+                colors.append(SIDE_COLORS[side])
+        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showfliers=False)
+        for patch, c in zip(bp["boxes"], colors):
+            patch.set_facecolor(c)
+        ax.set_xticks([i * 3 + 0.5 for i in range(len(models))], models)
+        ax.set_title(f"per-user {metric}")
+        ax.grid(axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SIDE_COLORS.values()]
+    axes[1].legend(handles, ["train", "validation (test)"], loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_gini(per_user: pd.DataFrame, path: Path) -> Path | None:
+    if per_user is None or per_user.empty or "gini" not in per_user:
+        return None
+    users = per_user.drop_duplicates("user_id")
+    model = per_user["model"].iloc[0]
+    test = per_user[(per_user.model == model) & (per_user.side == "test")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].hist(users["gini"].dropna(), bins=20, color="#66c2a5", edgecolor="white")
+    axes[0].set_xlabel("Gini of the user's training ratings")
+    axes[0].set_ylabel("users")
+    axes[0].set_title("Gini distribution")
+    axes[1].scatter(test["gini"], test["accuracy"], s=10, alpha=0.5, color="#fc8d62")
+    axes[1].set_xlabel("Gini")
+    axes[1].set_ylabel("test accuracy")
+    axes[1].set_title(f"Gini vs per-user accuracy ({model})")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_policy(policy: dict, path: Path) -> Path | None:
+    names = [n for n in ("random", "policy", "oracle") if isinstance(policy.get(n), dict)]
+    if not names:
+        return None
+    vals = [policy[n].get("mean_reward", np.nan) for n in names]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    bars = ax.bar(names, vals, color=["#bbbbbb", "#8da0cb", "#66c2a5"][: len(names)])
+    ax.bar_label(bars, fmt="%.3f")
+    gap = policy.get("gap_closed")
+    ax.set_title("mean reward per episode" + (f" (gap closed {gap:.1%})" if isinstance(gap, (int, float)) else ""))
+    ax.set_ylabel("mean reward")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(hists: dict, path: Path) -> Path | None:
+    if not hists or "values" not in hists:
+        return None
+    values = hists["values"]
+    series = [(k, v) for k, v in hists.items() if k != "values"]
+    if not series:
+        return None
+    width = 0.8 / len(series)
+    x = np.arange(len(values))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(values) + 2), 4))
+    for i, (name, h) in enumerate(series):
+        label = "real (test)" if name == "real_test" else name
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, h, width, label=label,
+               color="#333333" if name == "real_test" else None)
+    ax.set_xticks(x, [f"{v:g}" for v in values])
+    ax.set_xlabel("rating")
+    ax.set_ylabel("share of ratings")
+    ax.set_title("real vs simulated rating histograms")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_personas(personas: dict, path: Path, k: int = 10) -> Path | None:
+    rows = {n: personas.get(n) for n in ("persona", "reward_model") if isinstance(personas.get(n), dict)}
+    if not rows:
+        return None
+    metrics = [m for m in ("exact", "off_by_1", f"ndcg@{k}") if any(m in r for r in rows.values())]
+    x = np.arange(len(metrics))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, (name, r) in enumerate(rows.items()):
+        ax.bar(x + (i - 0.5) * 0.38, [r.get(m, np.nan) or np.nan for m in metrics], 0.38, label=name)
+    ax.set_xticks(x, ["accuracy (exact)" if m == "exact" else m for m in metrics])
+    ax.set_ylim(0, 1)
+    ax.set_title("personas vs reward model on shared users")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- page
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+td:first-child,th:first-child{text-align:left}tr.model td{font-weight:600;background:#eef3ff}
+img{max-width:100%;border:1px solid #eee}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}
+.note{color:#666;font-size:.9em}"""
+
+
+def write_report(summary: dict, out: str | Path, per_user: pd.DataFrame | None = None) -> Path:
+    """Write OUT/report.html and its PNGs from the pipeline summary (OUT/metrics.json's content)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = summary.get("stages", {})
+    ev = stages.get("evaluate", {})
+    k = int(ev.get("k", 10))
+    gate = ev.get("baselines") or stages.get("baselines", {}).get("baselines", {})
+    parts = [f"<h1>rlsim report: {_fmt(summary.get('dataset'))} / {_fmt(summary.get('split'))}</h1>"]
+
+    if "data" in stages:
+        d = stages["data"]
+        parts.append("<h2>Data</h2>" + html_table(
+            [{"name": d.get("dataset"), **{c: d.get(c) for c in ("ratings", "users", "items", "train", "test")}}],
+            ["ratings", "users", "items", "train", "test"]))
+
+    parts.append("<h2>Baseline gate</h2><p class='note'>Every model number below is shown beside these "
+                 "baselines, on the same test pairs.</p>")
+    models = dict(ev.get("models", {}))
+    parts.append(html_table(gate_rows(models, gate, k), GATE_COLUMNS, highlight=set(models)))
+
+    if (reward := stages.get("reward")):
+        keys = [c for c in ("val_rmse", "val_accuracy", "test_rmse", "test_accuracy", "epochs", "seconds") if c in reward]
+        if keys:
+            parts.append("<h3>Reward model training</h3>" + html_table([{"name": "reward_model", **reward}], keys))
+
+    img = out / "per_user.png"
+    if plot_per_user(per_user, k, img):
+        parts.append(f"<h2>Per-user accuracy and NDCG@{k}: train vs validation</h2><img src='{img.name}'>")
+
+    img = out / "gini.png"
+    if plot_gini(per_user, img):
+        parts.append(f"<h2>Gini of users' ratings</h2><img src='{img.name}'>")
+    if ev.get("correlations"):
+        rows = []
+        for model, corr in ev["correlations"].items():
+            for pair, c in corr.items():
+                rows.append({"name": model, "pair": pair, "spearman": c.get("spearman"), "pearson": c.get("pearson")})
+        parts.append("<h3>Correlations (test side, per user)</h3>" + html_table(rows, ["pair", "spearman", "pearson"],
+                                                                                first="name"))
+
+    policy = ev.get("policy") or stages.get("policy")
+    if policy:
+        img = out / "policy.png"
+        if plot_policy(policy, img):
+            rows = [{"name": n, "mean_reward": (policy.get(n) or {}).get("mean_reward")}
+                    for n in ("policy", "random", "oracle")]
+            parts.append(f"<h2>Policy vs random vs oracle</h2><img src='{img.name}'>"
+                         + html_table(rows, ["mean_reward"], highlight={"policy"})
+                         + f"<p>gap closed: {_fmt(policy.get('gap_closed'))}</p>")
+
+    personas = ev.get("personas") or stages.get("personas")
+    if personas:
+        img = out / "personas.png"
+        parts.append("<h2>Personas vs reward model (shared users)</h2>")
+        if plot_personas(personas, img, k):
+            parts.append(f"<img src='{img.name}'>")
+        pm = {n: personas[n] for n in ("persona", "reward_model") if isinstance(personas.get(n), dict)}
+        parts.append(html_table(gate_rows(pm, personas.get("baselines") or {}, k), GATE_COLUMNS, highlight=set(pm)))
+
+    img = out / "histograms.png"
+    if plot_histograms(ev.get("histograms", {}), img):
+        dist = ev.get("histogram_distance", {})
+        rows = [{"name": n, **v} for n, v in dist.items()]
+        parts.append(f"<h2>Rating histograms: real vs simulated</h2><img src='{img.name}'>"
+                     + (html_table(rows, ["total_variation", "wasserstein"]) if rows else ""))
+
+    timing = [{"name": n, "seconds": m.get("stage_seconds")} for n, m in stages.items() if isinstance(m, dict)]
+    parts.append("<h2>Stages</h2>" + html_table(timing, ["seconds"]))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rlsim report</title><style>{CSS}</style>"
+            f"</head><body>{''.join(parts)}</body></html>\n")
+    path = out / "report.html"
+    path.write_text(page)
+    return path
