@@ -1,0 +1,59 @@
+"""RewardConfig: the v-tf reward model's hyperparameters (the `reward:` YAML section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlsim.config import from_dict
+from rlsim.errors import ConfigError
+
+
+@dataclass
+class RewardConfig:
+    # Model: every token is `dim` wide; item text (genre + plot MiniLM vectors) goes through a small MLP.
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    ff_dim: int = 128
+    dropout: float = 0.1
+    text_hidden: int = 128
+    # Extra tokens: demographics (age bucket, gender, occupation) and the user's rated items (SVD++-like).
+    user_features: bool = True
+    history: bool = True
+    # Optimisation.
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    # Decoupled weight decay on the ID embedding tables (they overfit first).
+    emb_weight_decay: float = 0.05
+    batch_size: int = 512
+    epochs: int = 25
+    patience: int = 4
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"  # cosine | constant
+    # Loss: cross-entropy over rating classes (+ label smoothing) + mse_weight * MSE of the expected rating.
+    label_smoothing: float = 0.0
+    mse_weight: float = 0.5
+    # Probability of replacing a training user/item id by the reserved unknown row (teaches it).
+    unknown_prob: float = 0.02
+    val_frac: float = 0.1
+    # Independent seeds whose predicted class probabilities are averaged (1 = a single model).
+    ensemble: int = 1
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = False
+
+    def validate(self) -> "RewardConfig":
+        if self.dim % self.heads:
+            raise ConfigError(f"reward.dim ({self.dim}) must be divisible by reward.heads ({self.heads})")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"reward.schedule must be cosine or constant, got {self.schedule!r}")
+        if not 0.0 < self.val_frac < 1.0:
+            raise ConfigError(f"reward.val_frac must be in (0, 1), got {self.val_frac}")
+        for name in ("layers", "heads", "batch_size", "epochs", "ensemble"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reward.{name} must be >= 1")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "RewardConfig":
+        return from_dict(cls, data, "reward").validate()

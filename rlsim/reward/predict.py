@@ -1,0 +1,107 @@
+"""RewardPredictor: a trained v-tf (or an ensemble of seeds) behind predict(user_ids, item_ids).
+
+A checkpoint is a folder: model.pt (weights + lookup tables, text vectors included) and
+config.json (reward config, data config, rating scale). Loading needs neither the dataset
+files nor a text model; unknown users and items fall back to the reserved unknown rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlsim.config import to_dict
+from rlsim.data.schema import RatingScale
+from rlsim.errors import RlsimError
+from rlsim.reward.config import RewardConfig
+from rlsim.reward.features import FeatureTables
+from rlsim.reward.model import VanillaTransformer
+
+FORMAT = 1
+
+
+class RewardPredictor:
+    def __init__(self, models: list[VanillaTransformer], features: FeatureTables, scale: RatingScale,
+                 cfg: RewardConfig, data: dict | None = None, batch_size: int = 32768):
+        self.models = [m.eval() for m in models]
+        self.features = features
+        self.scale = scale
+        self.cfg = cfg
+        self.data = data or {}
+        self.batch_size = batch_size
+        self.device = next(models[0].parameters()).device
+
+    @property
+    def known_users(self) -> np.ndarray:
+        return self.features.user_ids
+
+    @property
+    def known_items(self) -> np.ndarray:
+        return self.features.item_ids
+
+    @torch.no_grad()
+    def predict_proba(self, user_ids, item_ids) -> np.ndarray:
+        """Class probabilities [n, n_classes] (classes = scale.values), averaged over the ensemble."""
+        users, items = np.asarray(user_ids), np.asarray(item_ids)
+        if users.shape != items.shape:
+            raise RlsimError(f"user_ids and item_ids differ in length ({len(users)} vs {len(items)})")
+        idx = self.features.encode(users, items)
+        out = np.zeros((len(users), self.scale.n_classes), np.float32)
+        for m in self.models:
+            m.eval()
+            for s in range(0, len(users), self.batch_size):
+                b = {k: torch.as_tensor(v[s:s + self.batch_size], device=self.device) for k, v in idx.items()}
+                out[s:s + self.batch_size] += torch.softmax(m(**b), -1).cpu().numpy()
+        return out / len(self.models)
+
+    def predict(self, user_ids, item_ids) -> np.ndarray:
+        """Expected rating on the dataset's scale (float, not snapped)."""
+        return self.predict_proba(user_ids, item_ids).astype(np.float64) @ self.scale.values
+
+    def predict_class_value(self, user_ids, item_ids) -> np.ndarray:
+        """The most likely rating value (the classifier's own answer)."""
+        return self.scale.from_class(self.predict_proba(user_ids, item_ids).argmax(1))
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        feats = {k: (torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v)
+                 for k, v in self.features.to_state().items()}
+        state = {"format": FORMAT, "features": feats,
+                 "models": [{k: v for k, v in m.state_dict().items() if k not in m.DERIVED_BUFFERS}
+                            for m in self.models]}
+        tmp = folder / "model.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(folder / "model.pt")
+        meta = {"format": FORMAT, "model": "vanilla_transformer", "reward": to_dict(self.cfg),
+                "data": self.data, "scale": self.scale.to_dict(), "n_classes": self.scale.n_classes,
+                "n_users": len(self.known_users), "n_items": len(self.known_items)}
+        (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, device: str = "cpu") -> "RewardPredictor":
+        folder = Path(checkpoint_dir)
+        if (folder / "checkpoint" / "model.pt").is_file():
+            folder = folder / "checkpoint"  # a run folder was given
+        if not (folder / "model.pt").is_file() or not (folder / "config.json").is_file():
+            raise RlsimError(f"no reward checkpoint (model.pt + config.json) in {folder}")
+        meta = json.loads((folder / "config.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise RlsimError(f"checkpoint {folder} has format {meta.get('format')}, expected {FORMAT}")
+        state = torch.load(folder / "model.pt", map_location=device, weights_only=True)
+        ft = FeatureTables.from_state({k: (v.numpy() if torch.is_tensor(v) else v)
+                                       for k, v in state["features"].items()})
+        cfg = RewardConfig(**meta["reward"])
+        scale = RatingScale(**meta["scale"])
+        models = []
+        for sd in state["models"]:
+            m = VanillaTransformer(cfg, ft, scale.values).to(device)
+            missing, unexpected = m.load_state_dict(sd, strict=False)
+            if unexpected or [k for k in missing if k not in m.DERIVED_BUFFERS]:
+                raise RlsimError(f"checkpoint {folder} does not match the model: {missing or unexpected}")
+            models.append(m.eval())
+        return cls(models, ft, scale, cfg, data=meta.get("data"))

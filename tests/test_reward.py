@@ -1,0 +1,166 @@
+"""The v-tf reward model on the generated fixtures (fast) and on real ML-100K u1 (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rlsim.config import DataConfig
+from rlsim.errors import ConfigError
+from rlsim.io import read_json
+from rlsim.reward.config import RewardConfig
+
+SMALL = dict(dim=32, heads=2, ff_dim=64, text_hidden=64, layers=1, batch_size=64, epochs=12, patience=12,
+             lr=3e-3, val_frac=0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data_cfg(data_root, cache_root):
+    return DataConfig(dataset="ml-100k", data_dir=str(data_root), cache_dir=str(cache_root), split="u1",
+                      download=False)
+
+
+@pytest.fixture(scope="module")
+def trained(data_cfg, tmp_path_factory):
+    from rlsim.reward.train import train_reward_model
+
+    out = tmp_path_factory.mktemp("reward")
+    reports = []
+    result = train_reward_model(data_cfg, RewardConfig(**SMALL), out, report_fn=reports.append)
+    return out, result, reports
+
+
+def test_training_loss_falls_and_beats_global_mean(trained):
+    out, result, reports = trained
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < 0.8 * losses[0]
+    m, b = result["model"], result["baselines"]
+    assert m["rmse"] < b["global_mean"]["rmse"]
+    assert m["rmse"] < b["user_mean"]["rmse"]
+    for key in ("rmse", "mae", "accuracy", "ndcg@10", "exact", "off_by_1"):
+        assert np.isfinite(m[key])
+    # report_fn got one row per epoch with the keys the Tune sweep reads
+    assert len(reports) == len(result["history"])
+    assert {"epoch", "val_rmse", "val_accuracy", "val_loss", "train_loss"} <= set(reports[0])
+
+
+def test_outputs_written(trained):
+    out, result, _ = trained
+    import pandas as pd
+
+    saved = read_json(out / "metrics.json")
+    assert saved["model"]["rmse"] == pytest.approx(result["model"]["rmse"])
+    assert set(saved["per_user"]) == {"train", "validation", "test"}
+    assert "spearman_gini_accuracy" in saved["per_user"]["test"]
+    pu = pd.read_parquet(out / "per_user.parquet")
+    assert {"user_id", "split", "accuracy", "ndcg@10", "ndcg@100", "gini"} <= set(pu.columns)
+    assert set(pu["split"]) == {"train", "validation", "test"}
+    for png in ("accuracy_boxplot.png", "ndcg_boxplot.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_round_trip(trained, data_cfg):
+    from rlsim.data import load_split
+    from rlsim.reward.evaluate import evaluate_predictor
+    from rlsim.reward.predict import RewardPredictor
+
+    out, result, _ = trained
+    pred = RewardPredictor.load(out / "checkpoint")
+    _, split = load_split(data_cfg)
+    metrics, _ = evaluate_predictor(pred, split.train, split.test, baselines=False)
+    for key in ("rmse", "mae", "accuracy", "ndcg@10", "exact"):
+        assert metrics["model"][key] == pytest.approx(result["model"][key], abs=1e-6)
+
+
+def test_unknown_users_and_items(trained):
+    from rlsim.reward.predict import RewardPredictor
+
+    pred = RewardPredictor.load(trained[0])  # a run folder works too
+    u = np.array([pred.known_users[0], 10_000_001, 10_000_002, pred.known_users[1]])
+    i = np.array([10_000_003, pred.known_items[0], 10_000_004, pred.known_items[1]])
+    proba = pred.predict_proba(u, i)
+    assert proba.shape == (4, pred.scale.n_classes)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    r = pred.predict(u, i)
+    assert np.all((r >= pred.scale.min) & (r <= pred.scale.max))
+    # batched prediction equals one-by-one prediction
+    one = np.array([pred.predict(u[k:k + 1], i[k:k + 1])[0] for k in range(4)])
+    np.testing.assert_allclose(one, r, atol=1e-5)
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    from rlsim.errors import RlsimError
+    from rlsim.reward.predict import RewardPredictor
+
+    with pytest.raises(RlsimError):
+        RewardPredictor.load(tmp_path)
+
+
+def test_config_section_and_flags(tmp_path, data_root, cache_root):
+    from rlsim.cli import build_parser, load_config_file
+    from rlsim.commands.reward import reward_config
+
+    cfg_file = tmp_path / "exp.yaml"
+    cfg_file.write_text("data:\n  dataset: ml-100k\nreward:\n  dim: 48\n  heads: 4\n  epochs: 7\n")
+    args = build_parser().parse_args(["reward", "train", "--config", str(cfg_file), "--epochs", "3",
+                                      "--out", str(tmp_path / "o")])
+    cfg = reward_config(args, load_config_file(args))
+    assert (cfg.dim, cfg.epochs) == (48, 3)
+    with pytest.raises(ConfigError):
+        RewardConfig.from_dict({"dimm": 3})
+    with pytest.raises(ConfigError):
+        RewardConfig.from_dict({"dim": 30, "heads": 4})
+
+
+def test_cli_train_and_evaluate(data_root, cache_root, tmp_path, capsys):
+    from rlsim.cli import main
+
+    common = ["--dataset", "ml-100k", "--split", "u2", "--data-dir", str(data_root), "--cache-dir", str(cache_root),
+              "--no-download"]
+    out = tmp_path / "run"
+    assert main(["reward", "train", *common, "--out", str(out), "--epochs", "2", "--dim", "32",
+                 "--batch-size", "128"]) == 0
+    m = read_json(out / "metrics.json")
+    assert {"rmse", "mae", "accuracy", "ndcg@10"} <= set(m["model"])
+    assert {"global_mean", "user_mean", "rounded_user_mean", "bias", "mf"} <= set(m["baselines"])
+    assert {"rmse", "ndcg@10"} <= set(m["baselines"]["mf"])
+    assert len(m["history"]) == 2
+    ev = tmp_path / "eval"
+    assert main(["reward", "evaluate", *common, "--checkpoint", str(out / "checkpoint"), "--out", str(ev)]) == 0
+    e = read_json(ev / "metrics.json")
+    assert e["model"]["rmse"] == pytest.approx(m["model"]["rmse"], abs=1e-6)
+    assert e["baselines"]["bias"]["rmse"] == pytest.approx(m["baselines"]["bias"]["rmse"])
+    # a checkpoint from another scale is refused with one line, not a traceback
+    rc = main(["reward", "evaluate", "--dataset", "ml-latest-small", "--split", "random", "--data-dir",
+               str(data_root), "--cache-dir", str(cache_root), "--no-download", "--checkpoint", str(out),
+               "--out", str(tmp_path / "bad")])
+    assert rc == 2
+    assert "rlsim: error:" in capsys.readouterr().err
+    assert main(["reward", "evaluate", *common, "--checkpoint", str(tmp_path / "nope"), "--out", str(ev)]) == 2
+
+
+def test_half_star_scale_uses_ten_classes(data_root, cache_root):
+    from rlsim.reward.train import train_reward_model
+
+    dcfg = DataConfig(dataset="ml-latest-small", data_dir=str(data_root), cache_dir=str(cache_root),
+                      split="random", download=False)
+    res = train_reward_model(dcfg, RewardConfig(**{**SMALL, "epochs": 2}), None)
+    assert res["model"]["rmse"] < res["baselines"]["global_mean"]["rmse"] * 1.2
+    from rlsim.data import load_split
+
+    ds, _ = load_split(dcfg)
+    assert ds.scale.n_classes == 10
+
+
+@pytest.mark.slow
+def test_real_ml100k_u1_beats_user_mean(real_data_dir, tmp_path):
+    from rlsim.reward.train import train_reward_model
+
+    dcfg = DataConfig(dataset="ml-100k", data_dir=str(real_data_dir), cache_dir=str(tmp_path / "cache"),
+                      split="u1", download=False)
+    res = train_reward_model(dcfg, RewardConfig(epochs=2), tmp_path / "run")
+    assert res["model"]["rmse"] < res["baselines"]["user_mean"]["rmse"]
+    assert res["model"]["rmse"] < 1.0
+    assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["n_classes"] == 5
