@@ -41,7 +41,7 @@ own_pids() {
   for d in /proc/[0-9]*; do
     pid="${d#/proc/}"
     [[ "$pid" == "$$" ]] && continue
-    if tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -qF -- "$TEMP_DIR/"; then echo "$pid"; fi
+    if tr '\0' ' ' 2>/dev/null < "$d/cmdline" | grep -qF -- "$TEMP_DIR/"; then echo "$pid"; fi
   done
 }
 

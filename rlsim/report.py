@@ -65,7 +65,8 @@ def plot_per_user(per_user: pd.DataFrame, k: int, path: Path) -> Path | None:
                 data.append(v if len(v) else np.array([np.nan]))
                 pos.append(i * 3 + j)
                 colors.append(SIDE_COLORS[side])
-        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showfliers=False)
+        bp = ax.boxplot(data, positions=pos, widths=0.8, patch_artist=True, showfliers=False,
+                        medianprops={"color": "black"})
         for patch, c in zip(bp["boxes"], colors):
             patch.set_facecolor(c)
         ax.set_xticks([i * 3 + 0.5 for i in range(len(models))], models)

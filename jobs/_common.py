@@ -1,0 +1,83 @@
+"""Shared edge for the job entrypoints: parse args, join Ray, run stages, upload the outputs.
+
+Every jobs/<stage>.py is `run_job(["<stage>"])`. Inside `ray job submit` (RAY_ADDRESS or a
+job's runtime context is set) it joins that cluster with ray.init(address="auto"); run by hand
+without one it starts a local Ray. The output may be a local folder or a pyarrow filesystem URI
+(s3://..., gs://..., file:///...): stages write to a local folder that is then uploaded with
+pyarrow.fs.copy_files, and a rerun into the same folder skips finished stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# The repository root (the job's working_dir) holds the rlsim package when it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(stages: list[str], argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=f"rlsim job: {', '.join(stages)}")
+    p.add_argument("config", help="experiment YAML (configs/...)")
+    p.add_argument("--out", required=True, help="output folder or URI (s3://..., gs://..., file:///...)")
+    p.add_argument("--data-dir", help="folder with the MovieLens data (default: the config's or $RLSIM_DATA_DIR)")
+    p.add_argument("--cache-dir", help="cache folder (default: the config's or $RLSIM_CACHE_DIR)")
+    p.add_argument("--work-dir", help="local folder the stages write to before upload (URI outputs)")
+    p.add_argument("--force", action="store_true", help="redo finished stages")
+    return p.parse_args(argv)
+
+
+def connect_ray():
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(address="auto", log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def upload(local: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    if uri.startswith("file://"):
+        dest_fs, dest_path = pafs.LocalFileSystem(), uri[len("file://"):]
+    else:
+        dest_fs, dest_path = pafs.FileSystem.from_uri(uri)
+    dest_fs.create_dir(dest_path, recursive=True)
+    pafs.copy_files(str(local), dest_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs)
+
+
+def run_job(stages: list[str], argv=None, report: bool = False) -> dict:
+    from rlsim.cli import data_config
+    from rlsim.config import load_yaml
+    from rlsim.pipeline import make_context, run_pipeline, run_stage
+
+    args = parse_args(stages, argv)
+    sections = load_yaml(args.config)
+    cfg = data_config(argparse.Namespace(data_dir=args.data_dir, cache_dir=args.cache_dir), sections)
+    local = Path(args.out) if is_local(args.out) else Path(args.work_dir or tempfile.mkdtemp(prefix="rlsim-job-"))
+    if stages != ["pipeline"]:
+        sections = {**sections, "pipeline": {**(sections.get("pipeline") or {}), "stages": stages}}
+    connect_ray()
+    ctx = make_context(sections, cfg, local, progress=False)
+    if stages == ["pipeline"]:
+        result = run_pipeline(ctx, force=args.force)
+    else:
+        result = {}
+        for name in stages:
+            metrics, ran = run_stage(ctx, name, force=args.force)
+            result[name] = metrics
+            print(f"stage {name}: {'ran' if ran else 'already done'} -> {local / name}")
+    if not is_local(args.out):
+        upload(local, args.out)
+        print(f"uploaded {local} to {args.out}")
+    return result
