@@ -1,0 +1,106 @@
+"""The offline persona: no LLM. A deterministic user grounded in their own rating history.
+
+Prediction = the bias baseline (mu + b_u + b_i) as prior, moved by the user's own residuals on
+the movies most similar to the one being rated. Similarity blends co-rating similarity of the
+residuals (shrunk by the number of common raters) with MiniLM cosine similarity of the item
+texts, so items nobody co-rated still find neighbours. Answers are snapped to the scale like
+an LLM's (the unsnapped value is kept too).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from rlsim.baselines import BiasBaseline
+from rlsim.data.schema import RatingScale
+from rlsim.personas.config import OfflineConfig
+
+
+class OfflinePersona:
+    name = "offline"
+
+    def __init__(self, cfg: OfflineConfig | None = None):
+        self.cfg = cfg or OfflineConfig()
+
+    def fit(self, train: pd.DataFrame, scale: RatingScale, item_ids: np.ndarray | None = None,
+            item_vectors: np.ndarray | None = None) -> "OfflinePersona":
+        """train: ratings; item_ids/item_vectors: MiniLM text embeddings (rows aligned), optional."""
+        cfg = self.cfg
+        self.scale = scale
+        self.bias = BiasBaseline().fit(train, scale)
+        all_items = np.unique(np.concatenate([train["item_id"].to_numpy(),
+                                              item_ids if item_ids is not None else np.array([], int)]))
+        self.items = all_items
+        self._iix = pd.Series(np.arange(len(all_items)), index=all_items)
+        users, uidx = np.unique(train["user_id"].to_numpy(), return_inverse=True)
+        iidx = self._iix[train["item_id"].to_numpy()].to_numpy()
+        base = self.bias.mu + self.bias.user_bias(train["user_id"]) + self.bias.item_bias(train["item_id"])
+        resid = train["rating"].to_numpy(float) - base
+        n_i, n_u = len(all_items), len(users)
+        R = np.zeros((n_i, n_u))
+        M = np.zeros((n_i, n_u))
+        R[iidx, uidx] = resid
+        M[iidx, uidx] = 1.0
+        # Cosine of residuals over common raters, damped by the count of common raters.
+        num = R @ R.T
+        sq = (R ** 2) @ M.T
+        den = np.sqrt(sq * sq.T)
+        common = M @ M.T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            co = np.where(den > 0, num / den, 0.0) * common / (common + cfg.shrink)
+        S = co
+        if item_vectors is not None and cfg.text_weight > 0:
+            V = np.zeros((n_i, item_vectors.shape[1]), np.float32)
+            pos = self._iix.reindex(item_ids).to_numpy()
+            ok = ~np.isnan(pos)
+            V[pos[ok].astype(int)] = item_vectors[ok]
+            T = V @ V.T
+            T = np.clip((T - cfg.text_floor) / (1.0 - cfg.text_floor), 0.0, None)
+            S = S + cfg.text_weight * T
+        np.fill_diagonal(S, 0.0)
+        self.S = S.astype(np.float32)
+        self.mf = None
+        if cfg.mf_weight > 0:
+            from rlsim.baselines import MatrixFactorization
+
+            self.mf = MatrixFactorization(factors=cfg.mf_factors).fit(train, scale)
+        # Each user's history: item indices and residuals.
+        order = np.argsort(uidx, kind="stable")
+        bounds = np.searchsorted(uidx[order], np.arange(n_u + 1))
+        self.history = {int(u): (iidx[order[bounds[j]:bounds[j + 1]]], resid[order[bounds[j]:bounds[j + 1]]])
+                        for j, u in enumerate(users)}
+        return self
+
+    def predict_raw(self, users, items) -> np.ndarray:
+        users, items = np.asarray(users), np.asarray(items)
+        out = self.bias.mu + self.bias.user_bias(users) + self.bias.item_bias(items)
+        k, damp = self.cfg.k, self.cfg.damping
+        ii = self._iix.reindex(items).to_numpy()
+        df = pd.DataFrame({"u": users, "pos": np.arange(len(users))})
+        for u, g in df.groupby("u", sort=False):
+            hist = self.history.get(int(u))
+            if hist is None:
+                continue
+            h_idx, h_res = hist
+            rows = g["pos"].to_numpy()
+            known = rows[~np.isnan(ii[rows])]
+            if len(known) == 0:
+                continue
+            sims = self.S[np.ix_(ii[known].astype(int), h_idx)]  # (targets, history)
+            if sims.shape[1] > k:
+                top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+                sims_k = np.take_along_axis(sims, top, axis=1)
+                res_k = h_res[top]
+            else:
+                sims_k, res_k = sims, np.broadcast_to(h_res, sims.shape)
+            sims_k = np.clip(sims_k, 0.0, None)
+            out[known] += (sims_k * res_k).sum(1) / (sims_k.sum(1) + damp)
+        if self.mf is not None:
+            w = self.cfg.mf_weight
+            out = (1 - w) * out + w * self.mf.predict(users, items)
+        return self.scale.clip(out)
+
+    def predict(self, users, items) -> np.ndarray:
+        raw = self.predict_raw(users, items)
+        return self.scale.round(raw) if self.cfg.snap else raw

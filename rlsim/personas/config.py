@@ -1,0 +1,59 @@
+"""Typed configuration of the persona stage (YAML section ``personas``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# $ per 1M tokens (prompt, completion); extend or override in YAML under personas.prices.
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "gpt-4o-mini": {"prompt": 0.15, "completion": 0.60},
+    "gpt-4o": {"prompt": 2.50, "completion": 10.00},
+    "gpt-4.1-mini": {"prompt": 0.40, "completion": 1.60},
+    "gpt-4.1-nano": {"prompt": 0.10, "completion": 0.40},
+    "gpt-3.5-turbo": {"prompt": 0.50, "completion": 1.50},
+    "fake-model": {"prompt": 1.00, "completion": 2.00},
+}
+
+
+@dataclass
+class OfflineConfig:
+    """The deterministic, LLM-free persona: bias prior + similarity-weighted neighbours."""
+
+    k: int = 40  # neighbours from the user's own history
+    shrink: float = 50.0  # co-rating similarity is damped by n / (n + shrink)
+    text_weight: float = 0.3  # weight of MiniLM cosine similarity beside co-rating similarity
+    text_floor: float = 0.3  # MiniLM cosines below this carry no weight
+    damping: float = 1.0  # added to the sum of |similarities| (pulls towards the bias prior)
+    mf_weight: float = 0.0  # blend with biased matrix factorisation (0 = neighbours + bias only)
+    mf_factors: int = 20
+    snap: bool = True  # integer (on-scale) answers like an LLM's
+
+
+@dataclass
+class PersonaConfig:
+    backend: str = "offline"  # offline | openai | tinytroupe
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_version: str | None = None  # set for Azure OpenAI (then base_url is the Azure endpoint)
+    temperature: float = 0.0
+    max_output_tokens: int = 300
+    profile: str = "structured"  # structured | psych | lusifer
+    lusifer_last_n: int = 60
+    lusifer_batch: int = 20
+    batch_size: int = 10  # movies per rating request
+    k_similar: int = 3  # own-history movies shown per rated movie
+    max_retries: int = 4
+    timeout_s: float = 30.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 20.0
+    n_workers: int = 2  # Ray actors
+    max_concurrency: int = 16  # in-flight requests per actor
+    rpm: float = 500.0  # cluster-wide requests per minute
+    tpm: float = 2_000_000.0  # cluster-wide tokens per minute
+    shard_users: int = 25  # users per result shard (the unit of resume)
+    cache: bool = True
+    budget_usd: float | None = None
+    calibrate: bool = False
+    seed: int = 0
+    prices: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PRICES.items()})
+    offline: OfflineConfig = field(default_factory=OfflineConfig)

@@ -1,0 +1,115 @@
+"""Compact prompts and the JSON schema of a rating answer.
+
+Budget: at most ~120 prompt tokens per rated movie. A batch shares one system prompt and one
+profile; each movie costs a line with its title/genres plus a few of the user's own ratings.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rlsim.data.schema import RatingScale
+
+SYSTEM = ("You are a movie viewer described by the profile. Rate each listed movie as you would, "
+          "using the rating scale. Answer only JSON mapping each movie id to your rating.")
+
+
+def estimate_tokens(text: str) -> int:
+    """Token count: tiktoken when installed, else ~4 characters per token (English)."""
+    try:
+        import tiktoken
+
+        return len(tiktoken.get_encoding("o200k_base").encode(text))
+    except Exception:  # noqa: BLE001 - no tiktoken or no encoding file offline
+        return max(1, (len(text) + 3) // 4)
+
+
+def messages_tokens(messages: list[dict]) -> int:
+    return sum(estimate_tokens(m["content"]) + 4 for m in messages) + 2
+
+
+def scale_text(scale: RatingScale) -> str:
+    step = "whole numbers" if float(scale.step).is_integer() else f"steps of {scale.step:g}"
+    return f"{scale.min:g} (hated) to {scale.max:g} (loved), {step}"
+
+
+def movie_label(item: dict) -> str:
+    year = item.get("year")
+    y = f" ({int(year)})" if year is not None and str(year) not in ("nan", "<NA>", "None") else ""
+    title = str(item["title"])
+    if y and title.endswith(y):
+        y = ""
+    genres = str(item.get("genres") or "").replace("|", "/")
+    return f"{title}{y}" + (f" [{genres}]" if genres else "")
+
+
+def rating_messages(user_id: int, profile_text: str, items: list[dict], grounding: dict[int, list[tuple[str, float]]],
+                    scale: RatingScale) -> list[dict]:
+    """Chat messages asking one persona to rate ``items`` (dicts with item_id,title,year,genres).
+
+    grounding maps item_id -> [(label of a movie the user rated, rating)], shown once each.
+    """
+    shown: set[str] = set()
+    lines = []
+    for it in items:
+        ctx = []
+        for label, r in grounding.get(int(it["item_id"]), []):
+            if label not in shown:
+                shown.add(label)
+                ctx.append(f"{label}={r:g}")
+        line = f"{int(it['item_id'])}: {movie_label(it)}"
+        if ctx:
+            line += " | you rated similar: " + "; ".join(ctx)
+        lines.append(line)
+    user = (f"Profile of user {int(user_id)}: {profile_text}\nScale: {scale_text(scale)}.\nMovies to rate (id: title):\n"
+            + "\n".join(lines))
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def rating_schema(item_ids: list[int], scale: RatingScale) -> dict:
+    """response_format json_schema: one required property per movie id, numbers on the scale."""
+    typ = "integer" if float(scale.step).is_integer() and float(scale.min).is_integer() else "number"
+    props = {str(int(i)): {"type": typ, "minimum": scale.min, "maximum": scale.max} for i in item_ids}
+    return {"type": "json_schema", "json_schema": {"name": "ratings", "strict": True, "schema": {
+        "type": "object", "properties": props, "required": list(props), "additionalProperties": False}}}
+
+
+PSYCH_SCHEMA = {"type": "json_schema", "json_schema": {"name": "psych_profile", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        **{t: {"type": "string", "enum": ["low", "medium", "high"]} for t in (
+            "openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism",
+            "sensation_seeking", "empathy")},
+        "cognitive_style": {"type": "string", "enum": ["structured narratives", "non-linear narratives", "both"]},
+        "closure_vs_exploration": {"type": "string", "enum": ["need for closure", "exploration", "balanced"]},
+        "preferred_genres": {"type": "array", "items": {"type": "string"}},
+        "favourite_movies": {"type": "array", "items": {"type": "string"}},
+        "disliked_movies": {"type": "array", "items": {"type": "string"}},
+        "observations": {"type": "string"},
+    },
+    "required": ["openness", "conscientiousness", "extraversion", "agreeableness", "neuroticism",
+                 "sensation_seeking", "empathy", "cognitive_style", "closure_vs_exploration",
+                 "preferred_genres", "favourite_movies", "disliked_movies", "observations"],
+}}}
+
+SUMMARY_SCHEMA = {"type": "json_schema", "json_schema": {"name": "summary", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "properties": {"summary": {"type": "string"}},
+    "required": ["summary"]}}}
+
+
+def psych_messages(structured_text: str, history_lines: list[str]) -> list[dict]:
+    return [{"role": "system", "content": "You are a psychologist profiling a movie viewer from their ratings. "
+             "Answer JSON with Big Five traits (low/medium/high), sensation seeking, empathy, cognitive style, "
+             "need for closure vs exploration, preferred genres, favourite and disliked movies, observations."},
+            {"role": "user", "content": structured_text + "\nRatings:\n" + "\n".join(history_lines)}]
+
+
+def summary_messages(previous: str, batch_lines: list[str]) -> list[dict]:
+    return [{"role": "system", "content": "You maintain a concise summary (under 120 words) of a movie viewer's "
+             "tastes. Update it with the new ratings; answer JSON {\"summary\": ...}."},
+            {"role": "user", "content": f"Current summary: {previous or '(none yet)'}\nNew ratings:\n"
+             + "\n".join(batch_lines)}]
+
+
+def dumps_compact(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,259 @@
+"""A real OpenAI-compatible HTTP server for tests and benchmarks (stdlib only).
+
+POST /v1/chat/completions and Azure's /openai/deployments/{d}/chat/completions?api-version=...
+Answers derive from the prompt: every "<id>: <title>" line of the user message is an item id,
+the user id from "Profile of user <id>" (0 when absent), and the rating is
+``1 + (user_id*7 + item_id) % 5``, so tests can check that each rating reached its (user, item).
+
+Faults (``FaultConfig``, set per server or at runtime via POST /control): latency, 429 with
+Retry-After, 5xx, timeouts (sleep past the client's timeout), truncated JSON, malformed JSON,
+wrong ids, out-of-scale values, missing items, each with a probability (seeded); plus a server
+side limiter (sliding 60 s window of requests) that answers 429 above ``rpm_limit``.
+Every request is logged (``server.log``) for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+ITEM_LINE = re.compile(r"^(\d+): ", re.M)
+USER_TAG = re.compile(r"Profile of user (\d+)")
+
+
+def expected_rating(user_id: int, item_id: int) -> int:
+    return 1 + (user_id * 7 + item_id) % 5
+
+
+@dataclass
+class FaultConfig:
+    latency_s: float = 0.0
+    p_429: float = 0.0
+    retry_after_s: float = 0.2
+    p_500: float = 0.0
+    p_timeout: float = 0.0
+    timeout_sleep_s: float = 3.0
+    p_truncated: float = 0.0
+    p_malformed: float = 0.0
+    p_fenced: float = 0.0
+    p_wrong_ids: float = 0.0
+    p_out_of_scale: float = 0.0
+    p_missing: float = 0.0
+    rpm_limit: float | None = None  # server-side limit (sliding 60 s window)
+    window_s: float = 60.0
+    seed: int = 0
+    answer_text: str | None = None  # fixed content (psych profiles / summaries); None = ratings
+
+
+@dataclass
+class LoggedRequest:
+    t: float
+    path: str
+    model: str
+    user_id: int
+    item_ids: list[int]
+    status: int
+    fault: str
+    has_schema: bool
+    prompt_tokens: int
+
+
+class FakeOpenAI:
+    def __init__(self, faults: FaultConfig | None = None, host: str = "127.0.0.1", port: int = 0):
+        self.faults = faults or FaultConfig()
+        self.rng = random.Random(self.faults.seed)
+        self.lock = threading.Lock()
+        self.log: list[LoggedRequest] = []
+        self.window: deque[float] = deque()
+        self.httpd = ThreadingHTTPServer((host, port), self._handler())
+        self.httpd.daemon_threads = True
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def start(self) -> "FakeOpenAI":
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def set_faults(self, **kw) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                if not hasattr(self.faults, k):
+                    raise KeyError(k)
+                setattr(self.faults, k, v)
+            if "seed" in kw:
+                self.rng = random.Random(kw["seed"])
+
+    def count(self, status: int | None = None, fault: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for r in self.log if (status is None or r.status == status)
+                       and (fault is None or r.fault == fault))
+
+    # ------------------------------------------------------------ request handling
+    def _decide(self) -> str:
+        f = self.faults
+        with self.lock:
+            now = time.monotonic()
+            if f.rpm_limit is not None:
+                while self.window and self.window[0] <= now - f.window_s:
+                    self.window.popleft()
+                if len(self.window) >= f.rpm_limit * f.window_s / 60.0:
+                    return "rate_limited"
+                self.window.append(now)
+            x = self.rng.random()
+            for name in ("429", "500", "timeout", "truncated", "malformed", "fenced", "wrong_ids",
+                         "out_of_scale", "missing"):
+                p = getattr(f, f"p_{name}")
+                if x < p:
+                    return name
+                x -= p
+        return ""
+
+    def _answer(self, body: dict, fault: str) -> tuple[int, dict, dict]:
+        msgs = body.get("messages") or []
+        user_msg = "\n".join(m.get("content", "") for m in msgs if m.get("role") == "user")
+        all_text = "\n".join(m.get("content", "") for m in msgs)
+        ids = [int(x) for x in ITEM_LINE.findall(user_msg)]
+        m = USER_TAG.search(all_text)
+        uid = int(m.group(1)) if m else 0
+        if self.faults.answer_text is not None:
+            content = self.faults.answer_text
+        else:
+            ratings = {str(i): expected_rating(uid, i) for i in ids}
+            if fault == "wrong_ids":
+                ratings = {str(i + 100000): v for i, v in ratings.items()}
+            elif fault == "out_of_scale" and ratings:
+                k = next(iter(ratings))
+                ratings[k] = 11
+            elif fault == "missing" and ratings:
+                ratings.pop(next(iter(ratings)))
+            content = json.dumps(ratings)
+            if fault == "truncated":
+                content = content[: max(1, len(content) * 2 // 3)]
+            elif fault == "malformed":
+                content = "Sure! Here are my ratings: " + content.replace('"', "'").replace(":", " ->")
+            elif fault == "fenced":
+                content = "```json\n" + content + "\n```"
+        p_tok = sum(max(1, len(mm.get("content", "")) // 4) + 4 for mm in msgs) + 2
+        c_tok = max(1, len(content) // 4)
+        resp = {"id": f"chatcmpl-{self.rng.randrange(1 << 30)}", "object": "chat.completion",
+                "created": int(time.time()), "model": body.get("model", "fake-model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "length" if fault == "truncated" else "stop"}],
+                "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
+        return 200, resp, {"uid": uid, "ids": ids, "p_tok": p_tok}
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
+                data = json.dumps(obj).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self):
+                if urlparse(self.path).path == "/control":
+                    return self._send(200, {"faults": asdict(server.faults), "requests": len(server.log)})
+                self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                path = urlparse(self.path).path
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n) if n else b""
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    return self._send(400, {"error": {"message": "invalid JSON body"}})
+                if path == "/control":
+                    try:
+                        server.set_faults(**body)
+                    except KeyError as exc:
+                        return self._send(400, {"error": {"message": f"unknown fault {exc}"}})
+                    return self._send(200, {"faults": asdict(server.faults)})
+                if not (path == "/v1/chat/completions" or re.fullmatch(r"/openai/deployments/[^/]+/chat/completions",
+                                                                          path)):
+                    return self._send(404, {"error": {"message": f"no route {path}"}})
+                fault = server._decide()
+                lat = server.faults.latency_s
+                status, resp, info = 200, {}, {"uid": 0, "ids": [], "p_tok": 0}
+                if fault == "rate_limited" or fault == "429":
+                    status = 429
+                    resp = {"error": {"message": "rate limit exceeded", "type": "rate_limit_error"}}
+                elif fault == "500":
+                    status = 500
+                    resp = {"error": {"message": "internal error"}}
+                else:
+                    if lat:
+                        time.sleep(lat)
+                    if fault == "timeout":
+                        time.sleep(server.faults.timeout_sleep_s)
+                    status, resp, info = server._answer(body, fault)
+                rf = body.get("response_format") or {}
+                with server.lock:
+                    server.log.append(LoggedRequest(time.monotonic(), path, body.get("model", ""), info["uid"],
+                                                    info["ids"], status, fault, rf.get("type") == "json_schema",
+                                                    info["p_tok"]))
+                headers = {"Retry-After": f"{server.faults.retry_after_s:g}"} if status == 429 else {}
+                self._send(status, resp, headers)
+
+        return Handler
+
+
+def main() -> None:  # python -m tests.fake_openai --port 8000 (for manual runs and bench/)
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--rpm-limit", type=float)
+    a = ap.parse_args()
+    srv = FakeOpenAI(FaultConfig(latency_s=a.latency, rpm_limit=a.rpm_limit), port=a.port).start()
+    print(srv.base_url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        srv.stop()
+
+
+if __name__ == "__main__":
+    main()
