@@ -18,6 +18,7 @@ from rlsim.errors import RlsimError
 
 # Modules exposing register(subparsers); each adds its own subcommands.
 COMMAND_MODULES = [
+    "rlsim.commands.personas",
     "rlsim.commands.data",
     "rlsim.commands.baselines",
     "rlsim.commands.reward",
