@@ -1,0 +1,46 @@
+"""Typed settings of the policy stage (`policy:` YAML section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlsim.errors import ConfigError
+
+
+@dataclass
+class PolicyConfig:
+    # Environment
+    horizon: int = 1
+    history: int = -1  # shown items kept in the observation; -1 = min(horizon - 1, 4)
+    center: bool = True  # reward = rating - the user's train mean
+    # Horizon 1 only: chain this many users into one RLlib episode (gamma is then forced to 0,
+    # so each pick is still its own one-step problem). Cuts RLlib's per-episode overhead.
+    users_per_episode: int = 32
+    feature_dims: int = 24  # PCA dims of the item text embeddings
+    # PPO
+    iterations: int = 15
+    lr: float = 1e-3
+    train_batch_size: int = 4000
+    minibatch_size: int = 500
+    num_epochs: int = 4
+    gamma: float = 0.99
+    lambda_: float = 0.95
+    entropy_coeff: float = 0.0
+    vf_loss_coeff: float = 0.5
+    hidden: int = 64
+    # Sampling
+    num_env_runners: int = 0
+    num_envs_per_env_runner: int = 32
+    seed: int = 0
+
+    def validate(self) -> "PolicyConfig":
+        if self.horizon < 1:
+            raise ConfigError(f"policy.horizon must be >= 1, got {self.horizon}")
+        if self.iterations < 1:
+            raise ConfigError(f"policy.iterations must be >= 1, got {self.iterations}")
+        if self.minibatch_size > self.train_batch_size:
+            raise ConfigError("policy.minibatch_size must not exceed policy.train_batch_size")
+        return self
+
+    def env_history(self) -> int:
+        return min(self.horizon - 1, 4) if self.history < 0 else self.history

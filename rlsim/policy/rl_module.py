@@ -1,0 +1,90 @@
+"""The paper's policy head as an RLlib (new API stack) torch RLModule.
+
+One MLP scores each candidate from [user context, candidate features] (the same weights for
+every candidate, so the policy is permutation-equivariant over the slate); a masked softmax over
+the K scores is the action distribution. The value head is linear over the user context and the
+mean of the candidates' hidden states.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis.value_function_api import ValueFunctionAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+
+# Large negative logit for masked candidates (not -inf: keeps the softmax and entropy finite).
+MASKED_LOGIT = -1e9
+
+
+class SlateScorer(nn.Module):
+    """Plain torch core shared by the RLlib module and the compact torch PPO."""
+
+    def __init__(self, user_dim: int, cand_dim: int, k: int, history: int = 0, hidden: int = 64):
+        super().__init__()
+        self.user_dim, self.cand_dim, self.k, self.history = user_dim, cand_dim, k, history
+        ctx_dim = user_dim + history * (cand_dim + 1)
+        self.ctx = nn.Sequential(nn.Linear(ctx_dim, hidden), nn.Tanh())
+        self.cand = nn.Sequential(nn.Linear(cand_dim, hidden), nn.Tanh())
+        # Candidate and user meet in one hidden layer: cheap (no [B, K, 3H] concat) yet non-linear.
+        self.cand_mix = nn.Linear(hidden, hidden)
+        self.ctx_mix = nn.Linear(hidden, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1)
+        self.value = nn.Linear(2 * hidden, 1)
+        nn.init.zeros_(self.out.bias)
+        nn.init.normal_(self.out.weight, std=0.01)
+
+    def split(self, obs: torch.Tensor):
+        Du, Dc, K = self.user_dim, self.cand_dim, self.k
+        user = obs[:, :Du]
+        cands = obs[:, Du:Du + K * Dc].reshape(-1, K, Dc)
+        ctx = torch.cat([user, obs[:, Du + K * Dc:]], 1) if self.history else user
+        return ctx, cands
+
+    def forward(self, obs: torch.Tensor, mask: torch.Tensor | None = None):
+        """(masked logits [B, K], value-head embedding [B, 2*hidden])."""
+        ctx, cands = self.split(obs)
+        c = self.ctx(ctx)  # [B, H]
+        h = self.cand(cands)  # [B, K, H]
+        z = torch.tanh(self.cand_mix(h) + self.ctx_mix(c).unsqueeze(1))  # [B, K, H]
+        logits = self.out(z).squeeze(-1)
+        if mask is not None:
+            logits = torch.where(mask > 0, logits, torch.full_like(logits, MASKED_LOGIT))
+            w = mask.unsqueeze(-1)
+            pooled = (z * w).sum(1) / w.sum(1).clamp(min=1.0)
+        else:
+            pooled = z.mean(1)
+        return logits, torch.cat([c, pooled], -1)
+
+    def values(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.value(embeddings).squeeze(-1)
+
+
+class SlateScorerRLModule(TorchRLModule, ValueFunctionAPI):
+    """model_config: user_dim, cand_dim, k, history (from rlsim.env.obs_layout), hidden."""
+
+    def setup(self):
+        mc = self.model_config or {}
+        self.net = SlateScorer(int(mc["user_dim"]), int(mc["cand_dim"]), int(mc["k"]),
+                               int(mc.get("history", 0)), int(mc.get("hidden", 64)))
+
+    def _run(self, batch: dict[str, Any]):
+        obs = batch[Columns.OBS]
+        return self.net(obs["observations"], obs["action_mask"])
+
+    def _forward(self, batch, **kwargs):
+        logits, _ = self._run(batch)
+        return {Columns.ACTION_DIST_INPUTS: logits}
+
+    def _forward_train(self, batch, **kwargs):
+        logits, emb = self._run(batch)
+        return {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: emb}
+
+    def compute_values(self, batch: dict[str, Any], embeddings: Any | None = None):
+        if embeddings is None:
+            _, embeddings = self._run(batch)
+        return self.net.values(embeddings)

@@ -1,0 +1,127 @@
+"""PPO on the recommendation env with RLlib's new API stack (RLModule + EnvRunner).
+
+Library code: Ray must already be initialised by the caller (the CLI or a job).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rlsim.env import EnvData, RecommendationEnv, obs_layout
+from rlsim.io import write_json
+from rlsim.policy.config import PolicyConfig
+
+log = logging.getLogger(__name__)
+
+MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")
+
+
+def env_config(data: EnvData | None, cfg: PolicyConfig, *, data_path: str | None = None, source=None,
+               reward_actor: str | None = None, namespace: str | None = None) -> dict:
+    """The env_config dict RLlib passes to every RecommendationEnv."""
+    return {"data": data, "data_path": data_path, "source": source, "reward_actor": reward_actor,
+            "namespace": namespace, "horizon": cfg.horizon, "history": cfg.env_history(), "center": cfg.center,
+            "users_per_episode": chain_length(cfg)}
+
+
+def chain_length(cfg: PolicyConfig) -> int:
+    return max(1, cfg.users_per_episode) if cfg.horizon == 1 else 1
+
+
+def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig):
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from rlsim.policy.rl_module import SlateScorerRLModule
+
+    model_config = {**obs_layout(data, cfg.env_history()), "hidden": cfg.hidden}
+    return (
+        PPOConfig()
+        .environment(RecommendationEnv, env_config=env_cfg)
+        .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+                     rollout_fragment_length="auto")
+        .rl_module(rl_module_spec=RLModuleSpec(module_class=SlateScorerRLModule, model_config=model_config))
+        .training(lr=cfg.lr, train_batch_size_per_learner=cfg.train_batch_size, minibatch_size=cfg.minibatch_size,
+                  num_epochs=cfg.num_epochs,
+                  # Chained one-step users are independent problems: no credit flows between them.
+                  gamma=0.0 if chain_length(cfg) > 1 else cfg.gamma, lambda_=cfg.lambda_, entropy_coeff=cfg.entropy_coeff,
+                  vf_loss_coeff=cfg.vf_loss_coeff)
+        .debugging(seed=cfg.seed, log_level="ERROR")
+    )
+
+
+def _pick(result: dict, *path, default=None):
+    for key in path:
+        if not isinstance(result, dict) or key not in result:
+            return default
+        result = result[key]
+    return result
+
+
+def _ratio(a, b):
+    return float(a) / float(b) if a is not None and b else None
+
+
+def iteration_summary(i: int, result: dict, seconds: float) -> dict[str, Any]:
+    return {
+        "iteration": i,
+        "episode_return_mean": _pick(result, "env_runners", "episode_return_mean"),
+        "episode_len_mean": _pick(result, "env_runners", "episode_len_mean"),
+        "reward_per_step": _ratio(_pick(result, "env_runners", "episode_return_mean"),
+                                  _pick(result, "env_runners", "episode_len_mean")),
+        "env_steps_sampled": _pick(result, "env_runners", "num_env_steps_sampled_lifetime"),
+        "policy_loss": _pick(result, "learners", "default_policy", "policy_loss"),
+        "vf_loss": _pick(result, "learners", "default_policy", "vf_loss"),
+        "entropy": _pick(result, "learners", "default_policy", "entropy"),
+        "seconds": round(seconds, 3),
+    }
+
+
+def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: dict | None = None,
+              on_iteration: Callable[[dict], None] | None = None) -> dict:
+    """Train, save OUT/checkpoint, write OUT/train_metrics.json; returns the metrics dict."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env_cfg = env_cfg or env_config(data, cfg)
+    algo = build_ppo_config(env_cfg, data, cfg).build_algo()
+    history = []
+    t_start = time.perf_counter()
+    try:
+        for i in range(1, cfg.iterations + 1):
+            t0 = time.perf_counter()
+            row = iteration_summary(i, algo.train(), time.perf_counter() - t0)
+            history.append(row)
+            log.info("iter %d reward/step %.4f steps %s (%.1fs)", i, row["reward_per_step"] or float("nan"),
+                     row["env_steps_sampled"], row["seconds"])
+            if on_iteration:
+                on_iteration(row)
+            write_json(out / "train_metrics.json", {"config": vars(cfg), "iterations": history})
+        wall = time.perf_counter() - t_start
+        ckpt = algo.save(str((out / "checkpoint").resolve()))
+        del ckpt
+    finally:
+        algo.stop()
+    steps = history[-1]["env_steps_sampled"] or 0
+    metrics = {"config": vars(cfg), "iterations": history, "wall_seconds": round(wall, 3),
+               "env_steps": steps, "env_steps_per_s": round(steps / wall, 1) if wall else None,
+               "checkpoint": str(out / "checkpoint")}
+    write_json(out / "train_metrics.json", metrics)
+    return metrics
+
+
+def load_policy_module(checkpoint: str | Path):
+    """The trained SlateScorerRLModule from an algo checkpoint (or from the module folder itself)."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from rlsim.errors import DataError
+
+    p = Path(checkpoint)
+    sub = p.joinpath(*MODULE_SUBDIR)
+    path = sub if sub.is_dir() else p
+    if not path.is_dir():
+        raise DataError(f"no policy checkpoint at {p}")
+    return RLModule.from_checkpoint(str(path.resolve()))
