@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from rlsim.baselines import baseline_predictions, evaluate_baselines, fit_baselines
-from rlsim.config import DataConfig, dump_yaml, from_dict
-from rlsim.errors import ConfigError
+from rlsim.config import DataConfig, dump_yaml, from_dict, to_dict
+from rlsim.errors import ConfigError, RlsimError
 from rlsim.io import read_json, write_json, write_parquet
 from rlsim.metrics import (histogram_distance, pearson, per_user_accuracy, per_user_gini, per_user_ndcg,
                            rating_histogram, rating_metrics, spearman)
@@ -139,16 +139,71 @@ def stage_sweep(ctx: RunContext, d: Path) -> dict:
     return run_sweep(ctx.data_cfg, _reward_cfg(ctx), tcfg, out_dir=d, dataset=ds, split=split)
 
 
+def _config_file(ctx: RunContext) -> Path:
+    """The effective YAML (all sections, resolved data section) handed to the stage CLIs."""
+    p = ctx.out / "config.yaml"
+    dump_yaml({**ctx.sections, "data": to_dict(ctx.data_cfg)}, p)
+    return p
+
+
+def _run_cli(ctx: RunContext, stage: str, argv: list[str]) -> None:
+    """Run another area's subcommand in this process (same code path as running that stage alone)."""
+    from rlsim.cli import build_parser
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        raise ConfigError(f"stage '{stage}': `rlsim {' '.join(argv)}` is not accepted by this install") from None
+    rc = args.func(args)
+    if rc:
+        raise RlsimError(f"stage '{stage}': `rlsim {' '.join(argv[:2])}` exited with {rc}")
+
+
+def _stage_out(d: Path, stage: str) -> dict:
+    p = d / "metrics.json"
+    if not p.is_file():
+        raise RlsimError(f"stage '{stage}' wrote no {p}")
+    return read_json(p)
+
+
 def stage_candidates(ctx: RunContext, d: Path) -> dict:
-    raise ConfigError("stage 'candidates' is not wired yet")
+    _need("rlsim.candidates", "candidates")
+    _run_cli(ctx, "candidates", ["candidates", "build", "--config", str(_config_file(ctx)), "--out", str(d)])
+    return _stage_out(d, "candidates")
 
 
 def stage_policy(ctx: RunContext, d: Path) -> dict:
-    raise ConfigError("stage 'policy' is not wired yet")
+    _need("rlsim.policy.train", "policy")
+    cfg = str(_config_file(ctx))
+    extra = ["--reward-checkpoint", str(ctx.stage_dir("reward") / "checkpoint")] \
+        if (ctx.stage_dir("reward") / "checkpoint").is_dir() else []
+    _run_cli(ctx, "policy", ["policy", "train", "--config", cfg, "--out", str(d / "train"), *extra])
+    _run_cli(ctx, "policy", ["policy", "evaluate", "--config", cfg, "--checkpoint", str(d / "train"),
+                             "--out", str(d), *extra])
+    return _stage_out(d, "policy")
+
+
+def stage_profiles(ctx: RunContext, d: Path) -> dict:
+    _need("rlsim.personas.profiles", "profiles")
+    _run_cli(ctx, "profiles", ["personas", "profile", "--config", str(_config_file(ctx)), "--kind", "structured",
+                               "--users", str(ctx.cfg.persona_users or 10**9), "--quiet", "--out", str(d)])
+    meta = d / "profiles.json"
+    return read_json(meta) if meta.is_file() else {"profiles": str(d)}
 
 
 def stage_personas(ctx: RunContext, d: Path) -> dict:
-    raise ConfigError("stage 'personas' is not wired yet")
+    """Persona ratings of a user sample's held-out pairs, scored beside the reward model and the gate."""
+    _need("rlsim.personas.evaluate", "personas")
+    argv = ["personas", "evaluate", "--config", str(_config_file(ctx)), "--quiet", "--no-ray", "--out", str(d)]
+    if ctx.cfg.persona_users:
+        argv += ["--users", str(ctx.cfg.persona_users)]
+    argv += ["--ndcg-k", str(ctx.cfg.k)]
+    if (ctx.stage_dir("reward") / "checkpoint").is_dir():
+        argv += ["--reward-checkpoint", str(ctx.stage_dir("reward") / "checkpoint")]
+    if (ctx.stage_dir("profiles") / "profiles.json").is_file():
+        argv += ["--profiles", str(ctx.stage_dir("profiles"))]
+    _run_cli(ctx, "personas", argv)
+    return _stage_out(d, "personas")
 
 
 def _per_user_rows(df: pd.DataFrame, scale, k: int, model: str, side: str) -> pd.DataFrame:
@@ -199,7 +254,9 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
     for m, sides in preds.items():
         test = sides["test"]
         mm = rating_metrics(test["rating"], test["predicted"], ds.scale)
-        mm[f"ndcg@{k}"] = float(per_user_ndcg(test, ks=(k,))[f"ndcg@{k}"].mean())
+        # ndcg@10 always, to sit beside the gate's; ndcg@k for the plots' cut-off.
+        nd = per_user_ndcg(test, ks=tuple(sorted({10, k})))
+        mm.update({f"ndcg@{c}": float(nd[f"ndcg@{c}"].mean()) for c in sorted({10, k})})
         models[m] = mm
         pu = per_user[(per_user.model == m) & (per_user.side == "test")]
         correlations[m] = {f"{metric}~{col}": {"spearman": spearman(pu[col], pu[metric]),
@@ -213,9 +270,8 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
         histograms[m] = rating_histogram(sim, ds.scale).tolist()
         distances[m] = histogram_distance(real, sim, ds.scale)
     personas = ctx.stage_metrics("personas")
-    if personas and personas.get("histograms"):
-        for name, h in personas["histograms"].items():
-            histograms[f"personas:{name}"] = h
+    if personas and isinstance(personas.get("persona"), dict) and personas["persona"].get("simulated_histogram"):
+        histograms["personas (user sample)"] = personas["persona"]["simulated_histogram"]
     out = {"k": k, "models": models, "baselines": gate, "correlations": correlations,
            "histograms": histograms, "histogram_distance": distances,
            "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))}}
@@ -223,8 +279,8 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
     if policy:
         out["policy"] = {k2: policy.get(k2) for k2 in ("policy", "random", "oracle", "gap_closed")}
     if personas:
-        out["personas"] = {k2: personas.get(k2) for k2 in ("persona", "reward_model", "baselines", "shared_users")
-                           if k2 in personas}
+        out["personas"] = {k2: personas.get(k2) for k2 in ("persona", "reward_model", "baselines", "users",
+                                                            "coverage", "backend") if k2 in personas}
     return out
 
 
@@ -235,6 +291,7 @@ STAGES: dict[str, Callable[[RunContext, Path], dict]] = {
     "sweep": stage_sweep,
     "candidates": stage_candidates,
     "policy": stage_policy,
+    "profiles": stage_profiles,
     "personas": stage_personas,
     "evaluate": stage_evaluate,
 }
@@ -264,7 +321,6 @@ def run_pipeline(ctx: RunContext, force: bool = False, report: bool = True) -> d
     from tqdm.auto import tqdm
 
     ctx.out.mkdir(parents=True, exist_ok=True)
-    dump_yaml({**ctx.sections, "data": ctx.data_cfg.__dict__}, ctx.out / "config.yaml")
     all_metrics: dict[str, Any] = {}
     ran = []
     bar = tqdm(ctx.cfg.stages, desc="pipeline", unit="stage", disable=not ctx.progress)

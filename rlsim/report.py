@@ -41,10 +41,10 @@ def html_table(rows: list[dict], columns: list[str], first: str = "name", highli
 
 
 def gate_rows(models: dict[str, dict], baselines: dict[str, dict], k: int = 10) -> list[dict]:
-    """Model rows first, then the baselines, on the same columns (ndcg@k shown as ndcg@10's column)."""
+    """Model rows first, then the baselines, on the same columns (the gate's NDCG is always @10)."""
     rows = []
     for name, m in models.items():
-        rows.append({"name": name, **m, "ndcg@10": m.get(f"ndcg@{k}", m.get("ndcg@10"))})
+        rows.append({"name": name, **m})
     for name, m in baselines.items():
         rows.append({"name": f"baseline: {name}", **m})
     return rows
