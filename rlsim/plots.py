@@ -42,7 +42,7 @@ def grouped_boxplot(groups: dict[str, dict[str, np.ndarray]], title: str, ylabel
     series = list(groups)
     labels = list(next(iter(groups.values()))) if groups else []
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * len(series) + 2), 4))
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.5 * len(labels) * len(series) + 2)), 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for s, name in enumerate(series):
         pos = np.arange(len(labels)) + (s - (len(series) - 1) / 2) * width

@@ -26,6 +26,7 @@ def register(sub) -> None:
         g.add_argument("--" + name.replace("_", "-"), type=tp, dest=f"reward_{name}")
     g.add_argument("--no-history", action="store_true", help="drop the rated-items token")
     g.add_argument("--no-user-features", action="store_true", help="drop the demographics token")
+    g.add_argument("--history-ratings", action="store_true", help="add the centred-ratings history token")
     g.add_argument("--progress", action="store_true", help="log every epoch")
     tr.add_argument("--out", required=True, help="run folder")
     tr.set_defaults(func=cmd_train)
@@ -49,6 +50,8 @@ def reward_config(args, file_cfg: dict):
             setattr(cfg, name, v)
     if getattr(args, "no_history", False):
         cfg.history = False
+    if getattr(args, "history_ratings", False):
+        cfg.history_ratings = True
     if getattr(args, "no_user_features", False):
         cfg.user_features = False
     if getattr(args, "seed", None) is not None:

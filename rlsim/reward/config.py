@@ -20,6 +20,8 @@ class RewardConfig:
     # Extra tokens: demographics (age bucket, gender, occupation) and the user's rated items (SVD++-like).
     user_features: bool = True
     history: bool = True
+    # A token of the user's other ratings, centred on the user's mean (the pair's own rating left out).
+    history_ratings: bool = False
     # Optimisation.
     lr: float = 2e-3
     weight_decay: float = 1e-4

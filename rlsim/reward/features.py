@@ -27,12 +27,16 @@ class FeatureTables:
     n_occupations: int
     hist_users: np.ndarray  # (user index, item index) pairs of the training ratings
     hist_items: np.ndarray
+    hist_weights: np.ndarray  # (rating - user mean) / sqrt(n ratings of the user), per history pair
 
     def __post_init__(self):
         self._u = pd.Index(self.user_ids)
         self._i = pd.Index(self.item_ids)
         self._t = pd.Index(self.text_item_ids)
         self._d = pd.Index(self.demo_user_ids)
+        keys = self.hist_users.astype(np.int64) * self.n_items + self.hist_items
+        order = np.argsort(keys, kind="stable")
+        self._hist_keys, self._hist_w = keys[order], self.hist_weights[order].astype(np.float32)
 
     @staticmethod
     def _lookup(index: pd.Index, ids) -> np.ndarray:
@@ -41,8 +45,21 @@ class FeatureTables:
 
     def encode(self, users, items) -> dict[str, np.ndarray]:
         """Index arrays for (user_id, item_id) pairs; unknown ids map to row 0, never fail."""
-        return {"user": self._lookup(self._u, users), "item": self._lookup(self._i, items),
-                "text": self._lookup(self._t, items), "demo": self._lookup(self._d, users)}
+        u, i = self._lookup(self._u, users), self._lookup(self._i, items)
+        return {"user": u, "item": i, "text": self._lookup(self._t, items), "demo": self._lookup(self._d, users),
+                "self_w": self.history_weight(u, i)}
+
+    def history_weight(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """Weight of the pair's own rating in the user's rated history (0 when not in it), so the
+        model can leave it out: a rating never predicts itself."""
+        w = np.zeros(len(u), np.float32)
+        if len(self._hist_keys) == 0:
+            return w
+        keys = u.astype(np.int64) * self.n_items + i
+        pos = np.clip(np.searchsorted(self._hist_keys, keys), 0, len(self._hist_keys) - 1)
+        hit = (self._hist_keys[pos] == keys) & (u > 0) & (i > 0)
+        w[hit] = self._hist_w[pos[hit]]
+        return w
 
     @property
     def n_users(self) -> int:
@@ -86,7 +103,10 @@ def build_features(items: pd.DataFrame, users: pd.DataFrame, train: pd.DataFrame
     plot = np.vstack([np.zeros((1, d), np.float32), text["plot"].astype(np.float32)])
     demo_users, demo, n_occ = _demographics(users)
     ft = FeatureTables(user_ids, item_ids, items["item_id"].to_numpy(np.int64), genre, plot,
-                       demo_users, demo, n_occ, np.zeros(0, np.int64), np.zeros(0, np.int64))
+                       demo_users, demo, n_occ, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     idx = ft.encode(train["user_id"].to_numpy(), train["item_id"].to_numpy())
-    ft.hist_users, ft.hist_items = idx["user"], idx["item"]
-    return ft
+    r = train["rating"].to_numpy(np.float64)
+    g = pd.Series(r).groupby(idx["user"])
+    mean, n = g.transform("mean").to_numpy(), g.transform("size").to_numpy()
+    return FeatureTables(**{**ft.to_state(), "hist_users": idx["user"], "hist_items": idx["item"],
+                            "hist_weights": ((r - mean) / np.sqrt(n)).astype(np.float32)})

@@ -49,8 +49,8 @@ def _loss(model, logits, y, r, cfg: RewardConfig):
 @torch.no_grad()
 def _validate(model, val: dict, cfg: RewardConfig, batch: int = 32768) -> dict:
     model.eval()
-    logits = torch.cat([model(val["user"][s:s + batch], val["item"][s:s + batch], val["text"][s:s + batch],
-                              val["demo"][s:s + batch]) for s in range(0, len(val["y"]), batch)])
+    keys = ("user", "item", "text", "demo", "self_w")
+    logits = torch.cat([model(**{k: val[k][s:s + batch] for k in keys}) for s in range(0, len(val["y"]), batch)])
     exp = model.expected(logits)
     return {"val_loss": float(_loss(model, logits, val["y"], val["r"], cfg)),
             "val_rmse": float(torch.sqrt(torch.mean((exp - val["r"]) ** 2))),
@@ -91,11 +91,12 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
         total_loss = 0.0
         for s in range(0, n, cfg.batch_size):
             b = perm[s:s + cfg.batch_size]
-            user, item = tr["user"][b], tr["item"][b]
+            user, item, self_w = tr["user"][b], tr["item"][b], tr["self_w"][b]
             if cfg.unknown_prob > 0:  # teach the unknown rows by hiding a few ids
-                user = user.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
+                mu = torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob
+                user, self_w = user.masked_fill(mu, 0), self_w.masked_fill(mu, 0.0)
                 item = item.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
-            logits = model(user, item, tr["text"][b], tr["demo"][b])
+            logits = model(user, item, tr["text"][b], tr["demo"][b], self_w=self_w, hist_item=tr["item"][b])
             loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
