@@ -173,13 +173,16 @@ def stage_candidates(ctx: RunContext, d: Path) -> dict:
 
 
 def stage_policy(ctx: RunContext, d: Path) -> dict:
+    """PPO over the candidates against the reward model (MF when the reward stage has not run)."""
     _need("rlsim.policy.train", "policy")
     cfg = str(_config_file(ctx))
-    extra = ["--reward-checkpoint", str(ctx.stage_dir("reward") / "checkpoint")] \
-        if (ctx.stage_dir("reward") / "checkpoint").is_dir() else []
-    _run_cli(ctx, "policy", ["policy", "train", "--config", cfg, "--out", str(d / "train"), *extra])
-    _run_cli(ctx, "policy", ["policy", "evaluate", "--config", cfg, "--checkpoint", str(d / "train"),
-                             "--out", str(d), *extra])
+    argv = ["policy", "train", "--config", cfg, "--out", str(d / "train")]
+    if (ctx.stage_dir("candidates") / "candidates.parquet").is_file():
+        argv += ["--candidates", str(ctx.stage_dir("candidates"))]
+    ckpt = ctx.stage_dir("reward") / "checkpoint"
+    argv += ["--reward", "model", "--reward-checkpoint", str(ckpt)] if ckpt.is_dir() else ["--reward", "mf"]
+    _run_cli(ctx, "policy", argv)
+    _run_cli(ctx, "policy", ["policy", "evaluate", "--config", cfg, "--run", str(d / "train"), "--out", str(d)])
     return _stage_out(d, "policy")
 
 
