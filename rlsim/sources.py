@@ -159,7 +159,10 @@ def __getattr__(name):  # module attribute RewardSourceActor, resolved on first 
 
 def get_or_create_reward_actor(name: str, source_factory: Callable[[], RewardSource], namespace: str | None = None,
                                detached: bool = False, num_cpus: float = 0, batch_size: int = 65536):
-    """The named reward actor, created from source_factory if it does not exist yet (Ray must be up)."""
+    """The named reward actor, created from source_factory if it does not exist yet (Ray must be up).
+
+    Keep the returned handle alive: a non-detached actor ends when its creator's handles go.
+    """
     import ray
 
     try:
