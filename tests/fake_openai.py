@@ -8,7 +8,7 @@ the user id from "Profile of user <id>" (0 when absent), and the rating is
 Faults (``FaultConfig``, set per server or at runtime via POST /control): latency, 429 with
 Retry-After, 5xx, timeouts (sleep past the client's timeout), truncated JSON, malformed JSON,
 wrong ids, out-of-scale values, missing items, each with a probability (seeded); plus a server
-side limiter (sliding 60 s window of requests) that answers 429 above ``rpm_limit``.
+side limiter (a token bucket at ``rpm_limit`` per minute, one second of burst) that answers 429.
 Every request is logged (``server.log``) for assertions.
 """
 
@@ -19,7 +19,6 @@ import random
 import re
 import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
@@ -46,8 +45,8 @@ class FaultConfig:
     p_wrong_ids: float = 0.0
     p_out_of_scale: float = 0.0
     p_missing: float = 0.0
-    rpm_limit: float | None = None  # server-side limit (sliding 60 s window)
-    window_s: float = 60.0
+    rpm_limit: float | None = None  # server-side limit: a token bucket refilled at rpm_limit/60 per s
+    burst: float | None = None  # bucket size in requests (default: one second's worth, at least 1)
     seed: int = 0
     answer_text: str | None = None  # fixed content (psych profiles / summaries); None = ratings
 
@@ -71,7 +70,8 @@ class FakeOpenAI:
         self.rng = random.Random(self.faults.seed)
         self.lock = threading.Lock()
         self.log: list[LoggedRequest] = []
-        self.window: deque[float] = deque()
+        self.bucket: float | None = None
+        self.bucket_t = time.monotonic()
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -120,11 +120,15 @@ class FakeOpenAI:
         with self.lock:
             now = time.monotonic()
             if f.rpm_limit is not None:
-                while self.window and self.window[0] <= now - f.window_s:
-                    self.window.popleft()
-                if len(self.window) >= f.rpm_limit * f.window_s / 60.0:
+                rate = f.rpm_limit / 60.0
+                cap = f.burst if f.burst is not None else max(1.0, rate)
+                if self.bucket is None:
+                    self.bucket = cap
+                self.bucket = min(cap, self.bucket + (now - self.bucket_t) * rate)
+                self.bucket_t = now
+                if self.bucket < 1.0:
                     return "rate_limited"
-                self.window.append(now)
+                self.bucket -= 1.0
             x = self.rng.random()
             for name in ("429", "500", "timeout", "truncated", "malformed", "fenced", "wrong_ids",
                          "out_of_scale", "missing"):
@@ -146,11 +150,11 @@ class FakeOpenAI:
         else:
             ratings = {str(i): expected_rating(uid, i) for i in ids}
             if fault == "wrong_ids":
-                ratings = {str(i + 100000): v for i, v in ratings.items()}
+                ratings = {str(int(i) + 100000): v for i, v in ratings.items()}
             elif fault == "out_of_scale" and ratings:
                 k = next(iter(ratings))
                 ratings[k] = 11
-            elif fault == "missing" and ratings:
+            elif fault == "missing" and len(ratings) > 1:  # an incomplete answer still answers something
                 ratings.pop(next(iter(ratings)))
             content = json.dumps(ratings)
             if fault == "truncated":

@@ -79,6 +79,9 @@ def register(sub) -> None:
 # ---------------------------------------------------------------- config and backend from the edge
 
 def persona_config(args) -> PersonaConfig:
+    # httpx logs every request at INFO; keep the console for progress and results.
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     file_cfg = load_config_file(args)
     cfg = from_dict(PersonaConfig, file_cfg.get("personas"), "personas")
     env = os.environ
@@ -208,7 +211,7 @@ def rate_pairs(ds, split, dcfg, cfg: PersonaConfig, pairs: pd.DataFrame, out_dir
 
         require_price(cfg.prices, spec.model)
     profiles = load_profile_texts(args.profiles) if args.profiles else None
-    units = prompt_builder(ds, split.train, cfg, vectors, profiles).units(pairs)
+    units = prompt_builder(ds, split.train, cfg, vectors, profiles, users=pairs["user_id"].unique()).units(pairs)
     if args.dry_run:
         est = dry_run(units, spec, cfg)
         return pd.DataFrame(), est

@@ -17,12 +17,13 @@ LIMITER_NAME = "rlsim_persona_limiter"
 
 
 class RateLimiter:
-    def __init__(self, rpm: float, tpm: float, budget_usd: float | None = None, burst_s: float = 1.0,
+    def __init__(self, rpm: float, tpm: float, budget_usd: float | None = None, burst_s: float = 0.0,
                  clock=time.monotonic):
         self.clock = clock
         self.req_rate = rpm / 60.0
         self.tok_rate = tpm / 60.0
-        # Small bursts: a full minute's burst would trip a server's sliding-window limit.
+        # No burst by default (one request): requests go out evenly paced, so a server's own bucket
+        # or sliding window never sees more than the limit, whatever its burst allowance.
         self.req_cap = max(1.0, self.req_rate * burst_s)
         self.tok_cap = max(1.0, self.tok_rate * burst_s)
         self.req = self.req_cap

@@ -75,6 +75,12 @@ class RatingEngine:
             self.backend = build_backend(self.spec)
         return self.backend
 
+    async def aclose(self) -> None:
+        """Close the HTTP client; the next call builds a new one (asyncio.run closes its loop)."""
+        if self.backend is not None and hasattr(self.backend, "close"):
+            await self.backend.close()
+        self.backend = None
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** attempt))
         delay = base * (0.5 + self.rng.random())  # jitter: callers do not retry in lockstep
@@ -215,11 +221,16 @@ async def rate_units_local(engine: RatingEngine, units: list[WorkUnit], concurre
             return u, await engine.rate_unit(u)
 
     out = []
-    for fut in asyncio.as_completed([one(u) for u in units]):
-        u, res = await fut
-        if on_result is not None:
-            on_result(u, res)
-        out.append(res)
+    try:
+        # Tasks start in order (as_completed alone would shuffle them), so shards finish in order.
+        tasks = [asyncio.ensure_future(one(u)) for u in units]
+        for fut in asyncio.as_completed(tasks):
+            u, res = await fut
+            if on_result is not None:
+                on_result(u, res)
+            out.append(res)
+    finally:
+        await engine.aclose()
     return out
 
 
@@ -323,6 +334,7 @@ def run_rating_job(units: list[WorkUnit], out_dir: str | Path, spec: BackendSpec
     identity = {**spec.cache_identity(), "batch_size": cfg.batch_size, "k_similar": cfg.k_similar,
                 "profile": cfg.profile}
     manifest = load_manifest(out_dir, plan, identity)
+    write_json(out_dir / "manifest.json", manifest)
     todo = {s: us for s, us in shards.items() if s not in manifest["shards"]}
     budget_left = None if cfg.budget_usd is None else max(0.0, cfg.budget_usd - spent_usd(manifest))
     writer = ShardWriter(out_dir, todo, manifest)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import numpy as np
 import pandas as pd
 
 from rlsim.data.schema import RatingScale, genre_list
@@ -30,34 +29,42 @@ KINDS = ("structured", "psych", "lusifer")
 
 
 def structured_profiles(train: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, scale: RatingScale,
-                        n_movies: int = 4, n_genres: int = 3) -> dict[int, dict]:
-    """user_id -> structured profile dict (no LLM)."""
-    item_genres = dict(zip(items["item_id"], (genre_list(g) for g in items["genres"])))
-    labels = {int(r["item_id"]): movie_label(r) for r in items.to_dict("records")}
-    pop = train.groupby("item_id").size()
+                        n_movies: int = 3, n_genres: int = 3) -> dict[int, dict]:
+    """user_id -> structured profile dict (no LLM); whole-frame group-bys, no per-user loops over frames."""
+    labels = {int(r["item_id"]): movie_label({**r, "genres": ""}) for r in items.to_dict("records")}
     demo = {int(r["user_id"]): r for r in users.to_dict("records")}
+    t = train[["user_id", "item_id", "rating"]].copy()
+    stats = t.groupby("user_id")["rating"].agg(["mean", "std", "size"])
+    t["delta"] = t["rating"] - t["user_id"].map(stats["mean"])
+    t["pop"] = t["item_id"].map(t.groupby("item_id").size())
+    # Genre affinity: mean deviation from the user's own mean, damped by how often the genre was seen.
+    gen = items[["item_id", "genres"]].assign(genre=items["genres"].map(genre_list)).explode("genre").dropna()
+    tg = t.merge(gen[["item_id", "genre"]], on="item_id")
+    aff = tg.groupby(["user_id", "genre"])["delta"].agg(["mean", "size"])
+    aff["score"] = aff["mean"] * aff["size"] / (aff["size"] + 3.0)
+    aff = aff.reset_index().sort_values(["user_id", "score"], ascending=[True, False])
+    liked = aff[aff["score"] > 0.05].groupby("user_id")["genre"].apply(lambda s: list(s[:n_genres]))
+    disliked = aff[aff["score"] < -0.05].sort_values(["user_id", "score"]).groupby("user_id")["genre"].apply(
+        lambda s: list(s[:n_genres]))
+    fav = t.sort_values(["user_id", "rating", "pop"], ascending=[True, False, False]).groupby("user_id").head(n_movies)
+    bad = t[t["delta"] < 0].sort_values(["user_id", "rating", "pop"], ascending=[True, True, False]) \
+        .groupby("user_id").head(n_movies)
+    fav_l = fav.groupby("user_id")["item_id"].apply(list)
+    bad_l = bad.groupby("user_id")["item_id"].apply(list)
+    cls = pd.DataFrame({"user_id": t["user_id"], "c": scale.to_class(t["rating"])})
+    hist = cls.groupby(["user_id", "c"]).size().unstack(fill_value=0).reindex(columns=range(scale.n_classes),
+                                                                               fill_value=0)
     out = {}
-    for u, g in train.groupby("user_id", sort=True):
-        r = g["rating"].to_numpy(float)
-        mean = float(r.mean())
-        hist = np.bincount(scale.to_class(r), minlength=scale.n_classes)
-        rows = [(gen, x - mean) for it, x in zip(g["item_id"], r) for gen in item_genres.get(it, [])]
-        aff = pd.DataFrame(rows, columns=["genre", "delta"]).groupby("genre")["delta"].agg(["mean", "size"]) \
-            if rows else pd.DataFrame(columns=["mean", "size"])
-        # Damped affinities: a genre seen twice says less than one seen twenty times.
-        aff["score"] = aff["mean"] * aff["size"] / (aff["size"] + 3.0)
-        aff = aff.sort_values("score", ascending=False)
-        g2 = g.assign(pop=g["item_id"].map(pop).fillna(0))
-        fav = g2.sort_values(["rating", "pop"], ascending=[False, False]).head(n_movies)
-        bad = g2[g2["rating"] < mean].sort_values(["rating", "pop"], ascending=[True, False]).head(n_movies)
-        d = demo.get(int(u))
-        out[int(u)] = {
-            "user_id": int(u), "n_ratings": int(len(r)), "mean": round(mean, 2), "std": round(float(r.std()), 2),
-            "histogram": {f"{v:g}": int(c) for v, c in zip(scale.values, hist)},
-            "liked_genres": [gname for gname, s in aff["score"].items() if s > 0.05][:n_genres],
-            "disliked_genres": [gname for gname, s in aff["score"][::-1].items() if s < -0.05][:n_genres],
-            "favourite_movies": [labels.get(int(i), str(i)) for i in fav["item_id"]],
-            "disliked_movies": [labels.get(int(i), str(i)) for i in bad["item_id"]],
+    for u, row in stats.iterrows():
+        u = int(u)
+        d = demo.get(u)
+        out[u] = {
+            "user_id": u, "n_ratings": int(row["size"]), "mean": round(float(row["mean"]), 2),
+            "std": round(float(row["std"]) if row["size"] > 1 else 0.0, 2),
+            "histogram": {f"{v:g}": int(c) for v, c in zip(scale.values, hist.loc[u].to_numpy())},
+            "liked_genres": liked.get(u, []), "disliked_genres": disliked.get(u, []),
+            "favourite_movies": [labels.get(int(i), str(i)) for i in fav_l.get(u, [])],
+            "disliked_movies": [labels.get(int(i), str(i)) for i in bad_l.get(u, [])],
             "demographics": user_text(d) if d is not None else "",
         }
     return out

@@ -25,9 +25,10 @@ def item_vectors(ds: Dataset, text_model: str, cache_dir: str) -> np.ndarray:
 
 
 def prompt_builder(ds: Dataset, train: pd.DataFrame, cfg: PersonaConfig, vectors: np.ndarray | None,
-                   profiles: dict[int, str] | None = None) -> PromptBuilder:
+                   profiles: dict[int, str] | None = None, users=None) -> PromptBuilder:
     if profiles is None:
-        st = structured_profiles(train, ds.items, ds.users, ds.scale)
+        sub = train if users is None else train[train["user_id"].isin(np.asarray(users))]
+        st = structured_profiles(sub, ds.items, ds.users, ds.scale)
         profiles = {u: structured_text(p, ds.scale) for u, p in st.items()}
     return PromptBuilder(train, ds.items, ds.scale, profiles, vectors, cfg.k_similar, cfg.batch_size)
 

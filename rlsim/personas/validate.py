@@ -87,8 +87,9 @@ def parse_ratings(text: str, expected: list[int], scale: RatingScale) -> Parsed:
         if not np.isfinite(x):
             out.invalid[iid] = "non-finite value"
             continue
-        if x < scale.min - 2 * scale.max or x > 3 * scale.max:
-            out.invalid[iid] = f"value {x:g} far off the scale"
+        # Slightly off (6 on 1-5, 3.7 on whole stars) is repaired by clip/snap; far off is asked again.
+        if x < scale.min - 1.0 or x > scale.max + 1.0:
+            out.invalid[iid] = f"value {x:g} off the scale"
             continue
         snapped = float(scale.round(scale.clip(x)))
         if snapped != x:
