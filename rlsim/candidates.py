@@ -52,7 +52,9 @@ def item_popularity(train: pd.DataFrame, item_ids: np.ndarray, damping: float = 
     g = train.groupby("item_id")["rating"].agg(["sum", "count"])
     g = g.reindex(item_ids).fillna(0.0)
     count = g["count"].to_numpy(float)
-    damped = (g["sum"].to_numpy(float) + damping * mu) / (count + damping)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        damped = (g["sum"].to_numpy(float) + damping * mu) / (count + damping)
+    damped = np.where(count > 0, damped, mu)  # unrated items (or damping 0) sit at the global mean
     logc = np.log1p(count)
     score = (1 - count_weight) * _minmax(damped) + count_weight * _minmax(logc)
     return pd.DataFrame({"item_id": item_ids, "count": count, "damped_mean": damped, "pop_score": score})
