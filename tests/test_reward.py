@@ -164,3 +164,43 @@ def test_real_ml100k_u1_beats_user_mean(real_data_dir, tmp_path):
     assert res["model"]["rmse"] < res["baselines"]["user_mean"]["rmse"]
     assert res["model"]["rmse"] < 1.0
     assert json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())["n_classes"] == 5
+
+
+def test_rating_history_never_sees_the_pairs_own_rating():
+    """With the rated-history tokens, a training pair's prediction must not depend on its own rating."""
+    import pandas as pd
+    import torch
+
+    from rlsim.data.schema import RatingScale
+    from rlsim.reward.features import build_features
+    from rlsim.reward.model import VanillaTransformer
+
+    rng = np.random.default_rng(0)
+    n = 300
+    train = pd.DataFrame({"user_id": rng.integers(1, 20, n), "item_id": rng.integers(1, 30, n),
+                          "rating": rng.integers(1, 6, n).astype(float)}).drop_duplicates(["user_id", "item_id"])
+    items = pd.DataFrame({"item_id": np.arange(1, 30)})
+    users = pd.DataFrame({"user_id": np.arange(1, 20), "age": pd.array([30] * 19, dtype="Int64"),
+                          "gender": "M", "occupation": "writer"})
+    text = {"genre": rng.normal(size=(29, 8)).astype(np.float32), "plot": rng.normal(size=(29, 8)).astype(np.float32)}
+    cfg = RewardConfig(dim=16, heads=2, ff_dim=32, text_hidden=16, history_ratings=True, dropout=0.0)
+    scale = RatingScale(1, 5, 1)
+    row = train.index[0]
+    outs, leaky = [], []
+    for new_rating in (1.0, 5.0):
+        t = train.copy()
+        t.loc[row, "rating"] = new_rating
+        # Keep the global mean fixed so only the pair's own rating changes.
+        r0 = train.loc[row]
+        other = train.index[(train.user_id != r0.user_id) & (train.item_id != r0.item_id)][0]
+        t.loc[other, "rating"] = train.loc[other, "rating"] + train.loc[row, "rating"] - new_rating
+        ft = build_features(items, users, t, text)
+        torch.manual_seed(0)
+        model = VanillaTransformer(cfg, ft, scale.values).eval()
+        idx = ft.encode(t["user_id"].to_numpy()[:1], t["item_id"].to_numpy()[:1])
+        with torch.no_grad():
+            outs.append(model(**{k: torch.as_tensor(v) for k, v in idx.items()}).numpy())
+            idx.pop("self_r")  # without leaving it out, the rating would show through
+            leaky.append(model(**{k: torch.as_tensor(v) for k, v in idx.items()}).numpy())
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    assert np.abs(leaky[0] - leaky[1]).max() > 1e-3

@@ -27,7 +27,7 @@ class FeatureTables:
     n_occupations: int
     hist_users: np.ndarray  # (user index, item index) pairs of the training ratings
     hist_items: np.ndarray
-    hist_weights: np.ndarray  # (rating - user mean) / sqrt(n ratings of the user), per history pair
+    hist_ratings: np.ndarray  # the rating of each history pair
 
     def __post_init__(self):
         self._u = pd.Index(self.user_ids)
@@ -36,7 +36,16 @@ class FeatureTables:
         self._d = pd.Index(self.demo_user_ids)
         keys = self.hist_users.astype(np.int64) * self.n_items + self.hist_items
         order = np.argsort(keys, kind="stable")
-        self._hist_keys, self._hist_w = keys[order], self.hist_weights[order].astype(np.float32)
+        self._hist_keys, self._hist_r = keys[order], self.centred_ratings()[order]
+
+    @property
+    def mean_rating(self) -> float:
+        return float(self.hist_ratings.mean()) if len(self.hist_ratings) else 0.0
+
+    def centred_ratings(self) -> np.ndarray:
+        # Centred on the global mean, never on the user's own mean: a user mean would include the
+        # rating being predicted, and the sum of the other centred ratings would give it away.
+        return (self.hist_ratings - self.mean_rating).astype(np.float32)
 
     @staticmethod
     def _lookup(index: pd.Index, ids) -> np.ndarray:
@@ -47,18 +56,18 @@ class FeatureTables:
         """Index arrays for (user_id, item_id) pairs; unknown ids map to row 0, never fail."""
         u, i = self._lookup(self._u, users), self._lookup(self._i, items)
         return {"user": u, "item": i, "text": self._lookup(self._t, items), "demo": self._lookup(self._d, users),
-                "self_w": self.history_weight(u, i)}
+                "self_r": self.own_rating(u, i)}
 
-    def history_weight(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
-        """Weight of the pair's own rating in the user's rated history (0 when not in it), so the
-        model can leave it out: a rating never predicts itself."""
+    def own_rating(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """The pair's own centred rating when it is in the rating history (else 0), so the model can
+        leave it out of the history tokens: a rating never predicts itself."""
         w = np.zeros(len(u), np.float32)
         if len(self._hist_keys) == 0:
             return w
         keys = u.astype(np.int64) * self.n_items + i
         pos = np.clip(np.searchsorted(self._hist_keys, keys), 0, len(self._hist_keys) - 1)
         hit = (self._hist_keys[pos] == keys) & (u > 0) & (i > 0)
-        w[hit] = self._hist_w[pos[hit]]
+        w[hit] = self._hist_r[pos[hit]]
         return w
 
     @property
@@ -103,10 +112,8 @@ def build_features(items: pd.DataFrame, users: pd.DataFrame, train: pd.DataFrame
     plot = np.vstack([np.zeros((1, d), np.float32), text["plot"].astype(np.float32)])
     demo_users, demo, n_occ = _demographics(users)
     ft = FeatureTables(user_ids, item_ids, items["item_id"].to_numpy(np.int64), genre, plot,
-                       demo_users, demo, n_occ, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+                       demo_users, demo, n_occ, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                       np.zeros(0, np.float32))
     idx = ft.encode(train["user_id"].to_numpy(), train["item_id"].to_numpy())
-    r = train["rating"].to_numpy(np.float64)
-    g = pd.Series(r).groupby(idx["user"])
-    mean, n = g.transform("mean").to_numpy(), g.transform("size").to_numpy()
     return FeatureTables(**{**ft.to_state(), "hist_users": idx["user"], "hist_items": idx["item"],
-                            "hist_weights": ((r - mean) / np.sqrt(n)).astype(np.float32)})
+                            "hist_ratings": train["rating"].to_numpy(np.float32)})

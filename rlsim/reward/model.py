@@ -18,7 +18,7 @@ from rlsim.reward.features import AGE_EDGES, FeatureTables
 
 class VanillaTransformer(nn.Module):
     # Buffers rebuilt from FeatureTables (stored once in the checkpoint, not per ensemble member).
-    DERIVED_BUFFERS = ("hist", "hist_r", "genre", "plot", "demo")
+    DERIVED_BUFFERS = ("hist", "hist_r", "item_hist_r", "user_norm", "item_norm", "genre", "plot", "demo")
 
     def __init__(self, cfg: RewardConfig, ft: FeatureTables, class_values: np.ndarray):
         super().__init__()
@@ -52,14 +52,23 @@ class VanillaTransformer(nn.Module):
             nn.init.normal_(self.hist_emb.weight, std=0.05)
             n_tokens += 1
         if cfg.history_ratings:
-            # Same pairs weighted by the centred rating: what the user liked more or less than usual.
+            # The user's ratings (over item vectors) and the item's ratings (over user vectors),
+            # centred and 1/sqrt(n)-normalised: AutoRec-like evidence for both sides of the pair.
             u, i = torch.as_tensor(ft.hist_users), torch.as_tensor(ft.hist_items)
+            r = torch.as_tensor(ft.centred_ratings())
+            nu = torch.bincount(u, minlength=ft.n_users).clamp(min=1).float().rsqrt()
+            ni = torch.bincount(i, minlength=ft.n_items).clamp(min=1).float().rsqrt()
+            self.register_buffer("user_norm", nu)
+            self.register_buffer("item_norm", ni)
             self.register_buffer("hist_r", torch.sparse_coo_tensor(
-                torch.stack([u, i]), torch.as_tensor(ft.hist_weights, dtype=torch.float32),
-                (ft.n_users, ft.n_items), check_invariants=True).coalesce())
+                torch.stack([u, i]), r * nu[u], (ft.n_users, ft.n_items), check_invariants=True).coalesce())
+            self.register_buffer("item_hist_r", torch.sparse_coo_tensor(
+                torch.stack([i, u]), r * ni[i], (ft.n_items, ft.n_users), check_invariants=True).coalesce())
             self.hist_r_emb = nn.Embedding(ft.n_items, d)
-            nn.init.normal_(self.hist_r_emb.weight, std=0.05)
-            n_tokens += 1
+            self.item_hist_r_emb = nn.Embedding(ft.n_users, d)
+            for e in (self.hist_r_emb, self.item_hist_r_emb):
+                nn.init.normal_(e.weight, std=0.05)
+            n_tokens += 2
         self.n_tokens = n_tokens
         self.type_emb = nn.Parameter(torch.zeros(n_tokens, d))
         layer = nn.TransformerEncoderLayer(d, cfg.heads, cfg.ff_dim, cfg.dropout, batch_first=True,
@@ -74,7 +83,7 @@ class VanillaTransformer(nn.Module):
     def id_parameters(self) -> list[nn.Parameter]:
         """The embedding tables (decayed harder than the rest)."""
         tables = [self.user_emb, self.item_emb] + ([self.hist_emb] if self.cfg.history else []) + \
-            ([self.hist_r_emb] if self.cfg.history_ratings else [])
+            ([self.hist_r_emb, self.item_hist_r_emb] if self.cfg.history_ratings else [])
         return [t.weight for t in tables]
 
     def item_vectors(self, item: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -94,11 +103,11 @@ class VanillaTransformer(nn.Module):
         self._hist_cache = {}
         return super().train(mode)
 
-    def forward(self, user, item, text, demo, self_w=None, hist_item=None) -> torch.Tensor:
+    def forward(self, user, item, text, demo, self_r=None, real_user=None, real_item=None) -> torch.Tensor:
         """Logits [batch, n_classes] for index tensors from FeatureTables.encode.
 
-        self_w: the pair's own weight in the rated history (removed from it); hist_item: the item
-        index that weight belongs to when `item` was masked to the unknown row (training only)."""
+        self_r: the pair's own centred rating when it is in the histories (it is taken out of them);
+        real_user/real_item: the ids before training masked some to the unknown row."""
         tokens = [self.user_emb(user), self.item_vectors(item, text)]
         if self.cfg.user_features:
             a, g, o = self.demo[demo].unbind(-1)
@@ -106,11 +115,17 @@ class VanillaTransformer(nn.Module):
         if self.cfg.history:
             tokens.append(self._sparse_product("hist", self.hist, self.hist_emb)[user])
         if self.cfg.history_ratings:
-            h = self._sparse_product("hist_r", self.hist_r, self.hist_r_emb)[user]
-            if self_w is not None:
-                own = self.hist_r_emb(item if hist_item is None else hist_item)
-                h = h - self_w.unsqueeze(-1) * own
-            tokens.append(h)
+            hu = self._sparse_product("hist_r", self.hist_r, self.hist_r_emb)[user]
+            hi = self._sparse_product("item_hist_r", self.item_hist_r, self.item_hist_r_emb)[item]
+            if self_r is not None:
+                ru = user if real_user is None else real_user
+                ri = item if real_item is None else real_item
+                # A masked (unknown) side has an empty history: nothing to take out of it.
+                own_u = torch.where(user == ru, self_r, 0.0) * self.user_norm[ru]
+                own_i = torch.where(item == ri, self_r, 0.0) * self.item_norm[ri]
+                hu = hu - own_u.unsqueeze(-1) * self.hist_r_emb(ri)
+                hi = hi - own_i.unsqueeze(-1) * self.item_hist_r_emb(ru)
+            tokens += [hu, hi]
         x = torch.stack(tokens, dim=1) + self.type_emb
         x = self.norm(self.encoder(x))
         return self.head(x.flatten(1))

@@ -49,7 +49,7 @@ def _loss(model, logits, y, r, cfg: RewardConfig):
 @torch.no_grad()
 def _validate(model, val: dict, cfg: RewardConfig, batch: int = 32768) -> dict:
     model.eval()
-    keys = ("user", "item", "text", "demo", "self_w")
+    keys = ("user", "item", "text", "demo", "self_r")
     logits = torch.cat([model(**{k: val[k][s:s + batch] for k in keys}) for s in range(0, len(val["y"]), batch)])
     exp = model.expected(logits)
     return {"val_loss": float(_loss(model, logits, val["y"], val["r"], cfg)),
@@ -91,12 +91,13 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
         total_loss = 0.0
         for s in range(0, n, cfg.batch_size):
             b = perm[s:s + cfg.batch_size]
-            user, item, self_w = tr["user"][b], tr["item"][b], tr["self_w"][b]
+            real_user, real_item = tr["user"][b], tr["item"][b]
+            user, item = real_user, real_item
             if cfg.unknown_prob > 0:  # teach the unknown rows by hiding a few ids
-                mu = torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob
-                user, self_w = user.masked_fill(mu, 0), self_w.masked_fill(mu, 0.0)
+                user = user.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
                 item = item.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
-            logits = model(user, item, tr["text"][b], tr["demo"][b], self_w=self_w, hist_item=tr["item"][b])
+            logits = model(user, item, tr["text"][b], tr["demo"][b], self_r=tr["self_r"][b],
+                           real_user=real_user, real_item=real_item)
             loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
