@@ -42,6 +42,7 @@ def add_persona_args(p) -> None:
     g.add_argument("--rpm", type=float, help="requests per minute, cluster-wide")
     g.add_argument("--tpm", type=float, help="tokens per minute, cluster-wide")
     g.add_argument("--max-retries", type=int)
+    g.add_argument("--shard-users", type=int, help="users per result shard (the unit of resume)")
     g.add_argument("--timeout", type=float, help="seconds per request")
     g.add_argument("--budget-usd", type=float, help="hard cap on spend; unrated items fail with reason 'budget'")
     g.add_argument("--dry-run", action="store_true", help="estimate tokens and cost, call nothing")
@@ -88,7 +89,7 @@ def persona_config(args) -> PersonaConfig:
     for flag, attr in [("model", "model"), ("base_url", "base_url"), ("api_version", "api_version"),
                        ("batch_size", "batch_size"), ("k_similar", "k_similar"), ("workers", "n_workers"),
                        ("concurrency", "max_concurrency"), ("rpm", "rpm"), ("tpm", "tpm"),
-                       ("max_retries", "max_retries"), ("timeout", "timeout_s"), ("budget_usd", "budget_usd")]:
+                       ("max_retries", "max_retries"), ("shard_users", "shard_users"), ("timeout", "timeout_s"), ("budget_usd", "budget_usd")]:
         v = getattr(args, flag, None)
         if v is not None:
             setattr(cfg, attr, v)
@@ -123,7 +124,8 @@ def backend_spec(cfg: PersonaConfig) -> BackendSpec:
 def init_ray(cfg: PersonaConfig):
     import ray
 
-    tmp = tempfile.mkdtemp(prefix="rlsim-ray-")
+    # RLSIM_RAY_TEMP_DIR lets a supervisor (bench, tests) find and clean up after a killed job.
+    tmp = os.environ.get("RLSIM_RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="rlsim-ray-")
     ray.init(address="local", include_dashboard=False, _temp_dir=tmp, num_cpus=max(2, cfg.n_workers),
              log_to_driver=False, configure_logging=False, namespace="rlsim-personas")
     return ray

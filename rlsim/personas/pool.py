@@ -122,6 +122,7 @@ class RatingEngine:
 
     async def rate_unit(self, unit: WorkUnit) -> dict:
         cfg, scale = self.cfg, unit.rating_scale
+        self._backend()  # build the client before reserving a slot: a slow first build would bunch sends
         usage = empty_usage()
         ratings: dict[int, float] = {}
         repaired: set[int] = set()
@@ -245,6 +246,7 @@ def make_worker_class():
             self.limiter = RayLimiter(ray.get_actor(limiter_name, namespace=namespace))
             cache = ResponseCache(cache_path) if cache_path else None
             self.engine = RatingEngine(spec, cfg, self.limiter, cache, rng=random.Random(cfg.seed + os.getpid()))
+            self.engine._backend()  # import and build the HTTP client now, not inside the first paced slot
             self.crash_marker = crash_marker
 
         async def rate_unit(self, unit: WorkUnit) -> dict:
