@@ -67,3 +67,25 @@ def test_actor_matches_in_process(ray_local, ml100k):
     np.testing.assert_allclose(again.score(u[:5], i[:5]), local.score(u[:5], i[:5]))
     with pytest.raises(ConfigError):
         RemoteRewardSource("no-such-actor").score(u[:1], i[:1])
+
+
+@pytest.mark.slow
+def test_model_source_in_actor_matches_predictor(ray_local, data_root, cache_root, tmp_path):
+    """ModelRewardSource wraps the reward model; the named actor returns the same scores."""
+    from rlsim.config import DataConfig
+    from rlsim.reward.config import RewardConfig
+    from rlsim.reward.predict import RewardPredictor
+    from rlsim.reward.train import train_reward_model
+    from rlsim.sources import ModelRewardSource
+
+    dcfg = DataConfig(dataset="ml-100k", data_dir=str(data_root), cache_dir=str(cache_root), download=False)
+    train_reward_model(dcfg, RewardConfig(dim=16, heads=2, ff_dim=32, text_hidden=32, layers=1, epochs=1,
+                                          batch_size=256), tmp_path)
+    pred = RewardPredictor.load(tmp_path / "checkpoint")
+    src = ModelRewardSource.load(str(tmp_path / "checkpoint"))
+    u, i = np.array([1, 2, 3, 3]), np.array([5, 6, 7, 70])
+    np.testing.assert_allclose(src.score(u, i), pred.predict(u, i), rtol=1e-5)
+    assert src.scale == pred.scale
+    handle = get_or_create_reward_actor("test-model-reward", functools.partial(  # noqa: F841 - keeps it alive
+        ModelRewardSource.load, str(tmp_path / "checkpoint")))
+    np.testing.assert_allclose(RemoteRewardSource("test-model-reward").score(u, i), pred.predict(u, i), rtol=1e-5)

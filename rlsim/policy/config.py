@@ -18,7 +18,7 @@ class PolicyConfig:
     users_per_episode: int = 32
     feature_dims: int = 24  # PCA dims of the item text embeddings
     # PPO
-    iterations: int = 15
+    iterations: int = 30
     lr: float = 1e-3
     train_batch_size: int = 4000
     minibatch_size: int = 500
