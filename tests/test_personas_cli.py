@@ -121,6 +121,7 @@ def test_reward_source_offline_and_llm(ml100k, cache_root, server):
     vec = item_vectors(ml100k, "all-MiniLM-L6-v2", str(cache_root))
     u, i = split.test["user_id"].to_numpy()[:20], split.test["item_id"].to_numpy()[:20]
     off = persona_reward_source(ml100k, split.train, PersonaConfig(), vec)
+    assert off.scale == ml100k.scale
     s = off.score(u, i)
     assert s.shape == (20,) and np.isfinite(s).all() and ((s >= 1) & (s <= 5)).all()
     cfg = PersonaConfig(backend="openai", model="fake-model", rpm=60000)
@@ -174,3 +175,29 @@ def test_cli_evaluate_through_fake_server_with_ray_pool(data_root, cache_root, t
     assert len(server.log) == n
     p2 = pd.read_parquet(out2 / "pairs.parquet")
     pd.testing.assert_series_equal(p2["predicted"], pairs["predicted"])
+
+
+def test_evaluate_with_reward_checkpoint(data_root, cache_root, tmp_path, no_llm_env):
+    common = data_flags(data_root, cache_root)
+    run = tmp_path / "reward"
+    assert main(["reward", "train", *common, "--out", str(run), "--epochs", "1", "--dim", "16",
+                 "--batch-size", "256"]) == 0
+    out = tmp_path / "ev"
+    assert main(["personas", "evaluate", *common, "--users", "20", "--reward-checkpoint", str(run / "checkpoint"),
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["reward_model"]["n"] == m["persona"]["n"] == m["baselines"]["bias"]["n"]
+    assert np.isfinite(m["reward_model"]["rmse"])
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    assert pairs["reward_model"].notna().all() and pairs["user_id"].nunique() == 20
+
+
+def test_calibrated_offline_ratings_follow_user_distribution(data_root, cache_root, tmp_path, no_llm_env):
+    out = tmp_path / "cal"
+    assert main(["personas", "evaluate", *data_flags(data_root, cache_root), "--calibrate", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    pairs = pd.read_parquet(out / "pairs.parquet")
+    assert m["calibrated"] is True and "predicted_uncalibrated" in pairs
+    assert set(np.unique(pairs["predicted"])) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    # Quantile mapping restores the spread the shrunk raw answers lack.
+    assert pairs["predicted"].std() > pairs["predicted_uncalibrated"].std()

@@ -28,6 +28,7 @@ class OfflineConfig:
     # 10% hold-out of the u1 training ratings, not on the u1 test set.
     mf_weight: float = 0.3
     mf_factors: int = 20
+    mf_reg: float = 0.1
     snap: bool = True  # integer (on-scale) answers like an LLM's
 
 

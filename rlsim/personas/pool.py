@@ -430,7 +430,8 @@ class PersonaRewardSource:
     """
 
     def __init__(self, builder, spec: BackendSpec | None, cfg: PersonaConfig, cache_path: str | None = None,
-                 offline_model=None):
+                 offline_model=None, scale=None):
+        self.scale = scale  # the RewardSource protocol's rating scale
         self.builder = builder
         self.spec = spec
         self.cfg = cfg

@@ -42,5 +42,7 @@ def persona_reward_source(ds: Dataset, train: pd.DataFrame, cfg: PersonaConfig, 
                           profiles: dict[int, str] | None = None) -> PersonaRewardSource:
     """A plain object; ``ray.remote(PersonaRewardSource)`` it (same args) to share it across env runners."""
     if cfg.backend == "offline" or spec is None:
-        return PersonaRewardSource(None, None, cfg, offline_model=offline_persona(ds, train, cfg, vectors))
-    return PersonaRewardSource(prompt_builder(ds, train, cfg, vectors, profiles), spec, cfg, cache_path)
+        return PersonaRewardSource(None, None, cfg, offline_model=offline_persona(ds, train, cfg, vectors),
+                                   scale=ds.scale)
+    return PersonaRewardSource(prompt_builder(ds, train, cfg, vectors, profiles), spec, cfg, cache_path,
+                               scale=ds.scale)

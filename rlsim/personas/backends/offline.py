@@ -64,7 +64,7 @@ class OfflinePersona:
         if cfg.mf_weight > 0:
             from rlsim.baselines import MatrixFactorization
 
-            self.mf = MatrixFactorization(factors=cfg.mf_factors).fit(train, scale)
+            self.mf = MatrixFactorization(factors=cfg.mf_factors, reg=cfg.mf_reg).fit(train, scale)
         # Each user's history: item indices and residuals.
         order = np.argsort(uidx, kind="stable")
         bounds = np.searchsorted(uidx[order], np.arange(n_u + 1))
