@@ -128,3 +128,16 @@ def test_torch_ppo_learns(ml100k):
         logits, _ = out["net"](torch.from_numpy(obs["observations"]), torch.from_numpy(obs["action_mask"]))
     res, _ = evaluate_strategies(data, rewards, {"policy": logits.argmax(-1).numpy()})
     assert res["gap_closed"] > 0.3, res
+
+
+def test_evaluate_sessions_hand_built():
+    from rlsim.policy.evaluate import evaluate_sessions
+
+    data = _hand_data()
+    rewards = np.array([[2.0, 5.0, 3.0], [4.0, 1.0, np.nan]])
+    first_available = lambda o: np.argmax(o["action_mask"], axis=1)  # noqa: E731
+    s = evaluate_sessions(data, rewards, first_available, horizon=2, history=1)
+    # user 7 is shown items 0 then 1 (2, 5); user 8 items 0 then 1 (4, 1).
+    assert s["policy"]["mean_reward"] == pytest.approx(((2 + 5) / 2 + (4 + 1) / 2) / 2)
+    assert s["oracle"]["mean_reward"] == pytest.approx(((5 + 3) / 2 + (4 + 1) / 2) / 2)
+    assert s["random"]["mean_reward"] == pytest.approx((10 / 3 + 2.5) / 2)

@@ -204,7 +204,8 @@ def cmd_evaluate(args) -> int:
     from rlsim.data import load_split
     from rlsim.env import EnvData, score_all
     from rlsim.io import read_json, write_json, write_parquet
-    from rlsim.policy.evaluate import boxplot, evaluate_strategies, initial_observations, module_choices
+    from rlsim.policy.evaluate import (boxplot, evaluate_sessions, evaluate_strategies, initial_observations,
+                                       module_choices)
     from rlsim.policy.train import load_policy_module
 
     run = Path(args.run)
@@ -235,6 +236,9 @@ def cmd_evaluate(args) -> int:
     obs = initial_observations(data, rewards, pcfg.env_history())
     choices = {"policy": module_choices(module, obs)}
     metrics, table = evaluate_strategies(data, rewards, choices, split.test, args.like_threshold, greedy)
+    if pcfg.horizon > 1:  # the numbers above are the first pick; this is the whole session
+        metrics["session"] = evaluate_sessions(data, rewards, lambda o: module_choices(module, o),
+                                               pcfg.horizon, pcfg.env_history())
     out = Path(args.out)
     result = {"dataset": dcfg.dataset, "split": split.summary(), "reward": spec, "greedy_source": greedy_name,
               "users": int(len(data.user_ids)), "k": data.k, **metrics,
