@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from rlsim.errors import ConfigError
+from rlsim.errors import ConfigError, RlsimError
 
 
 @runtime_checkable
@@ -175,7 +175,14 @@ def get_or_create_reward_actor(name: str, source_factory: Callable[[], RewardSou
     if detached:
         opts["lifetime"] = "detached"
     actor = reward_source_actor_class().options(**opts).remote(source_factory, batch_size)
-    ray.get(actor.get_scale.remote())  # surface construction errors here, not in an env runner
+    try:
+        ray.get(actor.get_scale.remote())  # surface construction errors here, not in an env runner
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        if isinstance(cause, RlsimError):
+            raise type(cause)(str(cause)) from None
+        last = [ln for ln in str(cause).strip().splitlines() if ln.strip()][-1:] or [type(cause).__name__]
+        raise RlsimError(f"reward source '{name}' failed to start: {last[0].strip()}") from None
     return actor
 
 

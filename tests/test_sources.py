@@ -89,3 +89,12 @@ def test_model_source_in_actor_matches_predictor(ray_local, data_root, cache_roo
     handle = get_or_create_reward_actor("test-model-reward", functools.partial(  # noqa: F841 - keeps it alive
         ModelRewardSource.load, str(tmp_path / "checkpoint")))
     np.testing.assert_allclose(RemoteRewardSource("test-model-reward").score(u, i), pred.predict(u, i), rtol=1e-5)
+
+
+def test_actor_construction_error_is_one_line_user_error(ray_local, tmp_path):
+    from rlsim.errors import RlsimError
+    from rlsim.sources import ModelRewardSource
+
+    with pytest.raises(RlsimError) as exc:
+        get_or_create_reward_actor("bad-reward", functools.partial(ModelRewardSource.load, str(tmp_path / "none")))
+    assert "\n" not in str(exc.value) and "checkpoint" in str(exc.value)
