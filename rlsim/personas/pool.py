@@ -12,12 +12,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -449,7 +447,3 @@ class PersonaRewardSource:
         results = asyncio.run(rate_units_local(self.engine, units, self.cfg.max_concurrency))
         got = {(r["user_id"], r["item_id"]): r["rating"] for x in results for r in x["rows"]}
         return np.array([got.get((int(u), int(i)), np.nan) for u, i in zip(user_ids, item_ids)], float)
-
-
-def config_json(cfg: PersonaConfig) -> str:
-    return json.dumps(asdict(cfg), sort_keys=True)
