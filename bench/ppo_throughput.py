@@ -80,7 +80,9 @@ def main(argv=None) -> int:
     emb = item_embeddings(ds.items, TextEncoder(dcfg.text_model, dcfg.cache_dir))["text"]
     cands = build_candidates(split.train, ds.items, emb, CandidatesConfig())
     data = build_env_data(split.train, ds.items, cands, emb, ds.scale)
-    base = PolicyConfig()
+    # Throughput-oriented PPO settings (bigger batches, fewer epochs), the same for every run.
+    ppo = dict(train_batch_size=4000, minibatch_size=500, num_epochs=4, lr=1e-3)
+    base = PolicyConfig(**ppo)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="rlsim-bench-", dir="/tmp"),
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -99,13 +101,14 @@ def main(argv=None) -> int:
                                                           users_per_episode=1)),
         ]
         for name, kw in variants:
-            pcfg = PolicyConfig(**kw)
+            pcfg = PolicyConfig(**ppo, **kw)
             ecfg = env_config(data, pcfg, reward_actor="bench-reward")
             r = rllib_run(data, ecfg, pcfg, args.iterations)
             r["settings"] = kw
             results["runs"][name] = r
             print(name, json.dumps(r), flush=True)
-        tcfg = TorchPPOConfig(iterations=args.iterations + 1, num_envs=32, steps_per_iteration=base.train_batch_size)
+        tcfg = TorchPPOConfig(iterations=args.iterations + 1, num_envs=32, steps_per_iteration=base.train_batch_size,
+                              minibatch_size=base.minibatch_size, num_epochs=base.num_epochs, lr=base.lr)
         ecfg = env_config(data, base, reward_actor="bench-reward")
         t = train_torch_ppo(data, ecfg, tcfg)
         hist = t["history"][1:]  # same warm-up rule as RLlib

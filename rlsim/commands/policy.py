@@ -32,7 +32,7 @@ def register(sub) -> None:
     _reward_args(t)
     t.add_argument("--candidates", help="candidates.parquet or a `rlsim candidates build` folder "
                                         "(default: build them now with the candidates: config)")
-    t.add_argument("--iterations", type=int, help="PPO iterations (default 30)")
+    t.add_argument("--iterations", type=int, help="PPO iterations (default 15)")
     t.add_argument("--horizon", type=int, help="picks per episode (1 = the paper's one-shot setting)")
     t.add_argument("--num-env-runners", type=int, help="remote env runners (0 = sample in the driver)")
     t.add_argument("--num-envs", type=int, help="vectorised envs per env runner")
