@@ -33,9 +33,10 @@ def test_offline_fidelity_on_ml100k_u1(real_data_dir, tmp_path, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     p, b = m["persona"], m["baselines"]
     assert p["n"] == 20000 and m["coverage"] == 1.0
-    # Measured: 0.9614 snapped (integer answers), 0.918 unsnapped; Lusifer GPT-3.5 1.31, rounded user mean 1.10.
-    assert p["rmse"] <= 0.965
-    assert m["persona_unsnapped"]["rmse"] <= 0.925
+    # Measured: 0.9571 snapped (integer answers), 0.9136 unsnapped; Lusifer's GPT-3.5 1.31, rounded user
+    # mean 1.10, bias 0.960 (continuous).
+    assert p["rmse"] <= 0.960
+    assert m["persona_unsnapped"]["rmse"] <= 0.918
     assert p["rmse"] < b["rounded_user_mean"]["rmse"] - 0.1
     assert m["persona_unsnapped"]["rmse"] < b["bias"]["rmse"]
 

@@ -24,8 +24,12 @@ class OfflineConfig:
     text_weight: float = 0.3  # weight of MiniLM cosine similarity beside co-rating similarity
     text_floor: float = 0.2  # MiniLM cosines below this carry no weight
     damping: float = 0.5  # added to the sum of |similarities| (pulls towards the bias prior)
-    # Blend with biased matrix factorisation (0 = neighbours + bias only). Defaults were chosen on a
-    # 10% hold-out of the u1 training ratings, not on the u1 test set.
+    # Blend with biased matrix factorisation. stack=True learns the blend (neighbours, MF, bias,
+    # intercept) by least squares on a 10% hold-out of the training ratings, then refits on all of
+    # them; stack=False uses the fixed mf_weight. Defaults were chosen on a hold-out of the u1
+    # training ratings, never on the u1 test set.
+    stack: bool = True
+    holdout_frac: float = 0.1
     mf_weight: float = 0.3
     mf_factors: int = 20
     mf_reg: float = 0.1

@@ -1,7 +1,8 @@
 """The offline persona: no LLM. A deterministic user grounded in their own rating history.
 
 Prediction = the bias baseline (mu + b_u + b_i) as prior, moved by the user's own residuals on
-the movies most similar to the one being rated. Similarity blends co-rating similarity of the
+the movies most similar to the one being rated, blended with biased matrix factorisation (blend
+weights fitted on a hold-out of the training ratings). Similarity blends co-rating similarity of the
 residuals (shrunk by the number of common raters) with MiniLM cosine similarity of the item
 texts, so items nobody co-rated still find neighbours. Answers are snapped to the scale like
 an LLM's (the unsnapped value is kept too).
@@ -12,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rlsim.baselines import BiasBaseline
+import dataclasses
+
+from rlsim.baselines import BiasBaseline, MatrixFactorization
 from rlsim.data.schema import RatingScale
 from rlsim.personas.config import OfflineConfig
 
@@ -26,6 +29,25 @@ class OfflinePersona:
     def fit(self, train: pd.DataFrame, scale: RatingScale, item_ids: np.ndarray | None = None,
             item_vectors: np.ndarray | None = None) -> "OfflinePersona":
         """train: ratings; item_ids/item_vectors: MiniLM text embeddings (rows aligned), optional."""
+        self.weights = None
+        if self.cfg.stack:
+            from rlsim.data.splits import holdout_validation
+
+            # Blend weights from a hold-out of the training ratings only; components then refit on all.
+            tr, va = holdout_validation(train, self.cfg.holdout_frac, seed=0)
+            inner = OfflinePersona(dataclasses.replace(self.cfg, stack=False)).fit(tr, scale, item_ids, item_vectors)
+            X = inner._features(va["user_id"].to_numpy(), va["item_id"].to_numpy())
+            w = np.linalg.lstsq(X, va["rating"].to_numpy(float), rcond=None)[0]
+            self._fit_components(train, scale, item_ids, item_vectors)
+            self.weights = w
+            return self
+        return self._fit_components(train, scale, item_ids, item_vectors)
+
+    def _features(self, users, items) -> np.ndarray:
+        bias = self.bias.predict(users, items)
+        return np.c_[self._knn_raw(users, items), self.mf.predict(users, items), bias, np.ones(len(bias))]
+
+    def _fit_components(self, train, scale, item_ids, item_vectors) -> "OfflinePersona":
         cfg = self.cfg
         self.scale = scale
         self.bias = BiasBaseline().fit(train, scale)
@@ -61,9 +83,7 @@ class OfflinePersona:
         np.fill_diagonal(S, 0.0)
         self.S = S.astype(np.float32)
         self.mf = None
-        if cfg.mf_weight > 0:
-            from rlsim.baselines import MatrixFactorization
-
+        if cfg.mf_weight > 0 or cfg.stack:
             self.mf = MatrixFactorization(factors=cfg.mf_factors, reg=cfg.mf_reg).fit(train, scale)
         # Each user's history: item indices and residuals.
         order = np.argsort(uidx, kind="stable")
@@ -73,6 +93,18 @@ class OfflinePersona:
         return self
 
     def predict_raw(self, users, items) -> np.ndarray:
+        """The unsnapped answer (clipped to the scale)."""
+        users, items = np.asarray(users), np.asarray(items)
+        if self.weights is not None:
+            return self.scale.clip(self._features(users, items) @ self.weights)
+        out = self._knn_raw(users, items)
+        if self.mf is not None and self.cfg.mf_weight > 0:
+            w = self.cfg.mf_weight
+            out = (1 - w) * out + w * self.mf.predict(users, items)
+        return self.scale.clip(out)
+
+    def _knn_raw(self, users, items) -> np.ndarray:
+        """Bias prior moved by the user's residuals on the most similar movies they rated."""
         users, items = np.asarray(users), np.asarray(items)
         out = self.bias.mu + self.bias.user_bias(users) + self.bias.item_bias(items)
         k, damp = self.cfg.k, self.cfg.damping
@@ -96,9 +128,6 @@ class OfflinePersona:
                 sims_k, res_k = sims, np.broadcast_to(h_res, sims.shape)
             sims_k = np.clip(sims_k, 0.0, None)
             out[known] += (sims_k * res_k).sum(1) / (sims_k.sum(1) + damp)
-        if self.mf is not None:
-            w = self.cfg.mf_weight
-            out = (1 - w) * out + w * self.mf.predict(users, items)
         return self.scale.clip(out)
 
     def predict(self, users, items) -> np.ndarray:
