@@ -26,6 +26,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def run_fold(job) -> dict:
+    """Train and evaluate on one fold; a summary dict (runs in a worker process with --jobs)."""
+    fold, data_dir, cache_dir, overrides, run_dir = job
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{fold}] %(message)s")
+    from rlsim.config import DataConfig
+    from rlsim.reward.config import RewardConfig
+    from rlsim.reward.train import train_reward_model
+
+    dcfg = DataConfig(dataset="ml-100k", data_dir=data_dir, cache_dir=cache_dir, split=fold, download=False)
+    res = train_reward_model(dcfg, RewardConfig.from_dict(overrides), Path(run_dir) / fold if run_dir else None)
+    out = {"rmse": res["model"]["rmse"], "mae": res["model"]["mae"], "accuracy": res["model"]["accuracy"],
+           "exact": res["model"]["exact"], "ndcg@10": res["model"]["ndcg@10"], "epochs_run": res["epochs_run"],
+           "best_val_rmse": min(h["val_rmse"] for h in res["history"]),
+           "seconds_per_epoch": res["seconds_per_epoch"], "train_seconds": res["train_seconds"],
+           "baselines": {k: {"rmse": v["rmse"], "mae": v["mae"], "ndcg@10": v["ndcg@10"]}
+                         for k, v in res["baselines"].items()},
+           "history": [{k: round(v, 5) for k, v in h.items()} for h in res["history"]]}
+    print(f"{fold}: rmse {out['rmse']:.4f} acc {out['accuracy']:.4f} (mf {out['baselines']['mf']['rmse']:.4f}, "
+          f"bias {out['baselines']['bias']['rmse']:.4f}) {res['epochs_run']} epochs, "
+          f"{res['seconds_per_epoch']:.1f} s/epoch", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folds", nargs="+", default=["u1", "u2", "u3", "u4", "u5"])
@@ -35,40 +58,33 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=os.environ.get("RLSIM_CACHE_DIR", "/tmp/rlsim-cache"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "reward_ml100k.json"))
     p.add_argument("--run-dir", help="also keep each fold's run folder (checkpoint, per-user metrics, plots) here")
+    p.add_argument("--jobs", type=int, default=1, help="folds trained in parallel (one process each)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     if not (Path(args.data_dir) / "ml-100k" / "u1.base").is_file():
         print(f"skipped: ML-100K not found under {args.data_dir} (set RLSIM_DATA_DIR or --data-dir)")
         return 0
     import torch
 
-    from rlsim.config import DataConfig, to_dict
+    from rlsim.config import to_dict
     from rlsim.io import write_json
     from rlsim.reward.config import RewardConfig
-    from rlsim.reward.train import train_reward_model
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     cfg = RewardConfig.from_dict(overrides)
-    folds, t0 = {}, time.perf_counter()
-    for fold in args.folds:
-        dcfg = DataConfig(dataset="ml-100k", data_dir=args.data_dir, cache_dir=args.cache_dir, split=fold,
-                          download=False)
-        out_dir = Path(args.run_dir) / fold if args.run_dir else None
-        res = train_reward_model(dcfg, cfg, out_dir)
-        folds[fold] = {"rmse": res["model"]["rmse"], "mae": res["model"]["mae"],
-                       "accuracy": res["model"]["accuracy"], "exact": res["model"]["exact"],
-                       "ndcg@10": res["model"]["ndcg@10"], "epochs_run": res["epochs_run"],
-                       "best_val_rmse": min(h["val_rmse"] for h in res["history"]),
-                       "seconds_per_epoch": res["seconds_per_epoch"], "train_seconds": res["train_seconds"],
-                       "baselines": {k: {"rmse": v["rmse"], "mae": v["mae"], "ndcg@10": v["ndcg@10"]}
-                                     for k, v in res["baselines"].items()},
-                       "history": [{k: round(v, 5) for k, v in h.items()} for h in res["history"]]}
-        print(f"{fold}: rmse {folds[fold]['rmse']:.4f} acc {folds[fold]['accuracy']:.4f} "
-              f"(mf {folds[fold]['baselines']['mf']['rmse']:.4f}, bias {folds[fold]['baselines']['bias']['rmse']:.4f}) "
-              f"{res['epochs_run']} epochs, {res['seconds_per_epoch']:.1f} s/epoch", flush=True)
+    t0 = time.perf_counter()
+    jobs = [(fold, args.data_dir, args.cache_dir, overrides, args.run_dir) for fold in args.folds]
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            done = list(pool.map(run_fold, jobs))
+    else:
+        done = [run_fold(j) for j in jobs]
+    folds = dict(zip(args.folds, done))
     names = list(next(iter(folds.values()))["baselines"])
     result = {
         "benchmark": "reward_ml100k", "model": "vanilla_transformer",
@@ -79,7 +95,9 @@ def main(argv=None) -> int:
         "folds": folds,
         "seconds_per_epoch": float(np.mean([f["seconds_per_epoch"] for f in folds.values()])),
         "total_seconds": time.perf_counter() - t0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024,
+        "jobs": args.jobs,
         "settings": {"reward": to_dict(cfg), "folds": args.folds,
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__},

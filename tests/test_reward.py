@@ -13,7 +13,7 @@ from rlsim.io import read_json
 from rlsim.reward.config import RewardConfig
 
 SMALL = dict(dim=32, heads=2, ff_dim=64, text_hidden=64, layers=1, batch_size=64, epochs=12, patience=12,
-             lr=3e-3, val_frac=0.1, seed=0)
+             lr=3e-3, val_frac=0.1, seed=0, dropout=0.1, emb_weight_decay=0.05, decay_epochs=0)
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,10 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     n = len(tr["y"])
     steps = math.ceil(n / cfg.batch_size)
-    total, warm = cfg.epochs * steps, max(1, int(cfg.warmup_epochs * steps))
+    n_epochs = cfg.epochs
+    if cfg.schedule == "cosine" and cfg.decay_epochs:
+        n_epochs = min(cfg.epochs, cfg.decay_epochs)
+    total, warm = n_epochs * steps, max(1, int(cfg.warmup_epochs * steps))
 
     def lr_at(step: int) -> float:
         if step < warm:
@@ -84,7 +87,7 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(seed)
     best, best_state, bad, history = math.inf, None, 0, []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, n_epochs + 1):
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(n, generator=gen).to(device)
