@@ -56,6 +56,8 @@ def _reward_args(p, required: bool = True) -> None:
     p.add_argument("--reward-checkpoint", help="reward model checkpoint folder (for --reward model)")
     p.add_argument("--reward-actor", help="name of a running actor exposing score(users, items) (--reward actor)")
     p.add_argument("--reward-namespace", help="Ray namespace of --reward-actor")
+    p.add_argument("--ray-address", help="join a running Ray cluster (where --reward-actor lives) instead of "
+                                         "starting a local one")
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -142,9 +144,13 @@ def load_candidates(args, file_cfg, ds, split, dcfg, out: Path):
     return c
 
 
-def init_ray(num_cpus: int | None, out: Path):
+def init_ray(num_cpus: int | None, out: Path, address: str | None = None):
     import ray
 
+    if address:
+        ray.init(address=address, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        return ray
     # A short temp dir of our own: Ray's socket paths must stay under ~100 characters.
     tmp = tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
@@ -174,7 +180,7 @@ def cmd_train(args) -> int:
                           dims=pcfg.feature_dims)
     data.save(out / "env_data")
     write_json(out / "run.json", {"data": to_dict(dcfg), "policy": to_dict(pcfg), "reward": spec})
-    ray = init_ray(args.num_cpus, out)
+    ray = init_ray(args.num_cpus, out, args.ray_address)
     try:
         if spec["kind"] == "actor":
             actor_name, namespace = spec["actor"], spec.get("namespace")
@@ -220,9 +226,9 @@ def cmd_evaluate(args) -> int:
     spec = reward_spec(args, meta["reward"])
     ds, split = load_split(dcfg)
     data = EnvData.load(run / "env_data")
-    source = local_source(spec, ds, split.train, dcfg, file_cfg)
     if spec["kind"] == "actor":
-        init_ray(None, Path(args.out))
+        init_ray(None, Path(args.out), args.ray_address)
+    source = local_source(spec, ds, split.train, dcfg, file_cfg)
     rewards = score_all(data, source)
     # Reward-model-greedy: the reward model's favourite when one is given, else MF's.
     if spec["kind"] == "model":
