@@ -13,7 +13,7 @@ from rlsim.errors import ConfigError
 # flag -> RewardConfig field (flags override the `reward:` YAML section)
 FLAGS = {"epochs": int, "lr": float, "batch_size": int, "dim": int, "layers": int, "heads": int, "ff_dim": int,
          "dropout": float, "weight_decay": float, "emb_weight_decay": float, "patience": int, "val_frac": float,
-         "mse_weight": float, "label_smoothing": float, "ensemble": int, "device": str}
+         "mse_weight": float, "label_smoothing": float, "ensemble": int, "decay_epochs": int, "device": str}
 
 
 def register(sub) -> None:
@@ -23,10 +23,10 @@ def register(sub) -> None:
     add_data_args(tr)
     g = tr.add_argument_group("reward model (override the `reward:` section of --config)")
     for name, tp in FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), type=tp, dest=f"reward_{name}")
+        g.add_argument("--" + name.replace("_", "-"), type=tp, dest=f"reward_{name}", metavar=name.upper())
     g.add_argument("--no-history", action="store_true", help="drop the rated-items token")
     g.add_argument("--no-user-features", action="store_true", help="drop the demographics token")
-    g.add_argument("--history-ratings", action="store_true", help="add the centred-ratings history token")
+    g.add_argument("--no-history-ratings", action="store_true", help="drop the user/item rating-history tokens")
     g.add_argument("--progress", action="store_true", help="log every epoch")
     tr.add_argument("--out", required=True, help="run folder")
     tr.set_defaults(func=cmd_train)
@@ -50,8 +50,8 @@ def reward_config(args, file_cfg: dict):
             setattr(cfg, name, v)
     if getattr(args, "no_history", False):
         cfg.history = False
-    if getattr(args, "history_ratings", False):
-        cfg.history_ratings = True
+    if getattr(args, "no_history_ratings", False):
+        cfg.history_ratings = False
     if getattr(args, "no_user_features", False):
         cfg.user_features = False
     if getattr(args, "seed", None) is not None:
