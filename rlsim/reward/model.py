@@ -87,8 +87,12 @@ class VanillaTransformer(nn.Module):
         return [t.weight for t in tables]
 
     def item_vectors(self, item: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        feats = torch.cat([self.genre[text], self.plot[text]], dim=-1)
-        return self.item_emb(item) + self.text_mlp(feats)
+        if self.training:
+            return self.item_emb(item) + self.text_mlp(torch.cat([self.genre[text], self.plot[text]], dim=-1))
+        # Inference: project every item's text once and look it up (the RL env scores many pairs).
+        if "text" not in self._hist_cache:
+            self._hist_cache["text"] = self.text_mlp(torch.cat([self.genre, self.plot], dim=-1)).detach()
+        return self.item_emb(item) + self._hist_cache["text"][text]
 
     def _sparse_product(self, name: str, matrix: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
         # Every user's history vector: recomputed per training step, cached at inference.
