@@ -158,8 +158,10 @@ def test_half_star_scale_uses_ten_classes(data_root, cache_root):
 def test_real_ml100k_u1_beats_user_mean(real_data_dir, tmp_path):
     from rlsim.reward.train import train_reward_model
 
-    dcfg = DataConfig(dataset="ml-100k", data_dir=str(real_data_dir), cache_dir=str(tmp_path / "cache"),
-                      split="u1", download=False)
+    import os
+
+    cache = os.environ.get("RLSIM_CACHE_DIR") or str(tmp_path / "cache")  # a warm cache skips MiniLM encoding
+    dcfg = DataConfig(dataset="ml-100k", data_dir=str(real_data_dir), cache_dir=cache, split="u1", download=False)
     res = train_reward_model(dcfg, RewardConfig(epochs=2), tmp_path / "run")
     assert res["model"]["rmse"] < res["baselines"]["user_mean"]["rmse"]
     assert res["model"]["rmse"] < 1.0
