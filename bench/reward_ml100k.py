@@ -1,6 +1,6 @@
 """Benchmark: the v-tf reward model on the official ML-100K folds u1..u5.
 
-    python bench/reward_ml100k.py [--folds u1 u2 ...] [--epochs N] [--set key=value ...]
+    python bench/reward_ml100k.py [--folds u1 u2 ...] [--epochs N] [--ensemble K] [--jobs 2] [--set key=value ...]
 
 Reads the real data from --data-dir (default $RLSIM_DATA_DIR or /work/shared/datasets) and skips with
 a message when it is absent. Writes bench/results/reward_ml100k.json: the mean and per-fold RMSE (and
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def run_fold(job) -> dict:
     """Train and evaluate on one fold; a summary dict (runs in a worker process with --jobs)."""
     fold, data_dir, cache_dir, overrides, run_dir = job
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{fold}] %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{fold}] %(message)s", force=True)
     from rlsim.config import DataConfig
     from rlsim.reward.config import RewardConfig
     from rlsim.reward.train import train_reward_model
@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folds", nargs="+", default=["u1", "u2", "u3", "u4", "u5"])
     p.add_argument("--epochs", type=int, help="override reward.epochs")
+    p.add_argument("--ensemble", type=int, default=2,
+                   help="seeds averaged per fold (reward.ensemble); 2 is the benchmarked setting, 1 a single model")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RewardConfig overrides (YAML values)")
     p.add_argument("--data-dir", default=os.environ.get("RLSIM_DATA_DIR", "/work/shared/datasets"))
     p.add_argument("--cache-dir", default=os.environ.get("RLSIM_CACHE_DIR", "/tmp/rlsim-cache"))
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    overrides.setdefault("ensemble", args.ensemble)
     cfg = RewardConfig.from_dict(overrides)
     t0 = time.perf_counter()
     jobs = [(fold, args.data_dir, args.cache_dir, overrides, args.run_dir) for fold in args.folds]
