@@ -67,17 +67,28 @@ class TextEncoder:
         if self._cache is None:
             self._cache = {}
             if self.cache_file is not None and self.cache_file.is_file():
-                df = pd.read_parquet(self.cache_file)
-                self._cache = dict(zip(df["hash"], (np.asarray(v, np.float32) for v in df["vector"])))
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(self.cache_file)
+                hashes = table.column("hash").to_pylist()
+                col = table.column("vector").combine_chunks()
+                mat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(hashes), -1)
+                self._cache = dict(zip(hashes, mat))
         return self._cache
 
     def _save_cache(self) -> None:
         if self.cache_file is None or self._cache is None:
             return
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        df = pd.DataFrame({"hash": list(self._cache), "vector": [v.tolist() for v in self._cache.values()]})
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # One flat float32 buffer: no per-vector Python lists (tens of thousands of texts).
+        mat = np.stack(list(self._cache.values())).astype(np.float32)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel()), mat.shape[1])
+        table = pa.table({"hash": pa.array(list(self._cache)), "vector": vectors})
         tmp = self.cache_file.with_suffix(".tmp")
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
         tmp.replace(self.cache_file)
 
     def encode(self, texts: list[str]) -> np.ndarray:
