@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import gymnasium as gym
 import numpy as np

@@ -16,6 +16,16 @@ def _plt():
     return plt
 
 
+def save_png(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure (closing matters: long runs draw many)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(p, dpi=dpi)
+    _plt().close(fig)
+    return p
+
+
 def boxplot(groups: dict[str, np.ndarray], title: str, ylabel: str, path: str | Path) -> Path:
     """One box per group (e.g. train vs test), written to path."""
     plt = _plt()
@@ -28,10 +38,7 @@ def boxplot(groups: dict[str, np.ndarray], title: str, ylabel: str, path: str | 
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def grouped_boxplot(groups: dict[str, dict[str, np.ndarray]], title: str, ylabel: str, path: str | Path) -> Path:
@@ -57,7 +64,4 @@ def grouped_boxplot(groups: dict[str, dict[str, np.ndarray]], title: str, ylabel
     ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from rlsim.plots import save_png  # noqa: E402
+
 GATE_COLUMNS = ["rmse", "mae", "exact", "off_by_1", "ndcg@10"]
 SIDE_COLORS = {"train": "#8da0cb", "test": "#fc8d62"}
 
@@ -74,10 +76,7 @@ def plot_per_user(per_user: pd.DataFrame, k: int, path: Path) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SIDE_COLORS.values()]
     axes[1].legend(handles, ["train", "validation (test)"], loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def plot_gini(per_user: pd.DataFrame, path: Path) -> Path | None:
@@ -97,10 +96,7 @@ def plot_gini(per_user: pd.DataFrame, path: Path) -> Path | None:
     axes[1].set_title(f"Gini vs per-user accuracy ({model})")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def plot_policy(policy: dict, path: Path) -> Path | None:
@@ -115,10 +111,7 @@ def plot_policy(policy: dict, path: Path) -> Path | None:
     ax.set_title("mean reward per episode" + (f" (gap closed {gap:.1%})" if isinstance(gap, (int, float)) else ""))
     ax.set_ylabel("mean reward")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def plot_histograms(hists: dict, path: Path) -> Path | None:
@@ -141,10 +134,7 @@ def plot_histograms(hists: dict, path: Path) -> Path | None:
     ax.set_title("real vs simulated rating histograms")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def plot_personas(personas: dict, path: Path, k: int = 10) -> Path | None:
@@ -161,10 +151,7 @@ def plot_personas(personas: dict, path: Path, k: int = 10) -> Path | None:
     ax.set_title("personas vs reward model on shared users")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- page

@@ -63,6 +63,8 @@ def plot_histograms(result: dict, scale: RatingScale, path: str | Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlsim.plots import save_png
+
     vals = scale.values
     w = 0.38 * scale.step
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -75,9 +77,4 @@ def plot_histograms(result: dict, scale: RatingScale, path: str | Path, title: s
     ax.set_xticks(vals)
     ax.set_title(title or "Rating histogram: real vs simulated")
     ax.legend()
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return save_png(fig, path)

@@ -128,18 +128,15 @@ def boxplot(table: pd.DataFrame, path: str | Path, title: str = "per-user reward
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlsim.plots import save_png
+
     cols = [c for c in ["random", "popularity", "greedy", "policy", "oracle"] if c in table]
     fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 4))
     ax.boxplot([table[c].dropna().to_numpy() for c in cols], showmeans=True)
     ax.set_xticks(range(1, len(cols) + 1), cols)
     ax.set_ylabel("source rating of the pick")
     ax.set_title(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    return p
+    return save_png(fig, path, dpi=100)
 
 
 def evaluate_sessions(data: EnvData, rewards: np.ndarray, choose, horizon: int, history: int) -> dict:
