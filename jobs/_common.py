@@ -56,7 +56,18 @@ def upload(local: Path, uri: str) -> None:
     pafs.copy_files(str(local), dest_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest_fs)
 
 
-def run_job(stages: list[str], argv=None, report: bool = False) -> dict:
+def run_job(stages: list[str], argv=None) -> dict:
+    """Run the stages; a user error (bad config, missing data) ends the job with one line and exit 2."""
+    from rlsim.errors import RlsimError
+
+    try:
+        return _run(stages, argv)
+    except RlsimError as exc:
+        print(f"rlsim job: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(stages: list[str], argv=None) -> dict:
     from rlsim.cli import data_config
     from rlsim.config import load_yaml
     from rlsim.pipeline import make_context, run_pipeline, run_stage

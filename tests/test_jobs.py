@@ -112,3 +112,33 @@ def test_submit_baselines_job(head, tmp_path, data_root, cache_root):
     assert set(gate) >= {"global_mean", "user_mean", "bias", "mf"}
     # Fixture ratings have real structure: the bias model beats the global mean.
     assert gate["bias"]["rmse"] < gate["global_mean"]["rmse"]
+
+
+def test_bad_data_job_fails_with_one_line(head, tmp_path, cache_root):
+    cfg = _config(tmp_path, tmp_path / "no-data-here", cache_root)
+    r = _submit(head, ["python", "jobs/data.py", str(cfg), "--out", str(tmp_path / "o")], timeout=120)
+    assert r.returncode != 0
+    assert "rlsim job: error: ml-100k not found" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_submit_small_pipeline(head, tmp_path, data_root, cache_root):
+    """The whole pipeline as one `ray job submit`: the stages join the job's Ray instead of starting one."""
+    cfg_path = _config(tmp_path, data_root, cache_root)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["reward"].update(epochs=2, decay_epochs=2, dim=16, heads=2)
+    cfg["policy"].update(iterations=2, train_batch_size=256, num_epochs=2)
+    cfg["policy"]["minibatch_size"] = 64
+    cfg["pipeline"]["persona_users"] = 5
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = _submit(head, ["python", "jobs/pipeline.py", str(cfg_path), "--out", f"file://{out}",
+                       "--work-dir", str(tmp_path / "work")], timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["stages"]) >= {"data", "baselines", "reward", "candidates", "policy", "personas", "evaluate"}
+    # Two PPO iterations prove the wiring, not learning: the number exists, its size is the slow tests' job.
+    assert isinstance(metrics["stages"]["policy"]["gap_closed"], float)
+    assert metrics["stages"]["personas"]["persona"]["n"] > 0
+    assert (out / "report.html").is_file() and list(out.glob("*.png"))

@@ -7,6 +7,7 @@ dir) unless --no-ray; the offline backend never needs Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.commands.ray_session import ray_session
 from rlsim.config import from_dict
 from rlsim.data import load_split
 from rlsim.errors import ConfigError, RlsimError
@@ -121,14 +123,12 @@ def backend_spec(cfg: PersonaConfig) -> BackendSpec:
                        timeout_s=cfg.timeout_s, api_key=key)
 
 
-def init_ray(cfg: PersonaConfig):
-    import ray
-
+def ray_for_personas(cfg: PersonaConfig):
+    """Join the running Ray (a job, the pipeline) or start a private local one."""
     # RLSIM_RAY_TEMP_DIR lets a supervisor (bench, tests) find and clean up after a killed job.
     tmp = os.environ.get("RLSIM_RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="rlsim-ray-")
-    ray.init(address="local", include_dashboard=False, _temp_dir=tmp, num_cpus=max(2, cfg.n_workers),
-             log_to_driver=False, configure_logging=False, namespace="rlsim-personas")
-    return ray
+    return ray_session(address=None, include_dashboard=False, _temp_dir=tmp, num_cpus=max(2, cfg.n_workers),
+                       log_to_driver=False, configure_logging=False, namespace="rlsim-personas")
 
 
 def select_users(ids, n: int | None, seed: int) -> np.ndarray:
@@ -218,16 +218,9 @@ def rate_pairs(ds, split, dcfg, cfg: PersonaConfig, pairs: pd.DataFrame, out_dir
         est = dry_run(units, spec, cfg)
         return pd.DataFrame(), est
     use_ray = not args.no_ray
-    if use_ray:
-        init_ray(cfg)
-    try:
+    with ray_for_personas(cfg) if use_ray else contextlib.nullcontext():
         summary = run_rating_job(units, out_dir, spec, cfg, _cache_path(dcfg, cfg), use_ray=use_ray,
                                  progress=not args.quiet, crash_marker=os.environ.get("RLSIM_TEST_CRASH_MARKER"))
-    finally:
-        if use_ray:
-            import ray
-
-            ray.shutdown()
     res = pd.read_parquet(out_dir / "ratings.parquet")
     df = pairs[["user_id", "item_id"]].merge(res, on=["user_id", "item_id"], how="left")
     df = df.rename(columns={"rating": "predicted"})

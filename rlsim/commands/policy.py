@@ -6,6 +6,7 @@ folder and writes OUT/{metrics.json, per_user.parquet, reward_boxplot.png}.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.commands.ray_session import ray_session
 from rlsim.config import DataConfig, from_dict, to_dict
 from rlsim.errors import ConfigError, DataError
 from rlsim.policy.config import PolicyConfig
@@ -144,18 +146,11 @@ def load_candidates(args, file_cfg, ds, split, dcfg, out: Path):
     return c
 
 
-def init_ray(num_cpus: int | None, out: Path, address: str | None = None):
-    import ray
-
-    if address:
-        ray.init(address=address, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-        return ray
+def ray_for_policy(num_cpus: int | None, address: str | None = None):
+    """Join the running Ray (a job, the pipeline) or start a private local one."""
     # A short temp dir of our own: Ray's socket paths must stay under ~100 characters.
-    tmp = tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    return ray
+    return ray_session(address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                       _temp_dir=None if address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp"))
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -180,8 +175,7 @@ def cmd_train(args) -> int:
                           dims=pcfg.feature_dims)
     data.save(out / "env_data")
     write_json(out / "run.json", {"data": to_dict(dcfg), "policy": to_dict(pcfg), "reward": spec})
-    ray = init_ray(args.num_cpus, out, args.ray_address)
-    try:
+    with ray_for_policy(args.num_cpus, args.ray_address) as ray:
         if spec["kind"] == "actor":
             actor_name, namespace = spec["actor"], spec.get("namespace")
         else:
@@ -194,8 +188,8 @@ def cmd_train(args) -> int:
         if spec["kind"] != "actor":
             metrics["reward_actor_stats"] = ray.get(actor.stats.remote())
             write_json(out / "train_metrics.json", metrics)
-    finally:
-        ray.shutdown()
+            # In a shared cluster the actor would outlive this command: end it here.
+            ray.kill(actor)
     last = metrics["iterations"][-1]
     print(json.dumps({"iterations": len(metrics["iterations"]), "reward_per_step": last["reward_per_step"],
                       "env_steps_per_s": metrics["env_steps_per_s"]}))
@@ -226,10 +220,10 @@ def cmd_evaluate(args) -> int:
     spec = reward_spec(args, meta["reward"])
     ds, split = load_split(dcfg)
     data = EnvData.load(run / "env_data")
-    if spec["kind"] == "actor":
-        init_ray(None, Path(args.out), args.ray_address)
     source = local_source(spec, ds, split.train, dcfg, file_cfg)
-    rewards = score_all(data, source)
+    # Only an external actor source needs Ray; the others score in this process.
+    with ray_for_policy(None, args.ray_address) if spec["kind"] == "actor" else contextlib.nullcontext():
+        rewards = score_all(data, source)
     # Reward-model-greedy: the reward model's favourite when one is given, else MF's.
     if spec["kind"] == "model":
         greedy, greedy_name = rewards, "model"
