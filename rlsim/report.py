@@ -100,13 +100,22 @@ def plot_gini(per_user: pd.DataFrame, path: Path) -> Path | None:
 
 
 def plot_policy(policy: dict, path: Path) -> Path | None:
-    names = [n for n in ("random", "policy", "oracle") if isinstance(policy.get(n), dict)]
+    colors = {"random": "#bbbbbb", "popularity": "#e5c494", "greedy": "#a6d854", "policy": "#8da0cb",
+              "oracle": "#66c2a5"}
+    names = [n for n in colors if isinstance(policy.get(n), dict)]
     if not names:
         return None
     vals = [policy[n].get("mean_reward", np.nan) for n in names]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    bars = ax.bar(names, vals, color=["#bbbbbb", "#8da0cb", "#66c2a5"][: len(names)])
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.5, 3.8))
+    labels = {"popularity": "popularity-first", "greedy": "reward-model\ngreedy"}
+    bars = ax.bar([labels.get(n, n) for n in names], vals, color=[colors[n] for n in names])
     ax.bar_label(bars, fmt="%.3f")
+    finite = [v for v in vals if np.isfinite(v)]
+    if finite:
+        # Ratings differ by tenths: an axis from 0 would hide the random-to-oracle gap.
+        lo, hi = min(finite), max(finite)
+        pad = max(0.1 * (hi - lo), 0.02)
+        ax.set_ylim(lo - 3 * pad, hi + 2 * pad)
     gap = policy.get("gap_closed")
     ax.set_title("mean reward per episode" + (f" (gap closed {gap:.1%})" if isinstance(gap, (int, float)) else ""))
     ax.set_ylabel("mean reward")
