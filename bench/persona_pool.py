@@ -34,7 +34,8 @@ from rlsim.data import load_split  # noqa: E402
 from rlsim.personas.backends import BackendSpec  # noqa: E402
 from rlsim.personas.config import PersonaConfig  # noqa: E402
 from rlsim.personas.pool import dry_run, run_rating_job  # noqa: E402
-from rlsim.personas.source import item_vectors, prompt_builder  # noqa: E402
+from rlsim.embeddings import item_text_vectors  # noqa: E402
+from rlsim.personas.source import prompt_builder  # noqa: E402
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def build_units(data_dir: str, cache_dir: str, n_users: int, batch_size: int = 1
     users = np.sort(split.test["user_id"].unique())[:n_users]
     pairs = split.test[split.test["user_id"].isin(users)][["user_id", "item_id"]]
     cfg = PersonaConfig(batch_size=batch_size)
-    vec = item_vectors(ds, dcfg.text_model, cache_dir)
+    vec = item_text_vectors(ds.items, dcfg.text_model, cache_dir)
     return prompt_builder(ds, split.train, cfg, vec, users=users).units(pairs)
 
 

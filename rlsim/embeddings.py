@@ -115,6 +115,16 @@ class TextEncoder:
         return int(self.model.get_sentence_embedding_dimension())
 
 
+def item_text_vectors(items: pd.DataFrame, model_name: str, cache_dir: str | Path | None) -> np.ndarray:
+    """Vectors of each item's full text (title, genres, overview), rows aligned with items.
+
+    What similarity search needs (RankZero, persona grounding, the env); encodes only this text.
+    """
+    from rlsim.data.text import item_texts
+
+    return TextEncoder(model_name, cache_dir).encode(item_texts(items)["text"].tolist())
+
+
 def item_embeddings(items: pd.DataFrame, encoder: TextEncoder) -> dict[str, np.ndarray]:
     """genre, plot and full-text embeddings for items, rows aligned with items."""
     from rlsim.data.text import item_texts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlsim.embeddings import TextEncoder, item_embeddings
+from rlsim.embeddings import TextEncoder, item_embeddings, item_text_vectors
 
 
 def test_encoder_caches_by_text_hash(tmp_path, ml100k):
@@ -32,3 +32,5 @@ def test_item_embeddings_align_with_items(cache_root, ml100k):
     enc = TextEncoder(cache_dir=cache_root)
     emb = item_embeddings(ml100k.items, enc)
     assert {k: v.shape for k, v in emb.items()} == {k: (len(ml100k.items), 384) for k in ("genre", "plot", "text")}
+    # The similarity-search helper gives the same full-text vectors, from the same cache.
+    assert np.array_equal(item_text_vectors(ml100k.items, "all-MiniLM-L6-v2", cache_root), emb["text"])

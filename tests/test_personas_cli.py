@@ -115,10 +115,11 @@ def test_reward_source_offline_and_llm(ml100k, cache_root, server):
     from rlsim.data import make_split
     from rlsim.personas.backends import BackendSpec
     from rlsim.personas.config import PersonaConfig
-    from rlsim.personas.source import item_vectors, persona_reward_source
+    from rlsim.embeddings import item_text_vectors
+    from rlsim.personas.source import persona_reward_source
 
     split = make_split(ml100k, "u1")
-    vec = item_vectors(ml100k, "all-MiniLM-L6-v2", str(cache_root))
+    vec = item_text_vectors(ml100k.items, "all-MiniLM-L6-v2", str(cache_root))
     u, i = split.test["user_id"].to_numpy()[:20], split.test["item_id"].to_numpy()[:20]
     off = persona_reward_source(ml100k, split.train, PersonaConfig(), vec)
     assert off.scale == ml100k.scale

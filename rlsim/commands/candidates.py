@@ -37,22 +37,17 @@ def candidates_config(args, file_cfg: dict) -> CandidatesConfig:
     return cfg.validate()
 
 
-def load_item_embeddings(items, data_cfg):
-    from rlsim.embeddings import TextEncoder, item_embeddings
-
-    return item_embeddings(items, TextEncoder(data_cfg.text_model, data_cfg.cache_dir))["text"]
-
-
 def cmd_build(args) -> int:
     from rlsim.baselines import evaluate_baselines
     from rlsim.data import load_split
+    from rlsim.embeddings import item_text_vectors
     from rlsim.io import write_json, write_parquet
 
     file_cfg = load_config_file(args)
     dcfg = data_config(args, file_cfg)
     ccfg = candidates_config(args, file_cfg)
     ds, split = load_split(dcfg)
-    emb = load_item_embeddings(ds.items, dcfg)
+    emb = item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir)
     cands, metrics = evaluate_candidates(split.train, split.test, ds.items, emb, ccfg)
     out = Path(args.out)
     write_parquet(cands, out / "candidates.parquet")

@@ -152,9 +152,9 @@ def read_pairs(path: str) -> pd.DataFrame:
 # ---------------------------------------------------------------- commands
 
 def _vectors(ds, dcfg):
-    from rlsim.personas.source import item_vectors
+    from rlsim.embeddings import item_text_vectors
 
-    return item_vectors(ds, dcfg.text_model, dcfg.cache_dir)
+    return item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir)
 
 
 def _cache_path(dcfg, cfg) -> str | None:

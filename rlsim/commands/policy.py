@@ -81,13 +81,14 @@ def reward_spec(args, fallback: dict | None = None) -> dict:
 
 def _persona_source(ds, train, dcfg: DataConfig, persona_cfg: dict):
     from rlsim.personas.config import PersonaConfig
-    from rlsim.personas.source import item_vectors, persona_reward_source
+    from rlsim.embeddings import item_text_vectors
+    from rlsim.personas.source import persona_reward_source
 
     pcfg = from_dict(PersonaConfig, persona_cfg, "personas")
     if pcfg.backend != "offline":
         raise ConfigError("--reward personas trains against the offline persona; for an LLM persona pool start it "
                           "and pass --reward actor --reward-actor NAME")
-    return persona_reward_source(ds, train, pcfg, item_vectors(ds, dcfg.text_model, dcfg.cache_dir))
+    return persona_reward_source(ds, train, pcfg, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir))
 
 
 def source_factory(spec: dict, ds, train, dcfg: DataConfig, file_cfg: dict):
@@ -131,7 +132,7 @@ def load_candidates(args, file_cfg, ds, split, dcfg, out: Path):
     import pandas as pd
 
     from rlsim.candidates import CandidatesConfig, build_candidates
-    from rlsim.commands.candidates import load_item_embeddings
+    from rlsim.embeddings import item_text_vectors
     from rlsim.io import write_parquet
 
     if args.candidates:
@@ -141,7 +142,7 @@ def load_candidates(args, file_cfg, ds, split, dcfg, out: Path):
             raise DataError(f"candidates not found: {p}")
         return pd.read_parquet(p)
     ccfg = from_dict(CandidatesConfig, file_cfg.get("candidates"), "candidates").validate()
-    c = build_candidates(split.train, ds.items, load_item_embeddings(ds.items, dcfg), ccfg)
+    c = build_candidates(split.train, ds.items, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir), ccfg)
     write_parquet(c, out / "candidates.parquet")
     return c
 
@@ -156,7 +157,7 @@ def ray_for_policy(num_cpus: int | None, address: str | None = None):
 # ---------------------------------------------------------------------------------- commands
 
 def cmd_train(args) -> int:
-    from rlsim.commands.candidates import load_item_embeddings
+    from rlsim.embeddings import item_text_vectors
     from rlsim.data import load_split
     from rlsim.env import build_env_data
     from rlsim.io import write_json
@@ -171,7 +172,7 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ds, split = load_split(dcfg)
     cands = load_candidates(args, file_cfg, ds, split, dcfg, out)
-    data = build_env_data(split.train, ds.items, cands, load_item_embeddings(ds.items, dcfg), ds.scale,
+    data = build_env_data(split.train, ds.items, cands, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir), ds.scale,
                           dims=pcfg.feature_dims)
     data.save(out / "env_data")
     write_json(out / "run.json", {"data": to_dict(dcfg), "policy": to_dict(pcfg), "reward": spec})

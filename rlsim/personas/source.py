@@ -18,12 +18,6 @@ from rlsim.personas.pool import PersonaRewardSource
 from rlsim.personas.profiles import structured_profiles, structured_text
 
 
-def item_vectors(ds: Dataset, text_model: str, cache_dir: str) -> np.ndarray:
-    from rlsim.embeddings import TextEncoder, item_embeddings
-
-    return item_embeddings(ds.items, TextEncoder(text_model, cache_dir))["text"]
-
-
 def prompt_builder(ds: Dataset, train: pd.DataFrame, cfg: PersonaConfig, vectors: np.ndarray | None,
                    profiles: dict[int, str] | None = None, users=None) -> PromptBuilder:
     if profiles is None:
