@@ -42,6 +42,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-model", help="sentence-transformers model for item text (default all-MiniLM-L6-v2)")
 
 
+def apply_flags(cfg, args, pairs):
+    """Copy each flag that was given onto its config field: flags win over the YAML file."""
+    for flag, attr in pairs:
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(cfg, attr, value)
+    return cfg
+
+
 def load_config_file(args) -> dict:
     return load_yaml(args.config) if getattr(args, "config", None) else {}
 
@@ -54,12 +63,8 @@ def data_config(args, file_cfg: dict | None = None) -> DataConfig:
         cfg.data_dir = os.environ["RLSIM_DATA_DIR"]
     if os.environ.get("RLSIM_CACHE_DIR") and "cache_dir" not in (file_cfg.get("data") or {}):
         cfg.cache_dir = os.environ["RLSIM_CACHE_DIR"]
-    for flag, attr in [("dataset", "dataset"), ("split", "split"), ("data_dir", "data_dir"),
-                       ("cache_dir", "cache_dir"), ("overviews", "overviews"), ("seed", "seed"),
-                       ("text_model", "text_model")]:
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(cfg, attr, v)
+    apply_flags(cfg, args, [(f, f) for f in ("dataset", "split", "data_dir", "cache_dir", "overviews", "seed",
+                                              "text_model")])
     if getattr(args, "no_download", False):
         cfg.download = False
     if cfg.data_dir is None:

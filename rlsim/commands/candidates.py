@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rlsim.candidates import CandidatesConfig, evaluate_candidates
-from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
 from rlsim.config import from_dict
 from rlsim.errors import ConfigError
 
@@ -25,15 +25,12 @@ def register(sub) -> None:
 
 def candidates_config(args, file_cfg: dict) -> CandidatesConfig:
     cfg = from_dict(CandidatesConfig, file_cfg.get("candidates"), "candidates")
-    if getattr(args, "k", None) is not None:
-        cfg.k = args.k
+    apply_flags(cfg, args, [("k", "k"), ("like_threshold", "like_threshold")])
     if getattr(args, "weights", None):
         try:
             cfg.pop_weight, cfg.sim_weight = (float(x) for x in args.weights.split(","))
         except ValueError:
             raise ConfigError(f"--weights must be POP,SIM (two numbers), got {args.weights!r}") from None
-    if getattr(args, "like_threshold", None) is not None:
-        cfg.like_threshold = args.like_threshold
     return cfg.validate()
 
 

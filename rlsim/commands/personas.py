@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
 from rlsim.commands.ray_session import ray_session
 from rlsim.config import from_dict
 from rlsim.data import load_split
@@ -88,13 +88,11 @@ def persona_config(args) -> PersonaConfig:
     file_cfg = load_config_file(args)
     cfg = from_dict(PersonaConfig, file_cfg.get("personas"), "personas")
     env = os.environ
-    for flag, attr in [("model", "model"), ("base_url", "base_url"), ("api_version", "api_version"),
-                       ("batch_size", "batch_size"), ("k_similar", "k_similar"), ("workers", "n_workers"),
-                       ("concurrency", "max_concurrency"), ("rpm", "rpm"), ("tpm", "tpm"),
-                       ("max_retries", "max_retries"), ("shard_users", "shard_users"), ("timeout", "timeout_s"), ("budget_usd", "budget_usd")]:
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(cfg, attr, v)
+    apply_flags(cfg, args, [("model", "model"), ("base_url", "base_url"), ("api_version", "api_version"),
+                            ("batch_size", "batch_size"), ("k_similar", "k_similar"), ("workers", "n_workers"),
+                            ("concurrency", "max_concurrency"), ("rpm", "rpm"), ("tpm", "tpm"),
+                            ("max_retries", "max_retries"), ("shard_users", "shard_users"), ("timeout", "timeout_s"),
+                            ("budget_usd", "budget_usd")])
     if getattr(args, "calibrate", False):
         cfg.calibrate = True
     if getattr(args, "no_cache", False):

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
 from rlsim.commands.ray_session import ray_session
 from rlsim.config import DataConfig, from_dict, to_dict
 from rlsim.errors import ConfigError, DataError
@@ -120,11 +120,8 @@ def local_source(spec: dict, ds, train, dcfg, file_cfg):
 
 def policy_config(args, file_cfg: dict) -> PolicyConfig:
     cfg = from_dict(PolicyConfig, file_cfg.get("policy"), "policy")
-    for flag, attr in [("iterations", "iterations"), ("horizon", "horizon"),
-                       ("num_env_runners", "num_env_runners"), ("num_envs", "num_envs_per_env_runner")]:
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(cfg, attr, v)
+    apply_flags(cfg, args, [("iterations", "iterations"), ("horizon", "horizon"),
+                            ("num_env_runners", "num_env_runners"), ("num_envs", "num_envs_per_env_runner")])
     return cfg.validate()
 
 

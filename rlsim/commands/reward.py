@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
 from rlsim.config import to_dict
 from rlsim.errors import ConfigError
 
@@ -44,10 +44,7 @@ def reward_config(args, file_cfg: dict):
     if not isinstance(section, dict):
         raise ConfigError("config section 'reward' must be a mapping")
     cfg = RewardConfig.from_dict(section)
-    for name in FLAGS:
-        v = getattr(args, f"reward_{name}", None)
-        if v is not None:
-            setattr(cfg, name, v)
+    apply_flags(cfg, args, [(f"reward_{name}", name) for name in FLAGS])
     if getattr(args, "no_history", False):
         cfg.history = False
     if getattr(args, "no_history_ratings", False):

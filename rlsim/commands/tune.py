@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
 from rlsim.config import from_dict
 
 
@@ -34,10 +34,7 @@ def cmd_tune_reward(args) -> int:
     dcfg = data_config(args, file_cfg)
     base = RewardConfig.from_dict(file_cfg.get("reward"))
     tcfg = from_dict(TuneConfig, file_cfg.get("tune"), "tune")
-    for flag, attr in [("num_samples", "num_samples"), ("max_concurrent", "max_concurrent"),
-                       ("max_epochs", "max_epochs"), ("storage_path", "storage_path"), ("name", "name")]:
-        if getattr(args, flag) is not None:
-            setattr(tcfg, attr, getattr(args, flag))
+    apply_flags(tcfg, args, [(f, f) for f in ("num_samples", "max_concurrent", "max_epochs", "storage_path", "name")])
     if tcfg.storage_path is None:
         tcfg.storage_path = str((Path(args.out) / "ray_results").resolve())
     address = args.address or os.environ.get("RAY_ADDRESS")
