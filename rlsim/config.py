@@ -53,6 +53,8 @@ def _resolve_type(tp: Any) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build a (possibly nested) dataclass from a dict, rejecting unknown keys by name."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config section '{where or cls.__name__}' must be a mapping, got {type(data).__name__}")
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

@@ -40,10 +40,7 @@ def register(sub) -> None:
 def reward_config(args, file_cfg: dict):
     from rlsim.reward.config import RewardConfig
 
-    section = file_cfg.get("reward") or {}
-    if not isinstance(section, dict):
-        raise ConfigError("config section 'reward' must be a mapping")
-    cfg = RewardConfig.from_dict(section)
+    cfg = RewardConfig.from_dict(file_cfg.get("reward"))
     apply_flags(cfg, args, [(f"reward_{name}", name) for name in FLAGS])
     if getattr(args, "no_history", False):
         cfg.history = False
