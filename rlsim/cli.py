@@ -42,6 +42,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-model", help="sentence-transformers model for item text (default all-MiniLM-L6-v2)")
 
 
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    """--quiet: no progress bars; results and the paths written are still printed."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars (results and paths are still printed)")
+
+
+def add_ray_arg(p: argparse.ArgumentParser) -> None:
+    """--ray-address: every command that uses Ray joins a cluster the same way."""
+    p.add_argument("--ray-address", help="join a running Ray cluster ('auto' or HOST:PORT; default: a private "
+                                         "local Ray, or the job's cluster inside `ray job submit`)")
+
+
 def apply_flags(cfg, args, pairs):
     """Copy each flag that was given onto its config field: flags win over the YAML file."""
     for flag, attr in pairs:
@@ -73,9 +84,16 @@ def data_config(args, file_cfg: dict | None = None) -> DataConfig:
     return cfg
 
 
+def configure_logging(verbose: bool) -> None:
+    """Default output is progress, results and paths: library logs (faiss loader lines, Ray notices,
+    sentence-transformers) only with --verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlsim", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs (rlsim, Ray, faiss, ...)")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
@@ -85,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         rc = args.func(args)
     except RlsimError as exc:
