@@ -32,6 +32,25 @@ while [[ $# -gt 0 ]]; do
     *) echo "local_head.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+check_ports() {
+  # The head uses PORT..PORT+7 for its services and PORT+100..PORT+400 for workers; a dashboard port
+  # inside either range makes `ray start` fail later (or at random, when a worker takes it first).
+  local p
+  for p in "$PORT" "$DASH_PORT"; do
+    if ! [[ "$p" =~ ^[0-9]+$ ]] || (( p < 1 || p > 65535 )); then
+      echo "local_head.sh: invalid port '$p'" >&2; exit 2
+    fi
+  done
+  if (( PORT + 400 > 65535 )); then
+    echo "local_head.sh: --port $PORT leaves no room for the worker ports (needs PORT+400 <= 65535)" >&2; exit 2
+  fi
+  if (( (DASH_PORT >= PORT && DASH_PORT <= PORT + 7) || (DASH_PORT >= PORT + 100 && DASH_PORT <= PORT + 400) )); then
+    echo "local_head.sh: --dashboard-port $DASH_PORT overlaps the ports derived from --port $PORT" \
+         "($PORT-$((PORT + 7)) services, $((PORT + 100))-$((PORT + 400)) workers)" >&2
+    exit 2
+  fi
+}
+
 TEMP_DIR="$(mkdir -p "$TEMP_DIR" && cd "$TEMP_DIR" && pwd)"
 STATE="$TEMP_DIR/head.env"
 
@@ -56,6 +75,7 @@ print_env() {
 
 case "$cmd" in
   start)
+    check_ports
     if [[ -f "$STATE" ]] && [[ -n "$(own_pids)" ]]; then
       echo "local_head.sh: a head is already running from $TEMP_DIR" >&2; print_env; exit 0
     fi

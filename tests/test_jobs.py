@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,35 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ports import head_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "cluster" / "local_head.sh"
-
-
-def _free_port_block(n: int = 420) -> int:
-    """A base port whose next n ports look free (the head derives all its ports from it)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65000:
-            continue
-        ok = True
-        for p in (base, base + 1, base + 2, base + 3, base + 4, base + 5, base + 6, base + 7):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -56,8 +30,9 @@ def _env() -> dict:
 def head():
     # Short path: Ray's unix sockets live under the temp dir and have a ~107-character limit.
     temp = Path(tempfile.mkdtemp(prefix="rlh", dir="/tmp"))
-    base, dash = _free_port_block(), _free_port()
-    args = ["--temp-dir", str(temp), "--port", str(base), "--dashboard-port", str(dash), "--num-cpus", "2"]
+    ports = head_ports()
+    dash = ports["dashboard_port"]
+    args = ["--temp-dir", str(temp), "--port", str(ports["port"]), "--dashboard-port", str(dash), "--num-cpus", "2"]
     r = subprocess.run(["bash", str(SCRIPT), "start", *args], env=_env(), capture_output=True, text=True, timeout=120)
     try:
         assert r.returncode == 0, r.stderr + r.stdout
