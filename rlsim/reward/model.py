@@ -18,7 +18,8 @@ from rlsim.reward.features import AGE_EDGES, FeatureTables
 
 class VanillaTransformer(nn.Module):
     # Buffers rebuilt from FeatureTables (stored once in the checkpoint, not per ensemble member).
-    DERIVED_BUFFERS = ("hist", "hist_r", "item_hist_r", "user_norm", "item_norm", "genre", "plot", "demo")
+    DERIVED_BUFFERS = ("hist", "hist_r", "item_hist_r", "user_norm", "item_norm", "user_count", "genre", "plot",
+                       "demo")
 
     def __init__(self, cfg: RewardConfig, ft: FeatureTables, class_values: np.ndarray):
         super().__init__()
@@ -69,6 +70,10 @@ class VanillaTransformer(nn.Module):
             for e in (self.hist_r_emb, self.item_hist_r_emb):
                 nn.init.normal_(e.weight, std=0.05)
             n_tokens += 2
+        if cfg.history or cfg.history_ratings:
+            # Ratings per user in the history: a session's ratings are folded into these sums.
+            self.register_buffer("user_count", torch.bincount(torch.as_tensor(ft.hist_users),
+                                                              minlength=ft.n_users).float())
         self.n_tokens = n_tokens
         self.type_emb = nn.Parameter(torch.zeros(n_tokens, d))
         layer = nn.TransformerEncoderLayer(d, cfg.heads, cfg.ff_dim, cfg.dropout, batch_first=True,
@@ -107,19 +112,38 @@ class VanillaTransformer(nn.Module):
         self._hist_cache = {}
         return super().train(mode)
 
-    def forward(self, user, item, text, demo, self_r=None, real_user=None, real_item=None) -> torch.Tensor:
+    def _with_session(self, h: torch.Tensor, user, table: nn.Embedding, session_items, weights) -> torch.Tensor:
+        """A user's history vector (sum over n rated items / sqrt(n)) with the session's items added:
+        (h * sqrt(n) + sum_s w_s * table[i_s]) / sqrt(n + |s|)."""
+        n = self.user_count[user]
+        mask = (session_items > 0).float()
+        extra = (table(session_items) * (weights * mask).unsqueeze(-1)).sum(1)
+        s = mask.sum(1)
+        return (h * n.sqrt().unsqueeze(-1) + extra) / (n + s).clamp(min=1.0).sqrt().unsqueeze(-1)
+
+    def forward(self, user, item, text, demo, self_r=None, real_user=None, real_item=None,
+                session_items=None, session_r=None) -> torch.Tensor:
         """Logits [batch, n_classes] for index tensors from FeatureTables.encode.
 
         self_r: the pair's own centred rating when it is in the histories (it is taken out of them);
-        real_user/real_item: the ids before training masked some to the unknown row."""
+        real_user/real_item: the ids before training masked some to the unknown row.
+        session_items [batch, S] (item rows, 0 = padding) and session_r [batch, S] (centred ratings):
+        a session's ratings join the user's history tokens as if they were training ratings, which
+        makes the model a predictor of the next rating given the history (a world model)."""
         tokens = [self.user_emb(user), self.item_vectors(item, text)]
         if self.cfg.user_features:
             a, g, o = self.demo[demo].unbind(-1)
             tokens.append(self.age_emb(a) + self.gender_emb(g) + self.occ_emb(o))
+        session = session_items is not None
         if self.cfg.history:
-            tokens.append(self._sparse_product("hist", self.hist, self.hist_emb)[user])
+            h = self._sparse_product("hist", self.hist, self.hist_emb)[user]
+            if session:
+                h = self._with_session(h, user, self.hist_emb, session_items, torch.ones_like(session_r))
+            tokens.append(h)
         if self.cfg.history_ratings:
             hu = self._sparse_product("hist_r", self.hist_r, self.hist_r_emb)[user]
+            if session:
+                hu = self._with_session(hu, user, self.hist_r_emb, session_items, session_r)
             hi = self._sparse_product("item_hist_r", self.item_hist_r, self.item_hist_r_emb)[item]
             if self_r is not None:
                 ru = user if real_user is None else real_user

@@ -42,13 +42,35 @@ class RewardPredictor:
     def known_items(self) -> np.ndarray:
         return self.features.item_ids
 
+    def session_arrays(self, sessions) -> dict[str, np.ndarray]:
+        """Padded item rows [n, S] (0 = none) and centred ratings [n, S] of each pair's session."""
+        n = len(sessions)
+        width = max((len(s) for s in sessions), default=0)
+        items = np.zeros((n, max(width, 1)), np.int64)
+        ratings = np.zeros((n, max(width, 1)), np.float32)
+        rows = [j for j, s in enumerate(sessions) if len(s)]
+        if rows:
+            lens = np.array([len(sessions[j]) for j in rows])
+            r = np.repeat(rows, lens)
+            c = np.concatenate([np.arange(k) for k in lens])
+            items[r, c] = self.features._lookup(self.features._i, np.concatenate([sessions[j].items for j in rows]))
+            ratings[r, c] = np.concatenate([sessions[j].ratings for j in rows]) - self.features.mean_rating
+        return {"session_items": items, "session_r": ratings}
+
     @torch.no_grad()
-    def predict_proba(self, user_ids, item_ids) -> np.ndarray:
-        """Class probabilities [n, n_classes] (classes = scale.values), averaged over the ensemble."""
+    def predict_proba(self, user_ids, item_ids, sessions=None) -> np.ndarray:
+        """Class probabilities [n, n_classes] (classes = scale.values), averaged over the ensemble.
+
+        sessions: None, or one rlsim.simulators.Session per pair whose ratings join the user's history."""
         users, items = np.asarray(user_ids), np.asarray(item_ids)
         if users.shape != items.shape:
             raise RlsimError(f"user_ids and item_ids differ in length ({len(users)} vs {len(items)})")
         idx = self.features.encode(users, items)
+        if sessions is not None:
+            if len(sessions) != len(users):
+                raise RlsimError(f"{len(sessions)} sessions for {len(users)} pairs")
+            if any(len(s) for s in sessions):
+                idx.update(self.session_arrays(sessions))
         out = np.zeros((len(users), self.scale.n_classes), np.float32)
         for m in self.models:
             m.eval()
@@ -57,9 +79,9 @@ class RewardPredictor:
                 out[s:s + self.batch_size] += torch.softmax(m(**b), -1).cpu().numpy()
         return out / len(self.models)
 
-    def predict(self, user_ids, item_ids) -> np.ndarray:
+    def predict(self, user_ids, item_ids, sessions=None) -> np.ndarray:
         """Expected rating on the dataset's scale (float, not snapped)."""
-        return self.predict_proba(user_ids, item_ids).astype(np.float64) @ self.scale.values
+        return self.predict_proba(user_ids, item_ids, sessions).astype(np.float64) @ self.scale.values
 
     def predict_class_value(self, user_ids, item_ids) -> np.ndarray:
         """The most likely rating value (the classifier's own answer)."""

@@ -1,0 +1,117 @@
+"""The simulator contract: read this first.
+
+A simulated user is asked "how would USER rate ITEM, given what this session has shown so far?"
+and answers with a probability distribution over the dataset's rating scale, never a single
+number. Everything else is derived from that one method:
+
+    distribution(users, items, sessions) -> [n, C] probabilities over scale.values (rows sum to 1)
+    score(users, items, sessions)        -> the expectation (the old point prediction)
+    sample(users, items, sessions, rng)  -> one draw per pair, from a seeded numpy Generator
+
+``sessions`` is ``None`` (no session: the user's training history alone) or one :class:`Session`
+per pair: the items this episode has shown the user and the ratings the user gave them (drawn
+from the simulator itself while training a policy, or the real ratings when replaying held-out
+behaviour). A simulator whose ``conditions_on_session`` is True lets the session move its answer
+(a persona that remembers); one whose flag is False answers the same whatever the session.
+
+Every source of reward in rlsim is a Simulator: the baselines (with a residual noise model), the
+reward model (its softmax; sessions enter its rating-history tokens, which makes it a learned
+world model of the next rating), the offline persona and the LLM personas. ``method`` says how the
+distribution was obtained ("softmax", "ordinal noise", "logprobs", "samples", ...), because a
+distribution from a model's own probabilities and one from an answer plus calibrated noise do
+not mean the same thing. The RL env, the fidelity evaluation and the study all speak only this
+interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from rlsim.data.schema import RatingScale
+
+
+@dataclass(frozen=True)
+class Session:
+    """What one user has been shown in this episode, in order, and how they rated it."""
+
+    items: tuple[int, ...] = ()
+    ratings: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if len(self.items) != len(self.ratings):
+            raise ValueError(f"a session needs one rating per item ({len(self.items)} vs {len(self.ratings)})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def extend(self, item: int, rating: float) -> "Session":
+        return Session(self.items + (int(item),), self.ratings + (float(rating),))
+
+    def last(self, n: int) -> "Session":
+        return Session(self.items[-n:], self.ratings[-n:]) if n < len(self) else self
+
+
+EMPTY = Session()
+
+Sessions = Sequence[Session] | None
+
+
+def check_sessions(sessions: Sessions, n: int) -> Sessions:
+    if sessions is not None and len(sessions) != n:
+        raise ValueError(f"{len(sessions)} sessions for {n} pairs")
+    return sessions
+
+
+def has_sessions(sessions: Sessions) -> bool:
+    return sessions is not None and any(len(s) for s in sessions)
+
+
+def expectation(probs: np.ndarray, scale: RatingScale) -> np.ndarray:
+    return np.asarray(probs, np.float64) @ scale.values
+
+
+def sample_from(probs: np.ndarray, scale: RatingScale, rng: np.random.Generator) -> np.ndarray:
+    """One rating per row by inverse CDF (rows of probs need not be exactly normalised)."""
+    p = np.asarray(probs, np.float64)
+    cdf = np.cumsum(p, axis=1)
+    u = rng.random(len(p)) * cdf[:, -1]
+    cls = np.minimum((cdf < u[:, None]).sum(1), p.shape[1] - 1)
+    return scale.from_class(cls)
+
+
+def normalise(probs: np.ndarray, floor: float = 1e-6) -> np.ndarray:
+    """Rows that sum to 1 with no exact zero (an NLL must stay finite)."""
+    p = np.clip(np.asarray(probs, np.float64), floor, None)
+    return p / p.sum(1, keepdims=True)
+
+
+class Simulator:
+    """Base class: subclasses implement ``distribution``; score and sample come from it."""
+
+    name: str = "simulator"
+    method: str = ""  # how the distribution is obtained (softmax, ordinal noise, logprobs, samples, ...)
+    conditions_on_session: bool = False
+    scale: RatingScale
+
+    def distribution(self, users, items, sessions: Sessions = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, users, items, sessions: Sessions = None) -> np.ndarray:
+        """Expected rating on the dataset's scale (NaN where the simulator could not answer)."""
+        return expectation(self.distribution(users, items, sessions), self.scale)
+
+    def sample(self, users, items, sessions: Sessions = None, rng: np.random.Generator | None = None) -> np.ndarray:
+        if rng is None:
+            raise ValueError("sample() needs a seeded numpy Generator (rng=np.random.default_rng(seed))")
+        p = self.distribution(users, items, sessions)
+        out = np.full(len(p), np.nan)
+        ok = np.isfinite(p).all(1) & (p.sum(1) > 0)
+        if ok.any():
+            out[ok] = sample_from(p[ok], self.scale, rng)
+        return out
+
+    def describe(self) -> dict:
+        return {"name": self.name, "method": self.method, "conditions_on_session": self.conditions_on_session}
