@@ -36,6 +36,13 @@ class EnvData:
     scale_min: float
     scale_max: float
     rewards: np.ndarray | None = None  # [U, K] precomputed ratings (NaN = unrated), optional
+    scale_step: float = 1.0
+
+    @property
+    def scale(self):
+        from rlsim.data.schema import RatingScale
+
+        return RatingScale(self.scale_min, self.scale_max, self.scale_step)
 
     @property
     def k(self) -> int:
@@ -58,7 +65,8 @@ class EnvData:
         arrays = {f.name: getattr(self, f.name) for f in fields(self)
                   if isinstance(getattr(self, f.name), np.ndarray)}
         np.savez(p / "env_data.npz", **arrays)
-        (p / "env_data.json").write_text(json.dumps({"scale_min": self.scale_min, "scale_max": self.scale_max}))
+        (p / "env_data.json").write_text(json.dumps({"scale_min": self.scale_min, "scale_max": self.scale_max,
+                                                     "scale_step": self.scale_step}))
         return p
 
     @classmethod
@@ -144,7 +152,7 @@ def build_env_data(train: pd.DataFrame, items: pd.DataFrame, candidates: pd.Data
     cand_feat[~valid] = 0.0
     return EnvData(user_ids=users, cand_items=cand_items, cand_valid=valid, user_feat=user_feat,
                    cand_feat=cand_feat.astype(np.float32), pop_score=pop_s, user_mean=user_mean,
-                   scale_min=float(scale.min), scale_max=float(scale.max))
+                   scale_min=float(scale.min), scale_max=float(scale.max), scale_step=float(scale.step))
 
 
 def score_all(data: EnvData, source) -> np.ndarray:

@@ -1,0 +1,203 @@
+"""Sessions against a live simulator: N users' episodes stepped together, one simulator call per step.
+
+``SessionVectorEnv`` is a gymnasium VectorEnv (autoreset NEXT_STEP, as RLlib's env runners expect
+with ``gym_env_vectorize_mode="vector_entry_point"``). Each sub-env is one user's session: the
+policy picks one of the user's K candidates per step, and the reward is drawn from the simulator
+given the session so far (rlsim.simulators.base: ``distribution(users, items, sessions)``). All N
+envs' picks go to the simulator in ONE batched request per step, whether it lives in this process
+or in a Ray actor shared by every env runner (rlsim.simulators.actor).
+
+reward_mode:
+- "sampled": the rating is drawn from the simulator's distribution (seeded per env runner);
+- "expected": the distribution's expectation (deterministic, still session-conditioned);
+- "static": a table of each candidate's expected rating with no session, scored once at start
+  (the fast path for horizon-1 deterministic training; it never sees the session, so it must be
+  chosen explicitly).
+
+A user may leave early (as Agent4Rec's users do): with ``exit_threshold`` set, the session ends
+when the mean of the last ``exit_window`` ratings falls below it.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+from rlsim.env import EnvData, make_source, score_all
+from rlsim.errors import ConfigError
+from rlsim.simulators.base import EMPTY, expectation, sample_from
+
+REWARD_MODES = ("sampled", "expected", "static")
+
+
+def distribution_of(sim, users, items, sessions) -> np.ndarray:
+    """[n, C] probabilities from a simulator; a plain RewardSource (score only) becomes a point mass."""
+    if hasattr(sim, "distribution"):
+        return np.asarray(sim.distribution(users, items, sessions), np.float64)
+    raise ConfigError(f"{type(sim).__name__} has no distribution(); reward_mode 'sampled'/'expected' needs a "
+                      "simulator (rlsim.simulators)")
+
+
+class SessionVectorEnv(gym.vector.VectorEnv):
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, config: dict | None = None):
+        cfg = dict(config or {})
+        data = cfg.get("data")
+        if data is None and cfg.get("data_path"):
+            data = EnvData.load(cfg["data_path"])
+        if data is None:
+            raise ConfigError("SessionVectorEnv needs env_config 'data' (EnvData) or 'data_path'")
+        self.data: EnvData = data
+        self.num_envs = int(cfg.get("num_envs", 1))
+        self.horizon = int(cfg.get("horizon", 1))
+        self.history = int(cfg.get("history", min(self.horizon - 1, 4)))
+        self.center = bool(cfg.get("center", True))
+        self.mode = cfg.get("reward_mode", "sampled")
+        if self.mode not in REWARD_MODES:
+            raise ConfigError(f"reward_mode must be one of {REWARD_MODES}, got {self.mode!r}")
+        self.users_per_episode = int(cfg.get("users_per_episode", 1))
+        if self.horizon < 1 or (self.users_per_episode > 1 and self.horizon != 1):
+            raise ConfigError("horizon must be >= 1, and users_per_episode > 1 needs horizon 1")
+        self.exit_threshold = cfg.get("exit_threshold")
+        self.exit_window = int(cfg.get("exit_window", 3))
+        self.sim = make_source(cfg)
+        self.scale = data.scale
+        if self.mode == "static":
+            self.table = data.rewards if data.rewards is not None else score_all(data, self.sim)
+        elif self.sim is None:
+            raise ConfigError("SessionVectorEnv needs a simulator (env_config 'source' or 'reward_actor')")
+        # Users this env trains on (rows of data); the rest are held out for evaluation.
+        rows = cfg.get("user_rows")
+        self.user_rows = np.arange(len(data.user_ids)) if rows is None else np.asarray(rows, np.int64)
+        if len(self.user_rows) == 0:
+            raise ConfigError("SessionVectorEnv has no users to train on")
+
+        K, Du, Dc = data.k, data.user_dim, data.cand_dim
+        self._hist_dim = Dc + 1
+        self.obs_dim = Du + K * Dc + self.history * self._hist_dim
+        self.single_observation_space = gym.spaces.Dict({
+            "observations": gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32),
+            "action_mask": gym.spaces.Box(0.0, 1.0, (K,), np.float32),
+        })
+        self.single_action_space = gym.spaces.Discrete(K)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+        N = self.num_envs
+        self._u = np.zeros(N, np.int64)
+        self._t = np.zeros(N, np.int64)
+        self._chained = np.zeros(N, np.int64)
+        self._mask = np.zeros((N, K), np.float32)
+        self._hist = np.zeros((N, self.history, self._hist_dim), np.float32)
+        self._sessions = [EMPTY] * N
+        self._needs_reset = np.zeros(N, bool)
+        self.calls = 0  # simulator requests made (one per step at most)
+        self.failed = 0  # pairs the simulator could not rate (e.g. a persona that never answered)
+
+    # ------------------------------------------------------------------ users and observations
+    def _start_user(self, j: int) -> None:
+        d = self.data
+        for _ in range(100):
+            u = int(self.user_rows[self.np_random.integers(len(self.user_rows))])
+            mask = d.cand_valid[u].copy()
+            if self.mode == "static":
+                mask &= ~np.isnan(self.table[u])
+            if mask.any():
+                break
+        self._u[j], self._t[j] = u, 0
+        self._mask[j] = mask
+        self._hist[j] = 0.0
+        self._sessions[j] = EMPTY
+
+    def _obs(self) -> dict:
+        d = self.data
+        base = np.concatenate([d.user_feat[self._u], d.cand_feat[self._u].reshape(self.num_envs, -1)], 1)
+        if self.history:
+            base = np.concatenate([base, self._hist.reshape(self.num_envs, -1)], 1)
+        return {"observations": base.astype(np.float32), "action_mask": self._mask.copy()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+        for j in range(self.num_envs):
+            self._start_user(j)
+        self._chained[:] = 0
+        self._needs_reset[:] = False
+        return self._obs(), {}
+
+    # ------------------------------------------------------------------ stepping
+    def _ratings(self, rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
+        """Ratings of the picked candidates for the envs in rows: one simulator request for all."""
+        d = self.data
+        items = d.cand_items[self._u[rows], picks]
+        if self.mode == "static":
+            return self.table[self._u[rows], picks]
+        users = d.user_ids[self._u[rows]]
+        p = distribution_of(self.sim, users, items, [self._sessions[j] for j in rows])
+        self.calls += 1
+        out = np.full(len(rows), np.nan)
+        ok = np.isfinite(p).all(1) & (p.sum(1) > 0)
+        if ok.any():
+            if self.mode == "sampled":
+                out[ok] = sample_from(p[ok], self.scale, self.np_random)
+            else:
+                out[ok] = expectation(p[ok] / p[ok].sum(1, keepdims=True), self.scale)
+        return out
+
+    def step(self, actions):
+        d = self.data
+        N, K = self.num_envs, d.k
+        actions = np.asarray(actions, np.int64).reshape(N)
+        rewards = np.zeros(N, np.float64)
+        terminated = np.zeros(N, bool)
+        truncated = np.zeros(N, bool)
+        info_rating = np.full(N, np.nan)
+        info_item = np.full(N, -1, np.int64)
+        resetting = self._needs_reset.copy()
+        stepping = np.flatnonzero(~resetting)
+        a = actions[stepping]
+        valid = (a >= 0) & (a < K)
+        valid[valid] = self._mask[stepping[valid], a[valid]] > 0
+        ratings = np.full(len(stepping), float(d.scale_min))  # an invalid pick earns the worst rating
+        rows = stepping[valid]
+        if len(rows):
+            got = self._ratings(rows, a[valid])
+            failed = np.isnan(got)
+            self.failed += int(failed.sum())
+            # No answer (a failed persona call): a neutral reward, the user's own mean, never a guess.
+            got[failed] = d.user_mean[self._u[rows[failed]]]
+            ratings[valid] = got
+        for k, j in enumerate(stepping):
+            u, r = self._u[j], ratings[k]
+            rewards[j] = r - d.user_mean[u] if self.center else r
+            info_rating[j] = r
+            if valid[k]:
+                pick = a[k]
+                info_item[j] = d.cand_items[u, pick]
+                self._mask[j, pick] = 0.0
+                if self.history:
+                    self._hist[j, 1:] = self._hist[j, :-1]
+                    self._hist[j, 0, :-1] = d.cand_feat[u, pick]
+                    self._hist[j, 0, -1] = r - d.user_mean[u]
+                self._sessions[j] = self._sessions[j].extend(d.cand_items[u, pick], r)
+            self._t[j] += 1
+            done = self._t[j] >= self.horizon or not self._mask[j].any() or self._leaves(j)
+            if done:
+                self._chained[j] += 1
+                if self._chained[j] < self.users_per_episode:
+                    self._start_user(j)  # chained one-step users: same episode, next user
+                else:
+                    terminated[j] = True
+                    self._needs_reset[j] = True
+        for j in np.flatnonzero(resetting):
+            self._start_user(j)
+            self._chained[j] = 0
+            self._needs_reset[j] = False
+        infos = {"rating": info_rating, "_rating": ~resetting, "item_id": info_item, "_item_id": ~resetting}
+        return self._obs(), rewards, terminated, truncated, infos
+
+    def _leaves(self, j: int) -> bool:
+        if self.exit_threshold is None:
+            return False
+        r = self._sessions[j].ratings[-self.exit_window:]
+        return len(r) == self.exit_window and float(np.mean(r)) < float(self.exit_threshold)

@@ -1,0 +1,136 @@
+"""SessionVectorEnv: one batched simulator request per step, sessions, sampling, autoreset."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from rlsim.candidates import CandidatesConfig, build_candidates
+from rlsim.data import make_split
+from rlsim.env import build_env_data
+from rlsim.errors import ConfigError
+from rlsim.simulators.point import baseline_simulator
+from rlsim.vector_env import SessionVectorEnv
+
+
+class Recording:
+    """Wraps a simulator; records every request (the env must send one per step)."""
+
+    def __init__(self, inner):
+        self.inner, self.scale, self.requests = inner, inner.scale, []
+
+    def distribution(self, users, items, sessions=None):
+        self.requests.append((np.asarray(users).copy(), np.asarray(items).copy(), list(sessions)))
+        return self.inner.distribution(users, items, sessions)
+
+    def score(self, users, items, sessions=None):
+        self.scored = getattr(self, "scored", 0) + 1
+        return self.inner.score(users, items, sessions)
+
+
+@pytest.fixture(scope="module")
+def parts(ml100k):
+    split = make_split(ml100k, "u1")
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(ml100k.items), 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    cands = build_candidates(split.train, ml100k.items, emb, CandidatesConfig(k=8))
+    data = build_env_data(split.train, ml100k.items, cands, emb, ml100k.scale, dims=8)
+    return data, baseline_simulator("mf", split.train, ml100k.scale)
+
+
+def make(parts, **kw):
+    data, sim = parts
+    rec = Recording(sim)
+    cfg = {"data": data, "source": rec, "num_envs": 6, "horizon": 3, "reward_mode": "sampled", **kw}
+    return SessionVectorEnv(cfg), rec
+
+
+def first_valid(obs):
+    return obs["action_mask"].argmax(1)
+
+
+def test_one_request_per_step_with_growing_sessions(parts):
+    env, rec = make(parts)
+    obs, _ = env.reset(seed=0)
+    assert obs["observations"].shape == (6, env.obs_dim)
+    for t in range(3):
+        obs, r, term, trunc, info = env.step(first_valid(obs))
+        assert len(rec.requests) == t + 1  # all six envs in one request
+        users, items, sessions = rec.requests[-1]
+        assert len(users) == 6 and all(len(s) == t for s in sessions)
+    assert term.all() and not trunc.any()
+    # Each session carried the items shown and the ratings drawn before.
+    _, items, sessions = rec.requests[-1]
+    assert all(len(set(s.items)) == 2 for s in sessions)
+
+
+def test_next_step_autoreset(parts):
+    env, rec = make(parts, horizon=1)
+    obs, _ = env.reset(seed=1)
+    obs, r, term, _, _ = env.step(first_valid(obs))
+    assert term.all()
+    n = len(rec.requests)
+    obs, r, term, _, info = env.step(first_valid(obs))
+    # The step after termination resets: no simulator request, zero reward, not terminated.
+    assert len(rec.requests) == n and (r == 0).all() and not term.any() and not info["_rating"].any()
+    assert (obs["action_mask"].sum(1) > 0).all()
+
+
+def test_sampled_rewards_are_seeded_and_follow_the_distribution(parts):
+    def run(seed):
+        env, _ = make(parts, horizon=1, center=False)
+        obs, _ = env.reset(seed=seed)
+        out = []
+        for _ in range(40):
+            obs, r, term, _, info = env.step(first_valid(obs))
+            out.append(info["rating"][info["_rating"]])
+        return np.concatenate(out)
+    a, b, c = run(3), run(3), run(4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert set(np.unique(a)) <= {1.0, 2.0, 3.0, 4.0, 5.0} and len(np.unique(a)) >= 4
+
+
+def test_expected_and_static_modes(parts):
+    data, sim = parts
+    env, rec = make(parts, horizon=1, reward_mode="expected", center=False)
+    obs, _ = env.reset(seed=0)
+    a = first_valid(obs)
+    users = data.user_ids[env._u].copy()
+    items = data.cand_items[env._u, a]
+    _, _, _, _, info = env.step(a)
+    assert np.allclose(info["rating"], sim.score(users, items))
+    static, rec2 = make(parts, horizon=1, reward_mode="static", center=False)
+    assert len(rec2.requests) == 0 and rec2.scored == 1  # scored once at start, never per step
+    obs, _ = static.reset(seed=0)
+    _, _, _, _, info = static.step(first_valid(obs))
+    assert len(rec2.requests) == 0 and rec2.scored == 1
+
+
+def test_users_leave_when_satisfaction_falls(parts):
+    env, _ = make(parts, horizon=5, exit_threshold=6.0, exit_window=2)  # nobody is ever that happy
+    obs, _ = env.reset(seed=0)
+    obs, _, term, _, _ = env.step(first_valid(obs))
+    assert not term.any()
+    obs, _, term, _, _ = env.step(first_valid(obs))
+    assert term.all()  # left after two ratings, before the horizon of 5
+
+
+def test_bad_config(parts):
+    data, sim = parts
+    with pytest.raises(ConfigError):
+        SessionVectorEnv({"data": data, "source": sim, "reward_mode": "bogus"})
+    with pytest.raises(ConfigError):
+        SessionVectorEnv({"data": data, "reward_mode": "sampled"})
+
+
+def test_gymnasium_vector_entry_point(parts):
+    data, sim = parts
+    gym.register("rlsim-test-session-v0", entry_point=lambda: None,
+                 vector_entry_point=lambda num_envs: SessionVectorEnv({"data": data, "source": sim, "num_envs": num_envs,
+                                                                      "horizon": 2}))
+    env = gym.make_vec("rlsim-test-session-v0", num_envs=4, vectorization_mode="vector_entry_point")
+    obs, _ = env.reset(seed=0)
+    assert env.num_envs == 4 and obs["action_mask"].shape == (4, data.k)
+    assert env.observation_space.contains(obs)
