@@ -173,6 +173,10 @@ def make_source(cfg: dict):
     """The reward source named by an env_config: an object, or a named actor to look up."""
     if cfg.get("source") is not None:
         return cfg["source"]
+    if cfg.get("simulator_actor"):
+        from rlsim.simulators.actor import SimulatorClient
+
+        return SimulatorClient(cfg["simulator_actor"], cfg.get("namespace"))
     if cfg.get("reward_actor"):
         from rlsim.sources import RemoteRewardSource
 

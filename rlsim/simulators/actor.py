@@ -1,0 +1,204 @@
+"""One simulator shared by every env runner: a named async Ray actor that batches across callers.
+
+Each env runner sends one request per step (all its envs' picks). The actor holds requests that
+arrive within ``max_wait_s`` of each other and answers them with ONE simulator call, so a reward
+model's forward pass (or a persona pool's round of LLM requests) serves many runners at once.
+A simulator with an async ``adistribution`` (the LLM persona pool) is awaited directly, so slow
+requests overlap; a synchronous one runs in a thread while the next batch gathers.
+
+``SimulatorClient`` is what env runners hold: picklable, it finds the actor by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from rlsim.errors import ConfigError, RlsimError
+from rlsim.simulators.base import expectation
+
+
+class BatchingSimulator:
+    """The actor's body, usable without Ray (tests): gathers concurrent requests into one call."""
+
+    def __init__(self, sim, max_wait_s: float = 0.002, max_batch: int = 8192):
+        self.sim = sim
+        self.scale = sim.scale
+        self.max_wait_s = max_wait_s
+        self.max_batch = max_batch
+        self._pending: list[tuple[Any, Any, Any, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self.requests = 0
+        self.batches = 0
+        self.pairs = 0
+        self.busy_s = 0.0
+        self._memo: dict[tuple[int, int], float] = {}
+
+    async def distribution(self, users, items, sessions=None) -> np.ndarray:
+        fut = asyncio.get_running_loop().create_future()
+        n = len(users)
+        sessions = list(sessions) if sessions is not None else [None] * n
+        self._pending.append((np.asarray(users), np.asarray(items), sessions, fut))
+        self.requests += 1
+        if sum(len(p[0]) for p in self._pending) >= self.max_batch:
+            await self._flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later())
+        return await fut
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.max_wait_s)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        users = np.concatenate([b[0] for b in batch])
+        items = np.concatenate([b[1] for b in batch])
+        sessions = [s for b in batch for s in b[2]]
+        if all(s is None for s in sessions):
+            sessions = None
+        else:
+            from rlsim.simulators.base import EMPTY
+
+            sessions = [EMPTY if s is None else s for s in sessions]
+        t0 = time.perf_counter()
+        try:
+            if hasattr(self.sim, "adistribution"):
+                p = await self.sim.adistribution(users, items, sessions)
+            else:
+                p = await asyncio.to_thread(self.sim.distribution, users, items, sessions)
+        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error, none hangs
+            for b in batch:
+                if not b[3].done():
+                    b[3].set_exception(exc)
+            return
+        finally:
+            self.busy_s += time.perf_counter() - t0
+        self.batches += 1
+        self.pairs += len(users)
+        pos = 0
+        for b in batch:
+            k = len(b[0])
+            if not b[3].done():
+                b[3].set_result(np.asarray(p[pos:pos + k]))
+            pos += k
+
+    async def score(self, users, items, sessions=None) -> np.ndarray:
+        """Expectations; without a session they are memoised by (user, item) (the static table path)."""
+        users, items = np.asarray(users), np.asarray(items)
+        if sessions is not None:
+            return expectation(await self.distribution(users, items, sessions), self.scale)
+        keys = list(zip(users.tolist(), items.tolist()))
+        todo = [j for j, k in enumerate(keys) if k not in self._memo]
+        if todo:
+            p = await self.distribution(users[todo], items[todo])
+            for j, v in zip(todo, expectation(p, self.scale)):
+                self._memo[keys[j]] = float(v)
+        return np.array([self._memo[k] for k in keys], np.float64)
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "batches": self.batches, "pairs": self.pairs,
+                "requests_per_batch": self.requests / max(self.batches, 1), "busy_s": round(self.busy_s, 3),
+                "simulator": self.sim.describe() if hasattr(self.sim, "describe") else {}}
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SimulatorActor:
+        def __init__(self, factory: Callable[[], Any], max_wait_s: float = 0.002):
+            self.body = BatchingSimulator(factory(), max_wait_s)
+
+        async def distribution(self, users, items, sessions=None):
+            return await self.body.distribution(users, items, sessions)
+
+        async def score(self, users, items, sessions=None):
+            return await self.body.score(users, items, sessions)
+
+        async def get_scale(self):
+            return self.body.scale
+
+        async def stats(self):
+            return self.body.stats()
+
+    return SimulatorActor
+
+
+_ACTOR = None
+
+
+def start_simulator_actor(name: str, factory: Callable[[], Any], namespace: str | None = None,
+                          max_wait_s: float = 0.002):
+    """Create the named simulator actor (Ray must be up) and wait until its simulator is built.
+
+    Keep the returned handle alive: a non-detached actor ends with its creator's last handle."""
+    import ray
+
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = _actor_class()
+    opts: dict[str, Any] = {"name": name, "get_if_exists": True, "max_concurrency": 1000}
+    if namespace is not None:
+        opts["namespace"] = namespace
+    actor = _ACTOR.options(**opts).remote(factory, max_wait_s)
+    try:
+        ray.get(actor.get_scale.remote())  # construction errors surface here, not in an env runner
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None) or exc
+        if isinstance(cause, RlsimError):
+            raise type(cause)(str(cause)) from None
+        last = [ln for ln in str(cause).strip().splitlines() if ln.strip()][-1:] or [type(cause).__name__]
+        raise RlsimError(f"simulator '{name}' failed to start: {last[0].strip()}") from None
+    return actor
+
+
+class SimulatorClient:
+    """A simulator living in a named actor: distribution/score/sample like a local one."""
+
+    def __init__(self, actor_name: str, namespace: str | None = None, scale=None):
+        self.actor_name, self.namespace = actor_name, namespace
+        self._scale, self._handle = scale, None
+
+    def __getstate__(self):  # handles are looked up again after pickling (env runners)
+        return {**self.__dict__, "_handle": None}
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            import ray
+
+            try:
+                self._handle = ray.get_actor(self.actor_name, namespace=self.namespace)
+            except ValueError:
+                raise ConfigError(f"no simulator actor named '{self.actor_name}' "
+                                  f"(namespace {self.namespace!r}) is running") from None
+        return self._handle
+
+    @property
+    def scale(self):
+        if self._scale is None:
+            import ray
+
+            self._scale = ray.get(self.handle.get_scale.remote())
+        return self._scale
+
+    def distribution(self, users, items, sessions=None) -> np.ndarray:
+        import ray
+
+        return np.asarray(ray.get(self.handle.distribution.remote(np.asarray(users), np.asarray(items), sessions)))
+
+    def score(self, users, items, sessions=None) -> np.ndarray:
+        import ray
+
+        return np.asarray(ray.get(self.handle.score.remote(np.asarray(users), np.asarray(items), sessions)), float)
+
+    def stats(self) -> dict:
+        import ray
+
+        return ray.get(self.handle.stats.remote())

@@ -1,0 +1,94 @@
+"""The shared simulator actor batches requests from many callers into one simulator call."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import tempfile
+
+import numpy as np
+import pytest
+
+from rlsim.data.schema import RatingScale
+from rlsim.errors import ConfigError
+from rlsim.simulators.actor import BatchingSimulator, SimulatorClient, start_simulator_actor
+from rlsim.simulators.base import Session, Simulator
+
+SCALE = RatingScale(1.0, 5.0, 1.0)
+
+
+class Toy(Simulator):
+    """Rating = 1 + (user + item + session length) % 5, as a point mass; counts its calls."""
+
+    name, method, conditions_on_session = "toy", "test", True
+
+    def __init__(self):
+        self.scale, self.calls = SCALE, 0
+
+    def distribution(self, users, items, sessions=None):
+        self.calls += 1
+        extra = np.zeros(len(users), int) if sessions is None else np.array([len(s) for s in sessions])
+        r = (np.asarray(users) + np.asarray(items) + extra) % 5
+        p = np.zeros((len(users), 5))
+        p[np.arange(len(users)), r] = 1.0
+        return p
+
+
+def test_concurrent_requests_become_one_call():
+    body = BatchingSimulator(Toy(), max_wait_s=0.01)
+
+    async def main():
+        reqs = [body.distribution(np.array([u, u]), np.array([1, 2]), [Session(), Session((9,), (3.0,))])
+                for u in range(8)]
+        return await asyncio.gather(*reqs)
+
+    out = asyncio.run(main())
+    assert body.sim.calls == 1 and body.stats()["requests_per_batch"] == 8
+    for u, p in enumerate(out):  # each caller gets its own rows back, in order
+        assert p.shape == (2, 5)
+        assert p[0].argmax() == (u + 1) % 5 and p[1].argmax() == (u + 2 + 1) % 5
+
+
+def test_score_memoises_pairs_without_a_session():
+    body = BatchingSimulator(Toy(), max_wait_s=0.0)
+    a = asyncio.run(body.score(np.array([1, 2]), np.array([3, 4])))
+    b = asyncio.run(body.score(np.array([2, 1]), np.array([4, 3])))
+    assert body.sim.calls == 1 and np.allclose(a, b[::-1])
+
+
+def test_errors_reach_every_caller():
+    class Broken(Toy):
+        def distribution(self, *a, **k):
+            raise RuntimeError("boom")
+
+    body = BatchingSimulator(Broken(), max_wait_s=0.01)
+
+    async def main():
+        return await asyncio.gather(*[body.distribution(np.array([1]), np.array([1])) for _ in range(3)],
+                                    return_exceptions=True)
+
+    assert all(isinstance(e, RuntimeError) for e in asyncio.run(main()))
+
+
+def test_actor_serves_many_clients(tmp_path):
+    import ray
+
+    from rlsim.commands.ray_session import ray_session
+
+    with ray_session(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     _temp_dir=tempfile.mkdtemp(prefix="rlsa", dir="/tmp")):
+        handle = start_simulator_actor("test-sim", Toy, max_wait_s=0.05)
+        client = pickle.loads(pickle.dumps(SimulatorClient("test-sim")))
+
+        @ray.remote(num_cpus=0)
+        def runner(u):
+            return SimulatorClient("test-sim").distribution(np.array([u]), np.array([0]), [Session()])
+
+        got = ray.get([runner.remote(u) for u in range(6)])
+        assert [int(p[0].argmax()) for p in got] == [u % 5 for u in range(6)]
+        stats = client.stats()
+        assert stats["requests"] == 6 and stats["batches"] < 6  # gathered across callers
+        assert client.scale == SCALE
+        with pytest.raises(ConfigError):
+            SimulatorClient("nobody").handle
+        ray.kill(handle)
