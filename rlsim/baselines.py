@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.data.schema import RatingScale
-from rlsim.metrics import per_user_ndcg, rating_metrics
+from rlsim.metrics import ndcg_summary, rating_metrics
 
 BASELINE_NAMES = ("global_mean", "user_mean", "rounded_user_mean", "bias", "mf")
 
@@ -180,7 +180,6 @@ def evaluate_baselines(train: pd.DataFrame, test: pd.DataFrame, scale: RatingSca
     out = {}
     for name in models:
         m = rating_metrics(test["rating"], preds[name], scale)
-        nd = per_user_ndcg(test.assign(predicted=preds[name].to_numpy()), ks=(10,))
-        m["ndcg@10"] = float(nd["ndcg@10"].mean())
+        m.update(ndcg_summary(test.assign(predicted=preds[name].to_numpy()), ks=(10,)))
         out[name] = m
     return out

@@ -21,8 +21,8 @@ from rlsim.baselines import baseline_predictions, evaluate_baselines, fit_baseli
 from rlsim.config import DataConfig, dump_yaml, from_dict, to_dict
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.io import read_json, write_json, write_parquet
-from rlsim.metrics import (histogram_distance, pearson, per_user_accuracy, per_user_gini, per_user_ndcg,
-                           rating_histogram, rating_metrics, spearman)
+from rlsim.metrics import (histogram_distance, ndcg_summary, pearson, per_user_accuracy, per_user_gini,
+                           per_user_ndcg, rating_histogram, rating_metrics, spearman)
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,7 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
         test = sides["test"]
         mm = rating_metrics(test["rating"], test["predicted"], ds.scale)
         # ndcg@10 always, to sit beside the gate's; ndcg@k for the plots' cut-off.
-        nd = per_user_ndcg(test, ks=tuple(sorted({10, k})))
-        mm.update({f"ndcg@{c}": float(nd[f"ndcg@{c}"].mean()) for c in sorted({10, k})})
+        mm.update(ndcg_summary(test, ks=tuple(sorted({10, k}))))
         models[m] = mm
         pu = per_user[(per_user.model == m) & (per_user.side == "test")]
         correlations[m] = {f"{metric}~{col}": {"spearman": spearman(pu[col], pu[metric]),

@@ -20,7 +20,8 @@ import pandas as pd  # noqa: E402
 
 from rlsim.plots import save_png  # noqa: E402
 
-GATE_COLUMNS = ["rmse", "mae", "exact", "off_by_1", "ndcg@10"]
+# off_by_1 = exactly one point off, within_1 = at most one point off (rlsim.metrics).
+GATE_COLUMNS = ["rmse", "mae", "exact", "off_by_1", "within_1", "ndcg@10", "ndcg_floor@10"]
 SIDE_COLORS = {"train": "#8da0cb", "test": "#fc8d62"}
 
 
@@ -150,7 +151,7 @@ def plot_personas(personas: dict, path: Path, k: int = 10) -> Path | None:
     rows = {n: personas.get(n) for n in ("persona", "reward_model") if isinstance(personas.get(n), dict)}
     if not rows:
         return None
-    metrics = [m for m in ("exact", "off_by_1", f"ndcg@{k}") if any(m in r for r in rows.values())]
+    metrics = [m for m in ("exact", "within_1", f"ndcg@{k}") if any(m in r for r in rows.values())]
     x = np.arange(len(metrics))
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for i, (name, r) in enumerate(rows.items()):

@@ -46,7 +46,9 @@ def test_models_learn_fixture_structure(ml100k):
     assert set(res) == {"global_mean", "user_mean", "rounded_user_mean", "bias", "mf"}
     assert res["bias"]["rmse"] < res["user_mean"]["rmse"] < res["global_mean"]["rmse"]
     for m in res.values():
-        assert 0 <= m["exact"] <= m["off_by_1"] <= 1
+        assert 0 <= m["exact"] <= m["within_1"] <= 1
+        assert m["within_1"] == pytest.approx(m["exact"] + m["off_by_1"])
+        assert 0 < m["ndcg_floor@10"] <= m["ndcg@10"] + 0.05
 
 
 def test_mf_fits_low_rank_data():
@@ -70,7 +72,7 @@ def test_cli_baselines_writes_metrics(data_root, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())["baselines"]
-    assert set(m["mf"]) >= {"rmse", "mae", "exact", "off_by_1"}
+    assert set(m["mf"]) >= {"rmse", "mae", "exact", "off_by_1", "within_1", "ndcg@10", "ndcg_floor@10"}
 
 
 def test_cli_errors_are_one_line(data_root, tmp_path):

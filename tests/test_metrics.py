@@ -20,12 +20,31 @@ def test_rating_metrics_by_hand():
     p = [1.4, 3.6, 3.0, 2.0]
     assert M.rmse(y, p) == pytest.approx(math.sqrt((0.16 + 2.56 + 0 + 4) / 4))
     assert M.mae(y, p) == pytest.approx((0.4 + 1.6 + 0 + 2) / 4)
-    # snapped: 1, 4, 3, 2 -> exact 2/4; within one point: 1, 0(|4-2|=2), 1, 0 -> 2/4
+    # snapped: 1, 4, 3, 2 against y -> errors 0, 2, 0, 2
     assert M.exact(y, p, S5) == 0.5
-    assert M.off_by_1(y, p, S5) == 0.5
-    # half-star scale snaps to 0.5 steps; off-by-1 means one rating point, two steps
+    # off_by_1 is EXACTLY one point off (Lusifer's meaning); within_1 is at most one point off.
+    assert M.off_by_1([3, 3, 3, 3], [3, 4, 2, 5], S5) == 0.5
+    assert M.within_1([3, 3, 3, 3], [3, 4, 2, 5], S5) == 0.75
+    assert M.within_1(y, p, S5) == pytest.approx(M.exact(y, p, S5) + M.off_by_1(y, p, S5))
+    # half-star scale snaps to 0.5 steps; one point is two steps
     assert M.exact([3.5], [3.6], S10) == 1.0
     assert M.off_by_1([3.5], [4.4], S10) == 1.0 and M.off_by_1([3.5], [4.8], S10) == 0.0
+    assert M.off_by_1([3.5], [3.9], S10) == 0.0 and M.within_1([3.5], [3.9], S10) == 1.0
+    assert M.within_1([3.5], [4.8], S10) == 0.0
+
+
+def test_random_ndcg_is_the_mean_over_all_rankings():
+    import itertools
+
+    true = np.array([5, 1, 3, 4], float)
+    for k in (1, 2, 4, 10):
+        every = [M.ndcg_at_k(true[list(p)], -np.arange(4.0), k) for p in itertools.permutations(range(4))]
+        assert M.random_ndcg_at_k(true, k) == pytest.approx(np.mean(every))
+    # a constant predictor sits near the floor; a perfect one at 1
+    df = pd.DataFrame({"user_id": [1] * 4 + [2] * 3, "rating": [5, 1, 3, 4, 2, 2, 5],
+                       "predicted": [5, 1, 3, 4, 2, 2, 5]})
+    s = M.ndcg_summary(df, ks=(3,))
+    assert s["ndcg@3"] == pytest.approx(1.0) and 0 < s["ndcg_floor@3"] < 1
 
 
 def test_ndcg_by_hand():

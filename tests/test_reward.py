@@ -39,7 +39,7 @@ def test_training_loss_falls_and_beats_global_mean(trained):
     m, b = result["model"], result["baselines"]
     assert m["rmse"] < b["global_mean"]["rmse"]
     assert m["rmse"] < b["user_mean"]["rmse"]
-    for key in ("rmse", "mae", "accuracy", "ndcg@10", "exact", "off_by_1"):
+    for key in ("rmse", "mae", "accuracy", "ndcg@10", "ndcg_floor@10", "exact", "off_by_1", "within_1"):
         assert np.isfinite(m[key])
     # report_fn got one row per epoch with the keys the Tune sweep reads
     assert len(reports) == len(result["history"])

@@ -55,7 +55,7 @@ def reward_config(args, file_cfg: dict):
 
 def _summary(result: dict) -> str:
     m = result["model"]
-    line = {k: round(m[k], 4) for k in ("rmse", "mae", "accuracy", "ndcg@10")}
+    line = {k: round(m[k], 4) for k in ("rmse", "mae", "accuracy", "ndcg@10", "ndcg_floor@10")}
     line["baselines_rmse"] = {k: round(v["rmse"], 4) for k, v in result["baselines"].items()}
     return json.dumps(line)
 

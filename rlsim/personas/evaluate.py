@@ -1,7 +1,8 @@
 """Fidelity of persona ratings against the real held-out ratings of the same users and items.
 
 close_match: |predicted - real| <= 0.5 (the unsnapped prediction within half a point).
-exact / off_by_1 snap the prediction to the scale first (rlsim.metrics conventions).
+exact / off_by_1 (exactly one point off) / within_1 (at most one point off) snap the prediction to the
+scale first (rlsim.metrics conventions).
 Every result carries the baseline gate fitted on the same training ratings and evaluated on
 the same (rated) pairs, and the reward model's numbers on those pairs when one is given.
 """
@@ -15,7 +16,7 @@ import pandas as pd
 
 from rlsim.baselines import evaluate_baselines
 from rlsim.data.schema import RatingScale
-from rlsim.metrics import histogram_distance, per_user_ndcg, rating_histogram, rating_metrics, spearman
+from rlsim.metrics import histogram_distance, ndcg_summary, rating_histogram, rating_metrics, spearman
 
 
 def fidelity_metrics(df: pd.DataFrame, scale: RatingScale, pred_col: str = "predicted", k: int = 10) -> dict:
@@ -27,8 +28,7 @@ def fidelity_metrics(df: pd.DataFrame, scale: RatingScale, pred_col: str = "pred
     m["close_match"] = float(np.mean(np.abs(p - y) <= 0.5 + 1e-9))
     rho = [spearman(g["rating"], g[pred_col]) for _, g in df.groupby("user_id")]
     m["spearman_per_user"] = float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
-    nd = per_user_ndcg(df, ks=(k,), pred_col=pred_col)
-    m[f"ndcg@{k}"] = float(nd[f"ndcg@{k}"].mean())
+    m.update(ndcg_summary(df, ks=(k,), pred_col=pred_col))
     m["histogram"] = histogram_distance(y, p, scale)
     top = scale.max
     m["five_star_share"] = float(np.mean(scale.round(p) == top))
@@ -47,7 +47,8 @@ def evaluate_persona(train: pd.DataFrame, pairs: pd.DataFrame, scale: RatingScal
            "persona": fidelity_metrics(rated, scale, "predicted", k)}
     if "predicted_raw" in rated and not np.allclose(rated["predicted_raw"], rated["predicted"]):
         raw = fidelity_metrics(rated, scale, "predicted_raw", k)
-        out["persona_unsnapped"] = {key: raw[key] for key in ("rmse", "mae", "close_match", f"ndcg@{k}")}
+        out["persona_unsnapped"] = {key: raw[key] for key in ("rmse", "mae", "close_match", f"ndcg@{k}",
+                                                            f"ndcg_floor@{k}")}
     out["baselines"] = evaluate_baselines(train, rated[["user_id", "item_id", "rating"]], scale, seed=seed) \
         if len(rated) else {}
     if reward_predictor is not None and len(rated):

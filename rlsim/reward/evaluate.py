@@ -1,7 +1,7 @@
 """Metrics of a RewardPredictor on a split, beside the baselines on the same test pairs.
 
-"model": rmse/mae/exact/off_by_1 of the expected rating, accuracy of the most likely class,
-ndcg@10 (items ranked by expected rating). Per user (train, validation, test): accuracy,
+"model": rmse/mae/exact/off_by_1/within_1 of the expected rating, accuracy of the most likely class,
+ndcg@10 (items ranked by expected rating) with ndcg_floor@10, the expected NDCG of a random ranking. Per user (train, validation, test): accuracy,
 NDCG@k and the Gini of the user's training ratings, with their correlations.
 """
 
@@ -14,7 +14,7 @@ import pandas as pd
 
 from rlsim.baselines import evaluate_baselines
 from rlsim.data.schema import RatingScale
-from rlsim.metrics import NDCG_KS, pearson, per_user_gini, per_user_ndcg, rating_metrics, spearman
+from rlsim.metrics import NDCG_KS, ndcg_summary, pearson, per_user_gini, per_user_ndcg, rating_metrics, spearman
 
 
 def split_predictions(predictor, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -27,8 +27,7 @@ def split_predictions(predictor, pairs: pd.DataFrame) -> pd.DataFrame:
 def model_metrics(pred: pd.DataFrame, scale: RatingScale) -> dict:
     m = rating_metrics(pred["rating"], pred["predicted"], scale)
     m["accuracy"] = float(np.mean(np.isclose(pred["predicted_class"], pred["rating"])))
-    nd = per_user_ndcg(pred, ks=(10,))
-    m["ndcg@10"] = float(nd["ndcg@10"].mean())
+    m.update(ndcg_summary(pred, ks=(10,)))
     return m
 
 
@@ -47,6 +46,7 @@ def summarise_per_user(df: pd.DataFrame) -> dict:
     for name, g in df.groupby("split", sort=False):
         block = {"users": int(len(g)), "accuracy": float(g["accuracy"].mean())}
         block.update({f"ndcg@{k}": float(g[f"ndcg@{k}"].mean()) for k in NDCG_KS})
+        block.update({f"ndcg_floor@{k}": float(g[f"ndcg_floor@{k}"].mean()) for k in NDCG_KS})
         block["spearman_gini_accuracy"] = spearman(g["gini"], g["accuracy"])
         block["pearson_accuracy_mean_ndcg"] = pearson(g["accuracy"], g["mean_ndcg"])
         out[name] = block

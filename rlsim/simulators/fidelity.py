@@ -1,8 +1,8 @@
 """How faithful is a simulator to real held-out behaviour? Four views, one function each.
 
 - micro: each real held-out rating against the simulator's distribution: RMSE/MAE of the
-  expectation, NLL of the real rating, exact/off_by_1/within_1 of the expectation snapped to the
-  scale, per-user Spearman.
+  expectation, NLL of the real rating, exact / off_by_1 (exactly one point off) / within_1 (at most
+  one point off) of the expectation snapped to the scale, per-user Spearman.
 - macro: the histogram of SAMPLED ratings against the real test histogram (total variation,
   5-star share); a point prediction snapped to the scale hides the spread, a sample does not.
 - discrimination (as Agent4Rec measures it): a held-out movie the user rated >= like_threshold is
