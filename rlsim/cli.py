@@ -24,7 +24,6 @@ COMMAND_MODULES = [
     "rlsim.commands.reward",
     "rlsim.commands.candidates",
     "rlsim.commands.policy",
-    "rlsim.commands.tune",
     "rlsim.commands.pipeline",
 ]
 

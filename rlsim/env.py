@@ -1,13 +1,9 @@
-"""The recommendation environment: pick one of a user's K RankZero candidates, get the source's rating.
+"""What the recommendation environment is made of: each user's K RankZero candidates and features.
 
 Feature tables are built once by ``build_env_data`` (a pure function of the training ratings,
 candidates and item text embeddings) into an ``EnvData`` that is pickled into env_config or
-saved to a folder; a step is an array lookup. Rewards for all of a user's candidates are fetched
-in one call at reset (by default all users' in one call at the first reset) and cached, so an
-actor-backed source costs one round-trip per env, not one per step.
-
-Horizon 1 is the paper's one-shot recommendation. With horizon H > 1 an episode is a session:
-shown items are masked and the last shown items' features and rewards join the observation.
+saved to a folder. The environment itself (sessions stepped against a simulator, one batched
+request per step) is ``rlsim.vector_env.SessionVectorEnv``.
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pandas as pd
 
@@ -77,6 +72,15 @@ class EnvData:
         with np.load(p / "env_data.npz") as z:
             arrays = {k: z[k] for k in z.files}
         return cls(**arrays, **json.loads((p / "env_data.json").read_text()))
+
+    def subset(self, rows: np.ndarray) -> "EnvData":
+        """The same tables for some users only (rows of user_ids), e.g. the held-out users."""
+        rows = np.asarray(rows, np.int64)
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, v in kw.items():
+            if isinstance(v, np.ndarray):
+                kw[name] = v[rows]
+        return EnvData(**kw)
 
     def with_rewards(self, rewards: np.ndarray | None) -> "EnvData":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -170,129 +174,11 @@ def obs_layout(data: EnvData, history: int) -> dict:
 
 
 def make_source(cfg: dict):
-    """The reward source named by an env_config: an object, or a named actor to look up."""
+    """The simulator named by an env_config: an object (``source``), or a named actor to look up."""
     if cfg.get("source") is not None:
         return cfg["source"]
     if cfg.get("simulator_actor"):
         from rlsim.simulators.actor import SimulatorClient
 
         return SimulatorClient(cfg["simulator_actor"], cfg.get("namespace"))
-    if cfg.get("reward_actor"):
-        from rlsim.sources import RemoteRewardSource
-
-        return RemoteRewardSource(cfg["reward_actor"], cfg.get("namespace"))
     return None
-
-
-class RecommendationEnv(gym.Env):
-    """One episode = one training user; action = index of one of their K candidates.
-
-    env_config keys: data (EnvData) or data_path; source (RewardSource) or reward_actor
-    (+ namespace), unless data.rewards is precomputed; horizon (1); history (shown items
-    kept in the observation, default min(horizon - 1, 4)); center (subtract the user's
-    train mean from rewards, default True); prefetch (score all users at first reset).
-    """
-
-    metadata = {"render_modes": []}
-
-    def __init__(self, config: dict | None = None):
-        cfg = dict(config or {})
-        data = cfg.get("data")
-        if data is None and cfg.get("data_path"):
-            data = EnvData.load(cfg["data_path"])
-        if data is None:
-            raise ConfigError("RecommendationEnv needs env_config 'data' (EnvData) or 'data_path'")
-        self.data: EnvData = data
-        self.horizon = int(cfg.get("horizon", 1))
-        if self.horizon < 1:
-            raise ConfigError(f"horizon must be >= 1, got {self.horizon}")
-        self.history = int(cfg.get("history", min(self.horizon - 1, 4)))
-        self.center = bool(cfg.get("center", True))
-        self.prefetch = bool(cfg.get("prefetch", True))
-        # Several one-step users per episode (horizon 1 only; train with gamma = 0).
-        self.users_per_episode = int(cfg.get("users_per_episode", 1))
-        if self.users_per_episode < 1 or (self.users_per_episode > 1 and self.horizon != 1):
-            raise ConfigError("users_per_episode > 1 needs horizon 1")
-        self._source = None if data.rewards is not None else make_source(cfg)
-        if data.rewards is None and self._source is None:
-            raise ConfigError("RecommendationEnv needs a reward source (source / reward_actor) or data.rewards")
-        self._rewards: dict[int, np.ndarray] = {}
-        if data.rewards is not None:
-            self._table = data.rewards
-        else:
-            self._table = None
-        K, Du, Dc = data.k, data.user_dim, data.cand_dim
-        self._hist_dim = Dc + 1
-        self.obs_dim = Du + K * Dc + self.history * self._hist_dim
-        self.observation_space = gym.spaces.Dict({
-            "observations": gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32),
-            "action_mask": gym.spaces.Box(0.0, 1.0, (K,), np.float32),
-        })
-        self.action_space = gym.spaces.Discrete(K)
-        self._worst = data.scale_min
-        self._u = 0
-        self._t = 0
-        self._mask = np.zeros(K, np.float32)
-        self._hist = np.zeros((self.history, self._hist_dim), np.float32)
-        self._base = np.zeros(Du + K * Dc, np.float32)
-
-    # Rewards ---------------------------------------------------------------------------------
-    def user_rewards(self, u: int) -> np.ndarray:
-        """Ratings of user row u's K candidates, fetched once and cached."""
-        if self._table is not None:
-            return self._table[u]
-        if u not in self._rewards:
-            if self.prefetch and not self._rewards:
-                self._table = score_all(self.data, self._source)
-                return self._table[u]
-            row = np.full(self.data.k, np.nan)
-            v = self.data.cand_valid[u]
-            row[v] = self._source.score(np.full(int(v.sum()), self.data.user_ids[u]), self.data.cand_items[u, v])
-            self._rewards[u] = row
-        return self._rewards[u]
-
-    # Gym API ---------------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        self._sessions = 0
-        return self._new_user(options or {}), {"user_id": int(self.data.user_ids[self._u])}
-
-    def _new_user(self, options: dict) -> dict:
-        d = self.data
-        for _ in range(100):
-            u = int(options["user_index"]) if "user_index" in options else int(self.np_random.integers(len(d.user_ids)))
-            r = self.user_rewards(u)
-            mask = (d.cand_valid[u] & ~np.isnan(r)).astype(np.float32)
-            if mask.any() or "user_index" in options:
-                break
-        self._u, self._t, self._mask = u, 0, mask
-        self._hist[:] = 0.0
-        self._base = np.concatenate([d.user_feat[u], d.cand_feat[u].ravel()])
-        return self._obs()
-
-    def _obs(self) -> dict:
-        obs = self._base if self.history == 0 else np.concatenate([self._base, self._hist.ravel()])
-        return {"observations": obs, "action_mask": self._mask.copy()}
-
-    def step(self, action):
-        a = int(action)
-        d, u = self.data, self._u
-        r = self.user_rewards(u)
-        valid = 0 <= a < d.k and self._mask[a] > 0
-        rating = float(r[a]) if valid else self._worst  # an invalid pick earns the worst rating
-        reward = rating - d.user_mean[u] if self.center else rating
-        if valid:
-            self._mask[a] = 0.0
-            if self.history:
-                self._hist[1:] = self._hist[:-1]
-                self._hist[0, :-1] = d.cand_feat[u, a]
-                self._hist[0, -1] = rating - d.user_mean[u]
-        self._t += 1
-        terminated = self._t >= self.horizon or not self._mask.any()
-        info = {"user_id": int(d.user_ids[u]), "item_id": int(d.cand_items[u, a]) if valid else -1,
-                "rating": rating, "valid": bool(valid)}
-        if terminated:
-            self._sessions += 1
-            if self._sessions < self.users_per_episode:
-                return self._new_user({}), float(reward), False, False, info
-        return self._obs(), float(reward), bool(terminated), False, info

@@ -11,3 +11,12 @@ class DataError(RlsimError):
 
 class ConfigError(RlsimError):
     """Invalid or inconsistent configuration."""
+
+
+def require_ray(what: str) -> None:
+    """Library code never starts Ray (the CLI, the pipeline command and jobs/ do, once, at the edge):
+    a call without a running Ray says so instead of silently starting a private instance."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RlsimError(f"{what} needs a running Ray: call ray.init() (or run it through the rlsim CLI or a job)")

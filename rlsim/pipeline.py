@@ -83,6 +83,8 @@ def make_context(sections: dict, data_cfg: DataConfig, out: str | Path, progress
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown pipeline stage(s) {unknown} (known: {', '.join(STAGES)})")
+    if "sweep" in cfg.stages and "reward" in cfg.stages and cfg.stages.index("sweep") > cfg.stages.index("reward"):
+        raise ConfigError("pipeline.stages: 'sweep' must come before 'reward' (the reward stage trains with its best)")
     return RunContext(data_cfg=data_cfg, sections=sections, out=Path(out), cfg=cfg, progress=progress)
 
 
@@ -116,10 +118,19 @@ def _reward_cfg(ctx: RunContext):
 
 
 def stage_reward(ctx: RunContext, d: Path) -> dict:
+    """The reward model; when the sweep stage ran, with the sweep's best hyperparameters."""
+    import dataclasses
+
     train_mod = _need("rlsim.reward.train", "reward")
     cfg = _reward_cfg(ctx)
+    sweep = ctx.stage_metrics("sweep") if "sweep" in ctx.cfg.stages else None
+    if sweep:
+        cfg = dataclasses.replace(cfg, **sweep["best_config"]).validate()
     ds, split = ctx.load()
     metrics = train_mod.train_reward_model(ctx.data_cfg, cfg, d, dataset=ds, split=split)
+    metrics["hyperparameters_from"] = "sweep (OUT/sweep/best.yaml)" if sweep else "config reward: section"
+    if sweep:
+        metrics["sweep_best_config"] = sweep["best_config"]
     # Predictions on both sides of the split feed the per-user train-vs-test plots.
     predictor = _need("rlsim.reward.predict", "reward").RewardPredictor.load(d / "checkpoint")
     for side, pairs in (("train", split.train), ("test", split.test)):
@@ -166,24 +177,35 @@ def _stage_out(d: Path, stage: str) -> dict:
     return read_json(p)
 
 
+def _candidates_cfg(ctx: RunContext):
+    return from_dict(_need("rlsim.candidates", "candidates").CandidatesConfig, ctx.section("candidates"),
+                     "candidates").validate()
+
+
 def stage_candidates(ctx: RunContext, d: Path) -> dict:
-    _need("rlsim.candidates", "candidates")
-    _run_cli(ctx, "candidates", ["candidates", "build", "--config", str(_config_file(ctx)), "--out", str(d)])
-    return _stage_out(d, "candidates")
+    ds, split = ctx.load()
+    return _need("rlsim.candidates", "candidates").write_candidates(ctx.data_cfg, _candidates_cfg(ctx), d,
+                                                                   dataset=ds, split=split)
 
 
 def stage_policy(ctx: RunContext, d: Path) -> dict:
-    """PPO over the candidates against the reward model (MF when the reward stage has not run)."""
-    _need("rlsim.policy.train", "policy")
-    cfg = str(_config_file(ctx))
-    argv = ["policy", "train", "--config", cfg, "--out", str(d / "train")]
-    if (ctx.stage_dir("candidates") / "candidates.parquet").is_file():
-        argv += ["--candidates", str(ctx.stage_dir("candidates"))]
+    """PPO over the candidates against the reward model (MF when the reward stage has not run),
+    judged on held-out users."""
+    run = _need("rlsim.policy.run", "policy")
+    from rlsim.policy.config import PolicyConfig
+    from rlsim.simulators.factory import SimulatorSpec
+
+    ds, split = ctx.load()
+    pcfg = from_dict(PolicyConfig, ctx.section("policy"), "policy").validate()
+    cpath = ctx.stage_dir("candidates") / "candidates.parquet"
+    cands = pd.read_parquet(cpath) if cpath.is_file() else None
     ckpt = ctx.stage_dir("reward") / "checkpoint"
-    argv += ["--reward", "model", "--reward-checkpoint", str(ckpt)] if ckpt.is_dir() else ["--reward", "mf"]
-    _run_cli(ctx, "policy", argv)
-    _run_cli(ctx, "policy", ["policy", "evaluate", "--config", cfg, "--run", str(d / "train"), "--out", str(d)])
-    return _stage_out(d, "policy")
+    spec = SimulatorSpec("model", str(ckpt)) if ckpt.is_dir() else SimulatorSpec("mf")
+    train = run.train_policy(ctx.data_cfg, pcfg, spec, d / "train", candidates=cands, ccfg=_candidates_cfg(ctx),
+                             sections=ctx.sections, dataset=ds, split=split, progress=ctx.progress)
+    metrics = run.evaluate_policy(ctx.data_cfg, d / "train", d, sections=ctx.sections, dataset=ds, split=split)
+    metrics["training"] = {k: train.get(k) for k in ("wall_seconds", "env_steps", "env_steps_per_s", "users")}
+    return metrics
 
 
 def stage_profiles(ctx: RunContext, d: Path) -> dict:
@@ -279,7 +301,9 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
            "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))}}
     policy = ctx.stage_metrics("policy")
     if policy:
-        out["policy"] = {k2: policy.get(k2) for k2 in ("policy", "random", "oracle", "gap_closed")}
+        out["policy"] = {k2: policy.get(k2) for k2 in (
+            "policy", "random", "popularity", "greedy", "simulator_oracle", "real_oracle", "gap_closed",
+            "real_hit_rate", "held_out_users", "ndcg", "greedy_source", "like_threshold", "train_users", "reward")}
     if personas:
         out["personas"] = {k2: personas.get(k2) for k2 in ("persona", "reward_model", "baselines", "users",
                                                             "coverage", "backend") if k2 in personas}

@@ -6,8 +6,8 @@ folder or a pyarrow filesystem URI such as file:///... or s3://...), and a secon
 resume=True continues it with Tuner.restore. The best trial's config is exported as a YAML
 that `rlsim reward train --config best.yaml` accepts (sections data + reward).
 
-Nothing here calls ray.init(): Tune starts a local Ray when none is running, and the CLI/jobs
-connect to a cluster first when they are given one.
+Nothing here calls ray.init(): the caller (the CLI, the pipeline command or a job) starts or joins
+Ray once, so the sweep uses that Ray's CPUs and temp dir, and so do the stages after it.
 """
 
 from __future__ import annotations
@@ -131,8 +131,10 @@ def run_sweep(data_cfg: DataConfig, base, tcfg: TuneConfig, out_dir: str | Path 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from rlsim.errors import require_ray
     from rlsim.reward.train import prepare
 
+    require_ray("the reward sweep")
     tcfg.validate()
     base = dataclasses.replace(base, epochs=tcfg.max_epochs, progress=False)
     base.validate()

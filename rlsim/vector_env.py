@@ -66,7 +66,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         if self.mode == "static":
             self.table = data.rewards if data.rewards is not None else score_all(data, self.sim)
         elif self.sim is None:
-            raise ConfigError("SessionVectorEnv needs a simulator (env_config 'source' or 'reward_actor')")
+            raise ConfigError("SessionVectorEnv needs a simulator (env_config 'source' or 'simulator_actor')")
         # Users this env trains on (rows of data); the rest are held out for evaluation.
         rows = cfg.get("user_rows")
         self.user_rows = np.arange(len(data.user_ids)) if rows is None else np.asarray(rows, np.int64)
@@ -95,10 +95,10 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self.failed = 0  # pairs the simulator could not rate (e.g. a persona that never answered)
 
     # ------------------------------------------------------------------ users and observations
-    def _start_user(self, j: int) -> None:
+    def _start_user(self, j: int, fixed: int | None = None) -> None:
         d = self.data
-        for _ in range(100):
-            u = int(self.user_rows[self.np_random.integers(len(self.user_rows))])
+        for _ in range(1 if fixed is not None else 100):
+            u = int(self.user_rows[self.np_random.integers(len(self.user_rows))]) if fixed is None else int(fixed)
             mask = d.cand_valid[u].copy()
             if self.mode == "static":
                 mask &= ~np.isnan(self.table[u])
@@ -117,10 +117,15 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         return {"observations": base.astype(np.float32), "action_mask": self._mask.copy()}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """options={"user_rows": [N rows of data]} starts env j on that user (evaluation);
+        otherwise each env draws a user from ``user_rows`` with its seeded generator."""
         if seed is not None:
             self._np_random, self._np_random_seed = gym.utils.seeding.np_random(seed)
+        fixed = (options or {}).get("user_rows")
+        if fixed is not None and len(fixed) != self.num_envs:
+            raise ConfigError(f"reset(options=user_rows) needs {self.num_envs} rows, got {len(fixed)}")
         for j in range(self.num_envs):
-            self._start_user(j)
+            self._start_user(j, None if fixed is None else fixed[j])
         self._chained[:] = 0
         self._needs_reset[:] = False
         return self._obs(), {}

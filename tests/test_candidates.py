@@ -96,3 +96,24 @@ def test_cli_build(data_root, cache_root, tmp_path):
     assert "baselines" in m
     assert main(["candidates", "build", "--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir",
                  str(cache_root), "--out", str(out), "--weights", "x"]) == 2
+
+
+def test_weights_are_chosen_on_training_validation_never_on_test(ml100k):
+    from rlsim.candidates import candidates_stage
+    from rlsim.data import make_split
+
+    split = make_split(ml100k, "u1")
+    emb = np.random.default_rng(0).normal(size=(len(ml100k.items), 16)).astype(np.float32)
+    cfg = CandidatesConfig(k=10, sim_weight_grid=[0.0, 0.5, 1.0])
+    _, a = candidates_stage(split.train, split.test, ml100k.items, emb, cfg)
+    # A test set that says every held-out movie was loved, or hated, changes nothing about the choice.
+    _, b = candidates_stage(split.train, split.test.assign(rating=5.0), ml100k.items, emb, cfg)
+    _, c = candidates_stage(split.train, split.test.assign(rating=1.0), ml100k.items, emb, cfg)
+    assert a["tuning"] == b["tuning"] == c["tuning"]
+    assert a["weights_from"] == "validation slice of training"
+    best = max(a["tuning"]["grid"], key=lambda g: g["validation_recall"])
+    assert a["weights"] == {"pop": best["pop_weight"], "sim": best["sim_weight"]}
+    assert c["blend"]["recall"] != c["blend"]["recall"] or c["blend"]["liked"] == 0  # no liked items: NaN recall
+    _, fixed = candidates_stage(split.train, split.test, ml100k.items, emb,
+                                CandidatesConfig(k=10, tune_weights=False, pop_weight=0.3, sim_weight=0.7))
+    assert fixed["weights"] == {"pop": 0.3, "sim": 0.7} and "tuning" not in fixed

@@ -27,7 +27,7 @@ def _config(tmp_path: Path, data_root: Path, cache_root: Path, stages: list[str]
 def test_fast_pipeline_skips_done_stages(tmp_path, data_root, cache_root, capsys):
     cfg = _config(tmp_path, data_root, cache_root, ["data", "baselines", "evaluate"])
     out = tmp_path / "run"
-    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["ran"] == ["data", "baselines", "evaluate"]
     ev = m["stages"]["evaluate"]
@@ -36,10 +36,10 @@ def test_fast_pipeline_skips_done_stages(tmp_path, data_root, cache_root, capsys
     html = (out / "report.html").read_text()
     assert "Baseline gate" in html and "baseline: global_mean" in html
     capsys.readouterr()
-    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "metrics.json").read_text())["ran"] == []
     assert "nothing" in capsys.readouterr().out
-    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--no-progress", "--stages", "baselines",
+    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--quiet", "--stages", "baselines",
                  "--force"]) == 0
     assert json.loads((out / "metrics.json").read_text())["ran"] == ["baselines"]
 
@@ -64,7 +64,7 @@ def test_full_pipeline_on_fixtures(tmp_path, data_root, cache_root):
     stages = ["data", "baselines", "reward", "candidates", "policy", "profiles", "personas", "evaluate"]
     cfg = _config(tmp_path, data_root, cache_root, stages)
     out = tmp_path / "run"
-    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["stages"]) == set(stages)
     ev = m["stages"]["evaluate"]

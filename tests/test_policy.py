@@ -30,7 +30,7 @@ def test_evaluate_hand_built_exact():
                                    greedy_scores=np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 9.0]]))
     # random = mean of rated candidates: user 7 (2+5+3)/3 = 10/3, user 8 (4+1)/2 = 2.5
     assert m["random"]["mean_reward"] == pytest.approx((10 / 3 + 2.5) / 2)
-    assert m["oracle"]["mean_reward"] == pytest.approx((5 + 4) / 2)
+    assert m["simulator_oracle"]["mean_reward"] == pytest.approx((5 + 4) / 2)
     assert m["policy"]["mean_reward"] == pytest.approx((5 + 4) / 2)
     # popularity-first: user 7 item 1 (2.0), user 8 item 5 (1.0)
     assert m["popularity"]["mean_reward"] == pytest.approx(1.5)
@@ -47,6 +47,9 @@ def test_evaluate_hand_built_exact():
     assert m["random"]["real_coverage"] == pytest.approx(3 / 5)
     assert m["random"]["mean_real_rating"] == pytest.approx(3.0)
     assert m["random"]["hit_rate"] == pytest.approx((1 / 3 + 0 / 2) / 2)
+    # The real oracle picks the best held-out rating among the candidates: item 2 (4.0) and item 5 (3.0).
+    assert m["real_oracle"]["mean_real_rating"] == pytest.approx(3.5)
+    assert m["real_oracle"]["hit_rate"] == pytest.approx(0.5)
     assert table.policy.tolist() == [5.0, 4.0]
 
 
@@ -79,17 +82,16 @@ def test_short_ppo_beats_random(ml100k, tmp_path):
     from rlsim.policy.config import PolicyConfig
     from rlsim.policy.evaluate import module_choices
     from rlsim.policy.train import env_config, load_policy_module, train_ppo
-    from rlsim.sources import BaselineRewardSource
+    from rlsim.simulators.point import baseline_simulator
 
     split = make_split(ml100k, "u1")
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(len(ml100k.items), 16)).astype(np.float32)
     cands = build_candidates(split.train, ml100k.items, emb, CandidatesConfig(k=10))
     data = build_env_data(split.train, ml100k.items, cands, emb, ml100k.scale, dims=8)
-    src = BaselineRewardSource.fit("mf", split.train, ml100k.scale)
-    rewards = score_all(data, src)
+    rewards = score_all(data, baseline_simulator("mf", split.train, ml100k.scale))
     cfg = PolicyConfig(iterations=8, train_batch_size=1000, minibatch_size=250, num_envs_per_env_runner=8,
-                       users_per_episode=8, hidden=32, lr=3e-3)
+                       users_per_episode=8, hidden=32, lr=3e-3, reward_mode="static")
     ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rlsim-t-", dir="/tmp"),
              log_to_driver=False, ignore_reinit_error=True)
     try:
@@ -101,7 +103,7 @@ def test_short_ppo_beats_random(ml100k, tmp_path):
     picks = module_choices(module, initial_observations(data, rewards))
     res, _ = evaluate_strategies(data, rewards, {"policy": picks})
     assert res["policy"]["mean_reward"] > res["random"]["mean_reward"] + 0.3 * (
-        res["oracle"]["mean_reward"] - res["random"]["mean_reward"]), res
+        res["simulator_oracle"]["mean_reward"] - res["random"]["mean_reward"]), res
 
 
 def test_torch_ppo_learns(ml100k):
@@ -110,7 +112,7 @@ def test_torch_ppo_learns(ml100k):
     from rlsim.data import make_split
     from rlsim.env import build_env_data, score_all
     from rlsim.policy.torch_ppo import TorchPPOConfig, train_torch_ppo
-    from rlsim.sources import BaselineRewardSource
+    from rlsim.simulators.point import baseline_simulator
 
     import torch
 
@@ -118,11 +120,12 @@ def test_torch_ppo_learns(ml100k):
     emb = np.random.default_rng(1).normal(size=(len(ml100k.items), 16)).astype(np.float32)
     cands = build_candidates(split.train, ml100k.items, emb, CandidatesConfig(k=10))
     data = build_env_data(split.train, ml100k.items, cands, emb, ml100k.scale, dims=8)
-    rewards = score_all(data, BaselineRewardSource.fit("mf", split.train, ml100k.scale))
+    rewards = score_all(data, baseline_simulator("mf", split.train, ml100k.scale))
     data = data.with_rewards(rewards)
-    out = train_torch_ppo(data, {"users_per_episode": 8}, TorchPPOConfig(
+    out = train_torch_ppo(data, {"users_per_episode": 8, "reward_mode": "static"}, TorchPPOConfig(
         iterations=8, num_envs=8, steps_per_iteration=1000, minibatch_size=250, hidden=32, lr=3e-3))
-    assert out["env_steps"] == 8 * 1000 and len(out["history"]) == 8
+    # 125 steps x 8 envs per iteration, less the reset steps after each 8-user episode.
+    assert 8 * 1000 * 0.85 < out["env_steps"] <= 8 * 1000 and len(out["history"]) == 8
     obs = initial_observations(data, rewards)
     with torch.no_grad():
         logits, _ = out["net"](torch.from_numpy(obs["observations"]), torch.from_numpy(obs["action_mask"]))
@@ -139,5 +142,5 @@ def test_evaluate_sessions_hand_built():
     s = evaluate_sessions(data, rewards, first_available, horizon=2, history=1)
     # user 7 is shown items 0 then 1 (2, 5); user 8 items 0 then 1 (4, 1).
     assert s["policy"]["mean_reward"] == pytest.approx(((2 + 5) / 2 + (4 + 1) / 2) / 2)
-    assert s["oracle"]["mean_reward"] == pytest.approx(((5 + 3) / 2 + (4 + 1) / 2) / 2)
+    assert s["simulator_oracle"]["mean_reward"] == pytest.approx(((5 + 3) / 2 + (4 + 1) / 2) / 2)
     assert s["random"]["mean_reward"] == pytest.approx((10 / 3 + 2.5) / 2)

@@ -21,6 +21,57 @@ def test_policy_train_model_reward_needs_checkpoint(tmp_path, data_root, cache_r
     assert rc == 2
 
 
+def test_held_out_users_are_seeded_and_disjoint():
+    from rlsim.policy.run import split_users
+
+    tr, ho = split_users(100, 0.2, seed=3)
+    assert len(ho) == 20 and len(tr) == 80 and not set(tr) & set(ho) and set(tr) | set(ho) == set(range(100))
+    tr2, ho2 = split_users(100, 0.2, seed=3)
+    assert (ho == ho2).all() and not (ho == split_users(100, 0.2, seed=4)[1]).all()
+    assert len(split_users(10, 0.0, 0)[1]) == 0
+
+
+def test_evaluate_refuses_another_split():
+    from rlsim.config import DataConfig
+    from rlsim.errors import ConfigError
+    from rlsim.policy.run import check_same_data
+
+    meta = {"data": {"dataset": "ml-100k", "split": "u1", "seed": 0, "test_frac": 0.2}}
+    check_same_data(meta, DataConfig(dataset="ml-100k", split="u1"))
+    with pytest.raises(ConfigError, match="split u1"):
+        check_same_data(meta, DataConfig(dataset="ml-100k", split="u2"))
+
+
+def test_policy_train_then_evaluate_on_held_out_users(tmp_path, data_root, cache_root, capfd):
+    """Train (sampled rewards from the MF simulator), evaluate on users never trained on; default
+    output has no Ray/RLlib notices."""
+    data = ["--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download"]
+    run, ev = tmp_path / "run", tmp_path / "eval"
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("candidates:\n  k: 10\npolicy:\n  train_batch_size: 500\n  minibatch_size: 250\n"
+                   "  hidden: 16\n  users_per_episode: 8\n  num_envs_per_env_runner: 8\n")
+    assert main(["policy", "train", *data, "--config", str(cfg), "--reward", "mf", "--out", str(run),
+                 "--iterations", "2", "--num-cpus", "1", "--quiet"]) == 0
+    tm = json.loads((run / "train_metrics.json").read_text())
+    assert tm["config"]["reward_mode"] == "sampled"
+    # One batched simulator request per env step (8 sessions each), never one per user.
+    assert tm["simulator"]["pairs"] >= 1000 and tm["simulator"]["requests"] < tm["simulator"]["pairs"] / 4
+    meta = json.loads((run / "run.json").read_text())
+    held = set(meta["users"]["held_out_user_ids"])
+    assert held and meta["users"]["train"] > len(held)
+    assert main(["policy", "evaluate", *data, "--run", str(run), "--out", str(ev)]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["held_out_users"] == len(held) == m["users"]
+    assert set(m["real_hit_rate"]) >= {"policy", "random", "popularity", "simulator_oracle", "real_oracle"}
+    assert m["real_oracle"]["hit_rate"] >= m["policy"]["hit_rate"]
+    assert m["train_users"]["users"] == meta["users"]["train"]
+    assert {"policy", "popularity", "floor"} <= set(m["ndcg"])
+    err = capfd.readouterr().err
+    for noise in ("Token authentication", "new API stack", "DeprecationWarning", "Started a local Ray"):
+        assert noise not in err, noise
+    assert main(["policy", "evaluate", *data, "--split", "u2", "--run", str(run), "--out", str(ev)]) == 2
+
+
 @pytest.mark.slow
 def test_policy_train_then_evaluate(tmp_path, data_root, cache_root):
     data = ["--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download"]
@@ -32,10 +83,10 @@ def test_policy_train_then_evaluate(tmp_path, data_root, cache_root):
                  "--iterations", "8", "--num-cpus", "1"]) == 0
     assert (run / "checkpoint").is_dir() and (run / "candidates.parquet").is_file()
     tm = json.loads((run / "train_metrics.json").read_text())
-    assert len(tm["iterations"]) == 8 and tm["reward_actor_stats"]["calls"] >= 1
+    assert len(tm["iterations"]) == 8 and tm["simulator"]["batches"] >= 1
     assert main(["policy", "evaluate", *data, "--run", str(run), "--out", str(ev)]) == 0
     m = json.loads((ev / "metrics.json").read_text())
-    for k in ("policy", "random", "oracle", "popularity", "greedy"):
+    for k in ("policy", "random", "simulator_oracle", "real_oracle", "popularity", "greedy"):
         assert "mean_reward" in m[k]
     assert 0.0 <= m["gap_closed"] <= 1.0 and m["gap_closed"] > 0.3
     assert m["policy"]["mean_reward"] > m["random"]["mean_reward"]
@@ -44,8 +95,8 @@ def test_policy_train_then_evaluate(tmp_path, data_root, cache_root):
 
 @pytest.mark.slow
 def test_real_ml100k_policy_closes_most_of_the_gap(real_data_dir, tmp_path):
-    """The goal on real data: PPO (default settings, 20 iterations) closes >= 80% of the random-to-oracle gap (MF source;
-    15 iterations measured 0.81-0.82, 20 leave a margin)."""
+    """Real data, default settings (sampled ratings from the MF simulator), judged on the 189 held-out
+    users: 15 iterations measured gap closed 0.70 against the simulator oracle; 20 leave a margin."""
     import os
 
     cache = os.environ.get("RLSIM_CACHE_DIR", str(tmp_path / "cache"))
@@ -54,7 +105,7 @@ def test_real_ml100k_policy_closes_most_of_the_gap(real_data_dir, tmp_path):
                  "--iterations", "20"]) == 0
     assert main(["policy", "evaluate", *data, "--run", str(tmp_path / "run"), "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert m["users"] == 943 and m["k"] == 25
-    assert m["gap_closed"] >= 0.8, m["gap_closed"]
+    assert m["held_out_users"] == m["users"] == 189 and m["k"] == 25
+    assert m["gap_closed"] >= 0.5, m["gap_closed"]
     # Where the pick has a real held-out rating, it is better than a random candidate's.
     assert m["policy"]["mean_real_rating"] > m["random"]["mean_real_rating"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlsim.candidates import CandidatesConfig, evaluate_candidates
+from rlsim.candidates import CandidatesConfig, write_candidates
 from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
 from rlsim.config import from_dict
 from rlsim.errors import ConfigError
@@ -18,7 +18,8 @@ def register(sub) -> None:
     add_data_args(b)
     b.add_argument("--out", required=True, help="output folder (candidates.parquet, metrics.json)")
     b.add_argument("--k", type=int, help="candidates per user (default 25)")
-    b.add_argument("--weights", help="POP,SIM blend weights, e.g. 0.5,0.5")
+    b.add_argument("--weights", help="fixed POP,SIM blend weights, e.g. 0.5,0.5 (default: chosen on a validation "
+                                     "slice of the training ratings)")
     b.add_argument("--like-threshold", type=float, help="held-out rating counted as liked (default 4)")
     b.set_defaults(func=cmd_build)
 
@@ -29,29 +30,18 @@ def candidates_config(args, file_cfg: dict) -> CandidatesConfig:
     if getattr(args, "weights", None):
         try:
             cfg.pop_weight, cfg.sim_weight = (float(x) for x in args.weights.split(","))
+            cfg.tune_weights = False
         except ValueError:
             raise ConfigError(f"--weights must be POP,SIM (two numbers), got {args.weights!r}") from None
     return cfg.validate()
 
 
 def cmd_build(args) -> int:
-    from rlsim.baselines import evaluate_baselines
-    from rlsim.data import load_split
-    from rlsim.embeddings import item_text_vectors
-    from rlsim.io import write_json, write_parquet
-
     file_cfg = load_config_file(args)
     dcfg = data_config(args, file_cfg)
-    ccfg = candidates_config(args, file_cfg)
-    ds, split = load_split(dcfg)
-    emb = item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir)
-    cands, metrics = evaluate_candidates(split.train, split.test, ds.items, emb, ccfg)
-    out = Path(args.out)
-    write_parquet(cands, out / "candidates.parquet")
-    metrics = {"dataset": dcfg.dataset, "split": split.summary(), "candidates": metrics,
-               "baselines": evaluate_baselines(split.train, split.test, ds.scale, seed=dcfg.seed)}
-    write_json(out / "metrics.json", metrics)
-    print(json.dumps({k: round(metrics["candidates"][k]["recall"], 4)
-                      for k in ("popularity", "similarity", "blend")}))
-    print(f"wrote {out / 'candidates.parquet'}")
+    metrics = write_candidates(dcfg, candidates_config(args, file_cfg), args.out)
+    c = metrics["candidates"]
+    print(json.dumps({**{k: round(c[k]["recall"], 4) for k in ("popularity", "similarity", "blend")},
+                      "weights": c["weights"], "weights_from": c["weights_from"]}))
+    print(f"wrote {Path(args.out) / 'candidates.parquet'}")
     return 0

@@ -1,10 +1,20 @@
-"""`rlsim pipeline`: every stage in order into OUT/<stage>/, then OUT/metrics.json and OUT/report.html."""
+"""`rlsim pipeline`: every stage in order into OUT/<stage>/, then OUT/metrics.json and OUT/report.html.
+
+Ray is started (or joined with --ray-address) once, here: every stage that needs it (the sweep,
+the policy's simulator actor and env runners, the persona pool) runs in that one Ray.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 
-from rlsim.cli import add_data_args, data_config, load_config_file
+from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, data_config, load_config_file
+from rlsim.commands.ray_session import ray_session
+
+# Stages that run on Ray (the sweep's trials, the policy's simulator actor and env runners, the persona pool).
+RAY_STAGES = {"sweep", "policy", "personas"}
 
 
 def register(sub) -> None:
@@ -14,7 +24,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (one subfolder per stage)")
     p.add_argument("--stages", help="comma-separated stages to run instead of the config's pipeline.stages")
     p.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
+    add_ray_arg(p)
+    add_quiet_arg(p)
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -26,8 +38,12 @@ def cmd_pipeline(args) -> int:
     if args.stages:
         sections = {**sections, "pipeline": {**(sections.get("pipeline") or {}),
                                              "stages": [s.strip() for s in args.stages.split(",") if s.strip()]}}
-    ctx = make_context(sections, cfg, args.out, progress=not args.no_progress)
-    summary = run_pipeline(ctx, force=args.force)
+    ctx = make_context(sections, cfg, args.out, progress=not args.quiet)
+    needs_ray = bool(set(ctx.cfg.stages) & RAY_STAGES)
+    with ray_session(args.ray_address, verbose=args.verbose, num_cpus=args.num_cpus, include_dashboard=False,
+                     _temp_dir=None if args.ray_address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")) \
+            if needs_ray else contextlib.nullcontext():
+        summary = run_pipeline(ctx, force=args.force)
     out = Path(args.out)
     ran = ", ".join(summary["ran"]) or "nothing (all stages were done)"
     print(f"ran: {ran}")

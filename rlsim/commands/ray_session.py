@@ -3,24 +3,45 @@ else start a private one, and stop only what was started here."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def quiet_ray(verbose: bool, rllib: bool = False) -> int:
+    """Ray's and RLlib's own notices (token auth, "started a local instance", new API stack,
+    deprecations raised inside RLlib itself) are library logs: shown only with --verbose.
+
+    Importing ray (and ray.rllib) resets their loggers' levels, so they are imported first."""
+    import ray  # noqa: F401
+
+    if rllib:
+        import ray.rllib  # noqa: F401
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("ray", "ray.rllib", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(level)
+    return level
+
+
 @contextmanager
-def ray_session(address: str | None = None, **init_kwargs):
+def ray_session(address: str | None = None, verbose: bool = False, **init_kwargs):
     import ray
 
     if ray.is_initialized():
         yield ray
         return
+    level = quiet_ray(verbose)
+    init_kwargs.setdefault("log_to_driver", verbose)
+    init_kwargs.setdefault("logging_level", level)
+    init_kwargs.setdefault("runtime_env", {"env_vars": WORKER_ENV})
     if address:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(address=address, **{k: v for k, v in init_kwargs.items()
+                                     if k in ("log_to_driver", "logging_level", "runtime_env", "namespace")})
     else:
-        init_kwargs.setdefault("runtime_env", {"env_vars": WORKER_ENV})
         # "local": a private Ray even when RAY_ADDRESS points at some cluster.
         ray.init(address="local", **init_kwargs)
+    quiet_ray(verbose, rllib=True)  # ray.init reconfigures its logger
     try:
         yield ray
     finally:

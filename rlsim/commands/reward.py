@@ -1,13 +1,15 @@
-"""`rlsim reward train|evaluate`: the v-tf reward model on a split, with the baseline gate beside it."""
+"""`rlsim reward train|evaluate|tune`: the v-tf reward model on a split, with the baseline gate
+beside it, and its Ray Tune sweep (Ray started or joined here, at the edge)."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
-from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
-from rlsim.config import to_dict
+import tempfile
+
+from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
+from rlsim.config import from_dict, to_dict
 from rlsim.errors import ConfigError
 
 # flag -> RewardConfig field (flags override the `reward:` YAML section)
@@ -27,14 +29,26 @@ def register(sub) -> None:
     g.add_argument("--no-history", action="store_true", help="drop the rated-items token")
     g.add_argument("--no-user-features", action="store_true", help="drop the demographics token")
     g.add_argument("--no-history-ratings", action="store_true", help="drop the user/item rating-history tokens")
-    g.add_argument("--progress", action="store_true", help="log every epoch")
     tr.add_argument("--out", required=True, help="run folder")
+    add_quiet_arg(tr)
     tr.set_defaults(func=cmd_train)
     ev = rsub.add_parser("evaluate", help="reload a checkpoint and evaluate it on a split")
     add_data_args(ev)
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder (or a run folder holding checkpoint/)")
     ev.add_argument("--out", required=True, help="output folder (metrics.json, per_user.parquet, plots)")
     ev.set_defaults(func=cmd_evaluate)
+    tu = rsub.add_parser("tune", help="ASHA sweep (sections: data, reward, tune); writes OUT/best.yaml")
+    add_data_args(tu)
+    tu.add_argument("--out", required=True, help="folder for best.yaml, trials.csv, metrics.json")
+    tu.add_argument("--num-samples", type=int, help="trials (tune.num_samples)")
+    tu.add_argument("--max-concurrent", type=int, help="trials at once (tune.max_concurrent)")
+    tu.add_argument("--max-epochs", type=int, help="epochs per trial at most (tune.max_epochs)")
+    tu.add_argument("--storage-path", help="experiment root: folder or URI (file:///..., s3://...)")
+    tu.add_argument("--name", help="experiment name (tune.name)")
+    tu.add_argument("--resume", action="store_true", help="restore <storage-path>/<name> and finish it")
+    tu.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
+    add_ray_arg(tu)
+    tu.set_defaults(func=cmd_tune)
 
 
 def reward_config(args, file_cfg: dict):
@@ -66,8 +80,7 @@ def cmd_train(args) -> int:
     file_cfg = load_config_file(args)
     dcfg = data_config(args, file_cfg)
     cfg = reward_config(args, file_cfg)
-    if args.progress:
-        logging.getLogger("rlsim.reward").setLevel(logging.INFO)
+    cfg.progress = not args.quiet
     result = train_reward_model(dcfg, cfg, Path(args.out))
     print(_summary(result))
     print(f"wrote {Path(args.out) / 'metrics.json'} and checkpoint {Path(args.out) / 'checkpoint'}")
@@ -96,4 +109,28 @@ def cmd_evaluate(args) -> int:
     write_json(out / "metrics.json", result)
     print(_summary(result))
     print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from rlsim.commands.ray_session import ray_session
+    from rlsim.reward.config import RewardConfig
+    from rlsim.tune import TuneConfig, run_sweep
+
+    file_cfg = load_config_file(args)
+    dcfg = data_config(args, file_cfg)
+    base = RewardConfig.from_dict(file_cfg.get("reward"))
+    if args.seed is not None:
+        base.seed = args.seed
+    tcfg = from_dict(TuneConfig, file_cfg.get("tune"), "tune")
+    apply_flags(tcfg, args, [(f, f) for f in ("num_samples", "max_concurrent", "max_epochs", "storage_path", "name",
+                                              "seed")])
+    if tcfg.storage_path is None:
+        tcfg.storage_path = str((Path(args.out) / "ray_results").resolve())
+    with ray_session(args.ray_address, verbose=args.verbose, num_cpus=args.num_cpus, include_dashboard=False,
+                     _temp_dir=None if args.ray_address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")):
+        metrics = run_sweep(dcfg, base, tcfg, out_dir=args.out, resume=args.resume)
+    print(json.dumps({"best_config": metrics["best_config"], "best": metrics["best"],
+                      "n_trials": metrics["n_trials"], "n_errors": metrics["n_errors"]}, indent=2))
+    print(f"wrote {Path(args.out) / 'best.yaml'} (use: rlsim reward train --config {Path(args.out) / 'best.yaml'})")
     return 0

@@ -11,6 +11,16 @@ from rlsim.errors import ConfigError
 class PolicyConfig:
     # Environment
     horizon: int = 1
+    # How a step's reward is drawn from the simulator (rlsim.vector_env): "sampled" (a rating drawn
+    # from its distribution given the session so far), "expected" (the distribution's expectation,
+    # session-conditioned) or "static" (one table of no-session expectations, scored once: the
+    # fast path for deterministic horizon-1 training, only when asked for).
+    reward_mode: str = "sampled"
+    # Users held out of training (seeded), on whom `policy evaluate` judges the policy.
+    holdout_users: float = 0.2
+    # Optional session exit (Agent4Rec-style): leave when the mean of the last exit_window ratings < threshold.
+    exit_threshold: float | None = None
+    exit_window: int = 3
     history: int = -1  # shown items kept in the observation; -1 = min(horizon - 1, 4)
     center: bool = True  # reward = rating - the user's train mean
     # Horizon 1 only: chain this many users into one RLlib episode (gamma is then forced to 0,
@@ -39,6 +49,14 @@ class PolicyConfig:
             raise ConfigError(f"policy.horizon must be >= 1, got {self.horizon}")
         if self.iterations < 1:
             raise ConfigError(f"policy.iterations must be >= 1, got {self.iterations}")
+        from rlsim.vector_env import REWARD_MODES
+
+        if self.reward_mode not in REWARD_MODES:
+            raise ConfigError(f"policy.reward_mode must be one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
+        if not 0.0 <= self.holdout_users < 1.0:
+            raise ConfigError(f"policy.holdout_users must be in [0, 1), got {self.holdout_users}")
+        if self.exit_window < 1:
+            raise ConfigError("policy.exit_window must be >= 1")
         if self.minibatch_size > self.train_batch_size:
             raise ConfigError("policy.minibatch_size must not exceed policy.train_batch_size")
         return self

@@ -1,9 +1,16 @@
-"""Per-user evaluation of a pick among each user's candidates, against random, oracle and heuristics.
+"""Per-user evaluation of a pick among each user's candidates, against random, oracles and heuristics.
 
-Pure functions over arrays: ``rewards`` [U, K] are the source's ratings of every candidate
-(NaN = unrated or padding); a strategy is one candidate index per user. "random" is measured as
-the mean over each user's rated candidates (the expectation of a uniform pick), not assumed.
-Where the picked movie has a real held-out rating we also report its mean and the hit rate.
+Pure functions over arrays: ``rewards`` [U, K] are the simulator's expected ratings of every
+candidate (NaN = unrated or padding); a strategy is one candidate index per user. "random" is
+measured as the mean over each user's rated candidates (the expectation of a uniform pick), not
+assumed. Two views, never mixed:
+- the simulator's: mean simulated rating of the picks; "simulator_oracle" is the simulator's own
+  favourite (an upper bound drawn from the simulator, not from real users) and gap_closed is
+  measured against it;
+- real behaviour: hit rate (share of picks that are held-out movies the user rated >= the like
+  threshold; a pick without a held-out rating is a miss), the mean real rating of picks that have
+  one (with its coverage), "real_oracle" (the candidate with the best real held-out rating) and the
+  NDCG of each strategy's ranking of the candidates against the held-out ratings, beside its floor.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ def argmax_masked(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.argmax(s, axis=1)
 
 
-def module_choices(module, obs: dict[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
-    """Greedy (argmax of masked logits) picks of an RLModule (or any callable giving logits)."""
+def module_logits(module, obs: dict[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
+    """[U, K] masked logits of an RLModule: the policy's ranking of each user's candidates."""
     import torch
 
     from ray.rllib.core.columns import Columns
@@ -43,9 +50,13 @@ def module_choices(module, obs: dict[str, np.ndarray], batch_size: int = 4096) -
     with torch.no_grad():
         for s in range(0, len(obs["observations"]), batch_size):
             b = {k: torch.from_numpy(v[s:s + batch_size]) for k, v in obs.items()}
-            logits = module.forward_inference({Columns.OBS: b})[Columns.ACTION_DIST_INPUTS]
-            out.append(logits.argmax(-1).numpy())
-    return np.concatenate(out) if out else np.zeros(0, int)
+            out.append(module.forward_inference({Columns.OBS: b})[Columns.ACTION_DIST_INPUTS].numpy())
+    return np.concatenate(out) if out else np.zeros((0, obs["action_mask"].shape[1]), np.float32)
+
+
+def module_choices(module, obs: dict[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
+    """Greedy (argmax of masked logits) picks of an RLModule."""
+    return module_logits(module, obs, batch_size).argmax(-1)
 
 
 def held_out_ratings(data: EnvData, test: pd.DataFrame | None) -> np.ndarray:
@@ -75,7 +86,8 @@ def _summary(per_user: np.ndarray, real: np.ndarray, like_threshold: float) -> d
 def evaluate_strategies(data: EnvData, rewards: np.ndarray, choices: dict[str, np.ndarray],
                         test: pd.DataFrame | None = None, like_threshold: float = 4.0,
                         greedy_scores: np.ndarray | None = None) -> tuple[dict, pd.DataFrame]:
-    """Summary per strategy plus random/oracle/popularity(/greedy), and gap_closed of "policy".
+    """Summary per strategy plus random / simulator_oracle / real_oracle / popularity (/ greedy), and
+    gap_closed of "policy" (against the simulator oracle).
 
     Returns (metrics, per-user table with one reward column per strategy).
     """
@@ -85,8 +97,9 @@ def evaluate_strategies(data: EnvData, rewards: np.ndarray, choices: dict[str, n
     real = held_out_ratings(data, test)
     rows = np.arange(len(data.user_ids))
     picks = dict(choices)
-    picks["oracle"] = argmax_masked(rewards, mask)
+    picks["simulator_oracle"] = argmax_masked(rewards, mask)
     picks["popularity"] = argmax_masked(data.pop_score, mask)
+    picks["real_oracle"] = argmax_masked(np.nan_to_num(real, nan=-np.inf), mask)
     if greedy_scores is not None:
         picks["greedy"] = argmax_masked(np.nan_to_num(greedy_scores, nan=-np.inf), mask)
     metrics: dict = {}
@@ -111,8 +124,8 @@ def evaluate_strategies(data: EnvData, rewards: np.ndarray, choices: dict[str, n
         "hit_rate": float(np.mean((np.where(mask, np.nan_to_num(real, nan=-np.inf), -np.inf) >= like_threshold).sum(1)[users_ok]
                                   / n[users_ok])) if users_ok.any() else float("nan")}
     table["random"] = rnd
-    lo, hi = metrics["random"]["mean_reward"], metrics["oracle"]["mean_reward"]
-    for name in [k for k in picks if k not in ("oracle",)]:
+    lo, hi = metrics["random"]["mean_reward"], metrics["simulator_oracle"]["mean_reward"]
+    for name in [k for k in picks if k != "simulator_oracle"]:
         raw = (metrics[name]["mean_reward"] - lo) / (hi - lo) if hi > lo else float("nan")
         metrics[name]["gap_closed"] = raw
     if "policy" in metrics:
@@ -120,6 +133,25 @@ def evaluate_strategies(data: EnvData, rewards: np.ndarray, choices: dict[str, n
         metrics["gap_closed_raw"] = raw
         metrics["gap_closed"] = float(np.clip(raw, 0.0, 1.0)) if np.isfinite(raw) else float("nan")
     return metrics, table
+
+
+def ranking_ndcg(data: EnvData, scores: dict[str, np.ndarray], real: np.ndarray, k: int = 10) -> dict:
+    """NDCG@k of each strategy's ranking of a user's candidates against their held-out ratings.
+
+    Per user, over the candidates that have a held-out rating (users with at least two such);
+    ``floor`` is the expected NDCG of a random ranking of the same items (rlsim.metrics)."""
+    from rlsim.metrics import ndcg_at_k, random_ndcg_at_k
+
+    has = ~np.isnan(real) & data.cand_valid
+    users = np.flatnonzero(has.sum(1) >= 2)
+    out: dict = {"k": k, "users": int(len(users))}
+    if not len(users):
+        return out
+    for name, sc in scores.items():
+        out[name] = float(np.mean([ndcg_at_k(real[u, has[u]], np.nan_to_num(sc[u, has[u]], nan=-1e9), k)
+                                   for u in users]))
+    out["floor"] = float(np.mean([random_ndcg_at_k(real[u, has[u]], k) for u in users]))
+    return out
 
 
 def boxplot(table: pd.DataFrame, path: str | Path, title: str = "per-user reward") -> Path:
@@ -130,42 +162,49 @@ def boxplot(table: pd.DataFrame, path: str | Path, title: str = "per-user reward
 
     from rlsim.plots import save_png
 
-    cols = [c for c in ["random", "popularity", "greedy", "policy", "oracle"] if c in table]
+    cols = [c for c in ["random", "popularity", "greedy", "policy", "simulator_oracle"] if c in table]
     fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 4))
     ax.boxplot([table[c].dropna().to_numpy() for c in cols], showmeans=True)
-    ax.set_xticks(range(1, len(cols) + 1), cols)
-    ax.set_ylabel("source rating of the pick")
+    ax.set_xticks(range(1, len(cols) + 1), [c.replace("_", "\n") for c in cols])
+    ax.set_ylabel("simulated rating of the pick")
     ax.set_title(title)
     return save_png(fig, path, dpi=100)
 
 
 def evaluate_sessions(data: EnvData, rewards: np.ndarray, choose, horizon: int, history: int) -> dict:
-    """Horizon > 1: mean source rating per pick over each user's session.
+    """Horizon > 1: mean simulated (expected) rating per pick over each user's whole session.
 
-    choose(obs_batch) -> actions. Random is the mean over the user's rated candidates (a uniform
-    pick without replacement has that expectation at every step); the oracle shows the user's
-    top-`horizon` candidates.
+    choose(obs_batch) -> actions. Every user plays one session in a SessionVectorEnv over the
+    static table (all users at once). Random is the mean over the user's rated candidates (a
+    uniform pick without replacement has that expectation at every step); the simulator oracle
+    shows the user's top-`horizon` candidates.
     """
-    from rlsim.env import RecommendationEnv
+    from rlsim.vector_env import SessionVectorEnv
 
-    env = RecommendationEnv({"data": data.with_rewards(rewards), "horizon": horizon, "history": history,
-                             "center": False})
     mask = available(data, rewards)
+    rows = np.flatnonzero(mask.any(1))
     per_user = np.full(len(data.user_ids), np.nan)
-    for u in np.flatnonzero(mask.any(1)):
-        obs, _ = env.reset(options={"user_index": int(u)})
-        got, done = [], False
-        while not done:
-            a = int(choose({k: v[None] for k, v in obs.items()})[0])
-            obs, _, done, _, info = env.step(a)
-            got.append(info["rating"])
-        per_user[u] = np.mean(got)
+    if len(rows):
+        env = SessionVectorEnv({"data": data.with_rewards(rewards), "horizon": horizon, "history": history,
+                                "center": False, "reward_mode": "static", "num_envs": len(rows)})
+        obs, _ = env.reset(seed=0, options={"user_rows": rows})
+        got = np.zeros(len(rows))
+        done = np.zeros(len(rows), bool)
+        steps = np.zeros(len(rows))
+        while not done.all():
+            obs, _, term, trunc, info = env.step(choose(obs))
+            live = ~done & info["_rating"]
+            got[live] += info["rating"][live]
+            steps[live] += 1
+            done |= term | trunc
+        per_user[rows] = got / np.maximum(steps, 1)
     srt = -np.sort(-np.where(mask, rewards, -np.inf), axis=1)
     n = np.minimum(mask.sum(1), horizon)
     oracle = np.array([srt[i, :n[i]].mean() if n[i] else np.nan for i in range(len(n))])
     rnd = np.where(mask.any(1), np.where(mask, rewards, 0).sum(1) / np.maximum(mask.sum(1), 1), np.nan)
     out = {"horizon": horizon, "policy": {"mean_reward": float(np.nanmean(per_user))},
-           "random": {"mean_reward": float(np.nanmean(rnd))}, "oracle": {"mean_reward": float(np.nanmean(oracle))}}
-    lo, hi = out["random"]["mean_reward"], out["oracle"]["mean_reward"]
+           "random": {"mean_reward": float(np.nanmean(rnd))},
+           "simulator_oracle": {"mean_reward": float(np.nanmean(oracle))}}
+    lo, hi = out["random"]["mean_reward"], out["simulator_oracle"]["mean_reward"]
     out["gap_closed"] = float((out["policy"]["mean_reward"] - lo) / (hi - lo)) if hi > lo else float("nan")
     return out

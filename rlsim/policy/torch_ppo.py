@@ -1,8 +1,8 @@
 """A compact, single-file PPO in plain torch (CleanRL style) on the same env and the same network.
 
-It exists to measure what RLlib costs: same RecommendationEnv (gymnasium SyncVectorEnv), same
-SlateScorer network, same batch/minibatch/epoch settings. Masked categorical policy, GAE,
-clipped surrogate, value loss, optional entropy bonus.
+It exists to measure what RLlib costs: same SessionVectorEnv (N sessions, one simulator request
+per step), same SlateScorer network, same batch/minibatch/epoch settings. Masked categorical
+policy, GAE, clipped surrogate, value loss, optional entropy bonus.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
-from rlsim.env import EnvData, RecommendationEnv, obs_layout
+from rlsim.env import EnvData, obs_layout
+from rlsim.vector_env import SessionVectorEnv
 from rlsim.policy.rl_module import SlateScorer
 
 
@@ -45,11 +45,9 @@ def _stack(obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=None) -> dict:
     """Train; returns {"net", "history", "env_steps", "seconds", "env_steps_per_s"}."""
     torch.manual_seed(cfg.seed)
-    env_config = {**env_config, "data": data}
-    # SAME_STEP autoreset: a finished env returns its next episode's first observation at once,
-    # so no step is wasted on a reset and every transition carried an action.
-    envs = gym.vector.SyncVectorEnv([lambda: RecommendationEnv(env_config) for _ in range(cfg.num_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    # NEXT_STEP autoreset: the step after an episode ends only resets that env; it carries no
+    # transition and is masked out of the loss.
+    envs = SessionVectorEnv({**env_config, "data": data, "num_envs": cfg.num_envs})
     gamma = 0.0 if env_config.get("users_per_episode", 1) > 1 else cfg.gamma
     layout = obs_layout(data, env_config.get("history", 0))
     net = SlateScorer(layout["user_dim"], layout["cand_dim"], layout["k"], layout["history"], cfg.hidden)
@@ -64,7 +62,7 @@ def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=No
     for it in range(1, cfg.iterations + 1):
         t0 = time.perf_counter()
         B_obs, B_mask = torch.zeros((T, N, o.shape[1])), torch.zeros((T, N, m.shape[1]))
-        B_act, B_logp, B_rew, B_done, B_val = (torch.zeros((T, N)) for _ in range(5))
+        B_act, B_logp, B_rew, B_done, B_val, B_ok = (torch.zeros((T, N)) for _ in range(6))
         # Rollout ---------------------------------------------------------------------------
         with torch.no_grad():
             for t in range(T):
@@ -73,7 +71,8 @@ def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=No
                 dist = torch.distributions.Categorical(logits=logits)
                 a = dist.sample()
                 B_act[t], B_logp[t], B_val[t] = a, dist.log_prob(a), net.values(emb)
-                obs, r, term, trunc, _ = envs.step(a.numpy())
+                obs, r, term, trunc, info = envs.step(a.numpy())
+                B_ok[t] = torch.as_tensor(info["_rating"], dtype=torch.float32)
                 B_rew[t] = torch.as_tensor(r, dtype=torch.float32)
                 B_done[t] = torch.as_tensor(np.logical_or(term, trunc), dtype=torch.float32)
                 o, m = _stack(obs)
@@ -89,8 +88,9 @@ def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=No
                 last = delta + gamma * cfg.gae_lambda * nd * last
                 adv[t] = last
             ret = adv + B_val
-        steps += T * N
-        f = lambda x: x.reshape(T * N, *x.shape[2:])  # noqa: E731
+        steps += int(B_ok.sum())
+        keep = B_ok.reshape(-1) > 0
+        f = lambda x: x.reshape(T * N, *x.shape[2:])[keep]  # noqa: E731
         b_obs, b_mask, b_act, b_logp, b_adv, b_ret = map(f, (B_obs, B_mask, B_act, B_logp, adv, ret))
         # Update ----------------------------------------------------------------------------
         n = len(b_obs)
@@ -111,7 +111,7 @@ def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=No
                 loss.backward()
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
                 opt.step()
-        row = {"iteration": it, "reward_per_step": float(B_rew.mean()), "env_steps": steps,
+        row = {"iteration": it, "reward_per_step": float(B_rew.sum() / B_ok.sum().clamp(min=1)), "env_steps": steps,
                "seconds": round(time.perf_counter() - t0, 3)}
         history.append(row)
         if log:

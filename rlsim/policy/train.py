@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rlsim.env import EnvData, RecommendationEnv, obs_layout
+from rlsim.env import EnvData, obs_layout
 from rlsim.io import write_json
 from rlsim.policy.config import PolicyConfig
+from rlsim.vector_env import SessionVectorEnv
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +21,13 @@ MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")
 
 
 def env_config(data: EnvData | None, cfg: PolicyConfig, *, data_path: str | None = None, source=None,
-               reward_actor: str | None = None, namespace: str | None = None) -> dict:
-    """The env_config dict RLlib passes to every RecommendationEnv."""
-    return {"data": data, "data_path": data_path, "source": source, "reward_actor": reward_actor,
+               simulator_actor: str | None = None, namespace: str | None = None, user_rows=None) -> dict:
+    """The env_config dict RLlib passes to every SessionVectorEnv (one per env runner)."""
+    return {"data": data, "data_path": data_path, "source": source, "simulator_actor": simulator_actor,
             "namespace": namespace, "horizon": cfg.horizon, "history": cfg.env_history(), "center": cfg.center,
-            "users_per_episode": chain_length(cfg)}
+            "users_per_episode": chain_length(cfg), "reward_mode": cfg.reward_mode,
+            "exit_threshold": cfg.exit_threshold, "exit_window": cfg.exit_window,
+            "user_rows": None if user_rows is None else [int(r) for r in user_rows]}
 
 
 def chain_length(cfg: PolicyConfig) -> int:
@@ -40,9 +43,10 @@ def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig):
     model_config = {**obs_layout(data, cfg.env_history()), "hidden": cfg.hidden}
     return (
         PPOConfig()
-        .environment(RecommendationEnv, env_config=env_cfg)
+        # The env is already vectorised: each runner's N sessions go to the simulator in one request.
+        .environment(SessionVectorEnv, env_config=env_cfg)
         .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner,
-                     rollout_fragment_length="auto")
+                     rollout_fragment_length="auto", gym_env_vectorize_mode="vector_entry_point")
         .rl_module(rl_module_spec=RLModuleSpec(module_class=SlateScorerRLModule, model_config=model_config))
         .training(lr=cfg.lr, train_batch_size_per_learner=cfg.train_batch_size, minibatch_size=cfg.minibatch_size,
                   num_epochs=cfg.num_epochs,
@@ -81,8 +85,10 @@ def iteration_summary(i: int, result: dict, seconds: float) -> dict[str, Any]:
 
 
 def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: dict | None = None,
-              on_iteration: Callable[[dict], None] | None = None) -> dict:
+              on_iteration: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
     """Train, save OUT/checkpoint, write OUT/train_metrics.json; returns the metrics dict."""
+    from tqdm.auto import tqdm
+
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +96,7 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     algo = build_ppo_config(env_cfg, data, cfg).build_algo()
     history = []
     t_start = time.perf_counter()
+    bar = tqdm(total=cfg.iterations, desc="PPO", unit="iter", disable=not progress)
     try:
         for i in range(1, cfg.iterations + 1):
             t0 = time.perf_counter()
@@ -99,11 +106,14 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
                      row["env_steps_sampled"], row["seconds"])
             if on_iteration:
                 on_iteration(row)
+            bar.update(1)
+            bar.set_postfix(reward_per_step=f"{row['reward_per_step'] or float('nan'):.3f}")
             write_json(out / "train_metrics.json", {"config": vars(cfg), "iterations": history})
         wall = time.perf_counter() - t_start
         ckpt = algo.save(str((out / "checkpoint").resolve()))
         del ckpt
     finally:
+        bar.close()
         algo.stop()
     steps = history[-1]["env_steps_sampled"] or 0
     metrics = {"config": vars(cfg), "iterations": history, "wall_seconds": round(wall, 3),

@@ -20,7 +20,8 @@ class RewardConfig:
     # Extra tokens: demographics (age bucket, gender, occupation) and the user's rated items (SVD++-like).
     user_features: bool = True
     history: bool = True
-    # A token of the user's other ratings, centred on the user's mean (the pair's own rating left out).
+    # Tokens of the user's (and the item's) other ratings, centred on the GLOBAL training mean: a
+    # user mean would include the rating being predicted (the pair's own rating is left out).
     history_ratings: bool = True
     # Optimisation.
     lr: float = 2e-3
@@ -28,7 +29,9 @@ class RewardConfig:
     # Decoupled weight decay on the ID embedding tables (they overfit first).
     emb_weight_decay: float = 2.0
     batch_size: int = 512
-    epochs: int = 25  # the cap; early stopping on validation RMSE usually ends sooner
+    epochs: int = 25  # the cap (with the cosine schedule, decay_epochs caps it first)
+    # Early stopping: stop after `patience` epochs without a better validation RMSE; the best epoch's
+    # weights are kept either way (metrics.json: best_epoch, stopped_early).
     patience: int = 4
     warmup_epochs: float = 1.0
     schedule: str = "cosine"  # cosine | constant
@@ -46,7 +49,7 @@ class RewardConfig:
     ensemble: int = 1
     device: str = "cpu"
     seed: int = 0
-    progress: bool = False
+    progress: bool = False  # a progress bar over epochs (the CLI turns it on unless --quiet)
 
     def validate(self) -> "RewardConfig":
         if self.dim % self.heads:

@@ -87,6 +87,10 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(seed)
     best, best_state, bad, history = math.inf, None, 0, []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_epochs, desc=f"reward model{f' (member {member + 1})' if cfg.ensemble > 1 else ''}",
+               unit="epoch", disable=not cfg.progress)
     for epoch in range(1, n_epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -116,6 +120,8 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
                  row["train_loss"], row["val_loss"], row["val_rmse"], row["val_accuracy"], row["seconds"])
         if report_fn is not None:
             report_fn(dict(row))
+        bar.update(1)
+        bar.set_postfix(val_rmse=f"{row['val_rmse']:.4f}")
         if row["val_rmse"] < best - 1e-5:
             best, bad = row["val_rmse"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -123,9 +129,26 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
             bad += 1
             if bad >= cfg.patience:
                 break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), history
+
+
+def training_summary(history: list[dict], metrics: dict, cfg: RewardConfig) -> dict:
+    """The numbers a reader of the report wants: best validation epoch (per ensemble member: the
+    weights kept), whether early stopping ended training, and validation beside test."""
+    members: dict[int, list[dict]] = {}
+    for h in history:
+        members.setdefault(h.get("member", 0), []).append(h)
+    best = [min(rows, key=lambda r: r["val_rmse"]) for rows in members.values()]
+    planned = min(cfg.epochs, cfg.decay_epochs) if cfg.schedule == "cosine" and cfg.decay_epochs else cfg.epochs
+    return {"best_epoch": [int(b["epoch"]) for b in best],
+            "stopped_early": any(len(rows) < planned for rows in members.values()),
+            "planned_epochs": int(planned),
+            "val_rmse": float(np.mean([b["val_rmse"] for b in best])),
+            "val_accuracy": float(np.mean([b["val_accuracy"] for b in best])),
+            "test_rmse": metrics["model"]["rmse"], "test_accuracy": metrics["model"]["accuracy"]}
 
 
 def prepare(data_cfg: DataConfig, dataset=None, split=None):
@@ -158,7 +181,7 @@ def train_reward_model(data_cfg: DataConfig, cfg: RewardConfig, out_dir: Path | 
     result = {"dataset": data_cfg.dataset, "split": split.summary(), **metrics,
               "history": history, "epochs_run": len(history),
               "seconds_per_epoch": float(np.mean(epochs)) if epochs else None,
-              "train_seconds": train_seconds, "reward": to_dict(cfg)}
+              "train_seconds": train_seconds, "reward": to_dict(cfg), **training_summary(history, metrics, cfg)}
     if out_dir is not None:
         out_dir = Path(out_dir)
         predictor.save(out_dir / "checkpoint")

@@ -1,0 +1,205 @@
+"""The policy stage as two library functions: train PPO against a simulator, evaluate it honestly.
+
+``train_policy`` and ``evaluate_policy`` take typed configs and write their run folder; the CLI
+(`rlsim policy train|evaluate`), the pipeline and jobs/ all call them. Ray must already be
+running (the caller starts or joins it): the simulator lives in one named actor for the run and
+every env runner sends it one batched request per step.
+
+Honest evaluation: a seeded share of users (``PolicyConfig.holdout_users``) never reaches
+training; ``evaluate_policy`` reports them first, the real held-out ratings of the picks first of
+all (hit rate, mean real rating, NDCG beside its floor), and the simulator's own view (gap closed
+against the *simulator* oracle) beside it, with the training users' numbers for comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rlsim.config import DataConfig, from_dict, to_dict
+from rlsim.errors import ConfigError, DataError
+from rlsim.io import read_json, write_json, write_parquet
+from rlsim.policy.config import PolicyConfig
+from rlsim.simulators.factory import SimulatorSpec, local_simulator, simulator_factory
+
+log = logging.getLogger(__name__)
+
+
+def split_users(n_users: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of the env's users: a seeded permutation, both sorted."""
+    perm = np.random.default_rng(seed).permutation(n_users)
+    n_held = int(round(holdout * n_users))
+    if holdout > 0 and n_held == 0 and n_users > 1:
+        n_held = 1
+    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
+
+
+def _persona_cfg(sections: dict | None):
+    from rlsim.personas.config import PersonaConfig
+
+    return from_dict(PersonaConfig, (sections or {}).get("personas"), "personas")
+
+
+def _candidates(dcfg: DataConfig, ds, split, candidates, ccfg, out: Path) -> pd.DataFrame:
+    from rlsim.candidates import CandidatesConfig, build_candidates
+    from rlsim.embeddings import item_text_vectors
+
+    if candidates is not None:
+        return candidates
+    ccfg = (ccfg or CandidatesConfig()).validate()
+    c = build_candidates(split.train, ds.items, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir), ccfg)
+    write_parquet(c, out / "candidates.parquet")
+    return c
+
+
+def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out: str | Path, *,
+                 candidates: pd.DataFrame | None = None, ccfg=None, sections: dict | None = None,
+                 dataset=None, split=None, progress: bool = True) -> dict:
+    """Train PPO on the training users against the simulator ``spec``; writes OUT/{env_data/,
+    checkpoint/, train_metrics.json, run.json} and returns the training metrics."""
+    import ray
+
+    from rlsim.data import load_split
+    from rlsim.embeddings import item_text_vectors
+    from rlsim.env import build_env_data
+    from rlsim.policy.train import env_config, train_ppo
+    from rlsim.simulators.actor import start_simulator_actor
+
+    pcfg.validate()
+    spec.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if dataset is None:
+        dataset, split = load_split(dcfg)
+    ds = dataset
+    cands = _candidates(dcfg, ds, split, candidates, ccfg, out)
+    data = build_env_data(split.train, ds.items, cands, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir),
+                          ds.scale, dims=pcfg.feature_dims)
+    data.save(out / "env_data")
+    train_rows, held_rows = split_users(len(data.user_ids), pcfg.holdout_users, pcfg.seed)
+    if not len(train_rows):
+        raise ConfigError("no users left to train on (policy.holdout_users too large for this data)")
+    write_json(out / "run.json", {
+        "data": to_dict(dcfg), "policy": to_dict(pcfg), "reward": asdict(spec),
+        "users": {"seed": pcfg.seed, "holdout": pcfg.holdout_users, "train": int(len(train_rows)),
+                  "held_out_user_ids": [int(u) for u in data.user_ids[held_rows]]}})
+    actor = None
+    if spec.kind == "actor":
+        name, namespace = spec.actor, spec.namespace
+    else:
+        name, namespace = f"rlsim-simulator-{uuid.uuid4().hex[:12]}", None
+        factory = simulator_factory(spec, ds, split.train, seed=dcfg.seed, persona_cfg=_persona_cfg(sections),
+                                    text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
+        # Keep the handle: a non-detached named actor ends with its creator's last handle.
+        actor = start_simulator_actor(name, factory)
+    try:
+        ecfg = env_config(data, pcfg, simulator_actor=name, namespace=namespace, user_rows=train_rows)
+        metrics = train_ppo(data, pcfg, out, env_cfg=ecfg, progress=progress)
+        if actor is not None:
+            metrics["simulator"] = ray.get(actor.stats.remote())
+    finally:
+        if actor is not None:
+            ray.kill(actor)  # in a shared cluster it would outlive this run
+    metrics["users"] = {"train": int(len(train_rows)), "held_out": int(len(held_rows))}
+    write_json(out / "train_metrics.json", metrics)
+    return metrics
+
+
+def load_run(run: str | Path) -> dict:
+    run = Path(run)
+    if not (run / "run.json").is_file():
+        raise DataError(f"{run} is not a `rlsim policy train` run folder (no run.json)")
+    return read_json(run / "run.json")
+
+
+def check_same_data(meta: dict, dcfg: DataConfig) -> None:
+    """A policy is judged on the split it was trained on: another split's test overlaps its training."""
+    trained = meta["data"]
+    for key in ("dataset", "split", "seed", "test_frac"):
+        if key in trained and trained[key] != getattr(dcfg, key):
+            raise ConfigError(f"this policy was trained on {trained['dataset']} split {trained['split']} "
+                              f"({key}={trained[key]!r}); evaluating it with {key}={getattr(dcfg, key)!r} would "
+                              "mix its training ratings into the test")
+
+
+def _view(data, rows, rewards, greedy, module, history: int, test: pd.DataFrame, like_threshold: float,
+          ndcg_k: int) -> tuple[dict, pd.DataFrame]:
+    from rlsim.policy.evaluate import (evaluate_strategies, held_out_ratings, initial_observations, module_logits,
+                                       ranking_ndcg)
+
+    sub, r, g = data.subset(rows), rewards[rows], greedy[rows]
+    logits = module_logits(module, initial_observations(sub, r, history))
+    metrics, table = evaluate_strategies(sub, r, {"policy": logits.argmax(-1)}, test, like_threshold, g)
+    metrics["ndcg"] = ranking_ndcg(sub, {"policy": logits, "popularity": sub.pop_score, "simulator": r,
+                                         "greedy": g}, held_out_ratings(sub, test), ndcg_k)
+    metrics["users"] = int(len(rows))
+    return metrics, table
+
+
+def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec: SimulatorSpec | None = None,
+                    like_threshold: float = 4.0, ndcg_k: int = 10, sections: dict | None = None,
+                    dataset=None, split=None) -> dict:
+    """Judge a trained policy on its held-out users; writes OUT/{metrics.json, per_user.parquet,
+    reward_boxplot.png} and returns the metrics."""
+    from rlsim.baselines import evaluate_baselines
+    from rlsim.data import load_split
+    from rlsim.env import EnvData, score_all
+    from rlsim.policy.evaluate import boxplot, evaluate_sessions, module_choices
+    from rlsim.policy.train import load_policy_module
+
+    run, out = Path(run), Path(out)
+    meta = load_run(run)
+    check_same_data(meta, dcfg)
+    pcfg = from_dict(PolicyConfig, meta["policy"], "policy")
+    spec = (spec or from_dict(SimulatorSpec, meta["reward"], "reward")).validate()
+    if dataset is None:
+        dataset, split = load_split(dcfg)
+    ds = dataset
+    data = EnvData.load(run / "env_data")
+    held_ids = np.asarray(meta.get("users", {}).get("held_out_user_ids", []), np.int64)
+    is_held = np.isin(data.user_ids, held_ids)
+    held_rows, train_rows = np.flatnonzero(is_held), np.flatnonzero(~is_held)
+    kw = dict(seed=dcfg.seed, persona_cfg=_persona_cfg(sections), text_model=dcfg.text_model,
+              cache_dir=dcfg.cache_dir)
+    sim = local_simulator(spec, ds, split.train, **kw)
+    rewards = score_all(data, sim)  # the simulator's expected rating of every candidate, no session
+    # Reward-model greedy: the reward model's favourite when a checkpoint is known, else MF's.
+    if spec.kind == "model":
+        greedy, greedy_name = rewards, "reward_model"
+    elif spec.checkpoint:
+        greedy, greedy_name = score_all(data, local_simulator(SimulatorSpec("model", spec.checkpoint), ds,
+                                                              split.train, **kw)), "reward_model"
+    else:
+        greedy, greedy_name = score_all(data, local_simulator(SimulatorSpec("mf"), ds, split.train, **kw)), "mf"
+    module = load_policy_module(run / "checkpoint")
+    history = pcfg.env_history()
+    rows = held_rows if len(held_rows) else train_rows
+    metrics, table = _view(data, rows, rewards, greedy, module, history, split.test, like_threshold, ndcg_k)
+    seen = None
+    if len(held_rows) and len(train_rows):
+        seen, _ = _view(data, train_rows, rewards, greedy, module, history, split.test, like_threshold, ndcg_k)
+    if pcfg.horizon > 1:  # the numbers above are the first pick; this is the whole session
+        sub = data.subset(rows)
+        metrics["session"] = evaluate_sessions(sub, rewards[rows], lambda o: module_choices(module, o),
+                                               pcfg.horizon, history)
+    result = {"dataset": dcfg.dataset, "split": split.summary(), "reward": asdict(spec),
+              "simulator": getattr(sim, "describe", lambda: {})(), "greedy_source": greedy_name,
+              "evaluated_on": "held_out_users" if len(held_rows) else "training_users (policy.holdout_users is 0)",
+              "held_out_users": int(len(held_rows)), "k": data.k, "like_threshold": like_threshold, **metrics,
+              "real_hit_rate": {n: metrics[n]["hit_rate"] for n in ("policy", "random", "popularity", "greedy",
+                                                                    "simulator_oracle", "real_oracle")},
+              "gap_closed_held_out": metrics["gap_closed"] if len(held_rows) else None,
+              "train_users": None if seen is None else {
+                  "users": seen["users"], "gap_closed": seen["gap_closed"],
+                  "real_hit_rate": {n: seen[n]["hit_rate"] for n in ("policy", "random", "popularity")}},
+              "baselines": evaluate_baselines(split.train, split.test, ds.scale, seed=dcfg.seed)}
+    write_json(out / "metrics.json", result)
+    write_parquet(table, out / "per_user.parquet")
+    boxplot(table, out / "reward_boxplot.png",
+            f"{dcfg.dataset}: held-out users, simulated rating of the pick ({spec.label()})")
+    return result
