@@ -21,7 +21,7 @@ from rlsim.baselines import baseline_predictions, evaluate_baselines, fit_baseli
 from rlsim.config import DataConfig, dump_yaml, from_dict, to_dict
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.io import read_json, write_json, write_parquet
-from rlsim.metrics import (histogram_distance, ndcg_summary, pearson, per_user_accuracy, per_user_gini,
+from rlsim.metrics import (ndcg_summary, pearson, per_user_accuracy, per_user_gini,
                            per_user_ndcg, rating_histogram, rating_metrics, spearman)
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class PipelineConfig:
     persona_users: int = 30
     # Baselines drawn beside the reward model in the per-user plots.
     compare_baselines: list[str] = field(default_factory=lambda: ["bias", "mf"])
+    # Simulators whose fidelity (micro, macro = sampled-rating histogram, discrimination, session)
+    # the evaluate stage measures on the test split (reward_model needs the reward stage).
+    fidelity: list[str] = field(default_factory=lambda: ["reward_model", "offline_persona", "bias", "mf"])
 
 
 @dataclass
@@ -258,6 +261,41 @@ def _model_predictions(ctx: RunContext) -> dict[str, dict[str, pd.DataFrame]]:
     return preds
 
 
+FIDELITY_KEYS = ("rmse", "nll", "tv_sampled", "five_star_share", "real_five_star_share", "like_acc_1to1",
+                 "like_acc_1to3", "like_acc_1to9", "session_nll_gain")
+
+
+def _fidelity_row(f: dict) -> dict:
+    return {**{k: f[k] for k in FIDELITY_KEYS}, "method": f["simulator"].get("method"),
+            "within_1": f["micro"].get("within_1"), "spearman_per_user": f["micro"].get("spearman_per_user")}
+
+
+def simulator_fidelity(ctx: RunContext) -> dict[str, dict]:
+    """rlsim.simulators.fidelity for each simulator in pipeline.fidelity on the test split."""
+    from rlsim.personas.config import PersonaConfig
+    from rlsim.simulators.factory import SimulatorSpec, simulator_factory
+    from rlsim.simulators.fidelity import fidelity
+
+    ds, split = ctx.load()
+    kinds = {"reward_model": "model", "offline_persona": "personas", "bias": "bias", "mf": "mf"}
+    bad = [n for n in ctx.cfg.fidelity if n not in kinds]
+    if bad:
+        raise ConfigError(f"pipeline.fidelity: unknown simulator(s) {bad} (known: {', '.join(kinds)})")
+    ckpt = ctx.stage_dir("reward") / "checkpoint"
+    pcfg = from_dict(PersonaConfig, ctx.section("personas"), "personas")
+    if pcfg.backend != "offline":
+        pcfg = PersonaConfig(offline=pcfg.offline)  # the fidelity table's persona row is the offline one
+    out = {}
+    for name in ctx.cfg.fidelity:
+        if name == "reward_model" and not ckpt.is_dir():
+            continue
+        spec = SimulatorSpec(kinds[name], str(ckpt) if name == "reward_model" else None)
+        sim = simulator_factory(spec, ds, split.train, seed=ctx.data_cfg.seed, persona_cfg=pcfg,
+                                text_model=ctx.data_cfg.text_model, cache_dir=ctx.data_cfg.cache_dir)()
+        out[name] = fidelity(sim, split.train, split.test, seed=ctx.data_cfg.seed)
+    return out
+
+
 def stage_evaluate(ctx: RunContext, d: Path) -> dict:
     """Per-user accuracy/NDCG (train vs test), Gini correlations, histograms, and every stage's numbers
     beside the baseline gate."""
@@ -287,17 +325,14 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
                                                 "pearson": pearson(pu[col], pu[metric])}
                            for metric in ("accuracy", f"ndcg@{k}") for col in ("gini", "n_train")}
     real = split.test["rating"].to_numpy()
-    histograms = {"values": ds.scale.values.tolist(), "real_test": rating_histogram(real, ds.scale).tolist()}
-    distances = {}
-    for m, sides in preds.items():
-        sim = ds.scale.round(sides["test"]["predicted"].to_numpy())
-        histograms[m] = rating_histogram(sim, ds.scale).tolist()
-        distances[m] = histogram_distance(real, sim, ds.scale)
+    fid = simulator_fidelity(ctx)
+    # Macro fidelity: ratings SAMPLED from each simulator (one per test pair) against the real test
+    # histogram; a point prediction snapped to the scale would hide the spread.
+    histograms = {"values": ds.scale.values.tolist(), "real_test": rating_histogram(real, ds.scale).tolist(),
+                  **{name: f["macro"]["sampled_histogram"] for name, f in fid.items()}}
     personas = ctx.stage_metrics("personas")
-    if personas and isinstance(personas.get("persona"), dict) and personas["persona"].get("simulated_histogram"):
-        histograms["personas (user sample)"] = personas["persona"]["simulated_histogram"]
     out = {"k": k, "models": models, "baselines": gate, "correlations": correlations,
-           "histograms": histograms, "histogram_distance": distances,
+           "histograms": histograms, "fidelity": {name: _fidelity_row(f) for name, f in fid.items()},
            "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))}}
     policy = ctx.stage_metrics("policy")
     if policy:

@@ -70,5 +70,12 @@ def test_full_pipeline_on_fixtures(tmp_path, data_root, cache_root):
     ev = m["stages"]["evaluate"]
     assert "reward_model" in ev["models"] and ev["policy"]["policy"] is not None
     assert ev["personas"]["persona"]["n"] > 0 and "reward_model" in ev["personas"]
+    assert set(ev["fidelity"]) == {"reward_model", "offline_persona", "bias", "mf"}
+    assert ev["policy"]["held_out_users"] > 0 and "popularity" in ev["policy"]["real_hit_rate"]
     for png in ("per_user.png", "gini.png", "policy.png", "personas.png", "histograms.png"):
         assert (out / png).is_file(), png
+    from tests.test_report import assert_sections_have_content
+
+    assert_sections_have_content((out / "report.html").read_text(), out, (
+        "Data", "Baseline gate", "Reward model training", "Per-user accuracy", "Gini", "Correlations",
+        "Simulated users: fidelity", "Policy on held-out users", "Personas vs reward model", "Stages"))
