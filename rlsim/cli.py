@@ -85,9 +85,13 @@ def data_config(args, file_cfg: dict | None = None) -> DataConfig:
 
 def configure_logging(verbose: bool) -> None:
     """Default output is progress, results and paths: library logs (faiss loader lines, Ray notices,
-    sentence-transformers) only with --verbose."""
+    sentence-transformers, the transformers weight-loading bar) only with --verbose."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if not verbose:
+        # Read by huggingface_hub/transformers when they are imported (later, lazily).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -129,6 +129,7 @@ def stage_reward(ctx: RunContext, d: Path) -> dict:
     sweep = ctx.stage_metrics("sweep") if "sweep" in ctx.cfg.stages else None
     if sweep:
         cfg = dataclasses.replace(cfg, **sweep["best_config"]).validate()
+    cfg.progress = ctx.progress
     ds, split = ctx.load()
     metrics = train_mod.train_reward_model(ctx.data_cfg, cfg, d, dataset=ds, split=split)
     metrics["hyperparameters_from"] = "sweep (OUT/sweep/best.yaml)" if sweep else "config reward: section"
