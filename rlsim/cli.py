@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "rlsim.commands.candidates",
     "rlsim.commands.policy",
     "rlsim.commands.pipeline",
+    "rlsim.commands.study",
 ]
 
 

@@ -294,3 +294,125 @@ def write_report(summary: dict, out: str | Path, per_user: pd.DataFrame | None =
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+# --------------------------------------------------------------------------- the study
+
+def plot_study(result: dict, path: Path) -> Path | None:
+    """Left: the matrix, the mean rating each source (columns) gives the picks of the policy trained
+    on each source (rows), on held-out users. Right: the real held-out hit rate of each policy with
+    its 95% interval over seeds, beside random, popularity-first and the real oracle."""
+    sources = result.get("sources") or []
+    matrix = result.get("matrix") or {}
+    if not sources or not matrix:
+        return None
+    m = np.array([[matrix[r].get(c) if matrix[r].get(c) is not None else np.nan for c in sources] for r in sources],
+                 float)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.6 * len(sources) + 3.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    ax = axes[0]
+    im = ax.imshow(m, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
+    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xlabel("judged by (simulated rating of the picks)")
+    ax.set_ylabel("policy trained on")
+    for i in range(len(sources)):
+        for j in range(len(sources)):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center",
+                        color="white" if m[i, j] < np.nanmean(m) else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax.set_title("every policy judged by every simulator (held-out users)")
+    ax = axes[1]
+    real, ref = result.get("real") or {}, result.get("reference") or {}
+    names = sources + [n for n in ("random", "popularity", "real_oracle") if n in ref]
+    vals, lo, hi = [], [], []
+    for n in names:
+        h = (real.get(n) or ref.get(n) or {}).get("hit_rate") or {}
+        v = h.get("mean")
+        vals.append(np.nan if v is None else v)
+        ci = h.get("ci95") or [v, v]
+        lo.append(0 if v is None or ci[0] is None else v - ci[0])
+        hi.append(0 if v is None or ci[1] is None else ci[1] - v)
+    colors = ["#8da0cb"] * len(sources) + [POLICY_COLORS.get(n, "#999999") for n in names[len(sources):]]
+    labels = sources + [POLICY_NAMES.get(n, n).replace("\n", " ") for n in names[len(sources):]]
+    ax.barh(range(len(names)), vals, xerr=[lo, hi], color=colors, capsize=3)
+    ax.set_yticks(range(len(names)), labels)
+    ax.invert_yaxis()
+    for y, v in enumerate(vals):
+        if np.isfinite(v):
+            ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
+    ax.set_xlabel("real held-out hit rate of the picks (95% interval over seeds)")
+    ax.set_title(f"real users ({result.get('held_out_users')} held-out users, {result.get('seeds')} seeds)")
+    ax.grid(axis="x", alpha=0.3)
+    return save_png(fig, path)
+
+
+def plot_hybrid_curve(curve: list[dict], path: Path) -> Path | None:
+    if not curve:
+        return None
+    pts = sorted(curve, key=lambda c: c["calls_saved"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = [c["calls_saved"] for c in pts]
+    y = [c["real_hit_rate"] for c in pts]
+    ax.plot(x, y, "o-", color="#8da0cb")
+    for c in pts:
+        ax.annotate(f"t={c['threshold']:g}", (c["calls_saved"], c["real_hit_rate"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("persona calls saved vs persona-only")
+    ax.set_ylabel("real held-out hit rate")
+    ax.set_title("hybrid reward: persona calls saved vs real quality")
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
+def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None) -> Path:
+    """OUT/report.html for `rlsim study`: the answer first, then fidelity, the matrix, real numbers."""
+    out = Path(out)
+    parts = [f"<h1>rlsim study: {_fmt(result.get('dataset'))} / {_fmt(result.get('split'))}</h1>",
+             f"<h2>The answer</h2><p>{html.escape(str(result.get('answer', '')))}</p>",
+             f"<p class='note'>{_fmt(result.get('seeds'))} seeds, {_fmt(result.get('env_steps_per_policy'))} env "
+             f"steps per policy, judged on {_fmt(result.get('held_out_users'))} held-out users; every oracle "
+             "drawn from a simulator is labelled as such.</p>"]
+    corr = result.get("fidelity_vs_real_spearman") or {}
+    rows = [{"name": m, "spearman": c.get("spearman"), "ci95": None if not c.get("ci95") else
+             f"{c['ci95'][0]:+.2f} .. {c['ci95'][1]:+.2f}"} for m, c in corr.items()]
+    parts.append("<h3>Fidelity vs real performance (Spearman across sources)</h3>"
+                 "<p class='note'>Each fidelity measure is signed so that higher means more faithful; the real "
+                 "side is the policy's held-out hit rate; intervals bootstrap the seeds.</p>"
+                 + html_table(rows, ["spearman", "ci95"]))
+    fid = result.get("fidelity") or {}
+    parts.append("<h2>Fidelity of each source (test split)</h2>" + html_table(
+        [{"name": n, **f} for n, f in fid.items()],
+        ["method", "rmse", "nll", "tv_sampled", "five_star_share", "real_five_star_share", "like_acc_1to1",
+         "like_acc_1to3", "like_acc_1to9", "session_nll_gain"]))
+    img = out / "matrix.png"
+    if plot_study(result, img):
+        parts.append(f"<h2>Every policy judged by every source, and by real users</h2><img src='{img.name}'>")
+    real, ref = result.get("real") or {}, result.get("reference") or {}
+
+    def ci(block):
+        c = (block or {}).get("ci95")
+        return None if not c else f"{c[0]:.4f} .. {c[1]:.4f}"
+
+    rows = [{"name": f"policy trained on {n}", "hit_rate": r["hit_rate"]["mean"], "hit_rate_ci95": ci(r["hit_rate"]),
+             "mean_real_rating": r["mean_real_rating"]["mean"], "real_coverage": r["real_coverage"]["mean"],
+             "ranking_ndcg": r["ndcg"]["mean"], "env_steps": r.get("env_steps")} for n, r in real.items()]
+    rows += [{"name": POLICY_NAMES.get(n, n).replace("\n", " "), "hit_rate": ref[n]["hit_rate"]["mean"],
+              "hit_rate_ci95": ci(ref[n]["hit_rate"]), "mean_real_rating": ref[n]["mean_real_rating"]["mean"],
+              "ranking_ndcg": (ref[n].get("ndcg") or {}).get("mean")}
+             for n in ("random", "popularity", "real_oracle") if n in ref]
+    parts.append("<h2>Real held-out behaviour</h2>" + html_table(
+        rows, ["hit_rate", "hit_rate_ci95", "mean_real_rating", "real_coverage", "ranking_ndcg", "env_steps"]))
+    floor = (ref.get("floor") or {}).get("ndcg", {}).get("mean")
+    parts.append(f"<p class='note'>ranking_ndcg beside its random-ranking floor {_fmt(floor)}.</p>")
+    if hybrid and hybrid.get("curve"):
+        img = out / "hybrid.png"
+        plot_hybrid_curve(hybrid["curve"], img)
+        parts.append(f"<h2>Hybrid reward: persona calls saved</h2><img src='{img.name}'>" + html_table(
+            [{"name": f"threshold {c['threshold']:g}", **c} for c in hybrid["curve"]],
+            ["calls_saved", "persona_calls", "real_hit_rate", "nll", "rmse"]))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>rlsim study</title><style>{CSS}</style>"
+            f"</head><body>{''.join(parts)}</body></html>\n")
+    path = out / "report.html"
+    path.write_text(page)
+    return path

@@ -44,3 +44,20 @@ def real_data_dir() -> Path:
     if not d or not (Path(d) / "ml-100k" / "u.data").is_file():
         pytest.skip("real MovieLens data not available (set RLSIM_DATA_DIR)")
     return Path(d)
+
+
+SMALL_REWARD = dict(dim=16, layers=1, heads=2, ff_dim=32, text_hidden=32, epochs=2, batch_size=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_checkpoint(data_root, cache_root, tmp_path_factory) -> Path:
+    """A small reward model trained on the ml-100k fixture (u1), shared by the tests that need one."""
+    from rlsim.config import DataConfig
+    from rlsim.reward.config import RewardConfig
+    from rlsim.reward.train import train_reward_model
+
+    out = tmp_path_factory.mktemp("tiny-reward")
+    dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=str(data_root), cache_dir=str(cache_root),
+                      download=False)
+    train_reward_model(dcfg, RewardConfig(**SMALL_REWARD), out)
+    return out / "checkpoint"

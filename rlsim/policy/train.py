@@ -93,6 +93,10 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env_cfg = env_cfg or env_config(data, cfg)
+    import warnings
+
+    # RLlib registers the same gymnasium id again on every build in a process (studies train many).
+    warnings.filterwarnings("ignore", message=".*Overriding environment rllib-single-agent-env-v0")
     algo = build_ppo_config(env_cfg, data, cfg).build_algo()
     history = []
     t_start = time.perf_counter()

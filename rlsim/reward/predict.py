@@ -127,3 +127,39 @@ class RewardPredictor:
                 raise RlsimError(f"checkpoint {folder} does not match the model: {missing or unexpected}")
             models.append(m.eval())
         return cls(models, ft, scale, cfg, data=meta.get("data"))
+
+
+def fine_tune(predictor: RewardPredictor, user_ids, item_ids, target_probs: np.ndarray, epochs: int = 2,
+              lr: float = 5e-4, batch_size: int = 256, seed: int = 0) -> dict:
+    """Distil answers into the reward model: a few epochs of soft-label cross-entropy on
+    (user, item) -> target distribution (e.g. a persona's answers). Every ensemble member is
+    updated in place; returns the loss before and after on those pairs."""
+    import torch.nn.functional as F
+
+    idx = predictor.features.encode(np.asarray(user_ids), np.asarray(item_ids))
+    t = {k: torch.as_tensor(v, device=predictor.device) for k, v in idx.items()}
+    y = torch.as_tensor(np.asarray(target_probs, np.float32), device=predictor.device)
+    y = y / y.sum(1, keepdim=True).clamp(min=1e-9)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_of(m) -> float:
+        with torch.no_grad():
+            m.eval()
+            return float(F.cross_entropy(m(**t), y).item())
+
+    before = float(np.mean([loss_of(m) for m in predictor.models]))
+    n = len(y)
+    for m in predictor.models:
+        # Only the dense layers move: the ID tables would memorise the few distilled pairs.
+        params = [p for name, p in m.named_parameters() if not name.endswith("_emb.weight")]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        m.train()
+        for _ in range(epochs):
+            for s in range(0, n, batch_size):
+                b = torch.randperm(n, generator=gen)[s:s + batch_size].to(predictor.device)
+                loss = F.cross_entropy(m(**{k: v[b] for k, v in t.items()}), y[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        m.eval()
+    return {"pairs": int(n), "loss_before": before, "loss_after": float(np.mean([loss_of(m) for m in predictor.models]))}

@@ -6,14 +6,17 @@ simulator where it is called, so a Ray actor can build a reward model inside its
 receiving a pickled one.
 
 Kinds: ``bias`` / ``mf`` (baselines with calibrated ordinal noise), ``model`` (the reward model's
-softmax; needs ``checkpoint``), ``personas`` (the offline persona, not an LLM), ``actor`` (a
-simulator already running as a named Ray actor, e.g. started by another job).
+softmax; needs ``checkpoint``), ``personas`` (the offline persona, not an LLM), ``hybrid`` (the
+reward model, with the persona asked where it is unsure and distilled back: rlsim.simulators.hybrid;
+needs ``checkpoint``, settings in ``options``; the persona is the offline one, or a running persona
+simulator actor named by ``options["persona_actor"]``), ``actor`` (a simulator already running as
+a named Ray actor, e.g. started by another job).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +24,7 @@ import pandas as pd
 
 from rlsim.errors import ConfigError
 
-KINDS = ("bias", "mf", "model", "personas", "actor")
+KINDS = ("bias", "mf", "model", "personas", "hybrid", "actor")
 
 
 @dataclass
@@ -30,13 +33,14 @@ class SimulatorSpec:
     checkpoint: str | None = None  # reward model checkpoint folder (kind "model")
     actor: str | None = None  # a running simulator actor's name (kind "actor")
     namespace: str | None = None
+    options: dict = field(default_factory=dict)  # kind-specific settings (hybrid: HybridConfig fields)
 
     def validate(self) -> "SimulatorSpec":
         if self.kind not in KINDS:
             raise ConfigError(f"unknown reward source {self.kind!r} (known: {', '.join(KINDS)})")
-        if self.kind == "model" and not self.checkpoint:
-            raise ConfigError("--reward model needs --reward-checkpoint DIR (from `rlsim reward train`)")
-        if self.kind == "model" and not Path(self.checkpoint).exists():
+        if self.kind in ("model", "hybrid") and not self.checkpoint:
+            raise ConfigError(f"--reward {self.kind} needs --reward-checkpoint DIR (from `rlsim reward train`)")
+        if self.kind in ("model", "hybrid") and not Path(self.checkpoint).exists():
             raise ConfigError(f"reward checkpoint not found: {self.checkpoint}")
         if self.kind == "actor" and not self.actor:
             raise ConfigError("--reward actor needs --reward-actor NAME")
@@ -44,6 +48,21 @@ class SimulatorSpec:
 
     def label(self) -> str:
         return {"model": "reward_model", "personas": "offline_persona"}.get(self.kind, self.kind)
+
+
+def _hybrid(checkpoint: str, options: dict, persona_factory):
+    from rlsim.config import from_dict
+    from rlsim.simulators.hybrid import HybridConfig, HybridSimulator
+
+    opts = dict(options)
+    actor = opts.pop("persona_actor", None)
+    if actor:
+        from rlsim.simulators.actor import SimulatorClient
+
+        persona = SimulatorClient(actor, opts.pop("persona_namespace", None))
+    else:
+        persona = persona_factory()
+    return HybridSimulator(_reward_model(checkpoint), persona, from_dict(HybridConfig, opts, "hybrid"))
 
 
 def _offline_persona(ds, train: pd.DataFrame, persona_cfg, text_model: str, cache_dir: str, seed: int):
@@ -70,14 +89,19 @@ def simulator_factory(spec: SimulatorSpec, ds, train: pd.DataFrame, *, seed: int
         return functools.partial(baseline_simulator, spec.kind, train, ds.scale, seed)
     if spec.kind == "model":
         return functools.partial(_reward_model, spec.checkpoint)
-    if spec.kind == "personas":
+    if spec.kind in ("personas", "hybrid"):
         from rlsim.personas.config import PersonaConfig
 
         pcfg = persona_cfg or PersonaConfig()
-        if pcfg.backend != "offline":
+        if spec.kind == "personas" and pcfg.backend != "offline":
             raise ConfigError("--reward personas trains against the offline persona; an LLM persona pool is "
                               "reached as a running simulator actor (--reward actor --reward-actor NAME)")
-        return functools.partial(_offline_persona, ds, train, pcfg, text_model, cache_dir, seed)
+        # The hybrid's in-process persona is the offline one whatever the backend (an LLM pool is an actor).
+        offline = functools.partial(_offline_persona, ds, train, PersonaConfig(offline=pcfg.offline), text_model,
+                                    cache_dir, seed)
+        if spec.kind == "personas":
+            return offline
+        return functools.partial(_hybrid, spec.checkpoint, dict(spec.options), offline)
     raise ConfigError(f"reward source {spec.kind!r} is a running actor; it has no in-process factory")
 
 
