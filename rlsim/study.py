@@ -115,7 +115,7 @@ def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
                                          namespace=scfg.llm_persona_namespace)}[name]
 
 
-def _judge(data, rows, module, history, tables: dict[str, np.ndarray], train_table: np.ndarray,
+def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], train_table: np.ndarray,
            test: pd.DataFrame, like: float, k: int) -> dict:
     """One trained policy on one seed's held-out users: the mean rating every source gives its
     picks, and the real view (with random / popularity-first / real oracle on the same users)."""
@@ -210,7 +210,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
                 data = EnvData.load(run_dir / "env_data")
                 tables = {m: score_all(data, sims[m]) for m in sources}
             _, held = split_users(len(data.user_ids), pcfg.holdout_users, seed)
-            res = _judge(data, held, load_policy_module(run_dir / "checkpoint"), pcfg.env_history(), tables,
+            res = judge_policy(data, held, load_policy_module(run_dir / "checkpoint"), pcfg.env_history(), tables,
                          tables[n], split.test, scfg.like_threshold, scfg.ndcg_k)
             res.update({"seed": seed, "env_steps": tm["env_steps"], "wall_seconds": tm["wall_seconds"],
                         "held_out_users": int(len(held)), "simulator": tm.get("simulator", {}).get("simulator", {})})
