@@ -45,3 +45,15 @@ def head_ports(rng: random.Random | None = None, tries: int = 200) -> dict[str, 
         if all(_bindable(p) for p in needed):
             return {"port": base, "dashboard_port": base + 8}
     raise RuntimeError("no free port block for a Ray head")
+
+
+def node_blocks(n: int, rng: random.Random | None = None, tries: int = 200) -> list[int]:
+    """Bases of n disjoint free port blocks (a head's and its worker nodes'), below the ephemeral range."""
+    rng = rng or random.Random()
+    lo_eph, _ = ephemeral_range()
+    for _ in range(tries):
+        base = rng.randrange(10000, max(10001, lo_eph - n * (BLOCK + 100))) // 10 * 10
+        bases = [base + k * (BLOCK + 100) for k in range(n)]
+        if all(_bindable(p) for b in bases for p in list(range(b, b + 9)) + list(range(b + 100, b + BLOCK))):
+            return bases
+    raise RuntimeError(f"no {n} free port blocks for Ray nodes")

@@ -84,6 +84,17 @@ def iteration_summary(i: int, result: dict, seconds: float) -> dict[str, Any]:
     }
 
 
+def env_runner_nodes(algo) -> list[str]:
+    """The Ray node id of every remote env runner (empty when sampling happens in the driver)."""
+    import ray
+
+    try:
+        return list(algo.env_runner_group.foreach_env_runner(
+            lambda runner: ray.get_runtime_context().get_node_id(), local_env_runner=False))
+    except Exception:  # noqa: BLE001 - informative only; never fail a training run over it
+        return []
+
+
 def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: dict | None = None,
               on_iteration: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
     """Train, save OUT/checkpoint, write OUT/train_metrics.json; returns the metrics dict."""
@@ -98,6 +109,7 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     # RLlib registers the same gymnasium id again on every build in a process (studies train many).
     warnings.filterwarnings("ignore", message=".*Overriding environment rllib-single-agent-env-v0")
     algo = build_ppo_config(env_cfg, data, cfg).build_algo()
+    runner_nodes = env_runner_nodes(algo)
     history = []
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.iterations, desc="PPO", unit="iter", disable=not progress)
@@ -122,7 +134,7 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     steps = history[-1]["env_steps_sampled"] or 0
     metrics = {"config": vars(cfg), "iterations": history, "wall_seconds": round(wall, 3),
                "env_steps": steps, "env_steps_per_s": round(steps / wall, 1) if wall else None,
-               "checkpoint": str(out / "checkpoint")}
+               "checkpoint": str(out / "checkpoint"), "env_runner_nodes": runner_nodes}
     write_json(out / "train_metrics.json", metrics)
     return metrics
 

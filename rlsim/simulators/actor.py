@@ -143,7 +143,12 @@ def start_simulator_actor(name: str, factory: Callable[[], Any], namespace: str 
     global _ACTOR
     if _ACTOR is None:
         _ACTOR = _actor_class()
-    opts: dict[str, Any] = {"name": name, "get_if_exists": True, "max_concurrency": 1000}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: losing a worker node then costs only the env runners it held (RLlib
+    # restarts them), never the simulator every runner talks to.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    opts: dict[str, Any] = {"name": name, "get_if_exists": True, "max_concurrency": 1000, "scheduling_strategy": here}
     if namespace is not None:
         opts["namespace"] = namespace
     actor = _ACTOR.options(**opts).remote(factory, max_wait_s)

@@ -1,0 +1,127 @@
+"""Two Ray nodes on this machine (a head and a worker node joining it, each with its own temp dir
+and ports, token auth): the pipeline as one `ray job submit`, PPO env runners on both nodes sharing
+the one simulator actor, and the loss of the worker node mid-training."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.ports import node_blocks
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "cluster" / "local_head.sh"
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    return env
+
+
+def _sh(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def two_nodes():
+    """One CPU on each node: two env runners (one CPU each) can only run one per node."""
+    head_dir = Path(tempfile.mkdtemp(prefix="rlh", dir="/tmp"))
+    node_dir = Path(tempfile.mkdtemp(prefix="rln", dir="/tmp"))
+    head_port, node_port = node_blocks(2)
+    r = _sh("start", "--temp-dir", str(head_dir), "--port", str(head_port), "--dashboard-port", str(head_port + 8),
+            "--num-cpus", "1")
+    try:
+        assert r.returncode == 0, r.stderr + r.stdout
+        j = _sh("join", "--head-dir", str(head_dir), "--temp-dir", str(node_dir), "--port", str(node_port),
+                "--num-cpus", "1", "--resources", '{"worker_node": 1}')
+        assert j.returncode == 0, j.stderr + j.stdout
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines()
+                       if line.startswith("export "))
+        yield {"head_dir": head_dir, "node_dir": node_dir, "dash": head_port + 8, "exports": exports}
+    finally:
+        for d in (node_dir, head_dir):
+            _sh("stop", "--temp-dir", str(d), "--now", timeout=60)
+            st = _sh("status", "--temp-dir", str(d))
+            shutil.rmtree(d, ignore_errors=True)
+            assert st.returncode == 3, st.stdout  # nothing of either node is left
+
+
+def _submit(cluster, entry: list[str], timeout: int = 900, wait: bool = True) -> subprocess.CompletedProcess:
+    env = {**_env(), **cluster["exports"]}
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
+           f"http://127.0.0.1:{cluster['dash']}", "--working-dir", str(ROOT), *([] if wait else ["--no-wait"]),
+           "--", *entry]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _config(tmp_path: Path, data_root: Path, cache_root: Path, **policy) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    cfg["data"].update(data_dir=str(data_root), cache_dir=str(cache_root), download=False)
+    cfg["reward"].update(epochs=2, decay_epochs=2, dim=16, heads=2)
+    cfg["candidates"] = {"k": 10}
+    cfg["policy"].update({"iterations": 2, "train_batch_size": 256, "minibatch_size": 64, "num_epochs": 2,
+                          "num_env_runners": 2, "num_envs_per_env_runner": 8, "users_per_episode": 8, **policy})
+    cfg["pipeline"]["persona_users"] = 5
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_pipeline_job_runs_env_runners_on_both_nodes(two_nodes, tmp_path, data_root, cache_root):
+    out = tmp_path / "run"
+    r = _submit(two_nodes, ["python", "jobs/pipeline.py", str(_config(tmp_path, data_root, cache_root)),
+                            "--out", f"file://{out}", "--work-dir", str(tmp_path / "work")])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    train = json.loads((out / "policy" / "train" / "train_metrics.json").read_text())
+    assert len(set(train["env_runner_nodes"])) == 2  # one runner on each node
+    sim = train["simulator"]
+    # Both runners stepped against the one simulator actor, one request per step each.
+    assert sim["requests"] >= 2 and sim["pairs"] >= 500
+    assert (out / "report.html").is_file()
+
+
+def test_worker_node_lost_mid_training(two_nodes, tmp_path, data_root, cache_root):
+    """Killing the worker node kills its env runner; the simulator actor (on the driver's node)
+    and the other runner carry on, and the policy run finishes."""
+    cfg = _config(tmp_path, data_root, cache_root, iterations=12)
+    out = tmp_path / "run"
+    r = _submit(two_nodes, ["python", "jobs/pipeline.py", str(cfg), "--out", f"file://{out}",
+                            "--work-dir", str(tmp_path / "work")], wait=False, timeout=120)
+    assert r.returncode == 0, r.stderr
+    job = next(w for w in (r.stdout + r.stderr).split() if w.startswith("raysubmit_"))
+    metrics = tmp_path / "work" / "policy" / "train" / "train_metrics.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait until PPO is iterating, then lose the node
+        if metrics.is_file() and len(json.loads(metrics.read_text()).get("iterations", [])) >= 2:
+            break
+        time.sleep(1)
+    assert metrics.is_file(), "PPO never started"
+    assert _sh("stop", "--temp-dir", str(two_nodes["node_dir"]), "--now").returncode == 0
+    env = {**_env(), **two_nodes["exports"]}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    addr = f"http://127.0.0.1:{two_nodes['dash']}"
+    status = ""
+    while time.time() < deadline:
+        st = subprocess.run([ray_bin, "job", "status", "--address", addr, job], env=env, capture_output=True,
+                            text=True, timeout=60)
+        status = st.stdout + st.stderr
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = subprocess.run([ray_bin, "job", "logs", "--address", addr, job], env=env, capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "SUCCEEDED" in status, status + logs[-3000:]
+    train = json.loads((out / "policy" / "train" / "train_metrics.json").read_text())
+    assert len(train["iterations"]) == 12
