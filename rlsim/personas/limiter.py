@@ -160,12 +160,15 @@ class RateLimiter:
 
     # ------------------------------------------------------------ jobs
     def register(self, job: str, rpm: float, tpm: float, budget_usd: float | None = None, spent_usd: float = 0.0,
-                 lease_s: float | None = None) -> dict:
+                 lease_s: float | None = None, ledger: str | None = None) -> dict:
         """Join (or rejoin, after a resume) with this job's limits and budget.
 
         The job's spend is the larger of what it says it spent before (its own records) and what
         this limiter recorded for it, reservations of a dead run included (they may have been sent).
-        Returns the limits in force and whether another job's are stricter.
+        Returns the limits in force and whether another job's are stricter. ``ledger``: a file
+        (the job's spend.json) rewritten with the job's spend and reservations at every change, when
+        its folder is reachable from here (same node), so a job killed together with its Ray still
+        finds what it spent.
         """
         old = self.jobs.get(job)
         prior = max(float(spent_usd), (old["spent"] + old["reserved"]) if old else 0.0)
@@ -173,15 +176,33 @@ class RateLimiter:
         self.jobs[job] = {"rpm": float(rpm), "tpm": float(tpm), "cap": budget_usd, "spent": prior, "reserved": 0.0,
                           "granted": old["granted"] if old else 0,
                           "active_until": float("inf") if lease == float("inf") else self.clock() + lease,
-                          "min_rpm": float(rpm), "min_tpm": float(tpm)}
+                          "min_rpm": float(rpm), "min_tpm": float(tpm), "ledger": ledger}
         self._recompute()
         self._save()
+        self._write_ledger(self.jobs[job])
         rpm_e, tpm_e = self.limits["rpm"], self.limits["tpm"]
         now = self.clock()
         others = sum(1 for k, j in self.jobs.items() if k != job and j["active_until"] > now)
         return {"rpm": rpm_e, "tpm": tpm_e, "asked_rpm": float(rpm), "asked_tpm": float(tpm),
                 "stricter_elsewhere": rpm_e < rpm or tpm_e < tpm, "other_jobs": others, "spent_usd": prior,
                 "restored": self.restored}
+
+    def _write_ledger(self, j: dict) -> None:
+        path = j.get("ledger")
+        if not path:
+            return
+        import os
+
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            return  # not on this node: the spend is still in this limiter's saved state
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"spent_usd": j["spent"], "reserved_usd": j["reserved"], "t": time.time()}, fh)
+            os.replace(tmp, path)
+        except OSError:
+            pass
 
     def unregister(self, job: str) -> None:
         j = self.jobs.get(job)
@@ -206,6 +227,8 @@ class RateLimiter:
             self._save()
             return -1.0
         j["reserved"] += est_usd
+        if est_usd:
+            self._write_ledger(j)
         self.fresh = False
         now = self.clock()
         wait = max(self.req.take(1.0, now), self.tok.take(float(tokens), now), self.paused_until - now, 0.0)
@@ -223,6 +246,8 @@ class RateLimiter:
         if actual_tokens is not None:
             self.tok.give(float(reserved_tokens) - float(actual_tokens), self.clock())
         self._save()
+        if reserved_usd or actual_usd:
+            self._write_ledger(j)
 
     def pause(self, seconds: float) -> None:
         """A 429 with Retry-After: nobody sends until it has passed."""

@@ -418,11 +418,11 @@ def merge_rows(have: dict[int, dict], new_rows: list[dict]) -> None:
 
 
 class SpendLedger:
-    """OUT/spend.json: the job's spend as the limiter sees it (settled + reserved), rewritten as it grows."""
+    """OUT/spend.json: the job's spend as its limiter sees it (settled + reserved), rewritten by the
+    limiter at every reservation and settlement (``RateLimiter.register(ledger=...)``)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.last: tuple | None = None
 
     def read(self) -> float:
         if not self.path.is_file():
@@ -431,14 +431,8 @@ class SpendLedger:
             d = read_json(self.path)
         except (OSError, json.JSONDecodeError):
             return 0.0
+        # Reservations of a killed run may have been sent: they count (a hard cap errs on the safe side).
         return float(d.get("spent_usd", 0.0)) + float(d.get("reserved_usd", 0.0))
-
-    def write(self, stats: dict) -> None:
-        key = (stats.get("spent_usd"), stats.get("reserved_usd"))
-        if key != self.last:
-            write_json(self.path, {"spent_usd": stats.get("spent_usd", 0.0),
-                                   "reserved_usd": stats.get("reserved_usd", 0.0), "t": time.time()})
-            self.last = key
 
 
 class ShardWriter:
@@ -587,15 +581,14 @@ def _run_local(todo, writer, spec, cfg, cache_path, job, bar, offline_model, led
         engine = RatingEngine(spec, cfg, None, None, backend=OfflineBackend(offline_model, cfg.offline.snap))
     else:
         rl = RateLimiter(cfg.rpm, cfg.tpm, cfg.budget_usd)
-        rl.register(LOCAL_JOB, cfg.rpm, cfg.tpm, cfg.budget_usd, job["spent_before"], lease_s=float("inf"))
+        rl.register(LOCAL_JOB, cfg.rpm, cfg.tpm, cfg.budget_usd, job["spent_before"], lease_s=float("inf"),
+                    ledger=str(ledger.path))
         limiter = LocalLimiter(rl)
         engine = RatingEngine(spec, cfg, limiter, ResponseCache(cache_path) if cache_path else None)
     orig = {id(sub): u for u, sub in todo}
 
     def on_result(sub, res):
         writer.add(orig[id(sub)], res)
-        if limiter is not None:
-            ledger.write(limiter.limiter.job_stats(LOCAL_JOB))
         bar.update(1)
 
     asyncio.run(rate_units_local(engine, [sub for _, sub in todo], cfg.max_concurrency * cfg.n_workers, on_result))
@@ -617,8 +610,9 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
     if spec.kind != "offline":
         name = limiter_name(spec.base_url, spec.model)
         handle = cluster_limiter(name)
-        reg = ray.get(handle.register.remote(job["key"], cfg.rpm, cfg.tpm, cfg.budget_usd, job["spent_before"]))
-        info = {"limiter": name, "effective_rpm": reg["rpm"], "effective_tpm": reg["tpm"],
+        reg = ray.get(handle.register.remote(job["key"], cfg.rpm, cfg.tpm, cfg.budget_usd, job["spent_before"],
+                                             None, str(ledger.path.resolve())))
+        info = {"limiter": name, "job": job["key"], "effective_rpm": reg["rpm"], "effective_tpm": reg["tpm"],
                 "other_jobs": reg["other_jobs"]}
         if reg["stricter_elsewhere"]:
             info["note"] = (f"another job on this cluster asked for stricter limits: this job runs at "
@@ -631,23 +625,18 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
         refs = {}
         for j, (u, sub) in enumerate(todo):
             refs[workers[j % len(workers)].rate_unit.remote(sub)] = u
-        last = 0.0
         while refs:
             done, _ = ray.wait(list(refs), num_returns=min(len(refs), 64), timeout=1.0)
             for r in done:
                 u = refs.pop(r)
                 writer.add(u, ray.get(r))
                 bar.update(1)
-            if handle is not None and time.monotonic() - last >= 1.0:
-                ledger.write(ray.get(handle.job_stats.remote(job["key"])))
-                last = time.monotonic()
     finally:
         for w in workers:
             ray.kill(w)
         if handle is not None:
             try:
                 st = ray.get(handle.job_stats.remote(job["key"]), timeout=30)
-                ledger.write(st)
                 info.update({"min_rpm_seen": st["min_rpm"], "min_tpm_seen": st["min_tpm"]})
                 if st["min_rpm"] is not None and (st["min_rpm"] < cfg.rpm or st["min_tpm"] < cfg.tpm) \
                         and "note" not in info:
