@@ -458,6 +458,23 @@ def test_a_budget_needs_a_price():
     PersonaConfig(backend="openai", model="my-local-llama").validate()  # no budget: no price needed
 
 
+def test_library_needs_a_running_ray_for_use_ray(data_root, cache_root, tmp_path, monkeypatch):
+    import ray
+
+    from rlsim.config import DataConfig
+    from rlsim.errors import ConfigError
+    from rlsim.personas.config import PersonaConfig
+    from rlsim.personas.run import evaluate_stage
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is running in this process")
+    dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=str(data_root), cache_dir=str(cache_root),
+                      download=False)
+    with pytest.raises(ConfigError, match="running Ray"):
+        evaluate_stage(dcfg, PersonaConfig(), tmp_path / "x", users=2, use_ray=True, progress=False)
+    assert not ray.is_initialized()  # the library never starts Ray itself
+
+
 def test_one_limiter_per_cluster_and_endpoint(ray_local):
     from rlsim.personas.limiter import LIMITER_NAMESPACE, cluster_limiter, get_limiter, limiter_name
 

@@ -187,7 +187,6 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
     if dry_run:
         est = estimate(units, spec, cfg)
         return pd.DataFrame(), {**est, "notes": notes}
-    _need_ray(use_ray)
     summary = run_rating_job(units, job_dir, spec, cfg, response_cache_path(data_cfg, cfg), use_ray=use_ray,
                              progress=progress, crash_marker=crash_marker, context=context,
                              offline_model=offline_model)
@@ -238,6 +237,7 @@ def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind:
         raise ConfigError(f"unknown profile kind '{kind}' (known: {', '.join(KINDS)})")
     if kind != "structured" and cfg.backend == "offline":
         raise ConfigError(f"'{kind}' profiles need an LLM: set OPENAI_BASE_URL or pass --backend openai")
+    _need_ray(use_ray and kind != "structured" and not dry_run)
     out = Path(out)
     ds, split = load_split(data_cfg)
     pool = split.train["user_id"].unique() if users is None or not isinstance(users, (int, np.integer)) \
@@ -259,7 +259,6 @@ def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind:
         from rlsim.personas.cache import ResponseCache
         from rlsim.personas.pool import RatingEngine
 
-        _need_ray(use_ray)
         spec = backend_spec(cfg, api_key)
         job = "profiles-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]
         limiter, reg = _limiter(cfg, spec, use_ray, job)
@@ -312,6 +311,7 @@ def rate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | Path
     from rlsim.data import load_split
 
     cfg = persona_cfg.validate()
+    _need_ray(use_ray and not dry_run)
     out = Path(out)
     ds, split = load_split(data_cfg)
     pairs = split.test[["user_id", "item_id"]] if pairs is None else \
@@ -349,6 +349,7 @@ def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | 
     cfg = persona_cfg.validate()
     if ndcg_k < 1:
         raise ConfigError(f"ndcg_k must be >= 1, got {ndcg_k}")
+    _need_ray(use_ray and not dry_run)
     out = Path(out)
     ds, split = load_split(data_cfg)
     chosen = sample_users(evaluable_users(split), users, data_cfg.seed)
