@@ -436,6 +436,33 @@ def test_strictest_limits_win_and_jobs_are_told():
     assert lim.limits["rpm"] == 600
 
 
+def test_limiter_state_is_restored_from_its_store():
+    class Store:
+        data = None
+
+        def load(self):
+            return json.loads(self.data) if self.data else None
+
+        def save(self, state):
+            self.data = json.dumps(state)
+
+    t = [0.0]
+    store = Store()
+    lim = RateLimiter(clock=lambda: t[0], store=store)
+    lim.register("j", rpm=60, tpm=1e6, budget_usd=1.0)
+    assert lim.reserve(1, 0.4, job="j") == 0.0
+    lim.settle(0.4, 0.3, job="j")
+    assert lim.reserve(1, 0.4, job="j") == pytest.approx(1.0)  # still in flight when the actor dies
+    lim.pause(5.0)
+    again = RateLimiter(clock=lambda: t[0], store=store)  # what a restarted actor does
+    st = again.job_stats("j")
+    assert st["restored"] and st["spent_usd"] == pytest.approx(0.3) and st["reserved_usd"] == pytest.approx(0.4)
+    assert again.reserve(1, 0.4, job="j") == -1.0  # 0.3 spent + 0.4 in flight + 0.4 > 1.0
+    assert again.reserve(1, 0.2, job="j") == pytest.approx(5.0)  # the pause and the bucket came back too
+    # A job that rejoins (resumes) after dying counts its in-flight reservations as spent.
+    assert again.register("j", rpm=60, tpm=1e6, budget_usd=1.0)["spent_usd"] == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("field,value", [
     ("rpm", 0), ("tpm", -5.0), ("rpm", float("nan")), ("batch_size", 0), ("n_workers", 0), ("max_concurrency", 0),
     ("timeout_s", 0), ("max_retries", -1), ("shard_users", 0), ("budget_usd", -1.0), ("backend", "gpt"),

@@ -32,6 +32,7 @@ import time
 LIMITER_NAMESPACE = "rlsim"
 LOCAL_JOB = "local"
 DEFAULT_LEASE_S = 120.0
+KEEP_JOBS = 500  # ledgers of finished jobs kept for a resume (the most recent ones)
 
 
 def limiter_name(base_url: str | None, model: str) -> str:
@@ -149,13 +150,14 @@ class RateLimiter:
         self.req.level, self.req.t = s["req"]["level"], s["req"]["t"]
         self.tok.level, self.tok.t = s["tok"]["level"], s["tok"]["t"]
 
-    def _job(self, job: str) -> dict:
+    def _job(self, job: str, refresh: bool = True) -> dict:
         j = self.jobs.get(job)
         if j is None:  # an unregistered caller: paced by the current limits, no budget
             j = self.jobs[job] = {"rpm": self.limits["rpm"], "tpm": self.limits["tpm"], "cap": None, "spent": 0.0,
                                   "reserved": 0.0, "granted": 0, "active_until": 0.0}
-        if j["active_until"] != float("inf"):
+        if refresh and j["active_until"] != float("inf"):
             j["active_until"] = self.clock() + self.lease_s
+        j["seen"] = self.clock()
         return j
 
     # ------------------------------------------------------------ jobs
@@ -172,11 +174,15 @@ class RateLimiter:
         """
         old = self.jobs.get(job)
         prior = max(float(spent_usd), (old["spent"] + old["reserved"]) if old else 0.0)
+        if len(self.jobs) > KEEP_JOBS:  # forget the oldest finished jobs (their folders keep their own ledgers)
+            done = sorted((v.get("seen", 0.0), k) for k, v in self.jobs.items() if v["active_until"] <= self.clock())
+            for _, k in done[: len(self.jobs) - KEEP_JOBS]:
+                del self.jobs[k]
         lease = self.lease_s if lease_s is None else lease_s
         self.jobs[job] = {"rpm": float(rpm), "tpm": float(tpm), "cap": budget_usd, "spent": prior, "reserved": 0.0,
                           "granted": old["granted"] if old else 0,
                           "active_until": float("inf") if lease == float("inf") else self.clock() + lease,
-                          "min_rpm": float(rpm), "min_tpm": float(tpm), "ledger": ledger}
+                          "min_rpm": float(rpm), "min_tpm": float(tpm), "ledger": ledger, "seen": self.clock()}
         self._recompute()
         self._save()
         self._write_ledger(self.jobs[job])
@@ -240,7 +246,7 @@ class RateLimiter:
     def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
                actual_tokens: int | None = None, job: str = LOCAL_JOB) -> None:
         """After the call: dollars actually spent, and tokens the server reported (None: keep the estimate)."""
-        j = self._job(job)
+        j = self._job(job, refresh=False)
         j["reserved"] = max(0.0, j["reserved"] - reserved_usd)
         j["spent"] += actual_usd
         if actual_tokens is not None:

@@ -642,7 +642,7 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
                         and "note" not in info:
                     info["note"] = (f"another job on this cluster asked for stricter limits while this one ran: "
                                     f"down to {st['min_rpm']:g} requests/min and {st['min_tpm']:g} tokens/min")
-                handle.unregister.remote(job["key"])
+                ray.get(handle.unregister.remote(job["key"]), timeout=30)
             except Exception as exc:  # noqa: BLE001 - the limiter is best effort at the very end
                 log.warning("could not read the limiter's final state: %s", exc)
     return info
@@ -682,7 +682,10 @@ def dry_run(units: list[WorkUnit], spec: BackendSpec, cfg: PersonaConfig) -> dic
                 "cost_usd": 0.0, "budget_usd": cfg.budget_usd}
     p = sum(messages_tokens(u.messages()) for u in units)
     c = sum(min(completion_estimate(len(u.item_ids)), cfg.max_output_tokens) for u in units)
-    return {"backend": spec.kind, "requests": len(units), "pairs": n_items, "prompt_tokens": p, "completion_tokens": c,
+    from rlsim.personas.cost import price_of
+
+    return {"backend": spec.kind, "price_known": price_of(cfg.prices, spec.model) is not None,
+            "requests": len(units), "pairs": n_items, "prompt_tokens": p, "completion_tokens": c,
             "prompt_tokens_per_rating": p / max(1, n_items), "model": spec.model,
             "cost_usd": cost_usd(cfg.prices, spec.model, p, c), "budget_usd": cfg.budget_usd,
             "token_counter": "tiktoken" if estimate_tokens("a b") != 1 else "chars/4 estimate"}
