@@ -4,10 +4,15 @@
     429s (sent by the server / passed on as failures);
 (b) orchestration overhead: ratings per second with a zero-latency, unlimited server;
 (c) prompt tokens per rating with batching (server-reported usage on real ml-100k prompts);
-(d) 20% injected faults + one kill -9 of the `rlsim personas rate` job, then resume: lost and
-    duplicated ratings.
+(d) 20% injected faults + one kill -9 of the `rlsim personas rate` job, then resume: lost ratings
+    (counted against the planned pairs: every held-out pair of the users the job selected) and
+    duplicated ratings;
+(e) tokens-per-minute utilisation: ~500-token requests (server-reported prompt + completion
+    tokens) under a tokens/min limit, requests/min unlimited;
+(f) two concurrent `rlsim personas rate` processes joining one Ray cluster (--ray-address), one
+    endpoint, the same --rpm: their combined rate against the limit (one limiter per cluster).
 
-Run: python bench/persona_pool.py [--data-dir /work/shared/datasets] [--cache-dir /tmp/rlc]
+Run: python bench/persona_pool.py [--data-dir /work/shared/datasets] [--cache-dir /tmp/rlc]  (~4 minutes)
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from rlsim.config import DataConfig  # noqa: E402
 from rlsim.data import load_split  # noqa: E402
 from rlsim.personas.backends import BackendSpec  # noqa: E402
 from rlsim.personas.config import PersonaConfig  # noqa: E402
+from rlsim.personas.grounding import WorkUnit  # noqa: E402
 from rlsim.personas.pool import dry_run, run_rating_job  # noqa: E402
+from rlsim.personas.run import sample_users  # noqa: E402
 from rlsim.embeddings import item_text_vectors  # noqa: E402
 from rlsim.personas.source import prompt_builder  # noqa: E402
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating  # noqa: E402
@@ -156,8 +163,10 @@ def phase_kill_resume(data_dir: str, cache_dir: str, workdir: Path, n_users: int
         expected_pairs = {u for s in m["plan"].values() for u in s}  # unit ids
         dcfg = DataConfig(dataset="ml-100k", data_dir=data_dir, cache_dir=str(cache), split="u1", download=False)
         _, split = load_split(dcfg)
-        users = set(df["user_id"])
-        truth = split.test[split.test["user_id"].isin(users)]
+        # The planned pairs: every held-out pair of the users the job selected (the CLI's own sample),
+        # not only users that made it into the output.
+        planned_users = sample_users(split.test["user_id"], n_users, dcfg.seed)
+        truth = split.test[split.test["user_id"].isin(planned_users)]
         want = set(zip(truth["user_id"], truth["item_id"]))
         got_ok = set(zip(df.loc[df.status == "ok", "user_id"], df.loc[df.status == "ok", "item_id"]))
         wrong = int(sum(r != expected_rating(u, i) for u, i, r in zip(df["user_id"], df["item_id"], df["rating"])
@@ -168,8 +177,79 @@ def phase_kill_resume(data_dir: str, cache_dir: str, workdir: Path, n_users: int
                 "requests_before_kill": requests_before, "requests_total": len(srv.log),
                 "faulty_responses": faulty, "observed_fault_share": faulty / max(1, len(srv.log)),
                 "ray_processes_cleaned": leftovers, "pairs_expected": len(want), "rows": len(df),
+                "users_planned": int(len(planned_users)), "users_in_output": int(df["user_id"].nunique()),
+                "retried_on_resume": m.get("summary", {}).get("retried"),
                 "lost_ratings": len(want - got_ok), "leaked_429": int((df["reason"] == "http_429").sum()), "duplicated_ratings": int(df.duplicated(["user_id", "item_id"]).sum()),
                 "wrong_ratings": wrong, "resumed": m.get("resumed", 0), "wall_s": wall}
+
+
+def phase_tpm(workdir: Path, tpm: float, latency: float, seconds: float, tokens_per_request: int = 500) -> dict:
+    """~500-token requests under a tokens/min limit (requests/min unlimited): achieved tokens/min."""
+    per_s = tpm / 60 / tokens_per_request
+    n = int(per_s * seconds) + 2
+    pad = " Enjoys long, quiet films with slow pacing, strong characters and an unhurried, careful story."
+    units = []
+    for u in range(1, n + 1):
+        text = f"A viewer number {u}."
+        while len(text) < 4 * (tokens_per_request - 95):  # ~95 tokens of system prompt, scale and movie line
+            text += pad
+        items = [{"item_id": 1000 + u, "title": f"Film {u}", "year": 1995, "genres": "Drama"}]
+        units.append(WorkUnit(u, [1000 + u], text, items, {}, (1.0, 5.0, 1.0)))
+    with FakeOpenAI(FaultConfig(latency_s=latency)) as srv:
+        spec = BackendSpec("openai", "fake-model", srv.base_url, api_key="bench")
+        t0 = time.monotonic()
+        s = run_rating_job(units, workdir / "e", spec, pool_cfg(rpm=1e9, tpm=tpm, shard_users=1000), None,
+                           use_ray=True, progress=False)
+        wall = time.monotonic() - t0
+        log = sorted((r for r in srv.log if r.status == 200), key=lambda r: r.t)
+        tok = [r.prompt_tokens + r.completion_tokens for r in log]
+        lo, hi = int(0.1 * len(log)), int(0.9 * len(log)) - 1
+        achieved = sum(tok[lo:hi]) / (log[hi].t - log[lo].t) * 60 if hi > lo else 0.0
+        whole = sum(tok[:-1]) / (log[-1].t - log[0].t) * 60 if len(log) > 1 else 0.0
+        return {"limit_tpm": tpm, "latency_s": latency, "requests_ok": len(log),
+                "tokens_per_request_server": float(np.mean(tok)) if tok else 0.0,
+                "achieved_tpm": achieved, "tpm_utilisation": achieved / tpm,
+                "achieved_tpm_first_to_last": whole, "failed": s["failed"], "wall_s": wall}
+
+
+def phase_two_jobs(data_dir: str, cache_dir: str, workdir: Path, gcs_address: str, rpm: float,
+                   users_per_job: int) -> dict:
+    """Two `rlsim personas rate` processes on one cluster, one endpoint, the same --rpm each."""
+    dcfg = DataConfig(dataset="ml-100k", data_dir=data_dir, cache_dir=cache_dir, split="u1", download=False)
+    _, split = load_split(dcfg)
+    users = np.sort(split.test["user_id"].unique())
+    pair_files = []
+    for j in range(2):
+        mine = users[j * users_per_job:(j + 1) * users_per_job]
+        f = workdir / f"pairs{j}.parquet"
+        split.test[split.test["user_id"].isin(mine)][["user_id", "item_id"]].to_parquet(f, index=False)
+        pair_files.append((f, set(int(u) for u in mine)))
+    with FakeOpenAI(FaultConfig(latency_s=0.2, rpm_limit=rpm)) as srv:
+        env = {**os.environ, "OPENAI_BASE_URL": srv.base_url, "OPENAI_API_KEY": "bench", "PYTHONPATH": str(REPO)}
+        procs = []
+        t0 = time.monotonic()
+        for j, (f, _) in enumerate(pair_files):
+            cmd = [sys.executable, "-m", "rlsim.cli", "personas", "rate", "--backend", "openai", "--dataset", "ml-100k",
+                   "--split", "u1", "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download",
+                   "--model", "fake-model", "--pairs", str(f), "--rpm", str(rpm), "--no-cache", "--quiet",
+                   "--ray-address", gcs_address, "--out", str(workdir / f"f{j}")]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        for pr in procs:
+            _, err = pr.communicate(timeout=600)
+            if pr.returncode != 0:
+                raise RuntimeError(err.decode()[-3000:])
+        wall = time.monotonic() - t0
+        log = sorted((r for r in srv.log if r.status == 200), key=lambda r: r.t)
+        t_a = [r.t for r in log if r.user_id in pair_files[0][1]]
+        t_b = [r.t for r in log if r.user_id in pair_files[1][1]]
+        start, end = max(t_a[0], t_b[0]), min(t_a[-1], t_b[-1])
+        both = [t for t in (r.t for r in log) if start <= t <= end]
+        combined = (len(both) - 1) / (end - start) * 60 if end > start and len(both) > 1 else 0.0
+        summaries = [json.loads((workdir / f"f{j}" / "summary.json").read_text()) for j in range(2)]
+        return {"limit_rpm_each": rpm, "requests": [len(t_a), len(t_b)], "overlap_s": end - start,
+                "combined_rpm_in_overlap": combined, "two_jobs_rpm": combined / rpm,
+                "server_429_sent": srv.count(429), "failed": [s["failed"] for s in summaries],
+                "limiters": sorted({s["limits"]["limiter"] for s in summaries}), "wall_s": wall}
 
 
 def main() -> None:
@@ -188,21 +268,27 @@ def main() -> None:
     units = build_units(a.data_dir, a.cache_dir, n_users=200)
     est = dry_run(units, BackendSpec("openai", "gpt-4o-mini"), PersonaConfig())
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-bench-"))
+             _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-bench-", dir="/tmp"))
     try:
         a_res = phase_rate_limit(units, work, rpm=600, latency=0.2, seconds=a.seconds)
         b_res = phase_overhead(units[:600], work)
+        e_res = phase_tpm(work, tpm=60000, latency=0.2, seconds=a.seconds)
+        f_res = phase_two_jobs(a.data_dir, a.cache_dir, work, ray.get_runtime_context().gcs_address, rpm=600,
+                               users_per_job=30)
     finally:
         ray.shutdown()
     d_res = phase_kill_resume(a.data_dir, a.cache_dir, work, n_users=60, fault_rate=0.2)
     result = {
         "rate_limit_utilisation": a_res["rate_limit_utilisation"],
+        "tpm_utilisation": e_res["tpm_utilisation"],
+        "two_jobs_rpm": f_res["two_jobs_rpm"],
         "leaked_429": a_res["leaked_429"] + d_res["leaked_429"],
         "lost_ratings": d_res["lost_ratings"],
         "duplicated_ratings": d_res["duplicated_ratings"],
         "prompt_tokens_per_rating": b_res["prompt_tokens_per_rating_server"],
         "ratings_per_s": b_res["ratings_per_s"],
-        "details": {"rate_limit": a_res, "overhead": b_res, "kill_resume": d_res,
+        "details": {"rate_limit": a_res, "overhead": b_res, "kill_resume": d_res, "tokens_per_minute": e_res,
+                    "two_jobs": f_res,
                     "dry_run_estimate_gpt_4o_mini": est,
                     "setup": "ml-100k u1 prompts (structured profile, batch 10, k_similar 3); 2 Ray actors x 16 "
                              "concurrent requests; fake OpenAI server in-process (tests/fake_openai.py)",

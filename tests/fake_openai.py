@@ -62,6 +62,7 @@ class LoggedRequest:
     fault: str
     has_schema: bool
     prompt_tokens: int
+    completion_tokens: int = 0  # as reported in the answer's usage (0 for errors)
 
 
 class FakeOpenAI:
@@ -170,7 +171,7 @@ class FakeOpenAI:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": "length" if fault == "truncated" else "stop"}],
                 "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
-        return 200, resp, {"uid": uid, "ids": ids, "p_tok": p_tok}
+        return 200, resp, {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok}
 
     def _handler(self):
         server = self
@@ -235,7 +236,7 @@ class FakeOpenAI:
                 with server.lock:
                     server.log.append(LoggedRequest(time.monotonic(), path, body.get("model", ""), info["uid"],
                                                     info["ids"], status, fault, rf.get("type") == "json_schema",
-                                                    info["p_tok"]))
+                                                    info["p_tok"], info.get("c_tok", 0)))
                 headers = {"Retry-After": f"{server.faults.retry_after_s:g}"} if status == 429 else {}
                 self._send(status, resp, headers)
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
+import tempfile
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,6 +19,7 @@ from rlsim.personas.backends import BackendSpec
 from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.calibrate import quantile_map
 from rlsim.personas.config import PersonaConfig
+from rlsim.personas.cost import cost_usd
 from rlsim.personas.grounding import WorkUnit
 from rlsim.personas.limiter import LocalLimiter, RateLimiter
 from rlsim.personas.pool import RatingEngine, dry_run, rate_units_local, run_rating_job
@@ -32,15 +37,16 @@ def server():
     srv.stop()
 
 
-def make_units(n_users=4, n_items=12, batch=5) -> list[WorkUnit]:
+def make_units(n_users=4, n_items=12, batch=5, first_user=1, profile_words=0) -> list[WorkUnit]:
     units = []
-    for u in range(1, n_users + 1):
+    for u in range(first_user, first_user + n_users):
         ids = [100 + 3 * j + u for j in range(n_items)]
         for s in range(0, n_items, batch):
             b = ids[s:s + batch]
             items = [{"item_id": i, "title": f"Film {i}", "year": 1990, "genres": "Drama"} for i in b]
             ground = {i: [(f"Old film {i - 1} (1980)", 4.0)] for i in b}
-            units.append(WorkUnit(u, b, f"A viewer number {u}.", items, ground, (1.0, 5.0, 1.0)))
+            text = f"A viewer number {u}." + " Likes long quiet films." * profile_words
+            units.append(WorkUnit(u, b, text, items, ground, (1.0, 5.0, 1.0)))
     return units
 
 
@@ -354,3 +360,341 @@ def test_tinytroupe_backend_through_fake_server(server):
     rows, _ = run_units(eng, units)
     assert (rows["status"] == "ok").all()
     assert_correct(rows)
+
+
+# ---------------------------------------------------------------- limits that hold (tokens, cluster, restarts)
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private Ray for this module (joined when one is already running in this process)."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _temp_dir=tempfile.mkdtemp(prefix="rlp", dir="/tmp"))
+    yield ray
+    ray.shutdown()
+
+
+def test_tokens_per_minute_are_enforced_without_a_burst():
+    # The measured bug: with the default burst_s=0 these went out 0.1 s apart.
+    t = [0.0]
+    lim = RateLimiter(rpm=6000, tpm=600, clock=lambda: t[0])
+    waits = [lim.reserve(500) for _ in range(5)]
+    assert waits == pytest.approx([0.0, 50.0, 100.0, 150.0, 200.0])
+
+
+def test_reported_usage_corrects_the_token_bucket():
+    t = [0.0]
+    lim = RateLimiter(rpm=1e6, tpm=600, clock=lambda: t[0])  # 10 tokens/s
+    assert lim.reserve(100) == 0.0
+    lim.settle(0.0, 0.0, 100, 300)  # the server counted 300 tokens: 200 more debt
+    assert lim.reserve(100) == pytest.approx(30.0)
+    lim2 = RateLimiter(rpm=1e6, tpm=600, clock=lambda: t[0])
+    lim2.reserve(100)
+    lim2.settle(0.0, 0.0, 100, 20)  # only 20 were used: 80 come back
+    assert lim2.reserve(100) == pytest.approx(2.0)
+
+
+def test_tokens_per_minute_hold_against_the_servers_usage(server):
+    # ~290-token requests (server-reported prompt + completion) at 30k tokens/min: ~1.7 per second.
+    units = make_units(12, 1, 1, profile_words=40)
+    tpm = 30000
+    cfg = cfg_for(rpm=1e6, tpm=tpm, max_concurrency=16)
+    rows, _ = run_units(engine_for(server, cfg), units, concurrency=16)
+    assert (rows["status"] == "ok").all()
+    log = sorted(server.log, key=lambda r: r.t)
+    tokens = [r.prompt_tokens + r.completion_tokens for r in log]
+    assert min(tokens) > 250
+    rate = sum(tokens[:-1]) / (log[-1].t - log[0].t) * 60
+    # Unpaced (the old bucket) all 12 go out at once; the bounds leave room for a stalled event loop.
+    assert rate <= 1.3 * tpm, rate
+    assert rate >= 0.5 * tpm, rate  # paced, not throttled far below the limit
+
+
+def test_strictest_limits_win_and_jobs_are_told():
+    t = [0.0]
+    lim = RateLimiter(clock=lambda: t[0], lease_s=60)
+    a = lim.register("a", rpm=600, tpm=1e6)
+    assert a["rpm"] == 600 and not a["stricter_elsewhere"] and a["other_jobs"] == 0
+    b = lim.register("b", rpm=60, tpm=1e6)
+    assert b["rpm"] == 60 and not b["stricter_elsewhere"] and b["other_jobs"] == 1
+    c = lim.register("c", rpm=1200, tpm=1e6)
+    assert c["rpm"] == 60 and c["stricter_elsewhere"]
+    # Everyone is paced at the strictest limit: one request per second, whoever asks.
+    assert [lim.reserve(1, job=j) for j in ("a", "c", "a")] == pytest.approx([0.0, 1.0, 2.0])
+    assert lim.job_stats("a")["min_rpm"] == 60
+    lim.unregister("b")
+    assert lim.limits["rpm"] == 600
+    # A job that stops calling (its driver died) stops counting once its lease runs out.
+    lim.register("d", rpm=30, tpm=1e6)
+    assert lim.limits["rpm"] == 30
+    t[0] += 61
+    lim.reserve(1, job="a")
+    assert lim.limits["rpm"] == 600
+
+
+def test_limiter_state_is_restored_from_its_store():
+    class Store:
+        data = None
+
+        def load(self):
+            return json.loads(self.data) if self.data else None
+
+        def save(self, state):
+            self.data = json.dumps(state)
+
+    t = [0.0]
+    store = Store()
+    lim = RateLimiter(clock=lambda: t[0], store=store)
+    lim.register("j", rpm=60, tpm=1e6, budget_usd=1.0)
+    assert lim.reserve(1, 0.4, job="j") == 0.0
+    lim.settle(0.4, 0.3, job="j")
+    assert lim.reserve(1, 0.4, job="j") == pytest.approx(1.0)  # still in flight when the actor dies
+    lim.pause(5.0)
+    again = RateLimiter(clock=lambda: t[0], store=store)  # what a restarted actor does
+    st = again.job_stats("j")
+    assert st["restored"] and st["spent_usd"] == pytest.approx(0.3) and st["reserved_usd"] == pytest.approx(0.4)
+    assert again.reserve(1, 0.4, job="j") == -1.0  # 0.3 spent + 0.4 in flight + 0.4 > 1.0
+    assert again.reserve(1, 0.2, job="j") == pytest.approx(5.0)  # the pause and the bucket came back too
+    # A job that rejoins (resumes) after dying counts its in-flight reservations as spent.
+    assert again.register("j", rpm=60, tpm=1e6, budget_usd=1.0)["spent_usd"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("rpm", 0), ("tpm", -5.0), ("rpm", float("nan")), ("batch_size", 0), ("n_workers", 0), ("max_concurrency", 0),
+    ("timeout_s", 0), ("max_retries", -1), ("shard_users", 0), ("budget_usd", -1.0), ("backend", "gpt"),
+    ("max_output_tokens", 0), ("prices", {"m": {"prompt": 1}}),
+])
+def test_persona_config_is_validated(field, value):
+    from rlsim.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        PersonaConfig(**{field: value}).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_a_budget_needs_a_price():
+    from rlsim.errors import ConfigError
+
+    PersonaConfig(backend="openai", model="gpt-4o-mini-2024-07-18", budget_usd=1.0).validate()
+    with pytest.raises(ConfigError, match="no price"):
+        PersonaConfig(backend="openai", model="my-local-llama", budget_usd=1.0).validate()
+    PersonaConfig(backend="openai", model="my-local-llama").validate()  # no budget: no price needed
+
+
+def test_library_needs_a_running_ray_for_use_ray(data_root, cache_root, tmp_path, monkeypatch):
+    import ray
+
+    from rlsim.config import DataConfig
+    from rlsim.errors import ConfigError
+    from rlsim.personas.config import PersonaConfig
+    from rlsim.personas.run import evaluate_stage
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is running in this process")
+    dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=str(data_root), cache_dir=str(cache_root),
+                      download=False)
+    with pytest.raises(ConfigError, match="running Ray"):
+        evaluate_stage(dcfg, PersonaConfig(), tmp_path / "x", users=2, use_ray=True, progress=False)
+    assert not ray.is_initialized()  # the library never starts Ray itself
+
+
+def test_one_limiter_per_cluster_and_endpoint(ray_local):
+    from rlsim.personas.limiter import LIMITER_NAMESPACE, cluster_limiter, get_limiter, limiter_name
+
+    n = limiter_name("http://host:1/v1", "m")
+    assert n == limiter_name("http://host:1/v1/", "m")
+    assert len({n, limiter_name("http://host:1/v1", "m2"), limiter_name("http://other:1/v1", "m")}) == 3
+    h1, h2 = cluster_limiter(n), cluster_limiter(n)
+    assert h1._actor_id == h2._actor_id == get_limiter(n)._actor_id
+    ray = ray_local
+    names = {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert (n, LIMITER_NAMESPACE) in names
+
+
+def _run_in_thread(fn, *args, **kw):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args, **kw)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+            box["error"] = exc
+    th = threading.Thread(target=target)
+    th.start()
+    return th, box
+
+
+def test_two_jobs_on_one_cluster_share_one_limit(server, tmp_path, ray_local):
+    rpm = 1200  # 20 requests per second for both jobs together
+    cfg = cfg_for(rpm=rpm, max_concurrency=8, n_workers=1, cache=False)
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    jobs = [_run_in_thread(run_rating_job, make_units(4, 10, 1, first_user=f), tmp_path / f"job{f}", spec, cfg, None,
+                           use_ray=True, progress=False) for f in (1, 11)]
+    for th, _ in jobs:
+        th.join(120)
+    for _, box in jobs:
+        assert "error" not in box, box.get("error")
+        assert box["result"]["rated"] == 40
+    log = sorted(server.log, key=lambda r: r.t)
+    assert len(log) == 80 and server.count(429) == 0
+    both = [r.t for r in log]
+    lo, hi = len(both) // 10, len(both) - len(both) // 10 - 1  # the steady middle
+    first_b = min(r.t for r in log if r.user_id > 10)
+    first_a = min(r.t for r in log if r.user_id <= 10)
+    assert max(first_a, first_b) < min(max(r.t for r in log if r.user_id <= 10),
+                                       max(r.t for r in log if r.user_id > 10))  # they did overlap
+    combined = (hi - lo) / (both[hi] - both[lo]) * 60
+    # With a limiter per job the two together ran at twice the limit; the bound leaves room for stalls.
+    assert combined <= 1.4 * rpm, combined
+    assert jobs[0][1]["result"]["limits"]["limiter"] == jobs[1][1]["result"]["limits"]["limiter"]
+
+
+def test_limiter_state_and_budget_survive_a_restart(server, tmp_path, ray_local):
+    from rlsim.personas.limiter import get_limiter, limiter_name
+
+    ray = ray_local
+    prices = {"fake-model": {"prompt": 1000.0, "completion": 1000.0}}
+    units = make_units(6, 4, 1)  # 24 requests at 10 per second
+    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=prices))["cost_usd"]
+    budget = 0.5 * est
+    cfg = cfg_for(rpm=600, max_concurrency=2, n_workers=1, cache=False, prices=prices, budget_usd=budget)
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    th, box = _run_in_thread(run_rating_job, units, tmp_path / "job", spec, cfg, None, use_ray=True, progress=False)
+    t0 = time.monotonic()
+    while len(server.log) < 5 and time.monotonic() - t0 < 60:
+        time.sleep(0.02)
+    handle = get_limiter(limiter_name(server.base_url, "fake-model"))
+    ray.kill(handle, no_restart=False)  # the actor restarts from the state it saved
+    th.join(120)
+    assert "error" not in box, box.get("error")
+    s = box["result"]
+    spent_at_server = sum(cost_usd(prices, "fake-model", r.prompt_tokens, r.completion_tokens)
+                          for r in server.log if r.status == 200)
+    assert spent_at_server <= budget + 1e-9  # the restarted limiter did not forget the spend
+    assert s["failure_reasons"].get("budget", 0) > 0 and s["rated"] > 0
+    st = ray.get(get_limiter(limiter_name(server.base_url, "fake-model")).job_stats.remote(s["limits"]["job"]))
+    assert st["restored"] and st["spent_usd"] >= spent_at_server - 1e-9
+
+
+# ---------------------------------------------------------------- hard budget across kills, resume that retries
+
+PRICEY = {"fake-model": {"prompt": 1000.0, "completion": 1000.0}}
+
+
+def _spent_at(server) -> float:
+    return sum(cost_usd(PRICEY, "fake-model", r.prompt_tokens, r.completion_tokens)
+               for r in server.log if r.status == 200)
+
+
+def test_spend_of_a_killed_run_counts_on_resume(server, tmp_path, monkeypatch):
+    from rlsim.personas import pool
+
+    units = make_units(2, 10, 1)  # 20 one-movie units in ONE shard: no shard finishes before the kill
+    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=PRICEY))["cost_usd"]
+    budget = 0.6 * est
+    cfg = cfg_for(cache=False, shard_users=100, max_concurrency=1, prices=PRICEY, budget_usd=budget)
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    real_add = pool.ShardWriter.add
+    calls = {"n": 0}
+
+    def crashing_add(self, unit, res):
+        real_add(self, unit, res)
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(pool.ShardWriter, "add", crashing_add)
+    with pytest.raises(KeyboardInterrupt):
+        run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)
+    monkeypatch.setattr(pool.ShardWriter, "add", real_add)
+    assert json.loads((tmp_path / "job" / "manifest.json").read_text())["shards"] == {}
+    first = _spent_at(server)
+    s = run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)
+    assert _spent_at(server) <= budget + 1e-9  # both runs together stay under the cap
+    assert s["spent_usd"] >= first and s["failure_reasons"].get("budget", 0) > 0
+    assert s["pairs"] == 20 and s["missing_pairs"] == 0
+
+
+def test_a_budget_stop_is_retried_on_resume(server, tmp_path):
+    units = make_units(3, 6, 3)
+    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=PRICEY))["cost_usd"]
+    cfg = cfg_for(max_concurrency=1, prices=PRICEY, budget_usd=0.4 * est)
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    s1 = run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)
+    stopped = s1["failure_reasons"]["budget"]
+    assert stopped > 0 and s1["retryable_failed"] == stopped
+    n = len(server.log)
+    s2 = run_rating_job(units, tmp_path / "job", spec, dataclasses.replace(cfg, budget_usd=1e6), None,
+                        use_ray=False, progress=False)
+    assert s2["resumed"] == 1 and s2["retried"] == stopped
+    assert s2["rated"] == 18 and s2["failed"] == 0 and len(server.log) > n
+    df = pd.read_parquet(tmp_path / "job" / "ratings.parquet")
+    assert len(df) == 18 and not df.duplicated(["user_id", "item_id"]).any()
+    assert_correct(df)
+
+
+def test_resume_retries_transient_failures_and_keeps_permanent_ones(server, tmp_path):
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    cfg = cfg_for(max_retries=0)
+    units = make_units(2, 4, 2)
+    server.set_faults(p_500=1.0)
+    s1 = run_rating_job(units, tmp_path / "t", spec, cfg, None, use_ray=False, progress=False)
+    assert s1["failure_reasons"] == {"http_500": 8}
+    server.set_faults(p_500=0.0)
+    s2 = run_rating_job(units, tmp_path / "t", spec, cfg, None, use_ray=False, progress=False)
+    assert s2["retried"] == 8 and s2["rated"] == 8
+    # A permanent failure (the endpoint refuses the request) is final: not asked again.
+    bad = BackendSpec("openai", "fake-model", server.url + "/nope/v1", api_key=SECRET)
+    p1 = run_rating_job(units, tmp_path / "p", bad, cfg, None, use_ray=False, progress=False)
+    assert p1["failure_reasons"] == {"http_404": 8} and p1["retryable_failed"] == 0
+    n = len(server.log)
+    p2 = run_rating_job(units, tmp_path / "p", bad, cfg, None, use_ray=False, progress=False)
+    assert p2["retried"] == 0 and len(server.log) == n and p2["failed"] == 8
+
+
+def test_unusable_answers_are_asked_again_on_resume_not_replayed(server, tmp_path):
+    cache = str(tmp_path / "c.sqlite")
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    cfg = cfg_for(max_retries=1)
+    units = make_units(2, 3, 3)
+    server.set_faults(p_malformed=1.0, answer_text="I would rather not say.")
+    s1 = run_rating_job(units, tmp_path / "job", spec, cfg, cache, use_ray=False, progress=False)
+    assert s1["failure_reasons"] == {"malformed_json": 6}
+    n = len(server.log)
+    server.set_faults(p_malformed=0.0, answer_text=None)
+    s2 = run_rating_job(units, tmp_path / "job", spec, cfg, cache, use_ray=False, progress=False)
+    assert s2["retried"] == 6 and s2["rated"] == 6
+    assert len(server.log) == n + len(units)  # new requests, not the cached nonsense again
+    # A fresh folder replays the first run's answers from the cache exactly (no request).
+    s3 = run_rating_job(units, tmp_path / "job2", spec, cfg, cache, use_ray=False, progress=False)
+    assert s3["failure_reasons"] == {"malformed_json": 6} and len(server.log) == n + len(units)
+
+
+def test_resume_refuses_other_profiles_dataset_or_split(server, tmp_path):
+    from rlsim.errors import ConfigError
+
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    ctx = {"dataset": "ml-100k", "split": "u1", "profiles_sha256": "aaa"}
+    run_rating_job(make_units(2, 3, 3), tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False,
+                   context=ctx)
+    for change in ({"profiles_sha256": "bbb"}, {"split": "u2"}, {"dataset": "ml-1m"}):
+        with pytest.raises(ConfigError, match=next(iter(change))):
+            run_rating_job(make_units(2, 3, 3), tmp_path / "job", spec, cfg_for(), None, use_ray=False,
+                           progress=False, context={**ctx, **change})
+
+
+def test_a_torn_journal_line_is_ignored(server, tmp_path):
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    units = make_units(2, 3, 3)
+    run_rating_job(units, tmp_path / "job", spec, cfg_for(cache=False), None, use_ray=False, progress=False)
+    j = tmp_path / "job" / "journal.jsonl"
+    lines = j.read_text().splitlines(keepends=True)
+    j.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # killed mid-write
+    n = len(server.log)
+    s = run_rating_job(units, tmp_path / "job", spec, cfg_for(cache=False), None, use_ray=False, progress=False)
+    assert s["rated"] == 6 and len(server.log) == n + 1  # only the torn unit is asked again
+    s = run_rating_job(units, tmp_path / "job", spec, cfg_for(cache=False), None, use_ray=False, progress=False)
+    assert s["rated"] == 6 and len(server.log) == n + 1

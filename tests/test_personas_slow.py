@@ -96,3 +96,58 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(data_root, cache_root, 
     assert len(df) == len(test) and (df["status"] == "ok").all()
     exp = [expected_rating(u, i) for u, i in zip(df["user_id"], df["item_id"])]
     assert (df["rating"].to_numpy() == np.array(exp, float)).all()
+
+
+@pytest.mark.slow
+def test_kill_9_with_a_budget_then_resume_stays_under_it(data_root, cache_root, tmp_path):
+    """The budget is hard across a kill -9 of the job and its private Ray: the limiter's spend ledger
+    (OUT/job/spend.json, reservations included) is on disk, so the resumed job counts it; a rerun with a
+    larger budget then retries exactly what the budget stopped."""
+    from rlsim.personas.config import DEFAULT_PRICES
+    from rlsim.personas.cost import cost_usd
+
+    with FakeOpenAI(FaultConfig(latency_s=0.05)) as srv:
+        ray_tmp = tempfile.mkdtemp(prefix="rlsim-ray-test-")
+        env = {**os.environ, "OPENAI_BASE_URL": srv.base_url, "OPENAI_API_KEY": "k", "RLSIM_RAY_TEMP_DIR": ray_tmp,
+               "PYTHONPATH": str(REPO)}
+        out = tmp_path / "rate"
+        base = [sys.executable, "-m", "rlsim.cli", "personas", "rate", "--backend", "openai", "--dataset", "ml-100k",
+                "--split", "u1", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download",
+                "--model", "fake-model", "--batch-size", "2", "--shard-users", "2", "--rpm", "1200", "--no-cache",
+                "--quiet", "--out", str(out)]
+        r = subprocess.run(base + ["--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        budget = 0.6 * json.loads((out / "dry_run.json").read_text())["cost_usd"]
+        cmd = base + ["--budget-usd", repr(budget)]
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        manifest = out / "job" / "manifest.json"
+        t0 = time.monotonic()
+        while proc.poll() is None and time.monotonic() - t0 < 240:
+            try:
+                if len(json.loads(manifest.read_text())["shards"]) >= 3:
+                    break
+            except (OSError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, "job ended before the kill"
+        _kill_tree(proc, ray_tmp)
+        env2 = {**env, "RLSIM_RAY_TEMP_DIR": tempfile.mkdtemp(prefix="rlsim-ray-test-")}
+        r = subprocess.run(cmd, env=env2, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        spent = sum(cost_usd(DEFAULT_PRICES, "fake-model", x.prompt_tokens, x.completion_tokens)
+                    for x in srv.log if x.status == 200)
+        assert spent <= budget * (1 + 1e-9)
+        s = json.loads((out / "summary.json").read_text())
+        stopped = s["failure_reasons"].get("budget", 0)
+        assert stopped > 0 and s["resumed"] == 1
+        n = len(srv.log)
+        r = subprocess.run(base + ["--budget-usd", "1"], env={**env, "RLSIM_RAY_TEMP_DIR": tempfile.mkdtemp(
+            prefix="rlsim-ray-test-")}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        s = json.loads((out / "summary.json").read_text())
+        assert s["retried"] == stopped and s["failed"] == 0 and len(srv.log) > n
+    df = pd.read_parquet(out / "job" / "ratings.parquet")
+    assert not df.duplicated(["user_id", "item_id"]).any() and (df["status"] == "ok").all()
+    exp = [expected_rating(u, i) for u, i in zip(df["user_id"], df["item_id"])]
+    assert (df["rating"].to_numpy() == np.array(exp, float)).all()

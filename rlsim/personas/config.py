@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from rlsim.errors import ConfigError
 
 # $ per 1M tokens (prompt, completion); extend or override in YAML under personas.prices.
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
@@ -64,3 +67,47 @@ class PersonaConfig:
     seed: int = 0
     prices: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PRICES.items()})
     offline: OfflineConfig = field(default_factory=OfflineConfig)
+
+    def validate(self) -> "PersonaConfig":
+        """One-line ConfigErrors for values that cannot work (every entry point calls this)."""
+        from rlsim.personas.cost import price_of
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"personas: {what}")
+
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                raise ConfigError(f"personas: {name} must be a finite number, got {v!r}")
+            return float(v)
+
+        need(self.backend in ("offline", "openai", "tinytroupe"),
+             f"backend must be offline, openai or tinytroupe, got {self.backend!r}")
+        need(self.profile in ("structured", "psych", "lusifer"),
+             f"profile must be structured, psych or lusifer, got {self.profile!r}")
+        need(isinstance(self.model, str) and self.model.strip() != "", "model must be a non-empty name")
+        need(num("rpm") > 0, f"rpm (requests per minute) must be > 0, got {self.rpm:g}")
+        need(num("tpm") > 0, f"tpm (tokens per minute) must be > 0, got {self.tpm:g}")
+        need(num("timeout_s") > 0, f"timeout (seconds per request) must be > 0, got {self.timeout_s:g}")
+        need(num("temperature") >= 0, f"temperature must be >= 0, got {self.temperature:g}")
+        need(num("backoff_base_s") >= 0 and num("backoff_max_s") >= 0, "backoff_base_s and backoff_max_s must be >= 0")
+        for name, lo in (("batch_size", 1), ("n_workers", 1), ("max_concurrency", 1), ("shard_users", 1),
+                         ("max_output_tokens", 1), ("lusifer_last_n", 1), ("lusifer_batch", 1),
+                         ("max_retries", 0), ("k_similar", 0), ("seed", 0)):
+            v = getattr(self, name)
+            flag = {"n_workers": "workers", "max_concurrency": "concurrency"}.get(name, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+                 f"{flag} must be an integer >= {lo}, got {v!r}")
+        if self.budget_usd is not None:
+            need(num("budget_usd") >= 0, f"budget_usd must be >= 0, got {self.budget_usd:g}")
+        need(isinstance(self.prices, dict), "prices must map model -> {prompt, completion} in $ per 1M tokens")
+        for m, p in self.prices.items():
+            ok = isinstance(p, dict) and {"prompt", "completion"} <= set(p) and all(
+                isinstance(p[k], (int, float)) and not isinstance(p[k], bool) and p[k] >= 0
+                for k in ("prompt", "completion"))
+            need(ok, f"prices.{m} must be {{prompt: $/1M, completion: $/1M}} with numbers >= 0")
+        if self.budget_usd is not None and self.backend != "offline" and price_of(self.prices, self.model) is None:
+            raise ConfigError(f"no price for model '{self.model}' in personas.prices, so --budget-usd cannot be "
+                              f"enforced; add {{prompt: $/1M, completion: $/1M}} for it or drop the budget")
+        return self

@@ -27,6 +27,9 @@ class WorkUnit:
     items: list[dict]  # item_id, title, year, genres
     grounding: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
     scale: tuple[float, float, float] = (1.0, 5.0, 1.0)
+    # Answers of earlier runs to skip in the response cache: a resumed job asks again (new requests)
+    # for items whose cached answers were all unusable, instead of replaying them.
+    answer_offset: int = 0
 
     @property
     def unit_id(self) -> str:
@@ -41,7 +44,7 @@ class WorkUnit:
         keep = set(item_ids)
         return WorkUnit(self.user_id, [i for i in self.item_ids if i in keep], self.profile_text,
                         [it for it in self.items if int(it["item_id"]) in keep],
-                        {i: g for i, g in self.grounding.items() if i in keep}, self.scale)
+                        {i: g for i, g in self.grounding.items() if i in keep}, self.scale, self.answer_offset)
 
     def messages(self) -> list[dict]:
         return rating_messages(self.user_id, self.profile_text, self.items, self.grounding, self.rating_scale)

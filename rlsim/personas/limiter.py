@@ -1,119 +1,370 @@
-"""Cluster-wide rate limiter: token buckets for requests/min and tokens/min, plus the budget.
+"""Rate limiter shared by every persona job on a cluster: requests/min, tokens/min, per-job budgets.
 
-``RateLimiter`` is the plain object (used in-process); ``LimiterActor`` wraps it as a named Ray
-actor shared by every persona worker. Callers *reserve* capacity and get back how long to wait
-before sending, so the actor never blocks. A 429 from the server pauses every caller until its
-Retry-After has passed.
+``RateLimiter`` is the plain object. In a Ray cluster it runs as ONE detached named actor per
+endpoint and model (``limiter_name``: a hash of base URL and model, never of the key) in the
+``rlsim`` namespace; every job and every worker finds it by name, so two jobs against one
+endpoint share one limit instead of each getting the whole of it.
+
+- Pacing: callers *reserve* capacity and get back how long to wait before sending (the actor
+  never blocks). Requests are evenly paced (no burst by default), so a server's own bucket never
+  sees more than the limit. The token bucket admits a request when it holds the request's tokens
+  (or its whole capacity, when the request is larger) and then takes ALL of them, going into debt
+  that later requests wait out: a 500-token request at 600 tokens/min is followed 50 s later by
+  the next one. After the answer, ``settle`` corrects the reservation with the usage the server
+  reported (prompt + completion tokens).
+- A 429 with Retry-After pauses every caller until it has passed.
+- Several jobs: each ``register``s its own limits; the strictest limits of the jobs active now
+  apply to everyone (a job is told when another job's limits are stricter than its own). A job
+  that stops calling for ``lease_s`` seconds (its driver died) no longer counts.
+- Budgets are per job: a job's spend (settled) plus its reservations never exceed its cap.
+- State (buckets, pause, every job's spend and reservations) is saved in Ray's GCS key-value
+  store after each change, so a restarted actor (``max_restarts=-1``) picks up where it was and
+  spend already made is not forgotten.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 
-from rlsim.personas.cost import Budget
+LIMITER_NAMESPACE = "rlsim"
+LOCAL_JOB = "local"
+DEFAULT_LEASE_S = 120.0
+KEEP_JOBS = 500  # ledgers of finished jobs kept for a resume (the most recent ones)
 
-LIMITER_NAME = "rlsim_persona_limiter"
+
+def limiter_name(base_url: str | None, model: str) -> str:
+    """The cluster-wide limiter of one endpoint and model (Azure: endpoint and deployment)."""
+    endpoint = (base_url or "https://api.openai.com/v1").rstrip("/").lower()
+    h = hashlib.sha256(json.dumps([endpoint, model]).encode()).hexdigest()[:16]
+    return f"rlsim_limiter_{h}"
+
+
+class TokenBucket:
+    """Refills at ``rate`` per second up to ``cap``; may go into debt (negative level)."""
+
+    def __init__(self, rate: float, cap: float, level: float | None = None, t: float = 0.0):
+        self.rate, self.cap = rate, cap
+        self.level = cap if level is None else level
+        self.t = t
+
+    def refill(self, now: float) -> None:
+        dt = max(0.0, now - self.t)
+        self.t = max(self.t, now)
+        self.level = min(self.cap, self.level + dt * self.rate)
+
+    def take(self, n: float, now: float) -> float:
+        """Seconds until the bucket holds min(n, cap); then all n are taken (debt is allowed)."""
+        self.refill(now)
+        need = min(float(n), self.cap)
+        wait = max(0.0, (need - self.level) / self.rate)
+        self.level -= float(n)
+        return wait
+
+    def give(self, n: float, now: float) -> None:
+        """Return n (negative: take more), e.g. when the server reports fewer tokens than reserved."""
+        self.refill(now)
+        self.level = min(self.cap, self.level + float(n))
+
+    def state(self) -> dict:
+        return {"level": self.level, "t": self.t}
 
 
 class RateLimiter:
-    def __init__(self, rpm: float, tpm: float, budget_usd: float | None = None, burst_s: float = 0.0,
-                 clock=time.monotonic):
+    """Pacing for requests and tokens per minute, a pause after 429s, and per-job budgets.
+
+    ``RateLimiter(rpm, tpm, budget_usd)`` registers one job ("local") with those limits, which is
+    what an in-process caller wants. The cluster actor is built with ``rpm=None`` and learns its
+    limits from the jobs that ``register``. ``store`` (optional) has ``load() -> dict | None`` and
+    ``save(dict)``: the actor's state survives a restart through it.
+    """
+
+    def __init__(self, rpm: float | None = None, tpm: float | None = None, budget_usd: float | None = None,
+                 burst_s: float = 0.0, clock=time.monotonic, store=None, lease_s: float = DEFAULT_LEASE_S):
         self.clock = clock
-        self.req_rate = rpm / 60.0
-        self.tok_rate = tpm / 60.0
-        # No burst by default (one request): requests go out evenly paced, so a server's own bucket
-        # or sliding window never sees more than the limit, whatever its burst allowance.
-        self.req_cap = max(1.0, self.req_rate * burst_s)
-        self.tok_cap = max(1.0, self.tok_rate * burst_s)
-        self.req = self.req_cap
-        self.tok = self.tok_cap
-        self.last = clock()
+        self.burst_s = burst_s
+        self.store = store
+        self.lease_s = lease_s
+        self.jobs: dict[str, dict] = {}
         self.paused_until = 0.0
-        self.budget = Budget(budget_usd)
         self.granted = 0
         self.throttled = 0
+        self.restored = False
+        self.fresh = True  # buckets start full (at their capacity) until the first reservation
+        self.limits = {"rpm": rpm or 60.0, "tpm": tpm or 1e9}
+        now = clock()
+        self.req = TokenBucket(1.0, 1.0, t=now)
+        self.tok = TokenBucket(1.0, 1.0, t=now)
+        self._apply_limits(self.limits["rpm"], self.limits["tpm"])
+        saved = store.load() if store is not None else None
+        if saved:
+            self._restore(saved)
+        elif rpm is not None:
+            self.register(LOCAL_JOB, rpm, tpm if tpm is not None else 1e9, budget_usd, lease_s=float("inf"))
 
-    def _refill(self, now: float) -> None:
-        dt = max(0.0, now - self.last)
-        self.last = now
-        self.req = min(self.req_cap, self.req + dt * self.req_rate)
-        self.tok = min(self.tok_cap, self.tok + dt * self.tok_rate)
-
-    def reserve(self, tokens: int, est_usd: float = 0.0) -> float:
-        """Seconds to wait before sending, or -1.0 when the budget would be exceeded."""
-        if not self.budget.reserve(est_usd):
-            return -1.0
+    # ------------------------------------------------------------ state
+    def _apply_limits(self, rpm: float, tpm: float) -> None:
         now = self.clock()
-        self._refill(now)
-        self.req -= 1.0
-        self.tok -= min(float(tokens), self.tok_cap)  # one huge request must not block forever
-        wait = max(0.0, -self.req / self.req_rate, -self.tok / self.tok_rate, self.paused_until - now)
+        self.limits = {"rpm": float(rpm), "tpm": float(tpm)}
+        for b, per_min in ((self.req, rpm), (self.tok, tpm)):
+            b.refill(now)
+            b.rate = per_min / 60.0
+            b.cap = max(1.0, b.rate * self.burst_s)
+            b.level = b.cap if self.fresh else min(b.level, b.cap)
+
+    def _effective(self) -> tuple[float, float]:
+        now = self.clock()
+        active = [j for j in self.jobs.values() if j["active_until"] > now]
+        if not active:
+            return self.limits["rpm"], self.limits["tpm"]
+        return min(j["rpm"] for j in active), min(j["tpm"] for j in active)
+
+    def _recompute(self) -> None:
+        rpm, tpm = self._effective()
+        if (rpm, tpm) != (self.limits["rpm"], self.limits["tpm"]):
+            self._apply_limits(rpm, tpm)
+        for j in self.jobs.values():
+            if j["active_until"] > self.clock():
+                j["min_rpm"] = min(j.get("min_rpm", rpm), rpm)
+                j["min_tpm"] = min(j.get("min_tpm", tpm), tpm)
+
+    def _save(self) -> None:
+        if self.store is None:
+            return
+        self.store.save({"limits": self.limits, "req": self.req.state(), "tok": self.tok.state(),
+                         "paused_until": self.paused_until, "granted": self.granted, "throttled": self.throttled,
+                         "jobs": {k: {kk: (None if vv == float("inf") else vv) for kk, vv in v.items()}
+                                  for k, v in self.jobs.items()}})
+
+    def _restore(self, s: dict) -> None:
+        self.restored = True
+        self.fresh = False
+        self.limits = s["limits"]
+        self.paused_until = s.get("paused_until", 0.0)
+        self.granted, self.throttled = s.get("granted", 0), s.get("throttled", 0)
+        self.jobs = {k: {kk: (float("inf") if (kk == "active_until" and vv is None) else vv) for kk, vv in v.items()}
+                     for k, v in s.get("jobs", {}).items()}
+        self._apply_limits(self.limits["rpm"], self.limits["tpm"])
+        self.req.level, self.req.t = s["req"]["level"], s["req"]["t"]
+        self.tok.level, self.tok.t = s["tok"]["level"], s["tok"]["t"]
+
+    def _job(self, job: str, refresh: bool = True) -> dict:
+        j = self.jobs.get(job)
+        if j is None:  # an unregistered caller: paced by the current limits, no budget
+            j = self.jobs[job] = {"rpm": self.limits["rpm"], "tpm": self.limits["tpm"], "cap": None, "spent": 0.0,
+                                  "reserved": 0.0, "granted": 0, "active_until": 0.0}
+        if refresh and j["active_until"] != float("inf"):
+            j["active_until"] = self.clock() + self.lease_s
+        j["seen"] = self.clock()
+        return j
+
+    # ------------------------------------------------------------ jobs
+    def register(self, job: str, rpm: float, tpm: float, budget_usd: float | None = None, spent_usd: float = 0.0,
+                 lease_s: float | None = None, ledger: str | None = None) -> dict:
+        """Join (or rejoin, after a resume) with this job's limits and budget.
+
+        The job's spend is the larger of what it says it spent before (its own records) and what
+        this limiter recorded for it, reservations of a dead run included (they may have been sent).
+        Returns the limits in force and whether another job's are stricter. ``ledger``: a file
+        (the job's spend.json) rewritten with the job's spend and reservations at every change, when
+        its folder is reachable from here (same node), so a job killed together with its Ray still
+        finds what it spent.
+        """
+        old = self.jobs.get(job)
+        prior = max(float(spent_usd), (old["spent"] + old["reserved"]) if old else 0.0)
+        if len(self.jobs) > KEEP_JOBS:  # forget the oldest finished jobs (their folders keep their own ledgers)
+            done = sorted((v.get("seen", 0.0), k) for k, v in self.jobs.items() if v["active_until"] <= self.clock())
+            for _, k in done[: len(self.jobs) - KEEP_JOBS]:
+                del self.jobs[k]
+        lease = self.lease_s if lease_s is None else lease_s
+        self.jobs[job] = {"rpm": float(rpm), "tpm": float(tpm), "cap": budget_usd, "spent": prior, "reserved": 0.0,
+                          "granted": old["granted"] if old else 0,
+                          "active_until": float("inf") if lease == float("inf") else self.clock() + lease,
+                          "min_rpm": float(rpm), "min_tpm": float(tpm), "ledger": ledger, "seen": self.clock()}
+        self._recompute()
+        self._save()
+        self._write_ledger(self.jobs[job])
+        rpm_e, tpm_e = self.limits["rpm"], self.limits["tpm"]
+        now = self.clock()
+        others = sum(1 for k, j in self.jobs.items() if k != job and j["active_until"] > now)
+        return {"rpm": rpm_e, "tpm": tpm_e, "asked_rpm": float(rpm), "asked_tpm": float(tpm),
+                "stricter_elsewhere": rpm_e < rpm or tpm_e < tpm, "other_jobs": others, "spent_usd": prior,
+                "restored": self.restored}
+
+    def _write_ledger(self, j: dict) -> None:
+        path = j.get("ledger")
+        if not path:
+            return
+        import os
+
+        folder = os.path.dirname(path)
+        if not os.path.isdir(folder):
+            return  # not on this node: the spend is still in this limiter's saved state
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"spent_usd": j["spent"], "reserved_usd": j["reserved"], "t": time.time()}, fh)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    def unregister(self, job: str) -> None:
+        j = self.jobs.get(job)
+        if j is not None:
+            j["active_until"] = 0.0
+            self._recompute()
+            self._save()
+
+    def job_stats(self, job: str = LOCAL_JOB) -> dict:
+        j = self.jobs.get(job) or {}
+        return {"spent_usd": j.get("spent", 0.0), "reserved_usd": j.get("reserved", 0.0),
+                "granted": j.get("granted", 0), "budget_usd": j.get("cap"), "effective_rpm": self.limits["rpm"],
+                "effective_tpm": self.limits["tpm"], "min_rpm": j.get("min_rpm"), "min_tpm": j.get("min_tpm"),
+                "restored": self.restored}
+
+    # ------------------------------------------------------------ pacing
+    def reserve(self, tokens: int, est_usd: float = 0.0, job: str = LOCAL_JOB) -> float:
+        """Seconds to wait before sending, or -1.0 when the job's budget would be exceeded."""
+        j = self._job(job)
+        self._recompute()
+        if j["cap"] is not None and j["spent"] + j["reserved"] + est_usd > j["cap"] + 1e-12:
+            self._save()
+            return -1.0
+        j["reserved"] += est_usd
+        if est_usd:
+            self._write_ledger(j)
+        self.fresh = False
+        now = self.clock()
+        wait = max(self.req.take(1.0, now), self.tok.take(float(tokens), now), self.paused_until - now, 0.0)
         self.granted += 1
+        j["granted"] += 1
+        self._save()
         return wait
 
-    def settle(self, reserved_usd: float, actual_usd: float) -> None:
-        self.budget.settle(reserved_usd, actual_usd)
+    def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
+               actual_tokens: int | None = None, job: str = LOCAL_JOB) -> None:
+        """After the call: dollars actually spent, and tokens the server reported (None: keep the estimate)."""
+        j = self._job(job, refresh=False)
+        j["reserved"] = max(0.0, j["reserved"] - reserved_usd)
+        j["spent"] += actual_usd
+        if actual_tokens is not None:
+            self.tok.give(float(reserved_tokens) - float(actual_tokens), self.clock())
+        self._save()
+        if reserved_usd or actual_usd:
+            self._write_ledger(j)
 
     def pause(self, seconds: float) -> None:
         """A 429 with Retry-After: nobody sends until it has passed."""
         self.throttled += 1
         self.paused_until = max(self.paused_until, self.clock() + seconds)
+        self._save()
 
     def stats(self) -> dict:
-        return {"granted": self.granted, "throttled": self.throttled, "spent_usd": self.budget.spent_usd,
-                "reserved_usd": self.budget.reserved_usd}
+        j = self.jobs.get(LOCAL_JOB) or {}
+        return {"granted": self.granted, "throttled": self.throttled, "spent_usd": j.get("spent", 0.0),
+                "reserved_usd": j.get("reserved", 0.0), "limits": dict(self.limits),
+                "active_jobs": sum(1 for x in self.jobs.values() if x["active_until"] > self.clock())}
+
+    @property
+    def budget(self):  # backwards-compatible view of the local job's budget
+        from rlsim.personas.cost import Budget
+
+        j = self.jobs.get(LOCAL_JOB) or {}
+        return Budget(j.get("cap"), j.get("spent", 0.0), j.get("reserved", 0.0))
+
+
+class KVStore:
+    """The limiter's state in Ray's GCS key-value store (survives the actor, not the cluster)."""
+
+    def __init__(self, key: str):
+        self.key = f"rlsim:limiter:{key}"
+
+    def load(self) -> dict | None:
+        from ray.experimental import internal_kv
+
+        v = internal_kv._internal_kv_get(self.key, namespace=LIMITER_NAMESPACE)
+        return json.loads(v) if v else None
+
+    def save(self, state: dict) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(self.key, json.dumps(state), overwrite=True, namespace=LIMITER_NAMESPACE)
 
 
 class LocalLimiter:
     """Async facade over an in-process RateLimiter (same interface as RayLimiter)."""
 
-    def __init__(self, limiter: RateLimiter):
+    def __init__(self, limiter: RateLimiter, job: str = LOCAL_JOB):
         self.limiter = limiter
+        self.job = job
 
     async def reserve(self, tokens: int, est_usd: float = 0.0) -> float:
-        return self.limiter.reserve(tokens, est_usd)
+        return self.limiter.reserve(tokens, est_usd, job=self.job)
 
-    async def settle(self, reserved_usd: float, actual_usd: float) -> None:
-        self.limiter.settle(reserved_usd, actual_usd)
+    async def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
+                     actual_tokens: int | None = None) -> None:
+        self.limiter.settle(reserved_usd, actual_usd, reserved_tokens, actual_tokens, job=self.job)
 
     async def pause(self, seconds: float) -> None:
         self.limiter.pause(seconds)
 
     async def stats(self) -> dict:
-        return self.limiter.stats()
+        return self.limiter.job_stats(self.job)
 
 
 class RayLimiter:
-    """Async facade over the named LimiterActor handle."""
+    """Async facade over the named limiter actor, bound to one job."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, job: str = LOCAL_JOB):
         self.handle = handle
+        self.job = job
 
     async def reserve(self, tokens: int, est_usd: float = 0.0) -> float:
-        return await self.handle.reserve.remote(tokens, est_usd)
+        return await self.handle.reserve.remote(tokens, est_usd, self.job)
 
-    async def settle(self, reserved_usd: float, actual_usd: float) -> None:
-        await self.handle.settle.remote(reserved_usd, actual_usd)
+    async def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
+                     actual_tokens: int | None = None) -> None:
+        await self.handle.settle.remote(reserved_usd, actual_usd, reserved_tokens, actual_tokens, self.job)
 
     async def pause(self, seconds: float) -> None:
         await self.handle.pause.remote(seconds)
 
     async def stats(self) -> dict:
-        return await self.handle.stats.remote()
+        return await self.handle.job_stats.remote(self.job)
 
 
-def limiter_actor(rpm: float, tpm: float, budget_usd: float | None = None, name: str = LIMITER_NAME,
-                  namespace: str | None = None):
-    """Create (or fetch) the named limiter actor; Ray must already be initialised."""
+_ACTOR_CLS = None
+
+
+def _actor_class():
+    global _ACTOR_CLS
+    if _ACTOR_CLS is None:
+        import ray
+
+        class LimiterActor(RateLimiter):
+            def __init__(self, name: str):
+                # Wall clock: the saved state must mean the same after a restart in a new process.
+                super().__init__(None, None, clock=time.time, store=KVStore(name))
+
+            def ping(self) -> bool:
+                return True
+
+        _ACTOR_CLS = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(LimiterActor)
+    return _ACTOR_CLS
+
+
+def cluster_limiter(name: str):
+    """The detached limiter actor of this cluster for ``name`` (created by the first caller)."""
+    return _actor_class().options(name=name, namespace=LIMITER_NAMESPACE, get_if_exists=True,
+                                  lifetime="detached").remote(name)
+
+
+def get_limiter(name: str):
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=-1)
-    class LimiterActor(RateLimiter):
-        pass
-
-    return LimiterActor.options(name=name, namespace=namespace, get_if_exists=True,
-                                lifetime=None).remote(rpm, tpm, budget_usd)
+    return ray.get_actor(name, namespace=LIMITER_NAMESPACE)
 
 
 async def sleep_until_allowed(limiter, tokens: int, est_usd: float = 0.0) -> bool:

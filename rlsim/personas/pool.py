@@ -1,17 +1,25 @@
-"""Rating engine, Ray actor pool, sharded resumable jobs, and the persona reward source.
+"""Rating engine, Ray actor pool, resumable jobs, and the persona reward source.
 
 - ``RatingEngine.rate_unit``: one work unit -> one row per (user, item): a rating or a failure
   with its reason. Cache first; else reserve capacity from the shared limiter (rate and budget),
-  call the backend, validate, retry what is missing with backoff + jitter.
+  call the backend, validate, retry what is missing with backoff + jitter. The offline persona
+  is a backend too (answers from the fitted model; no request, no cost).
 - ``PersonaWorker``: an async Ray actor wrapping an engine (bounded by max_concurrency), restarted
   after a crash; its tasks are retried, which is safe because units are idempotent and cached.
-- ``run_rating_job``: shards users, writes one Parquet per finished shard plus manifest.json, so a
-  killed job resumes at the first unfinished shard without duplicates.
+- ``run_rating_job``: every finished unit is appended to OUT/journal.jsonl at once (durable:
+  results and spend survive a kill), each shard is written as Parquet when its units are in, and
+  OUT/manifest.json holds the plan and identity. A rerun into the same folder resumes: answers
+  and permanent failures are final; transient failures (budget, 429, 5xx, timeouts, connection
+  errors, and unusable answers after all retries) are asked again, and the summary counts them
+  as ``retried``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import random
@@ -29,13 +37,15 @@ from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
 from rlsim.personas.grounding import WorkUnit
-from rlsim.personas.limiter import LocalLimiter, RateLimiter, sleep_until_allowed
+from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter, sleep_until_allowed
 from rlsim.personas.prompts import estimate_tokens, messages_tokens, rating_schema
 from rlsim.personas.validate import parse_ratings
 
 log = logging.getLogger(__name__)
 
-ROW_COLUMNS = ["user_id", "item_id", "rating", "status", "reason", "attempts", "repaired", "source"]
+ROW_COLUMNS = ["user_id", "item_id", "rating", "raw", "status", "reason", "attempts", "repaired", "source"]
+PROFILE_COMPLETION_ESTIMATE = 300  # tokens reserved for a psych profile or a Lusifer summary
+JOB_FORMAT = 2  # bumped when the job folder's layout changes (older folders are refused)
 
 
 def completion_estimate(n_items: int) -> int:
@@ -58,6 +68,36 @@ def merge_usage(a: dict, b: dict) -> dict:
     return out
 
 
+# Failure reasons that are final on resume: the request itself is refused by the endpoint (bad
+# request, unknown model or route, too large). Everything else is transient and asked again on the
+# next run: budget, http_429/5xx/408/409, timeouts, connection errors, http_401/403 (the key is not
+# part of the job, a new one may work), and unusable answers after all retries (malformed,
+# truncated, missing or off-scale values: the LLM answering nonsense, which a new request may fix).
+RETRY_ON_RESUME_4XX = {"http_401", "http_403", "http_408", "http_409", "http_429"}
+
+
+def is_final(status: str, reason: str) -> bool:
+    if status == "ok":
+        return True
+    r = str(reason or "")
+    return r.startswith("http_4") and r not in RETRY_ON_RESUME_4XX
+
+
+class OfflineBackend:
+    """The offline persona behind the engine's interface: answers a unit from the fitted model."""
+
+    kind = "offline"
+
+    def __init__(self, model, snap: bool = True):
+        self.model = model
+        self.snap = snap
+
+    def answer(self, unit: WorkUnit) -> tuple[np.ndarray, np.ndarray]:
+        users = np.full(len(unit.item_ids), unit.user_id)
+        raw = np.asarray(self.model.predict_raw(users, np.asarray(unit.item_ids)), float)
+        return (unit.rating_scale.round(raw) if self.snap else raw), raw
+
+
 class RatingEngine:
     def __init__(self, spec: BackendSpec, cfg: PersonaConfig, limiter, cache: ResponseCache | None = None,
                  backend=None, rng: random.Random | None = None):
@@ -77,48 +117,69 @@ class RatingEngine:
         """Close the HTTP client; the next call builds a new one (asyncio.run closes its loop)."""
         if self.backend is not None and hasattr(self.backend, "close"):
             await self.backend.close()
-        self.backend = None
+        if not isinstance(self.backend, OfflineBackend):
+            self.backend = None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** attempt))
         delay = base * (0.5 + self.rng.random())  # jitter: callers do not retry in lockstep
         return max(delay, retry_after or 0.0)
 
-    async def complete(self, messages: list[dict], response_format: dict | None) -> str:
-        """One cached, rate-limited, retried free-form call (profiles); '' when it never succeeded."""
+    async def _settle_error(self, exc, est_usd: float, tokens: int) -> None:
+        # A timed-out request may have been answered and billed: it counts at its estimate (a hard
+        # budget errs on the safe side). Refused requests (429, 5xx, 4xx) cost nothing. Their
+        # tokens stay reserved: no usage was reported to correct the estimate with.
+        await self.limiter.settle(est_usd, est_usd if exc.reason == "timeout" else 0.0, tokens, None)
+
+    async def complete(self, messages: list[dict], response_format: dict | None) -> tuple[str, str]:
+        """One cached, rate-limited, retried free-form call (profiles): (text, '') or ('', reason)."""
         cfg = self.cfg
         params = {"temperature": cfg.temperature, "max_tokens": max(cfg.max_output_tokens, 600), "seed": cfg.seed,
                   "response_format": response_format}
         key = request_key(self.spec.kind, self.spec.model, self.spec.base_url, params, messages) + ":0"
         hit = self.cache.get(key) if (self.cache is not None and cfg.cache) else None
         if hit is not None:
-            return hit["text"]
+            return hit["text"], ""
+        reason = "not attempted"
         for attempt in range(cfg.max_retries + 1):
             p_est = messages_tokens(messages)
-            est = cost_usd(cfg.prices, self.spec.model, p_est, 300)
-            if not await sleep_until_allowed(self.limiter, p_est + 300, est):
-                return ""
+            tokens = p_est + PROFILE_COMPLETION_ESTIMATE
+            est = cost_usd(cfg.prices, self.spec.model, p_est, PROFILE_COMPLETION_ESTIMATE)
+            if not await sleep_until_allowed(self.limiter, tokens, est):
+                return "", "budget"
             try:
                 res = await self._backend().chat(messages, response_format, {k: v for k, v in params.items()
                                                                              if k != "response_format"})
             except TransientError as exc:
-                await self.limiter.settle(est, 0.0)
+                await self._settle_error(exc, est, tokens)
+                reason = exc.reason
                 if exc.status == 429 and exc.retry_after:
                     await self.limiter.pause(exc.retry_after)
-                await asyncio.sleep(self._backoff(attempt, exc.retry_after))
+                if attempt < cfg.max_retries:
+                    await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 continue
-            except PermanentError:
-                await self.limiter.settle(est, 0.0)
-                return ""
+            except PermanentError as exc:
+                await self._settle_error(exc, est, tokens)
+                return "", exc.reason
             await self.limiter.settle(est, cost_usd(cfg.prices, self.spec.model, res.prompt_tokens,
-                                                    res.completion_tokens))
+                                                    res.completion_tokens), tokens,
+                                      res.prompt_tokens + res.completion_tokens)
             if self.cache is not None and cfg.cache:
                 self.cache.put(key, {"text": res.text, "prompt_tokens": res.prompt_tokens,
                                      "completion_tokens": res.completion_tokens})
-            return res.text
-        return ""
+            return res.text, ""
+        return "", reason
+
+    def _offline_unit(self, unit: WorkUnit) -> dict:
+        rating, raw = self.backend.answer(unit)
+        rows = [{"user_id": unit.user_id, "item_id": int(i), "rating": float(r), "raw": float(x),
+                 "status": "ok", "reason": "", "attempts": 1, "repaired": False, "source": "offline"}
+                for i, r, x in zip(unit.item_ids, rating, raw)]
+        return {"unit_id": unit.unit_id, "rows": rows, "usage": empty_usage()}
 
     async def rate_unit(self, unit: WorkUnit) -> dict:
+        if isinstance(self.backend, OfflineBackend):
+            return self._offline_unit(unit)
         cfg, scale = self.cfg, unit.rating_scale
         self._backend()  # build the client before reserving a slot: a slow first build would bunch sends
         usage = empty_usage()
@@ -138,9 +199,9 @@ class RatingEngine:
                       "response_format": rf}
             base_key = request_key(self.spec.kind, self.spec.model, self.spec.base_url, params, msgs)
             # The n-th answer to the same prompt has its own key, so a rerun replays bad answers and
-            # their retries exactly, for free.
+            # their retries exactly, for free; a resumed unit skips the answers earlier runs used.
             n = answers_seen.get(base_key, 0)
-            key = f"{base_key}:{n}"
+            key = f"{base_key}:{n + unit.answer_offset}"
             hit = self.cache.get(key) if (self.cache is not None and cfg.cache) else None
             for i in pending:
                 attempts[i] += 1
@@ -150,9 +211,10 @@ class RatingEngine:
                 usage["cached_requests"] += 1
             else:
                 p_est = messages_tokens(msgs)
-                c_est = completion_estimate(len(pending))
+                c_est = min(completion_estimate(len(pending)), cfg.max_output_tokens)
+                tokens = p_est + c_est
                 est = cost_usd(cfg.prices, self.spec.model, p_est, c_est)
-                if not await sleep_until_allowed(self.limiter, p_est + c_est, est):
+                if not await sleep_until_allowed(self.limiter, tokens, est):
                     budget_stop = True
                     for i in pending:
                         reason[i] = "budget"
@@ -163,7 +225,9 @@ class RatingEngine:
                     res = await self._backend().chat(msgs, rf, {k: v for k, v in params.items()
                                                                 if k != "response_format"})
                 except TransientError as exc:
-                    await self.limiter.settle(est, 0.0)
+                    await self._settle_error(exc, est, tokens)
+                    if exc.reason == "timeout":
+                        usage["cost_usd"] += est
                     usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                     for i in pending:
                         reason[i] = exc.reason
@@ -173,14 +237,14 @@ class RatingEngine:
                         await asyncio.sleep(self._backoff(tries - 1, exc.retry_after))
                     continue
                 except PermanentError as exc:
-                    await self.limiter.settle(est, 0.0)
+                    await self._settle_error(exc, est, tokens)
                     usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                     for i in pending:
                         reason[i] = exc.reason
                     permanent = True
                     break
                 actual = cost_usd(cfg.prices, self.spec.model, res.prompt_tokens, res.completion_tokens)
-                await self.limiter.settle(est, actual)
+                await self.limiter.settle(est, actual, tokens, res.prompt_tokens + res.completion_tokens)
                 usage["prompt_tokens"] += res.prompt_tokens
                 usage["completion_tokens"] += res.completion_tokens
                 usage["cost_usd"] += actual
@@ -204,7 +268,8 @@ class RatingEngine:
         rows = []
         for i in unit.item_ids:
             ok = i in ratings
-            rows.append({"user_id": unit.user_id, "item_id": int(i), "rating": ratings.get(i, float("nan")),
+            r = ratings.get(i, float("nan"))
+            rows.append({"user_id": unit.user_id, "item_id": int(i), "rating": r, "raw": r,
                          "status": "ok" if ok else "failed", "reason": "" if ok else reason[i],
                          "attempts": attempts[i], "repaired": i in repaired, "source": self.spec.kind})
         return {"unit_id": unit.unit_id, "rows": rows, "usage": usage}
@@ -237,14 +302,19 @@ def make_worker_class():
     import ray
 
     class PersonaWorker:
-        def __init__(self, spec: BackendSpec, cfg: PersonaConfig, limiter_name: str, namespace: str | None,
-                     cache_path: str | None, crash_marker: str | None = None):
-            from rlsim.personas.limiter import RayLimiter
+        def __init__(self, spec: BackendSpec, cfg: PersonaConfig, limiter_name: str | None, job: str,
+                     cache_path: str | None, crash_marker: str | None = None, offline_model=None):
+            from rlsim.personas.limiter import RayLimiter, get_limiter
 
-            self.limiter = RayLimiter(ray.get_actor(limiter_name, namespace=namespace))
-            cache = ResponseCache(cache_path) if cache_path else None
-            self.engine = RatingEngine(spec, cfg, self.limiter, cache, rng=random.Random(cfg.seed + os.getpid()))
-            self.engine._backend()  # import and build the HTTP client now, not inside the first paced slot
+            if spec.kind == "offline":
+                # The fitted model arrives once per worker (ray.put by the driver, shared memory on a node).
+                self.engine = RatingEngine(spec, cfg, None, None, backend=OfflineBackend(offline_model,
+                                                                                           cfg.offline.snap))
+            else:
+                self.limiter = RayLimiter(get_limiter(limiter_name), job)
+                cache = ResponseCache(cache_path) if cache_path else None
+                self.engine = RatingEngine(spec, cfg, self.limiter, cache, rng=random.Random(cfg.seed + os.getpid()))
+                self.engine._backend()  # import and build the HTTP client now, not inside the first paced slot
             self.crash_marker = crash_marker
 
         async def rate_unit(self, unit: WorkUnit) -> dict:
@@ -260,14 +330,15 @@ def make_worker_class():
     return ray.remote(PersonaWorker)
 
 
-def start_workers(spec: BackendSpec, cfg: PersonaConfig, limiter_name: str, namespace: str | None,
-                  cache_path: str | None, crash_marker: str | None = None) -> list:
+def start_workers(spec: BackendSpec, cfg: PersonaConfig, limiter_name: str | None, job: str,
+                  cache_path: str | None, crash_marker: str | None = None, offline_model_ref=None) -> list:
     cls = make_worker_class()
     return [cls.options(num_cpus=0, max_concurrency=cfg.max_concurrency, max_restarts=4, max_task_retries=4)
-            .remote(spec, cfg, limiter_name, namespace, cache_path, crash_marker) for _ in range(cfg.n_workers)]
+            .remote(spec, cfg, limiter_name, job, cache_path, crash_marker, offline_model_ref)
+            for _ in range(cfg.n_workers)]
 
 
-# ---------------------------------------------------------------- sharded, resumable jobs
+# ---------------------------------------------------------------- resumable jobs
 
 def plan_shards(units: list[WorkUnit], shard_users: int) -> dict[str, list[WorkUnit]]:
     users = sorted({u.user_id for u in units})
@@ -278,84 +349,249 @@ def plan_shards(units: list[WorkUnit], shard_users: int) -> dict[str, list[WorkU
     return out
 
 
-class ShardWriter:
-    """Collects unit results per shard; writes a shard's Parquet and the manifest when it is complete."""
+def _clean_row(r: dict) -> dict:
+    out = {k: r.get(k) for k in ROW_COLUMNS}
+    for k in ("rating", "raw"):
+        v = out[k]
+        out[k] = None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+    out["user_id"], out["item_id"], out["attempts"] = int(out["user_id"]), int(out["item_id"]), int(out["attempts"])
+    out["repaired"] = bool(out["repaired"])
+    return out
 
-    def __init__(self, out_dir: Path, shards: dict[str, list[WorkUnit]], manifest: dict):
+
+class Journal:
+    """OUT/journal.jsonl: one line per finished unit (rows and usage), appended and flushed at once.
+
+    A kill loses at most the units in flight; a torn last line is ignored (and closed with a
+    newline before the next append). Reading it back gives each item's latest row (attempts add
+    up over runs) and everything ever spent.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = None
+
+    def load(self) -> tuple[dict[str, dict[int, dict]], dict, int]:
+        rows: dict[str, dict[int, dict]] = {}
+        usage = empty_usage()
+        n = 0
+        if not self.path.is_file():
+            return rows, usage, n
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                n += 1
+                usage = merge_usage(usage, e.get("usage", {}))
+                merge_rows(rows.setdefault(e["unit_id"], {}), e["rows"])
+        return rows, usage, n
+
+    def append(self, unit_id: str, run: int, rows: list[dict], usage: dict) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = self.path.is_file() and self.path.stat().st_size > 0 and \
+                self.path.read_bytes()[-1:] != b"\n"
+            self._fh = open(self.path, "a", encoding="utf-8")
+            if torn:
+                self._fh.write("\n")
+        self._fh.write(json.dumps({"unit_id": unit_id, "run": run, "rows": [_clean_row(r) for r in rows],
+                                   "usage": usage}) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def merge_rows(have: dict[int, dict], new_rows: list[dict]) -> None:
+    """A newer row for an item replaces the older one; its attempts add to the earlier runs'."""
+    for r in new_rows:
+        r = _clean_row(r)
+        old = have.get(r["item_id"])
+        if old is not None:
+            r["attempts"] += old["attempts"]
+        have[r["item_id"]] = r
+
+
+class SpendLedger:
+    """OUT/spend.json: the job's spend as its limiter sees it (settled + reserved), rewritten by the
+    limiter at every reservation and settlement (``RateLimiter.register(ledger=...)``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> float:
+        if not self.path.is_file():
+            return 0.0
+        try:
+            d = read_json(self.path)
+        except (OSError, json.JSONDecodeError):
+            return 0.0
+        # Reservations of a killed run may have been sent: they count (a hard cap errs on the safe side).
+        return float(d.get("spent_usd", 0.0)) + float(d.get("reserved_usd", 0.0))
+
+
+class ShardWriter:
+    """Records each finished unit in the journal at once; writes a shard's Parquet and the manifest
+    when all of the shard's units are in."""
+
+    def __init__(self, out_dir: Path, shards: dict[str, list[WorkUnit]], manifest: dict,
+                 state: dict[str, dict[int, dict]], journal: Journal, todo_ids: set[str]):
         self.out_dir = out_dir
-        self.expected = {s: {u.unit_id for u in us} for s, us in shards.items()}
-        self.shard_of = {u.unit_id: s for s, us in shards.items() for u in us}
-        self.results: dict[str, dict[str, dict]] = {s: {} for s in shards}
+        self.shards = shards
         self.manifest = manifest
+        self.state = state
+        self.journal = journal
+        self.run = int(manifest.get("resumed", 0))
+        self.shard_of = {u.unit_id: s for s, us in shards.items() for u in us}
+        self.waiting = {s: {u.unit_id for u in us} & todo_ids for s, us in shards.items()}
+        self.usage = empty_usage()
+        for s, ids in self.waiting.items():
+            if not ids and s not in manifest["shards"]:
+                self._write_shard(s)  # complete in the journal, but killed before its Parquet was written
 
     def add(self, unit: WorkUnit, res: dict) -> None:
+        self.journal.append(unit.unit_id, self.run, res["rows"], res["usage"])
+        merge_rows(self.state.setdefault(unit.unit_id, {}), res["rows"])
+        self.usage = merge_usage(self.usage, res["usage"])
         s = self.shard_of[unit.unit_id]
-        self.results[s][unit.unit_id] = res  # a retried unit overwrites itself: no duplicates
-        if set(self.results[s]) == self.expected[s]:
-            rows = [r for x in self.results[s].values() for r in x["rows"]]
-            df = pd.DataFrame(rows, columns=ROW_COLUMNS).sort_values(["user_id", "item_id"])
-            fname = f"{s}.parquet"
-            write_parquet(df, self.out_dir / "shards" / fname)
-            usage = empty_usage()
-            for x in self.results[s].values():
-                usage = merge_usage(usage, x["usage"])
-            self.manifest["shards"][s] = {"status": "done", "file": f"shards/{fname}", "rows": len(df),
-                                          "failed": int((df["status"] != "ok").sum()), "usage": usage}
-            write_json(self.out_dir / "manifest.json", self.manifest)
-            del self.results[s]
+        self.waiting[s].discard(unit.unit_id)  # a retried unit overwrites itself: no duplicates
+        if not self.waiting[s]:
+            self._write_shard(s)
+
+    def rows_of(self, shard: str) -> pd.DataFrame:
+        rows = [r for u in self.shards[shard] for r in self.state.get(u.unit_id, {}).values()]
+        return pd.DataFrame(rows, columns=ROW_COLUMNS).sort_values(["user_id", "item_id"]).reset_index(drop=True)
+
+    def _write_shard(self, s: str) -> None:
+        df = self.rows_of(s)
+        fname = f"{s}.parquet"
+        write_parquet(df, self.out_dir / "shards" / fname)
+        failed = df["status"] != "ok"
+        retryable = int(sum(not is_final(st, r) for st, r in zip(df["status"], df["reason"])))
+        self.manifest["shards"][s] = {"status": "done", "file": f"shards/{fname}", "rows": len(df),
+                                      "failed": int(failed.sum()), "retryable": retryable}
+        write_json(self.out_dir / "manifest.json", self.manifest)
 
 
-def load_manifest(out_dir: Path, plan: dict[str, list[int]], identity: dict) -> dict:
+def job_identity(spec: BackendSpec, cfg: PersonaConfig, context: dict | None = None) -> dict:
+    """What must match for a rerun into the same folder to resume (never the key, budget or limits)."""
+    ident = {"format": JOB_FORMAT, **spec.cache_identity(), "batch_size": cfg.batch_size,
+             "k_similar": cfg.k_similar, "profile": cfg.profile, "temperature": cfg.temperature,
+             "max_output_tokens": cfg.max_output_tokens, "seed": cfg.seed}
+    if spec.kind == "offline":
+        ident = {"format": JOB_FORMAT, "backend": "offline", "offline": dict(vars(cfg.offline))}
+    return {**ident, **(context or {})}
+
+
+def load_manifest(out_dir: Path, plan: dict[str, list[str]], identity: dict) -> dict:
     p = out_dir / "manifest.json"
     if p.is_file():
         m = read_json(p)
-        if m.get("plan") != plan or m.get("identity") != identity:
-            raise ConfigError(f"{out_dir} holds a different rating job (users, items or backend differ); "
-                              "use a new --out folder")
-        m["shards"] = {s: v for s, v in m.get("shards", {}).items()
-                       if v.get("status") == "done" and (out_dir / v["file"]).is_file()}
+        old = m.get("identity") or {}
+        if m.get("plan") != plan or old != identity:
+            keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            what = ("the pairs (users or items) differ" if m.get("plan") != plan else
+                    "format" in keys and "it was written by an older rlsim" or f"{', '.join(keys)} differ")
+            raise ConfigError(f"{out_dir} holds a different rating job ({what}); use a new --out folder")
         m["resumed"] = m.get("resumed", 0) + 1
         return m
     return {"plan": plan, "identity": identity, "shards": {}, "resumed": 0, "created": time.time()}
 
 
-def spent_usd(manifest: dict) -> float:
-    return float(sum(v["usage"]["cost_usd"] for v in manifest["shards"].values()))
+def _job_key(out_dir: Path, identity: dict) -> str:
+    blob = json.dumps({"out": str(out_dir.resolve()), "identity": identity}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def run_rating_job(units: list[WorkUnit], out_dir: str | Path, spec: BackendSpec, cfg: PersonaConfig,
                    cache_path: str | None, use_ray: bool = True, progress: bool = True,
-                   crash_marker: str | None = None) -> dict:
-    """Rate all units; returns the summary (also written to OUT/manifest.json and OUT/ratings.parquet)."""
+                   crash_marker: str | None = None, context: dict | None = None, offline_model=None) -> dict:
+    """Rate all units; returns the summary (also written to OUT/manifest.json and OUT/ratings.parquet).
+
+    ``context``: what else identifies the job (dataset, split, a hash of the profiles, ...).
+    ``offline_model``: the fitted offline persona when ``spec.kind == "offline"``.
+    With ``use_ray`` Ray must be running (the caller starts or joins it): units go to PersonaWorker
+    actors, paced by the cluster's limiter of this endpoint and model.
+    """
+    cfg.validate()
+    if spec.kind == "offline" and offline_model is None:
+        raise ConfigError("the offline backend needs the fitted offline persona (offline_model)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(units, cfg.shard_users)
     plan = {s: sorted({u.unit_id for u in us}) for s, us in shards.items()}
-    identity = {**spec.cache_identity(), "batch_size": cfg.batch_size, "k_similar": cfg.k_similar,
-                "profile": cfg.profile}
+    identity = job_identity(spec, cfg, context)
     manifest = load_manifest(out_dir, plan, identity)
+    journal = Journal(out_dir / "journal.jsonl")
+    state, usage_before, _ = journal.load()
+    ledger = SpendLedger(out_dir / "spend.json")
+    spent_before = max(float(usage_before["cost_usd"]), ledger.read())
+
+    todo: list[tuple[WorkUnit, WorkUnit]] = []  # (planned unit, what is left of it)
+    retried = 0
+    for u in units:
+        have = state.get(u.unit_id, {})
+        left = [i for i in u.item_ids if i not in have or not is_final(have[i]["status"], have[i]["reason"])]
+        if not left:
+            continue
+        again = [i for i in left if i in have]
+        retried += len(again)
+        sub = u if len(left) == len(u.item_ids) else u.subset(left)
+        # Skip the cached answers earlier runs already used for these items (asked again, not replayed).
+        offset = max((have[i]["attempts"] for i in again), default=0)
+        if offset:
+            sub = dataclasses.replace(sub, answer_offset=u.answer_offset + offset)
+        todo.append((u, sub))
+    # Shards with work left are written again when it is done.
+    todo_ids = {u.unit_id for u, _ in todo}
+    for s, us in shards.items():
+        if any(u.unit_id in todo_ids for u in us) or not (out_dir / manifest["shards"].get(s, {}).get(
+                "file", "-")).is_file():
+            manifest["shards"].pop(s, None)
     write_json(out_dir / "manifest.json", manifest)
-    todo = {s: us for s, us in shards.items() if s not in manifest["shards"]}
-    budget_left = None if cfg.budget_usd is None else max(0.0, cfg.budget_usd - spent_usd(manifest))
-    writer = ShardWriter(out_dir, todo, manifest)
-    todo_units = [u for us in todo.values() for u in us]
-    bar = _bar(len(todo_units), progress)
+    writer = ShardWriter(out_dir, shards, manifest, state, journal, todo_ids)
+    job = {"key": _job_key(out_dir, identity), "spent_before": spent_before}
+    limits: dict = {"rpm": cfg.rpm, "tpm": cfg.tpm, "scope": "none (offline)" if spec.kind == "offline" else
+                    ("cluster" if use_ray else "this process")}
+    bar = _bar(len(todo), progress)
     t0 = time.time()
-    if todo_units:
-        if use_ray:
-            _run_ray(todo_units, writer, spec, cfg, cache_path, budget_left, bar, crash_marker)
-        else:
-            limiter = LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm, budget_left))
-            cache = ResponseCache(cache_path) if cache_path else None
-            engine = RatingEngine(spec, cfg, limiter, cache)
+    try:
+        if todo:
+            if use_ray:
+                limits.update(_run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offline_model,
+                                       ledger))
+            else:
+                _run_local(todo, writer, spec, cfg, cache_path, job, bar, offline_model, ledger)
+    finally:
+        journal.close()
+        bar.close()
+    summary = finish_job(out_dir, units, manifest, writer, time.time() - t0, usage_before, spent_before,
+                         retried, limits)
+    return summary
 
-            def on_result(u, res):
-                writer.add(u, res)
-                bar.update(1)
 
-            asyncio.run(rate_units_local(engine, todo_units, cfg.max_concurrency * cfg.n_workers, on_result))
-    bar.close()
-    return finish_job(out_dir, manifest, time.time() - t0)
+def _run_local(todo, writer, spec, cfg, cache_path, job, bar, offline_model, ledger) -> None:
+    limiter = None
+    if spec.kind == "offline":
+        engine = RatingEngine(spec, cfg, None, None, backend=OfflineBackend(offline_model, cfg.offline.snap))
+    else:
+        rl = RateLimiter(cfg.rpm, cfg.tpm, cfg.budget_usd)
+        rl.register(LOCAL_JOB, cfg.rpm, cfg.tpm, cfg.budget_usd, job["spent_before"], lease_s=float("inf"),
+                    ledger=str(ledger.path))
+        limiter = LocalLimiter(rl)
+        engine = RatingEngine(spec, cfg, limiter, ResponseCache(cache_path) if cache_path else None)
+    orig = {id(sub): u for u, sub in todo}
+
+    def on_result(sub, res):
+        writer.add(orig[id(sub)], res)
+        bar.update(1)
+
+    asyncio.run(rate_units_local(engine, [sub for _, sub in todo], cfg.max_concurrency * cfg.n_workers, on_result))
 
 
 def _bar(n: int, progress: bool):
@@ -364,19 +600,31 @@ def _bar(n: int, progress: bool):
     return tqdm(total=n, desc="persona units", disable=not progress, unit="req")
 
 
-def _run_ray(units, writer, spec, cfg, cache_path, budget_left, bar, crash_marker) -> None:
+def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offline_model, ledger) -> dict:
     import ray
 
-    from rlsim.personas.limiter import limiter_actor
+    from rlsim.personas.limiter import cluster_limiter, limiter_name
 
-    ns = ray.get_runtime_context().namespace
-    name = f"rlsim_persona_limiter_{os.getpid()}_{int(time.time() * 1000)}"
-    lim = limiter_actor(cfg.rpm, cfg.tpm, budget_left, name=name, namespace=ns)
-    workers = start_workers(spec, cfg, name, ns, cache_path, crash_marker)
+    handle = name = None
+    info: dict = {}
+    if spec.kind != "offline":
+        name = limiter_name(spec.base_url, spec.model)
+        handle = cluster_limiter(name)
+        reg = ray.get(handle.register.remote(job["key"], cfg.rpm, cfg.tpm, cfg.budget_usd, job["spent_before"],
+                                             None, str(ledger.path.resolve())))
+        info = {"limiter": name, "job": job["key"], "effective_rpm": reg["rpm"], "effective_tpm": reg["tpm"],
+                "other_jobs": reg["other_jobs"]}
+        if reg["stricter_elsewhere"]:
+            info["note"] = (f"another job on this cluster asked for stricter limits: this job runs at "
+                            f"{reg['rpm']:g} requests/min and {reg['tpm']:g} tokens/min (asked {cfg.rpm:g} and "
+                            f"{cfg.tpm:g})")
+            log.warning(info["note"])
+    model_ref = ray.put(offline_model) if offline_model is not None else None
+    workers = start_workers(spec, cfg, name, job["key"], cache_path, crash_marker, model_ref)
     try:
         refs = {}
-        for j, u in enumerate(units):
-            refs[workers[j % len(workers)].rate_unit.remote(u)] = u
+        for j, (u, sub) in enumerate(todo):
+            refs[workers[j % len(workers)].rate_unit.remote(sub)] = u
         while refs:
             done, _ = ray.wait(list(refs), num_returns=min(len(refs), 64), timeout=1.0)
             for r in done:
@@ -386,23 +634,41 @@ def _run_ray(units, writer, spec, cfg, cache_path, budget_left, bar, crash_marke
     finally:
         for w in workers:
             ray.kill(w)
-        ray.kill(lim)
+        if handle is not None:
+            try:
+                st = ray.get(handle.job_stats.remote(job["key"]), timeout=30)
+                info.update({"min_rpm_seen": st["min_rpm"], "min_tpm_seen": st["min_tpm"]})
+                if st["min_rpm"] is not None and (st["min_rpm"] < cfg.rpm or st["min_tpm"] < cfg.tpm) \
+                        and "note" not in info:
+                    info["note"] = (f"another job on this cluster asked for stricter limits while this one ran: "
+                                    f"down to {st['min_rpm']:g} requests/min and {st['min_tpm']:g} tokens/min")
+                ray.get(handle.unregister.remote(job["key"]), timeout=30)
+            except Exception as exc:  # noqa: BLE001 - the limiter is best effort at the very end
+                log.warning("could not read the limiter's final state: %s", exc)
+    return info
 
 
-def finish_job(out_dir: Path, manifest: dict, elapsed_s: float) -> dict:
-    files = [out_dir / v["file"] for _, v in sorted(manifest["shards"].items())]
-    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else \
-        pd.DataFrame(columns=ROW_COLUMNS)
+def finish_job(out_dir: Path, units: list[WorkUnit], manifest: dict, writer: ShardWriter, elapsed_s: float,
+               usage_before: dict, spent_before: float, retried: int, limits: dict) -> dict:
+    rows = [writer.state.get(u.unit_id, {}).get(i) for u in units for i in u.item_ids]
+    planned = len(rows)
+    df = pd.DataFrame([r for r in rows if r is not None], columns=ROW_COLUMNS)
+    df["rating"] = df["rating"].astype(float)
+    df["raw"] = df["raw"].astype(float)
+    df = df.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
     write_parquet(df, out_dir / "ratings.parquet")
-    usage = empty_usage()
-    for v in manifest["shards"].values():
-        usage = merge_usage(usage, v["usage"])
-    reasons = df.loc[df["status"] != "ok", "reason"].value_counts().to_dict() if len(df) else {}
-    summary = {"pairs": int(len(df)), "rated": int((df["status"] == "ok").sum()) if len(df) else 0,
-               "failed": int((df["status"] != "ok").sum()) if len(df) else 0, "failure_reasons": reasons,
+    usage = merge_usage(usage_before, writer.usage)
+    failed = df["status"] != "ok"
+    retryable = int(sum(not is_final(s, r) for s, r in zip(df["status"], df["reason"])))
+    reasons = df.loc[failed, "reason"].value_counts().to_dict() if len(df) else {}
+    summary = {"pairs": int(len(df)), "planned_pairs": planned, "missing_pairs": planned - int(len(df)),
+               "rated": int((~failed).sum()), "failed": int(failed.sum()), "failure_reasons": reasons,
+               "retryable_failed": retryable, "retried": retried,
                "duplicates": int(df.duplicated(["user_id", "item_id"]).sum()) if len(df) else 0,
-               "usage": usage, "elapsed_s": elapsed_s, "resumed": manifest.get("resumed", 0),
-               "shards": len(manifest["shards"]), "planned_shards": len(manifest["plan"])}
+               "usage": usage, "usage_this_run": writer.usage,
+               "spent_usd": max(float(usage["cost_usd"]), spent_before + float(writer.usage["cost_usd"])),
+               "elapsed_s": elapsed_s, "resumed": manifest.get("resumed", 0),
+               "shards": len(manifest["shards"]), "planned_shards": len(manifest["plan"]), "limits": limits}
     manifest["summary"] = summary
     write_json(out_dir / "manifest.json", manifest)
     return summary
@@ -410,10 +676,16 @@ def finish_job(out_dir: Path, manifest: dict, elapsed_s: float) -> dict:
 
 def dry_run(units: list[WorkUnit], spec: BackendSpec, cfg: PersonaConfig) -> dict:
     """Tokens and dollars the job would use if every unit were answered on the first try."""
-    p = sum(messages_tokens(u.messages()) for u in units)
-    c = sum(completion_estimate(len(u.item_ids)) for u in units)
     n_items = sum(len(u.item_ids) for u in units)
-    return {"requests": len(units), "pairs": n_items, "prompt_tokens": p, "completion_tokens": c,
+    if spec.kind == "offline":
+        return {"backend": "offline", "requests": 0, "pairs": n_items, "prompt_tokens": 0, "completion_tokens": 0,
+                "cost_usd": 0.0, "budget_usd": cfg.budget_usd}
+    p = sum(messages_tokens(u.messages()) for u in units)
+    c = sum(min(completion_estimate(len(u.item_ids)), cfg.max_output_tokens) for u in units)
+    from rlsim.personas.cost import price_of
+
+    return {"backend": spec.kind, "price_known": price_of(cfg.prices, spec.model) is not None,
+            "requests": len(units), "pairs": n_items, "prompt_tokens": p, "completion_tokens": c,
             "prompt_tokens_per_rating": p / max(1, n_items), "model": spec.model,
             "cost_usd": cost_usd(cfg.prices, spec.model, p, c), "budget_usd": cfg.budget_usd,
             "token_counter": "tiktoken" if estimate_tokens("a b") != 1 else "chars/4 estimate"}

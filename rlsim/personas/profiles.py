@@ -7,8 +7,10 @@
 - lusifer: Lusifer's incremental summary: the user's last N training ratings in time order, in
   batches, the LLM updating the summary after each batch.
 
-Profiles are stored as OUT/profiles.parquet (user_id, kind, profile_json, text) beside
-OUT/profile_ratings.parquet, the training ratings they were built from.
+Profiles are stored as OUT/profiles.parquet (user_id, kind, asked_kind, status, reason,
+failed_batches, profile_json, text) beside OUT/profile_ratings.parquet, the training ratings they
+were built from, and OUT/profiles.json (dataset, split and its fingerprint, counts of what was
+built, fallbacks and failed Lusifer batches with their reasons).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from rlsim.errors import RlsimError
 from rlsim.io import write_parquet
 from rlsim.personas.prompts import (PSYCH_SCHEMA, SUMMARY_SCHEMA, movie_label, psych_messages,
                                     summary_messages)
+
+PSYCH_REQUIRED = set(PSYCH_SCHEMA["json_schema"]["schema"]["required"])
 
 KINDS = ("structured", "psych", "lusifer")
 
@@ -102,6 +106,7 @@ def history_lines(g: pd.DataFrame, labels: dict[int, str]) -> list[str]:
 
 async def _llm_profiles(kind: str, train, items, structured: dict[int, dict], scale, engine, concurrency: int,
                         last_n: int, batch: int, progress: bool) -> dict[int, dict]:
+    """user_id -> {"status": "ok"|"failed", "reason", "profile": dict, ...}; nothing is dropped silently."""
     labels = {int(r["item_id"]): movie_label(r) for r in items.to_dict("records")}
     sem = asyncio.Semaphore(max(1, concurrency))
     by_user = {int(u): g.sort_values("timestamp", kind="stable") for u, g in train.groupby("user_id")}
@@ -111,23 +116,42 @@ async def _llm_profiles(kind: str, train, items, structured: dict[int, dict], sc
         async with sem:
             if kind == "psych":
                 lines = history_lines(g.tail(last_n), labels)
-                text = await engine.complete(psych_messages(
+                text, why = await engine.complete(psych_messages(
                     f"User {u}. " + structured_text(structured[u], scale), lines), PSYCH_SCHEMA)
+                if why:
+                    return u, {"status": "failed", "reason": why}
                 try:
                     obj = json.loads(text)
                 except (json.JSONDecodeError, TypeError):
-                    return u, {"error": "malformed_json"}
-                return u, obj if isinstance(obj, dict) else {"error": "malformed_json"}
+                    return u, {"status": "failed", "reason": "malformed_json"}
+                if not isinstance(obj, dict) or not PSYCH_REQUIRED <= set(obj):
+                    return u, {"status": "failed", "reason": "incomplete_profile"}
+                return u, {"status": "ok", "reason": "", "profile": obj}
             summary = ""
             recent = g.tail(last_n)
+            used = n_batches = 0
+            failed: dict[str, int] = {}
             for s in range(0, len(recent), batch):
-                text = await engine.complete(summary_messages(summary, history_lines(recent.iloc[s:s + batch], labels)),
-                                             SUMMARY_SCHEMA)
-                try:
-                    summary = str(json.loads(text)["summary"])
-                except (json.JSONDecodeError, TypeError, KeyError):
-                    pass  # keep the previous summary; the batch is recorded as unused
-            return u, {"summary": summary, "ratings_used": int(len(recent))}
+                part = recent.iloc[s:s + batch]
+                n_batches += 1
+                text, why = await engine.complete(summary_messages(summary, history_lines(part, labels)),
+                                                  SUMMARY_SCHEMA)
+                if not why:
+                    try:
+                        new = json.loads(text)["summary"]
+                        why = "" if isinstance(new, str) and new.strip() else "empty_summary"
+                    except (json.JSONDecodeError, TypeError, KeyError):
+                        why = "malformed_json"
+                if why:  # the summary keeps what the earlier batches said; this batch is recorded as failed
+                    failed[why] = failed.get(why, 0) + 1
+                    continue
+                summary = str(new)
+                used += len(part)
+            info = {"summary": summary, "ratings_used": int(used), "ratings_offered": int(len(recent)),
+                    "batches": n_batches, "failed_batches": int(sum(failed.values())), "failed_reasons": failed}
+            if not summary:
+                return u, {"status": "failed", "reason": "no_batch_summarised", "profile": info}
+            return u, {"status": "ok", "reason": "", "profile": info}
 
     out = {}
     from tqdm import tqdm
@@ -141,29 +165,100 @@ async def _llm_profiles(kind: str, train, items, structured: dict[int, dict], sc
     return out
 
 
+PROFILE_COLUMNS = ["user_id", "kind", "asked_kind", "status", "reason", "failed_batches", "profile_json", "text"]
+
+
 def build_profiles(kind: str, train: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, scale: RatingScale,
                    engine=None, concurrency: int = 8, last_n: int = 60, batch: int = 20,
                    progress: bool = False) -> pd.DataFrame:
-    """One row per user: user_id, kind, profile_json, text."""
+    """One row per user: user_id, kind (what the text really is), asked_kind, status, reason,
+    failed_batches (Lusifer), profile_json, text.
+
+    A user whose LLM profile failed gets the structured profile, marked as such: kind
+    'structured', status 'fallback' and the reason; never presented as the kind asked for.
+    """
     if kind not in KINDS:
         raise RlsimError(f"unknown profile kind '{kind}' (known: {', '.join(KINDS)})")
     st = structured_profiles(train, items, users, scale)
+    rows = []
     if kind == "structured":
-        rows = [(u, json.dumps(p), structured_text(p, scale)) for u, p in st.items()]
+        rows = [(u, "structured", kind, "ok", "", 0, json.dumps(p), structured_text(p, scale)) for u, p in st.items()]
     else:
         if engine is None:
             raise RlsimError(f"'{kind}' profiles need an LLM backend (--backend openai)")
         got = asyncio.run(_llm_profiles(kind, train, items, st, scale, engine, concurrency, last_n, batch, progress))
-        rows = []
         for u in st:
-            p = got.get(u, {"error": "not built"})
-            if kind == "psych":
-                text = psych_text(p) if "error" not in p else structured_text(st[u], scale)
+            r = got.get(u, {"status": "failed", "reason": "not built"})
+            fb = int(r.get("profile", {}).get("failed_batches", 0)) if kind == "lusifer" else 0
+            if r["status"] != "ok":
+                extra = {"fallback_from": kind, "fallback_reason": r["reason"], **(
+                    {"lusifer": r["profile"]} if "profile" in r else {})}
+                rows.append((u, "structured", kind, "fallback", r["reason"], fb, json.dumps({**st[u], **extra}),
+                             structured_text(st[u], scale)))
+            elif kind == "psych":
+                rows.append((u, "psych", kind, "ok", "", 0, json.dumps(r["profile"]), psych_text(r["profile"])))
             else:
-                text = (structured_text(st[u], scale) + " " + p.get("summary", "")).strip()
-            rows.append((u, json.dumps(p), text))
-    return pd.DataFrame(rows, columns=["user_id", "profile_json", "text"]).assign(kind=kind)[
-        ["user_id", "kind", "profile_json", "text"]]
+                p = r["profile"]
+                rows.append((u, "lusifer", kind, "ok", "", fb, json.dumps(p),
+                             (structured_text(st[u], scale) + " " + p["summary"]).strip()))
+    return pd.DataFrame(rows, columns=PROFILE_COLUMNS)
+
+
+def profile_report(df: pd.DataFrame, asked: str) -> dict:
+    """What profiles.json says about how the profiles were built (counts, fallbacks, failed batches)."""
+    fb = df[df["status"] == "fallback"] if "status" in df else df.iloc[:0]
+    out = {"built": {k: int(v) for k, v in df["kind"].value_counts().items()}, "fallbacks": int(len(fb)),
+           "fallback_reasons": {k: int(v) for k, v in fb["reason"].value_counts().items()}}
+    if asked == "lusifer":
+        batches = failed = 0
+        reasons: dict[str, int] = {}
+        for pj in df["profile_json"]:
+            p = json.loads(pj)
+            p = p.get("lusifer", p)
+            batches += int(p.get("batches", 0))
+            failed += int(p.get("failed_batches", 0))
+            for k, v in (p.get("failed_reasons") or {}).items():
+                reasons[k] = reasons.get(k, 0) + int(v)
+        out.update({"lusifer_batches": batches, "lusifer_failed_batches": failed,
+                    "lusifer_failed_batch_reasons": reasons,
+                    "users_with_failed_batches": int((df["failed_batches"] > 0).sum())})
+    return out
+
+
+def profiles_dry_run(kind: str, train: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, scale: RatingScale,
+                     last_n: int = 60, batch: int = 20) -> dict:
+    """Requests and tokens LLM profiles would take if every call succeeded first time (nothing is sent)."""
+    from rlsim.personas.prompts import messages_tokens
+
+    st = structured_profiles(train, items, users, scale)
+    if kind == "structured":
+        return {"kind": kind, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "users": len(st)}
+    labels = {int(r["item_id"]): movie_label(r) for r in items.to_dict("records")}
+    placeholder = "x" * 700  # a previous summary of ~120 words
+    req = p_tok = 0
+    for u, g in train.groupby("user_id"):
+        u = int(u)
+        if u not in st:
+            continue
+        recent = g.sort_values("timestamp", kind="stable").tail(last_n)
+        if kind == "psych":
+            req += 1
+            p_tok += messages_tokens(psych_messages(f"User {u}. " + structured_text(st[u], scale),
+                                                    history_lines(recent, labels)))
+            continue
+        for s in range(0, len(recent), batch):
+            req += 1
+            p_tok += messages_tokens(summary_messages(placeholder if s else "",
+                                                      history_lines(recent.iloc[s:s + batch], labels)))
+    return {"kind": kind, "users": len(st), "requests": req, "prompt_tokens": p_tok}
+
+
+def profiles_fingerprint(df: pd.DataFrame) -> str:
+    """sha256 of the profile texts by user: what a rating job's identity records of its profiles."""
+    import hashlib
+
+    items = sorted(zip(df["user_id"].astype(int), df["text"].astype(str)))
+    return hashlib.sha256(json.dumps(items).encode("utf-8")).hexdigest()
 
 
 def save_profiles(df: pd.DataFrame, train: pd.DataFrame, out_dir) -> None:
@@ -174,12 +269,25 @@ def save_profiles(df: pd.DataFrame, train: pd.DataFrame, out_dir) -> None:
     write_parquet(train[train["user_id"].isin(df["user_id"])], out / "profile_ratings.parquet")
 
 
-def load_profile_texts(path) -> dict[int, str]:
+def read_profiles(path) -> tuple[pd.DataFrame, dict]:
+    """(profiles table, profiles.json) from a folder written by `rlsim personas profile`."""
     from pathlib import Path
 
+    from rlsim.errors import ConfigError
+    from rlsim.io import read_json
+
     p = Path(path)
-    f = p / "profiles.parquet" if p.is_dir() else p
+    folder = p if p.is_dir() else p.parent
+    f = folder / "profiles.parquet"
     if not f.is_file():
         raise RlsimError(f"no profiles at {f} (run `rlsim personas profile` first)")
-    df = pd.read_parquet(f)
+    meta_p = folder / "profiles.json"
+    if not meta_p.is_file():
+        raise ConfigError(f"{folder} has no profiles.json, so the dataset and split its profiles were built on "
+                          "are unknown; rebuild them with `rlsim personas profile`")
+    return pd.read_parquet(f), read_json(meta_p)
+
+
+def load_profile_texts(path) -> dict[int, str]:
+    df, _ = read_profiles(path)
     return dict(zip(df["user_id"].astype(int), df["text"]))

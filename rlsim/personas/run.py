@@ -1,0 +1,388 @@
+"""The persona stage as a library: one function per verb, typed configs in, a result dict out.
+
+    build_profiles_stage(data_cfg, persona_cfg, kind, out, ...)  -> profiles.json's content
+    rate_stage(data_cfg, persona_cfg, out, ...)                  -> the rating job's summary
+    evaluate_stage(data_cfg, persona_cfg, out, ...)              -> metrics.json's content
+
+These never call ``ray.init()`` and never read environment variables: the CLI
+(``rlsim.commands.personas``) reads the API key and endpoint from the environment, starts or joins
+Ray, then calls them (the pipeline calls them inside its own Ray). With ``use_ray=True`` Ray must
+be running: the work goes to PersonaWorker actors in shards with a manifest and resume, paced by
+the cluster's limiter of the endpoint; the offline persona goes through the same actors (answers
+from the fitted model, no requests). ``use_ray=False`` runs the same engine in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from rlsim.config import DataConfig
+from rlsim.errors import ConfigError, RlsimError
+from rlsim.io import write_json, write_parquet
+from rlsim.personas.backends import BackendSpec
+from rlsim.personas.config import PersonaConfig
+from rlsim.personas.grounding import WorkUnit
+
+log = logging.getLogger("rlsim.personas")
+
+OFFLINE_UNIT_ITEMS = 1000  # the offline persona answers a user's items in one unit (no prompt limit)
+
+
+# ---------------------------------------------------------------- helpers shared by the verbs
+
+def backend_spec(cfg: PersonaConfig, api_key: str | None = None) -> BackendSpec:
+    """How workers build the backend. The key travels in the spec only (never logged, cached or written)."""
+    return BackendSpec(kind=cfg.backend, model=cfg.model, base_url=cfg.base_url, api_version=cfg.api_version,
+                       timeout_s=cfg.timeout_s, api_key=api_key)
+
+
+def response_cache_path(data_cfg: DataConfig, cfg: PersonaConfig) -> str | None:
+    return str(Path(data_cfg.cache_dir).expanduser() / "personas" / "responses.sqlite") if cfg.cache else None
+
+
+def split_fingerprint(split) -> str:
+    """sha256 of the split's held-out (user, item) pairs: two splits with one name but other
+    seeds or test fractions differ here."""
+    t = split.test[["user_id", "item_id"]].astype("int64").sort_values(["user_id", "item_id"])
+    return hashlib.sha256(np.ascontiguousarray(t.to_numpy()).tobytes()).hexdigest()
+
+
+def sample_users(ids: Iterable, n: int | Iterable[int] | None, seed: int) -> np.ndarray:
+    """All of ``ids`` (n=None), a seeded sample of n of them, or the given ids that are among them."""
+    ids = np.array(sorted(set(int(x) for x in ids)), dtype=np.int64)
+    if n is None:
+        return ids
+    if not isinstance(n, (int, np.integer)):
+        want = np.array(sorted(set(int(x) for x in n)), dtype=np.int64)
+        return want[np.isin(want, ids)]
+    if n <= 0:
+        raise ConfigError(f"users must be >= 1, got {n}")
+    if n >= len(ids):
+        return ids
+    return np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
+
+
+def evaluable_users(split) -> np.ndarray:
+    """Users with held-out ratings and training ratings (the ones a persona can be scored on)."""
+    return np.intersect1d(split.test["user_id"].unique(), split.train["user_id"].unique())
+
+
+def _vectors(ds, data_cfg: DataConfig):
+    from rlsim.embeddings import item_text_vectors
+
+    return item_text_vectors(ds.items, data_cfg.text_model, data_cfg.cache_dir)
+
+
+def _need_ray(use_ray: bool) -> None:
+    if use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            raise ConfigError("use_ray=True needs a running Ray (the CLI starts or joins one; "
+                              "or pass use_ray=False)")
+
+
+def _limiter(cfg: PersonaConfig, spec: BackendSpec, use_ray: bool, job: str):
+    """The cluster's limiter of this endpoint (registered for this job), or one for this process."""
+    from rlsim.personas.limiter import LocalLimiter, RateLimiter, RayLimiter, cluster_limiter, limiter_name
+
+    if not use_ray:
+        return LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm, cfg.budget_usd)), None
+    import ray
+
+    handle = cluster_limiter(limiter_name(spec.base_url, spec.model))
+    reg = ray.get(handle.register.remote(job, cfg.rpm, cfg.tpm, cfg.budget_usd, 0.0))
+    return RayLimiter(handle, job), reg
+
+
+def _profiles_for_job(path, data_cfg: DataConfig, split, users: np.ndarray, ds) -> tuple[dict[int, str], dict]:
+    """Profile texts for the job's users from a profiles folder, after checking they were built on this
+    dataset and split (another split's training ratings would leak held-out ratings into prompts)."""
+    from rlsim.personas.profiles import read_profiles, structured_profiles, structured_text
+
+    texts: dict[int, str] = {}
+    info: dict = {"source": "structured (built now)"}
+    if path is not None:
+        df, meta = read_profiles(path)
+        if meta.get("dataset") != data_cfg.dataset or meta.get("split") != split.name:
+            raise ConfigError(f"profiles in {path} were built on {meta.get('dataset')} split {meta.get('split')}, "
+                              f"this job uses {data_cfg.dataset} split {split.name}; build profiles on the same split")
+        fp = meta.get("split_fingerprint")
+        if fp is not None and fp != split_fingerprint(split):
+            raise ConfigError(f"profiles in {path} were built on another '{split.name}' split of {data_cfg.dataset} "
+                              "(other seed or test fraction); build profiles on the same split")
+        pr = Path(path) if Path(path).is_dir() else Path(path).parent
+        if (pr / "profile_ratings.parquet").is_file():
+            used = pd.read_parquet(pr / "profile_ratings.parquet", columns=["user_id", "item_id"])
+            leak = used.merge(split.test[["user_id", "item_id"]], on=["user_id", "item_id"])
+            if len(leak):
+                raise ConfigError(f"profiles in {path} were built from {len(leak)} ratings this split holds out; "
+                                  "build profiles on the same split")
+        have = df[df["user_id"].isin(users)]
+        texts = dict(zip(have["user_id"].astype(int), have["text"]))
+        kinds = have["kind"].value_counts().to_dict()
+        info = {"source": str(path), "asked_kind": meta.get("kind"), "kinds": {k: int(v) for k, v in kinds.items()}}
+    missing = [int(u) for u in users if int(u) not in texts]
+    if missing:
+        sub = split.train[split.train["user_id"].isin(missing)]
+        st = structured_profiles(sub, ds.items, ds.users, ds.scale)
+        texts.update({u: structured_text(p, ds.scale) for u, p in st.items()})
+        if path is not None:
+            info["structured_for_missing_users"] = len(missing)
+            info.setdefault("kinds", {})
+            info["kinds"]["structured"] = info["kinds"].get("structured", 0) + len(missing)
+    blob = json.dumps(sorted((int(u), texts.get(int(u), "")) for u in users))
+    info["sha256"] = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return texts, info
+
+
+def offline_units(pairs: pd.DataFrame, scale, per_unit: int = OFFLINE_UNIT_ITEMS) -> list[WorkUnit]:
+    """Units for the offline persona: a user's items (no prompt, so no batching limit)."""
+    sc = (float(scale.min), float(scale.max), float(scale.step))
+    out = []
+    for u, g in pairs.groupby("user_id", sort=True):
+        ids = [int(i) for i in dict.fromkeys(g["item_id"].tolist())]
+        for s in range(0, len(ids), per_unit):
+            out.append(WorkUnit(int(u), ids[s:s + per_unit], "", [], {}, sc))
+    return out
+
+
+def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.DataFrame, job_dir: Path, *,
+                profiles, api_key, use_ray, dry_run, progress, crash_marker) -> tuple[pd.DataFrame, dict]:
+    """(user_id, item_id, predicted, predicted_raw, status, reason) for pairs, and the job summary."""
+    from rlsim.personas.pool import dry_run as estimate
+    from rlsim.personas.pool import run_rating_job
+
+    spec = backend_spec(cfg, api_key)
+    users = np.sort(pairs["user_id"].unique())
+    context = {"dataset": data_cfg.dataset, "split": split.name, "split_fingerprint": split_fingerprint(split)}
+    vectors = None if dry_run and cfg.backend == "offline" else _vectors(ds, data_cfg)
+    offline_model = None
+    notes = []
+    if cfg.backend == "offline":
+        units = offline_units(pairs, ds.scale)
+        if profiles is not None:
+            notes.append("the offline persona does not read profiles; --profiles was not used")
+        if not dry_run:
+            from rlsim.personas.source import offline_persona
+
+            offline_model = offline_persona(ds, split.train, cfg, vectors)
+    else:
+        from rlsim.personas.grounding import PromptBuilder
+
+        texts, pinfo = _profiles_for_job(profiles, data_cfg, split, users, ds)
+        context["profiles_sha256"] = pinfo["sha256"]
+        units = PromptBuilder(split.train, ds.items, ds.scale, texts, vectors, cfg.k_similar,
+                              cfg.batch_size).units(pairs)
+        if pinfo.get("structured_for_missing_users"):
+            notes.append(f"{pinfo['structured_for_missing_users']} users had no profile in {profiles}; they use the "
+                         "structured profile")
+    if dry_run:
+        est = estimate(units, spec, cfg)
+        return pd.DataFrame(), {**est, "notes": notes}
+    summary = run_rating_job(units, job_dir, spec, cfg, response_cache_path(data_cfg, cfg), use_ray=use_ray,
+                             progress=progress, crash_marker=crash_marker, context=context,
+                             offline_model=offline_model)
+    if cfg.backend != "offline":
+        summary["profiles"] = pinfo
+    if summary.get("limits", {}).get("note"):
+        notes.append(summary["limits"]["note"])
+    if summary["retryable_failed"]:
+        notes.append(f"{summary['retryable_failed']} pairs failed for a transient reason "
+                     f"({', '.join(sorted(summary['failure_reasons']))}); run the same command again to retry them")
+    summary["notes"] = notes
+    res = pd.read_parquet(job_dir / "ratings.parquet")
+    df = pairs[["user_id", "item_id"]].merge(res, on=["user_id", "item_id"], how="left")
+    df = df.rename(columns={"rating": "predicted", "raw": "predicted_raw"})
+    return df[["user_id", "item_id", "predicted", "predicted_raw", "status", "reason", "attempts", "source"]], summary
+
+
+def _calibrate(df: pd.DataFrame, split, ds, cfg: PersonaConfig) -> pd.DataFrame:
+    if cfg.calibrate and len(df):
+        from rlsim.personas.calibrate import calibrate
+
+        df["predicted_uncalibrated"] = df["predicted"]
+        df["predicted"] = calibrate(df.rename(columns={"predicted": "r"}), split.train, ds.scale, col="r").to_numpy()
+        df["predicted_raw"] = df["predicted"]
+    return df
+
+
+# ---------------------------------------------------------------- the verbs
+
+def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind: str, out: str | Path, *,
+                         users: int | Iterable[int] | None = None, api_key: str | None = None,
+                         use_ray: bool = True, dry_run: bool = False, progress: bool = True) -> dict:
+    """Profiles of the split's training ratings -> OUT/profiles.parquet, profile_ratings.parquet, profiles.json.
+
+    users: None = every user with training ratings; an int = a seeded sample (data_cfg.seed) of the
+    users a persona can be evaluated on (held-out and training ratings), the same sample
+    ``evaluate_stage(users=n)`` draws; or explicit ids. LLM kinds (psych, lusifer) go through the
+    cluster's limiter when ``use_ray`` (Ray running), else one in this process; ``dry_run``
+    estimates requests, tokens and dollars and calls nothing (OUT/dry_run.json).
+    """
+    from rlsim.data import load_split
+    from rlsim.personas.cost import cost_usd
+    from rlsim.personas.profiles import (KINDS, build_profiles, profile_report, profiles_dry_run,
+                                         profiles_fingerprint, save_profiles)
+
+    cfg = persona_cfg.validate()
+    if kind not in KINDS:
+        raise ConfigError(f"unknown profile kind '{kind}' (known: {', '.join(KINDS)})")
+    if kind != "structured" and cfg.backend == "offline":
+        raise ConfigError(f"'{kind}' profiles need an LLM: set OPENAI_BASE_URL or pass --backend openai")
+    _need_ray(use_ray and kind != "structured" and not dry_run)
+    out = Path(out)
+    ds, split = load_split(data_cfg)
+    pool = split.train["user_id"].unique() if users is None or not isinstance(users, (int, np.integer)) \
+        else evaluable_users(split)
+    chosen = sample_users(pool, users, data_cfg.seed)
+    train = split.train[split.train["user_id"].isin(chosen)]
+    if dry_run:
+        from rlsim.personas.pool import PROFILE_COMPLETION_ESTIMATE
+
+        est = profiles_dry_run(kind, train, ds.items, ds.users, ds.scale, cfg.lusifer_last_n, cfg.lusifer_batch)
+        c_tok = est["requests"] * PROFILE_COMPLETION_ESTIMATE
+        est.update({"completion_tokens": c_tok, "model": cfg.model if kind != "structured" else None,
+                    "cost_usd": cost_usd(cfg.prices, cfg.model, est["prompt_tokens"], c_tok)
+                    if kind != "structured" else 0.0, "budget_usd": cfg.budget_usd})
+        write_json(out / "dry_run.json", est)
+        return est
+    engine = reg = None
+    if kind != "structured":
+        from rlsim.personas.cache import ResponseCache
+        from rlsim.personas.pool import RatingEngine
+
+        spec = backend_spec(cfg, api_key)
+        job = "profiles-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]
+        limiter, reg = _limiter(cfg, spec, use_ray, job)
+        cp = response_cache_path(data_cfg, cfg)
+        engine = RatingEngine(spec, cfg, limiter, ResponseCache(cp) if cp else None)
+    df = build_profiles(kind, train, ds.items, ds.users, ds.scale, engine, cfg.max_concurrency,
+                        cfg.lusifer_last_n, cfg.lusifer_batch, progress=progress)
+    stats = {}
+    if engine is not None:
+        import asyncio
+
+        stats = asyncio.run(engine.limiter.stats())
+        if reg is not None:
+            engine.limiter.handle.unregister.remote(engine.limiter.job)
+    save_profiles(df, train, out)
+    report = profile_report(df, kind)
+    meta = {"kind": kind, "dataset": data_cfg.dataset, "split": split.name,
+            "split_fingerprint": split_fingerprint(split), "seed": data_cfg.seed, "users": int(len(df)),
+            "backend": cfg.backend if kind != "structured" else None,
+            "model": cfg.model if kind != "structured" else None, **report,
+            "profiles_sha256": profiles_fingerprint(df)}
+    if engine is not None:
+        meta["usage"] = {"spent_usd": stats.get("spent_usd", 0.0), "requests_granted": stats.get("granted", 0)}
+    notes = []
+    if report["fallbacks"]:
+        why = ", ".join(f"{k}: {v}" for k, v in report["fallback_reasons"].items())
+        notes.append(f"{report['fallbacks']} of {len(df)} {kind} profiles failed ({why}) and use the structured "
+                     "profile instead (kind 'structured' in profiles.parquet)")
+    if report.get("lusifer_failed_batches"):
+        notes.append(f"{report['lusifer_failed_batches']} of {report['lusifer_batches']} Lusifer batches failed "
+                     f"({', '.join(f'{k}: {v}' for k, v in report['lusifer_failed_batch_reasons'].items())}); "
+                     "their ratings are not in the summaries")
+    if reg is not None and reg.get("stricter_elsewhere"):
+        notes.append(f"another job on this cluster asked for stricter limits: {reg['rpm']:g} requests/min, "
+                     f"{reg['tpm']:g} tokens/min")
+    meta["notes"] = notes
+    write_json(out / "profiles.json", meta)
+    return meta
+
+
+def rate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | Path, *,
+               pairs: pd.DataFrame | None = None, users: int | Iterable[int] | None = None,
+               profiles: str | Path | None = None, api_key: str | None = None, use_ray: bool = True,
+               dry_run: bool = False, progress: bool = True, crash_marker: str | None = None) -> dict:
+    """Persona ratings of pairs (default: the split's held-out pairs) -> OUT/ratings.parquet, summary.json, job/.
+
+    users: a seeded sample (int) or ids, among the pairs' users. A rerun into the same OUT resumes
+    (transient failures are asked again). ``dry_run`` writes OUT/dry_run.json and calls nothing.
+    """
+    from rlsim.data import load_split
+
+    cfg = persona_cfg.validate()
+    _need_ray(use_ray and not dry_run)
+    out = Path(out)
+    ds, split = load_split(data_cfg)
+    pairs = split.test[["user_id", "item_id"]] if pairs is None else \
+        pairs[["user_id", "item_id"]].astype("int64").drop_duplicates()
+    chosen = sample_users(pairs["user_id"], users, data_cfg.seed)
+    pairs = pairs[pairs["user_id"].isin(chosen)].reset_index(drop=True)
+    df, summary = _rate_pairs(ds, split, data_cfg, cfg, pairs, out / "job", profiles=profiles, api_key=api_key,
+                              use_ray=use_ray, dry_run=dry_run, progress=progress, crash_marker=crash_marker)
+    if dry_run:
+        write_json(out / "dry_run.json", summary)
+        return summary
+    df = _calibrate(df, split, ds, cfg)
+    write_parquet(df, out / "ratings.parquet")
+    summary = {"backend": cfg.backend, "model": cfg.model if cfg.backend != "offline" else None,
+               "dataset": data_cfg.dataset, "split": split.name, "users": int(len(chosen)), **summary,
+               "ratings": str(out / "ratings.parquet")}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | Path, *,
+                   users: int | Iterable[int] | None = None, profiles: str | Path | None = None,
+                   reward_checkpoint: str | Path | None = None, ndcg_k: int = 10, api_key: str | None = None,
+                   use_ray: bool = True, dry_run: bool = False, progress: bool = True,
+                   crash_marker: str | None = None) -> dict:
+    """Fidelity of persona ratings on held-out ratings, beside the baseline gate (and the reward model).
+
+    Writes OUT/metrics.json, pairs.parquet, histogram.png and OUT/job/ (the rating job: manifest,
+    journal, shards, ratings); returns what metrics.json holds. users: a seeded sample (int, the
+    same one ``build_profiles_stage(users=n)`` draws) or ids of evaluable users; None = all.
+    """
+    from rlsim.data import load_split
+    from rlsim.personas.evaluate import evaluate_persona, plot_histograms
+
+    cfg = persona_cfg.validate()
+    if ndcg_k < 1:
+        raise ConfigError(f"ndcg_k must be >= 1, got {ndcg_k}")
+    _need_ray(use_ray and not dry_run)
+    out = Path(out)
+    ds, split = load_split(data_cfg)
+    chosen = sample_users(evaluable_users(split), users, data_cfg.seed)
+    test = split.test[split.test["user_id"].isin(chosen)].reset_index(drop=True)
+    if not len(test):
+        raise ConfigError("no held-out ratings for the chosen users")
+    df, summary = _rate_pairs(ds, split, data_cfg, cfg, test[["user_id", "item_id"]], out / "job",
+                              profiles=profiles, api_key=api_key, use_ray=use_ray, dry_run=dry_run,
+                              progress=progress, crash_marker=crash_marker)
+    if dry_run:
+        write_json(out / "dry_run.json", summary)
+        return summary
+    df = _calibrate(df, split, ds, cfg)
+    pairs = test[["user_id", "item_id", "rating"]].merge(df, on=["user_id", "item_id"], how="left")
+    reward = None
+    if reward_checkpoint:
+        try:
+            from rlsim.reward.predict import RewardPredictor
+        except ImportError as exc:
+            raise RlsimError(f"reward_checkpoint needs rlsim.reward ({exc})") from None
+        reward = RewardPredictor.load(reward_checkpoint)
+    result = evaluate_persona(split.train, pairs, ds.scale, seed=data_cfg.seed, reward_predictor=reward, k=ndcg_k)
+    result = {"dataset": data_cfg.dataset, "split": split.name, "backend": cfg.backend,
+              "model": cfg.model if cfg.backend != "offline" else None, "users": int(len(chosen)),
+              "calibrated": cfg.calibrate, **result,
+              "failure_reasons": summary.get("failure_reasons", {}), "usage": summary.get("usage", {}),
+              "job": {k: summary.get(k) for k in ("planned_pairs", "missing_pairs", "retried", "retryable_failed",
+                                                  "resumed", "spent_usd", "elapsed_s", "limits", "profiles")
+                      if k in summary},
+              "notes": summary.get("notes", [])}
+    if cfg.backend == "offline":
+        result["offline_config"] = dict(vars(cfg.offline))
+    write_parquet(pairs, out / "pairs.parquet")
+    write_json(out / "metrics.json", result)
+    plot_histograms(result, ds.scale, out / "histogram.png", f"{data_cfg.dataset} {split.name}: {cfg.backend} persona")
+    return result
