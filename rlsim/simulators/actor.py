@@ -146,8 +146,10 @@ def start_simulator_actor(name: str, factory: Callable[[], Any], namespace: str 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: losing a worker node then costs only the env runners it held (RLlib
-    # restarts them), never the simulator every runner talks to.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # restarts them), never the simulator every runner talks to. Hard affinity: with soft=True
+    # Ray 2.60 placed it on another node even with room here (the driver's node is alive by
+    # definition, and the actor needs no CPU).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     opts: dict[str, Any] = {"name": name, "get_if_exists": True, "max_concurrency": 1000, "scheduling_strategy": here}
     if namespace is not None:
         opts["namespace"] = namespace
