@@ -17,7 +17,6 @@ The goal (issue #10): >= 80% fewer persona calls at <= 0.01 loss in real held-ou
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -33,12 +33,18 @@ def parse_args(stages: list[str], argv=None) -> argparse.Namespace:
 def connect_ray():
     import ray
 
+    from rlsim.commands.ray_session import WORKER_ENV, quiet_ray
+
     if ray.is_initialized():
         return
+    verbose = bool(os.environ.get("RLSIM_VERBOSE"))
+    # Worker logs (RLlib's own notices) stay in Ray's log files unless RLSIM_VERBOSE is set.
+    kw = dict(log_to_driver=verbose, logging_level=quiet_ray(verbose), runtime_env={"env_vars": WORKER_ENV})
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", **kw)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, **kw)
+    quiet_ray(verbose, rllib=True)
 
 
 def is_local(uri: str) -> bool:
@@ -79,7 +85,11 @@ def _run(stages: list[str], argv=None) -> dict:
     if stages != ["pipeline"]:
         sections = {**sections, "pipeline": {**(sections.get("pipeline") or {}), "stages": stages}}
     connect_ray()
-    ctx = make_context(sections, cfg, local, progress=False)
+    from rlsim.commands.personas import api_key, persona_config
+
+    # The persona endpoint and key come from the job's environment (never written to OUT).
+    persona_cfg = persona_config(argparse.Namespace(), sections)
+    ctx = make_context(sections, cfg, local, progress=False, persona_cfg=persona_cfg, api_key=api_key(persona_cfg))
     if stages == ["pipeline"]:
         result = run_pipeline(ctx, force=args.force)
     else:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.candidates import item_popularity, taste_vectors
-from rlsim.errors import ConfigError, DataError
+from rlsim.errors import DataError
 
 
 @dataclass

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from rlsim.baselines import baseline_predictions, evaluate_baselines, fit_baselines
-from rlsim.config import DataConfig, dump_yaml, from_dict, to_dict
-from rlsim.errors import ConfigError, RlsimError
+from rlsim.config import DataConfig, from_dict
+from rlsim.errors import ConfigError
 from rlsim.io import read_json, write_json, write_parquet
 from rlsim.metrics import (ndcg_summary, pearson, per_user_accuracy, per_user_gini,
                            per_user_ndcg, rating_histogram, rating_metrics, spearman)
@@ -54,6 +54,10 @@ class RunContext:
     out: Path
     cfg: PipelineConfig = field(default_factory=PipelineConfig)
     progress: bool = True
+    # The persona stage's config as the edge resolved it (endpoint from the environment), and the
+    # API key: held in memory only, never written (the effective config.yaml has no key).
+    persona_cfg: Any = None
+    api_key: str | None = field(default=None, repr=False)
     _loaded: tuple | None = None
 
     def load(self):
@@ -81,14 +85,16 @@ class RunContext:
         return m if "stage_seconds" in m else None
 
 
-def make_context(sections: dict, data_cfg: DataConfig, out: str | Path, progress: bool = True) -> RunContext:
+def make_context(sections: dict, data_cfg: DataConfig, out: str | Path, progress: bool = True,
+                 persona_cfg=None, api_key: str | None = None) -> RunContext:
     cfg = from_dict(PipelineConfig, sections.get("pipeline"), "pipeline")
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown pipeline stage(s) {unknown} (known: {', '.join(STAGES)})")
     if "sweep" in cfg.stages and "reward" in cfg.stages and cfg.stages.index("sweep") > cfg.stages.index("reward"):
         raise ConfigError("pipeline.stages: 'sweep' must come before 'reward' (the reward stage trains with its best)")
-    return RunContext(data_cfg=data_cfg, sections=sections, out=Path(out), cfg=cfg, progress=progress)
+    return RunContext(data_cfg=data_cfg, sections=sections, out=Path(out), cfg=cfg, progress=progress,
+                      persona_cfg=persona_cfg, api_key=api_key)
 
 
 def _need(module: str, stage: str):
@@ -154,33 +160,6 @@ def stage_sweep(ctx: RunContext, d: Path) -> dict:
     return run_sweep(ctx.data_cfg, _reward_cfg(ctx), tcfg, out_dir=d, dataset=ds, split=split)
 
 
-def _config_file(ctx: RunContext) -> Path:
-    """The effective YAML (all sections, resolved data section) handed to the stage CLIs."""
-    p = ctx.out / "config.yaml"
-    dump_yaml({**ctx.sections, "data": to_dict(ctx.data_cfg)}, p)
-    return p
-
-
-def _run_cli(ctx: RunContext, stage: str, argv: list[str]) -> None:
-    """Run another area's subcommand in this process (same code path as running that stage alone)."""
-    from rlsim.cli import build_parser
-
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit:
-        raise ConfigError(f"stage '{stage}': `rlsim {' '.join(argv)}` is not accepted by this install") from None
-    rc = args.func(args)
-    if rc:
-        raise RlsimError(f"stage '{stage}': `rlsim {' '.join(argv[:2])}` exited with {rc}")
-
-
-def _stage_out(d: Path, stage: str) -> dict:
-    p = d / "metrics.json"
-    if not p.is_file():
-        raise RlsimError(f"stage '{stage}' wrote no {p}")
-    return read_json(p)
-
-
 def _candidates_cfg(ctx: RunContext):
     return from_dict(_need("rlsim.candidates", "candidates").CandidatesConfig, ctx.section("candidates"),
                      "candidates").validate()
@@ -212,27 +191,38 @@ def stage_policy(ctx: RunContext, d: Path) -> dict:
     return metrics
 
 
+def _persona_cfg(ctx: RunContext):
+    if ctx.persona_cfg is not None:
+        return ctx.persona_cfg
+    from rlsim.personas.config import PersonaConfig
+
+    return from_dict(PersonaConfig, ctx.section("personas"), "personas").validate()
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def stage_profiles(ctx: RunContext, d: Path) -> dict:
-    _need("rlsim.personas.profiles", "profiles")
-    _run_cli(ctx, "profiles", ["personas", "profile", "--config", str(_config_file(ctx)), "--kind", "structured",
-                               "--users", str(ctx.cfg.persona_users or 10**9), "--quiet", "--out", str(d)])
-    meta = d / "profiles.json"
-    return read_json(meta) if meta.is_file() else {"profiles": str(d)}
+    """Persona profiles (personas.profile: structured, psych or lusifer) of the persona stage's users."""
+    run = _need("rlsim.personas.run", "profiles")
+    pcfg = _persona_cfg(ctx)
+    return run.build_profiles_stage(ctx.data_cfg, pcfg, pcfg.profile, d, users=ctx.cfg.persona_users or None,
+                                    api_key=ctx.api_key, use_ray=_ray_running(), progress=ctx.progress)
 
 
 def stage_personas(ctx: RunContext, d: Path) -> dict:
-    """Persona ratings of a user sample's held-out pairs, scored beside the reward model and the gate."""
-    _need("rlsim.personas.evaluate", "personas")
-    argv = ["personas", "evaluate", "--config", str(_config_file(ctx)), "--quiet", "--no-ray", "--out", str(d)]
-    if ctx.cfg.persona_users:
-        argv += ["--users", str(ctx.cfg.persona_users)]
-    argv += ["--ndcg-k", str(ctx.cfg.k)]
-    if (ctx.stage_dir("reward") / "checkpoint").is_dir():
-        argv += ["--reward-checkpoint", str(ctx.stage_dir("reward") / "checkpoint")]
-    if (ctx.stage_dir("profiles") / "profiles.json").is_file():
-        argv += ["--profiles", str(ctx.stage_dir("profiles"))]
-    _run_cli(ctx, "personas", argv)
-    return _stage_out(d, "personas")
+    """Persona ratings of a user sample's held-out pairs through the Ray persona pool (the offline
+    persona too), scored beside the reward model and the gate."""
+    run = _need("rlsim.personas.run", "personas")
+    ckpt = ctx.stage_dir("reward") / "checkpoint"
+    profiles = ctx.stage_dir("profiles")
+    return run.evaluate_stage(ctx.data_cfg, _persona_cfg(ctx), d, users=ctx.cfg.persona_users or None,
+                              profiles=profiles if (profiles / "profiles.json").is_file() else None,
+                              reward_checkpoint=ckpt if ckpt.is_dir() else None, ndcg_k=ctx.cfg.k,
+                              api_key=ctx.api_key, use_ray=_ray_running(), progress=ctx.progress)
 
 
 def _per_user_rows(df: pd.DataFrame, scale, k: int, model: str, side: str) -> pd.DataFrame:

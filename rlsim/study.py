@@ -143,8 +143,6 @@ def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], tra
 
 def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Path, progress: bool = True) -> dict:
     """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html)."""
-    import ray
-
     from rlsim.candidates import CandidatesConfig, write_candidates
     from rlsim.data import load_split
     from rlsim.env import EnvData, score_all

@@ -11,7 +11,7 @@ from rlsim.data.schema import RatingScale
 from rlsim.simulators.base import Session, Simulator, sample_from
 from rlsim.simulators.fidelity import discrimination, macro, micro, replay_sessions, session_gain
 from rlsim.simulators.noise import OrdinalNoise, user_spread
-from rlsim.simulators.point import PointSimulator, baseline_simulator
+from rlsim.simulators.point import baseline_simulator
 
 SCALE = RatingScale(1.0, 5.0, 1.0)
 

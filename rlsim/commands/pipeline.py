@@ -38,7 +38,15 @@ def cmd_pipeline(args) -> int:
     if args.stages:
         sections = {**sections, "pipeline": {**(sections.get("pipeline") or {}),
                                              "stages": [s.strip() for s in args.stages.split(",") if s.strip()]}}
-    ctx = make_context(sections, cfg, args.out, progress=not args.quiet)
+    persona_cfg = key = None
+    stages = (sections.get("pipeline") or {}).get("stages") or []
+    if {"personas", "profiles"} & set(stages or ["personas"]):
+        # The endpoint and key come from the environment, here at the edge (never written to OUT).
+        from rlsim.commands.personas import api_key, persona_config
+
+        persona_cfg = persona_config(args, sections)
+        key = api_key(persona_cfg)
+    ctx = make_context(sections, cfg, args.out, progress=not args.quiet, persona_cfg=persona_cfg, api_key=key)
     needs_ray = bool(set(ctx.cfg.stages) & RAY_STAGES)
     with ray_session(args.ray_address, verbose=args.verbose, num_cpus=args.num_cpus, include_dashboard=False,
                      _temp_dir=None if args.ray_address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")) \

@@ -17,7 +17,7 @@ def quiet_ray(verbose: bool, rllib: bool = False) -> int:
     import ray  # noqa: F401
 
     if rllib:
-        import ray.rllib  # noqa: F401
+        import ray.rllib  # noqa: F401 (imported for its logger's level)
     level = logging.INFO if verbose else logging.ERROR
     for name in ("ray", "ray.rllib", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(level)
