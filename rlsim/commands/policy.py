@@ -37,6 +37,7 @@ def register(sub) -> None:
     t.add_argument("--holdout-users", type=float, help="share of users never trained on, for evaluation (0.2)")
     t.add_argument("--num-env-runners", type=int, help="remote env runners (0 = sample in the driver)")
     t.add_argument("--num-envs", type=int, help="sessions stepped together per env runner")
+    t.add_argument("--num-gpus-per-learner", type=float, help="GPUs for the PPO learner (0 = CPU)")
     t.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
     add_ray_arg(t)
     add_quiet_arg(t)
@@ -73,7 +74,8 @@ def policy_config(args, file_cfg: dict) -> PolicyConfig:
     cfg = from_dict(PolicyConfig, file_cfg.get("policy"), "policy")
     apply_flags(cfg, args, [("iterations", "iterations"), ("horizon", "horizon"), ("reward_mode", "reward_mode"),
                             ("holdout_users", "holdout_users"), ("num_env_runners", "num_env_runners"),
-                            ("num_envs", "num_envs_per_env_runner"), ("seed", "seed")])
+                            ("num_envs", "num_envs_per_env_runner"), ("num_gpus_per_learner", "num_gpus_per_learner"),
+                            ("seed", "seed")])
     return cfg.validate()
 
 

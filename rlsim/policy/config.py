@@ -39,9 +39,15 @@ class PolicyConfig:
     entropy_coeff: float = 0.0
     vf_loss_coeff: float = 0.5
     hidden: int = 64
-    # Sampling
+    # Sampling and learning. On 2 cores sampling in the driver (0 runners) is fastest: remote
+    # runners, the learner and the simulator actor compete for the same cores. With many cores,
+    # give each runner its own core (num_env_runners ~ cores - 2, 32-64 sessions each) so the
+    # simulator actor batches across runners; put the learner on a GPU with num_gpus_per_learner=1
+    # (num_learners=0 keeps it in the driver; 1+ makes learner actors).
     num_env_runners: int = 0
     num_envs_per_env_runner: int = 32
+    num_learners: int = 0
+    num_gpus_per_learner: float = 0.0
     seed: int = 0
 
     def validate(self) -> "PolicyConfig":
@@ -55,6 +61,8 @@ class PolicyConfig:
             raise ConfigError(f"policy.reward_mode must be one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
         if not 0.0 <= self.holdout_users < 1.0:
             raise ConfigError(f"policy.holdout_users must be in [0, 1), got {self.holdout_users}")
+        if self.num_learners < 0 or self.num_gpus_per_learner < 0 or self.num_env_runners < 0:
+            raise ConfigError("policy.num_env_runners, num_learners and num_gpus_per_learner must be >= 0")
         if self.exit_window < 1:
             raise ConfigError("policy.exit_window must be >= 1")
         if self.minibatch_size > self.train_batch_size:

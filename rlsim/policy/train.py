@@ -47,6 +47,7 @@ def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig):
         .environment(SessionVectorEnv, env_config=env_cfg)
         .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner,
                      rollout_fragment_length="auto", gym_env_vectorize_mode="vector_entry_point")
+        .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=SlateScorerRLModule, model_config=model_config))
         .training(lr=cfg.lr, train_batch_size_per_learner=cfg.train_batch_size, minibatch_size=cfg.minibatch_size,
                   num_epochs=cfg.num_epochs,
