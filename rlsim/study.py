@@ -221,7 +221,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
                 "mean_real_rating": mean_ci([r["real"]["policy"]["mean_real_rating"] for r in runs[n]]),
                 "real_coverage": mean_ci([r["real"]["policy"]["real_coverage"] for r in runs[n]]),
                 "ndcg": mean_ci([r["ndcg"].get("policy") for r in runs[n]]),
-                "env_steps": mean_ci([r["env_steps"] for r in runs[n]])["mean"]} for n in sources}
+                "env_steps": int(round(mean_ci([r["env_steps"] for r in runs[n]])["mean"]))} for n in sources}
     first = runs[sources[0]]
     reference = {b: {"hit_rate": mean_ci([r["real"][b]["hit_rate"] for r in first]),
                      "mean_real_rating": mean_ci([r["real"][b]["mean_real_rating"] for r in first])}

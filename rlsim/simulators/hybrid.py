@@ -46,7 +46,7 @@ def normalised_entropy(p: np.ndarray) -> np.ndarray:
 
 class HybridSimulator(Simulator):
     name = "hybrid"
-    method = "reward model softmax; persona where its entropy is high (distilled)"
+    method = "softmax + persona where unsure"
 
     def __init__(self, model_sim, persona: Simulator, cfg: HybridConfig | None = None):
         self.model, self.persona = model_sim, persona
