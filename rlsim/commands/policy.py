@@ -57,17 +57,21 @@ def register(sub) -> None:
 def _reward_args(p, required: bool = True) -> None:
     p.add_argument("--reward", choices=KINDS, default="mf" if required else None,
                    help="simulated user: bias | mf (baselines + calibrated noise), model (--reward-checkpoint), "
-                        "personas (the offline persona, personas: config), actor (a running simulator actor); "
+                        "personas (the offline persona, personas: config), hybrid (model + persona where unsure, "
+                        "hybrid: config), actor (a running simulator actor); "
                         "evaluate defaults to the training run's")
     p.add_argument("--reward-checkpoint", help="reward model checkpoint folder (for --reward model)")
     p.add_argument("--reward-actor", help="name of a running simulator actor (--reward actor)")
     p.add_argument("--reward-namespace", help="Ray namespace of --reward-actor")
 
 
-def reward_spec(args) -> SimulatorSpec | None:
+def reward_spec(args, file_cfg: dict | None = None) -> SimulatorSpec | None:
+    """The simulator named by --reward; a hybrid takes its settings from the YAML's `hybrid:` section."""
     if not getattr(args, "reward", None):
         return None
-    return SimulatorSpec(args.reward, args.reward_checkpoint, args.reward_actor, args.reward_namespace).validate()
+    options = dict((file_cfg or {}).get("hybrid") or {}) if args.reward == "hybrid" else {}
+    return SimulatorSpec(args.reward, args.reward_checkpoint, args.reward_actor, args.reward_namespace,
+                         options=options).validate()
 
 
 def policy_config(args, file_cfg: dict) -> PolicyConfig:
@@ -104,7 +108,7 @@ def cmd_train(args) -> int:
     file_cfg = load_config_file(args)
     dcfg = data_config(args, file_cfg)
     pcfg = policy_config(args, file_cfg)
-    spec = reward_spec(args)
+    spec = reward_spec(args, file_cfg)
     cands = load_candidates(args.candidates) if args.candidates else None
     ccfg = from_dict(CandidatesConfig, file_cfg.get("candidates"), "candidates")
     out = Path(args.out)
@@ -126,7 +130,7 @@ def cmd_evaluate(args) -> int:
     if "data" not in file_cfg:
         file_cfg = {**file_cfg, "data": meta["data"]}
     dcfg = data_config(args, file_cfg)
-    spec = reward_spec(args)
+    spec = reward_spec(args, file_cfg)
     kind = (spec.kind if spec else meta["reward"]["kind"])
     # Only a running simulator actor needs Ray; every other simulator is built in this process.
     import contextlib
