@@ -14,13 +14,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
-from rlsim.commands.ray_session import ray_session
+from rlsim.commands.ray_session import cli_ray
 from rlsim.config import from_dict
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.personas.config import PersonaConfig
@@ -142,15 +141,7 @@ def api_key(cfg: PersonaConfig) -> str | None:
 
 def ray_for_personas(args, cfg: PersonaConfig):
     """Join --ray-address (or the job's cluster inside `ray job submit`), else start a private local Ray."""
-    address = getattr(args, "ray_address", None)
-    if address is None and ("RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or os.environ.get("RAY_JOB_ID")):
-        address = "auto"  # the driver of a `ray job submit`: its cluster
-    if address:
-        return ray_session(address=address)
-    # RLSIM_RAY_TEMP_DIR lets a supervisor (bench, tests) find and clean up after a killed job.
-    tmp = os.environ.get("RLSIM_RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")
-    return ray_session(address=None, include_dashboard=False, _temp_dir=tmp, num_cpus=max(2, cfg.n_workers),
-                       log_to_driver=False, configure_logging=False)
+    return cli_ray(args, num_cpus=max(2, cfg.n_workers))
 
 
 def _ray(args, cfg: PersonaConfig, needed: bool):

@@ -7,11 +7,10 @@ the policy's simulator actor and env runners, the persona pool) runs in that one
 from __future__ import annotations
 
 import contextlib
-import tempfile
 from pathlib import Path
 
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, data_config, load_config_file
-from rlsim.commands.ray_session import ray_session
+from rlsim.commands.ray_session import cli_ray
 
 # Stages that run on Ray (the sweep's trials, the policy's simulator actor and env runners, the persona pool).
 RAY_STAGES = {"sweep", "policy", "personas"}
@@ -48,9 +47,7 @@ def cmd_pipeline(args) -> int:
         key = api_key(persona_cfg)
     ctx = make_context(sections, cfg, args.out, progress=not args.quiet, persona_cfg=persona_cfg, api_key=key)
     needs_ray = bool(set(ctx.cfg.stages) & RAY_STAGES)
-    with ray_session(args.ray_address, verbose=args.verbose, num_cpus=args.num_cpus, include_dashboard=False,
-                     _temp_dir=None if args.ray_address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")) \
-            if needs_ray else contextlib.nullcontext():
+    with cli_ray(args, args.num_cpus) if needs_ray else contextlib.nullcontext():
         summary = run_pipeline(ctx, force=args.force)
     out = Path(args.out)
     ran = ", ".join(summary["ran"]) or "nothing (all stages were done)"

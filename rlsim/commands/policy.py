@@ -8,11 +8,10 @@ joined with --ray-address) here, at the edge.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
-from rlsim.commands.ray_session import quiet_ray, ray_session
+from rlsim.commands.ray_session import cli_ray, quiet_ray
 from rlsim.config import from_dict
 from rlsim.errors import DataError
 from rlsim.policy.config import PolicyConfig
@@ -93,14 +92,6 @@ def load_candidates(path: str):
     return pd.read_parquet(p)
 
 
-def ray_for_policy(args, num_cpus: int | None = None):
-    """Join the running Ray (--ray-address, a job, the pipeline) or start a private local one."""
-    address = getattr(args, "ray_address", None)
-    # A short temp dir of our own: Ray's socket paths must stay under ~100 characters.
-    return ray_session(address, verbose=getattr(args, "verbose", False), num_cpus=num_cpus, include_dashboard=False,
-                       _temp_dir=None if address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp"))
-
-
 def cmd_train(args) -> int:
     from rlsim.candidates import CandidatesConfig
     from rlsim.policy.run import train_policy
@@ -112,7 +103,7 @@ def cmd_train(args) -> int:
     cands = load_candidates(args.candidates) if args.candidates else None
     ccfg = from_dict(CandidatesConfig, file_cfg.get("candidates"), "candidates")
     out = Path(args.out)
-    with ray_for_policy(args, args.num_cpus):
+    with cli_ray(args, args.num_cpus):
         metrics = train_policy(dcfg, pcfg, spec, out, candidates=cands, ccfg=ccfg, sections=file_cfg,
                                progress=not args.quiet)
     last = metrics["iterations"][-1]
@@ -136,7 +127,7 @@ def cmd_evaluate(args) -> int:
     import contextlib
 
     quiet_ray(args.verbose, rllib=True)  # loading the policy imports RLlib, which has notices of its own
-    with ray_for_policy(args) if kind == "actor" else contextlib.nullcontext():
+    with cli_ray(args) if kind == "actor" else contextlib.nullcontext():
         m = evaluate_policy(dcfg, args.run, args.out, spec=spec, like_threshold=args.like_threshold,
                             ndcg_k=args.ndcg_k, sections=file_cfg)
     show = {"held_out_users": m["held_out_users"],

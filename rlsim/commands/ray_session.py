@@ -46,3 +46,20 @@ def ray_session(address: str | None = None, verbose: bool = False, **init_kwargs
         yield ray
     finally:
         ray.shutdown()
+
+
+def cli_ray(args, num_cpus: int | None = None):
+    """The Ray a command runs in: --ray-address; else, inside `ray job submit`, the job's cluster;
+    else a private local Ray with its own short temp dir (Ray's socket paths must stay under ~100
+    characters; RLSIM_RAY_TEMP_DIR lets a supervisor, a bench or a test, find and clean it up)."""
+    import os
+    import tempfile
+
+    address = getattr(args, "ray_address", None)
+    if address is None and ("RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or os.environ.get("RAY_JOB_ID")):
+        address = "auto"
+    verbose = bool(getattr(args, "verbose", False))
+    if address:
+        return ray_session(address, verbose=verbose)
+    tmp = os.environ.get("RLSIM_RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")
+    return ray_session(None, verbose=verbose, num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import tempfile
-
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
 from rlsim.config import from_dict, to_dict
 from rlsim.errors import ConfigError
@@ -113,7 +111,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from rlsim.commands.ray_session import ray_session
+    from rlsim.commands.ray_session import cli_ray
     from rlsim.reward.config import RewardConfig
     from rlsim.tune import TuneConfig, run_sweep
 
@@ -127,8 +125,7 @@ def cmd_tune(args) -> int:
                                               "seed")])
     if tcfg.storage_path is None:
         tcfg.storage_path = str((Path(args.out) / "ray_results").resolve())
-    with ray_session(args.ray_address, verbose=args.verbose, num_cpus=args.num_cpus, include_dashboard=False,
-                     _temp_dir=None if args.ray_address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")):
+    with cli_ray(args, args.num_cpus):
         metrics = run_sweep(dcfg, base, tcfg, out_dir=args.out, resume=args.resume)
     print(json.dumps({"best_config": metrics["best_config"], "best": metrics["best"],
                       "n_trials": metrics["n_trials"], "n_errors": metrics["n_errors"]}, indent=2))

@@ -7,11 +7,10 @@ Ray is started (or joined with --ray-address) here, once, for the whole study.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
-from rlsim.commands.ray_session import ray_session
+from rlsim.commands.ray_session import cli_ray
 from rlsim.config import from_dict
 
 
@@ -40,8 +39,7 @@ def cmd_study(args) -> int:
     if args.sources:
         scfg.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
     scfg.validate()
-    with ray_session(args.ray_address, verbose=args.verbose, num_cpus=args.num_cpus, include_dashboard=False,
-                     _temp_dir=None if args.ray_address else tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")):
+    with cli_ray(args, args.num_cpus):
         result = run_study(dcfg, scfg, sections, args.out, progress=not args.quiet)
     print(json.dumps({"answer": result["answer"],
                       "real_hit_rate": {n: round(r["hit_rate"]["mean"], 4) for n, r in result["real"].items()},
