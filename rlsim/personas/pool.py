@@ -24,12 +24,14 @@ import pandas as pd
 
 from rlsim.errors import ConfigError
 from rlsim.io import read_json, write_json, write_parquet
-from rlsim.personas.backends import BackendSpec, PermanentError, TransientError, build_backend
+from rlsim.personas.backends import (BackendSpec, BudgetExceeded, ChatResult, PermanentError, TransientError,
+                                     build_backend, check_backend, keeps_memory)
 from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
+from rlsim.personas.gate import LimiterGate
 from rlsim.personas.grounding import WorkUnit
-from rlsim.personas.limiter import LocalLimiter, RateLimiter, sleep_until_allowed
+from rlsim.personas.limiter import LocalLimiter, RateLimiter
 from rlsim.personas.prompts import estimate_tokens, messages_tokens, rating_schema
 from rlsim.personas.validate import parse_ratings
 
@@ -94,29 +96,38 @@ class RatingEngine:
         if hit is not None:
             return hit["text"]
         for attempt in range(cfg.max_retries + 1):
-            p_est = messages_tokens(messages)
-            est = cost_usd(cfg.prices, self.spec.model, p_est, 300)
-            if not await sleep_until_allowed(self.limiter, p_est + 300, est):
-                return ""
+            gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, empty_usage())
             try:
-                res = await self._backend().chat(messages, response_format, {k: v for k, v in params.items()
-                                                                             if k != "response_format"})
+                res = await self._chat(gate, messages, response_format, {k: v for k, v in params.items()
+                                                                        if k != "response_format"}, 300)
             except TransientError as exc:
-                await self.limiter.settle(est, 0.0)
                 if exc.status == 429 and exc.retry_after:
                     await self.limiter.pause(exc.retry_after)
                 await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 continue
-            except PermanentError:
-                await self.limiter.settle(est, 0.0)
+            except PermanentError:  # the budget too
                 return ""
-            await self.limiter.settle(est, cost_usd(cfg.prices, self.spec.model, res.prompt_tokens,
-                                                    res.completion_tokens))
             if self.cache is not None and cfg.cache:
                 self.cache.put(key, {"text": res.text, "prompt_tokens": res.prompt_tokens,
                                      "completion_tokens": res.completion_tokens})
             return res.text
         return ""
+
+    async def _chat(self, gate: LimiterGate, messages: list[dict], response_format: dict | None, params: dict,
+                    completion_tokens: int) -> ChatResult:
+        """One answer. The gate reserves and counts each HTTP request: here around ``chat``, or inside a
+        gated backend around each request it sends (TinyTroupe sends several per answer)."""
+        backend = self._backend()
+        if getattr(backend, "gated", False):
+            return await backend.chat(messages, response_format, params, gate=gate)
+        reserved = await gate.acquire(messages_tokens(messages), completion_tokens)
+        try:
+            res = await backend.chat(messages, response_format, params)
+        except Exception:  # failed: nothing to charge
+            await gate.release(reserved, 0, 0)
+            raise
+        await gate.release(reserved, res.prompt_tokens, res.completion_tokens)
+        return res
 
     async def rate_unit(self, unit: WorkUnit) -> dict:
         cfg, scale = self.cfg, unit.rating_scale
@@ -149,21 +160,17 @@ class RatingEngine:
                 text = hit["text"]
                 usage["cached_requests"] += 1
             else:
-                p_est = messages_tokens(msgs)
-                c_est = completion_estimate(len(pending))
-                est = cost_usd(cfg.prices, self.spec.model, p_est, c_est)
-                if not await sleep_until_allowed(self.limiter, p_est + c_est, est):
+                gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, usage)
+                try:
+                    res = await self._chat(gate, msgs, rf, {k: v for k, v in params.items() if k != "response_format"},
+                                           completion_estimate(len(pending)))
+                except BudgetExceeded:
                     budget_stop = True
                     for i in pending:
                         reason[i] = "budget"
                         attempts[i] -= 1
                     break
-                usage["requests"] += 1
-                try:
-                    res = await self._backend().chat(msgs, rf, {k: v for k, v in params.items()
-                                                                if k != "response_format"})
                 except TransientError as exc:
-                    await self.limiter.settle(est, 0.0)
                     usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                     for i in pending:
                         reason[i] = exc.reason
@@ -173,17 +180,11 @@ class RatingEngine:
                         await asyncio.sleep(self._backoff(tries - 1, exc.retry_after))
                     continue
                 except PermanentError as exc:
-                    await self.limiter.settle(est, 0.0)
                     usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                     for i in pending:
                         reason[i] = exc.reason
                     permanent = True
                     break
-                actual = cost_usd(cfg.prices, self.spec.model, res.prompt_tokens, res.completion_tokens)
-                await self.limiter.settle(est, actual)
-                usage["prompt_tokens"] += res.prompt_tokens
-                usage["completion_tokens"] += res.completion_tokens
-                usage["cost_usd"] += actual
                 text = res.text
                 if self.cache is not None and cfg.cache:
                     self.cache.put(key, {"text": text, "prompt_tokens": res.prompt_tokens,
@@ -327,6 +328,7 @@ def run_rating_job(units: list[WorkUnit], out_dir: str | Path, spec: BackendSpec
                    cache_path: str | None, use_ray: bool = True, progress: bool = True,
                    crash_marker: str | None = None) -> dict:
     """Rate all units; returns the summary (also written to OUT/manifest.json and OUT/ratings.parquet)."""
+    check_backend(spec)  # a broken install is one ConfigError here, not a traceback per worker or task
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(units, cfg.shard_users)
@@ -364,6 +366,14 @@ def _bar(n: int, progress: bool):
     return tqdm(total=n, desc="persona units", disable=not progress, unit="req")
 
 
+def _worker_slots(units: list[WorkUnit], n_workers: int, by_user: bool) -> list[int]:
+    """Worker of each unit: round robin, or (a backend with memory) one worker per user, users dealt in turn."""
+    if not by_user:
+        return [j % n_workers for j in range(len(units))]
+    user_slot: dict[int, int] = {}
+    return [user_slot.setdefault(u.user_id, len(user_slot) % n_workers) for u in units]
+
+
 def _run_ray(units, writer, spec, cfg, cache_path, budget_left, bar, crash_marker) -> None:
     import ray
 
@@ -375,8 +385,9 @@ def _run_ray(units, writer, spec, cfg, cache_path, budget_left, bar, crash_marke
     workers = start_workers(spec, cfg, name, ns, cache_path, crash_marker)
     try:
         refs = {}
+        slot = _worker_slots(units, len(workers), by_user=keeps_memory(spec))
         for j, u in enumerate(units):
-            refs[workers[j % len(workers)].rate_unit.remote(u)] = u
+            refs[workers[slot[j]].rate_unit.remote(u)] = u
         while refs:
             done, _ = ray.wait(list(refs), num_returns=min(len(refs), 64), timeout=1.0)
             for r in done:
