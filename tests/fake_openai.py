@@ -72,6 +72,7 @@ class LoggedRequest:
     schema_name: str = ""
     stimulus: str = ""  # TinyTroupe: the text of the latest stimulus the agent heard
     prompt_chars: int = 0
+    prompt_text: str = ""  # TinyTroupe: every message, decoded (its memories are in the system message)
 
 
 class FakeOpenAI:
@@ -187,8 +188,11 @@ class FakeOpenAI:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": "length" if fault == "truncated" else "stop"}],
                 "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
-        return 200, resp, {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok, "stimulus": user_msg if action_schema
-                           else "", "chars": sum(len(mm.get("content", "")) for mm in msgs)}
+        info = {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok,
+                "chars": sum(len(mm.get("content", "")) for mm in msgs)}
+        if action_schema:
+            info.update(stimulus=user_msg, text="\n".join(str(_decoded(mm.get("content", ""))) for mm in msgs))
+        return 200, resp, info
 
     def _handler(self):
         server = self
@@ -255,7 +259,8 @@ class FakeOpenAI:
                                                     info["ids"], status, fault, rf.get("type") == "json_schema",
                                                     info["p_tok"], info.get("c_tok", 0),
                                                     (rf.get("json_schema") or {}).get("name", ""),
-                                                    info.get("stimulus", ""), info.get("chars", 0)))
+                                                    info.get("stimulus", ""), info.get("chars", 0),
+                                                    info.get("text", "")))
                 headers = {"Retry-After": f"{server.faults.retry_after_s:g}"} if status == 429 else {}
                 self._send(status, resp, headers)
 

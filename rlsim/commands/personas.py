@@ -23,7 +23,7 @@ from rlsim.config import from_dict
 from rlsim.data import load_split
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.io import write_json, write_parquet
-from rlsim.personas.backends import BackendSpec
+from rlsim.personas.backends import BackendSpec, check_backend
 from rlsim.personas.config import PersonaConfig
 
 log = logging.getLogger("rlsim.personas")
@@ -174,6 +174,7 @@ def cmd_profile(args) -> int:
         if cfg.backend == "offline":
             raise ConfigError(f"'{args.kind}' profiles need an LLM: set OPENAI_BASE_URL or pass --backend openai")
         spec = backend_spec(cfg)
+        check_backend(spec)
         cp = _cache_path(dcfg, cfg)
         engine = RatingEngine(spec, cfg, LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm, cfg.budget_usd)),
                               ResponseCache(cp) if cp else None)
@@ -189,6 +190,9 @@ def cmd_profile(args) -> int:
 
 def rate_pairs(ds, split, dcfg, cfg: PersonaConfig, pairs: pd.DataFrame, out_dir: Path, args) -> tuple[pd.DataFrame, dict]:
     """Ratings for pairs: user_id, item_id, predicted, predicted_raw, status, reason (+ the job summary)."""
+    if cfg.backend != "offline" and not args.dry_run:
+        # Before embeddings and Ray: a broken install is one line, not a traceback per actor or task.
+        check_backend(backend_spec(cfg))
     vectors = _vectors(ds, dcfg)
     if cfg.backend == "offline":
         from rlsim.personas.source import offline_persona

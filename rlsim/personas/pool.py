@@ -446,6 +446,7 @@ class PersonaRewardSource:
         self.cfg = cfg
         self.offline = offline_model
         if offline_model is None:
+            check_backend(spec)
             self.engine = RatingEngine(spec, cfg, LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm, cfg.budget_usd)),
                                        ResponseCache(cache_path) if cache_path else None)
 

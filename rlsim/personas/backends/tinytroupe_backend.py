@@ -415,4 +415,3 @@ class TinyTroupeBackend:
     async def close(self) -> None:
         self._threads.shutdown(wait=False)
         self.openai.close()
-        self.agents.clear()
