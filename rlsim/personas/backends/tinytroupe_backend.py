@@ -110,8 +110,10 @@ def _clients_module():
 
 
 def _configure(tt: SimpleNamespace) -> None:
+    missing = object()
     for key, value in SETTINGS.items():
-        tt.config_manager.update(key, value)
+        if tt.config_manager.get(key, missing) is not missing:  # 0.5 lacks some keys (and warns on them)
+            tt.config_manager.update(key, value)
     tt.TinyPerson.communication_display = False
     # TinyTroupe turns openai's parsed message into a dict, and pydantic warns about its typed `parsed`
     # field on every answer (harmless: the dict is complete).
