@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def requests_per_answer(log) -> int:
     names = {r.schema_name for r in log}
     assert names in ({"CognitiveActionsModel"}, {"CognitiveActionModel"}), names
     return 1 if names == {"CognitiveActionsModel"} else 2
+
+
+def wait_until(cond, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def rows_of(results) -> pd.DataFrame:
@@ -187,18 +194,22 @@ def test_the_system_message_reaches_the_prompt_the_server_receives(run):
 
 @pytest.mark.parametrize("faults,reason", [({"p_500": 1.0}, "http_500"),
                                            ({"p_429": 1.0, "retry_after_s": 0.01}, "http_429"),
-                                           ({"p_malformed": 1.0}, "tinytroupe_invalid_action")])
+                                           ({"p_timeout": 1.0, "timeout_sleep_s": 0.6}, "timeout"),
+                                           ({"p_malformed": 1.0}, "tinytroupe_invalid_action"),
+                                           ({"p_truncated": 1.0}, "tinytroupe_invalid_action")])
 def test_failures_are_retried_by_rlsim_only(faults, reason):
     needs_tinytroupe()
     with FakeOpenAI(FaultConfig(**faults)) as srv:
-        cfg = cfg_for(backend="tinytroupe", max_retries=2)
+        cfg = cfg_for(backend="tinytroupe", max_retries=2, timeout_s=0.3)
         engine, limiter = tt_engine(srv, cfg)
         res = asyncio.run(rate_units_local(engine, make_units(1, 3, 3), 1))
         rows = rows_of(res)
         assert (rows["status"] == "failed").all() and (rows["reason"] == reason).all()
         # One request per rlsim attempt: TinyTroupe's own retries (and their waits) never happen.
-        assert len(srv.log) == 3 == total(res, "requests") == limiter.granted
+        assert total(res, "requests") == limiter.granted == 3
         assert res[0]["usage"]["errors"] == {reason: 3}
+        wait_until(lambda: len(srv.log) >= 3)  # a timed-out request is logged when its handler wakes
+        assert len(srv.log) == 3
 
 
 def test_a_failed_answer_leaves_no_trace_in_the_agents_memory():
@@ -236,6 +247,27 @@ def test_budget_caps_what_tinytroupe_really_sends():
         assert 1 <= len(srv.log) < 5 and spent <= budget
         assert total(res, "cost_usd") == pytest.approx(spent) == pytest.approx(limiter.budget.spent_usd)
         assert set(rows.loc[rows["status"] != "ok", "reason"]) == {"budget"}
+
+
+def test_tokens_are_counted_without_tiktoken(monkeypatch):
+    """TinyTroupe counts every request's tokens with tiktoken (a download when offline): never called."""
+    needs_tinytroupe()
+    import tiktoken
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("no network for tiktoken")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", refuse)
+    monkeypatch.setattr(tiktoken, "encoding_for_model", refuse)
+    with FakeOpenAI(FaultConfig()) as srv:
+        cfg = cfg_for(backend="tinytroupe")
+        engine, limiter = tt_engine(srv, cfg)
+        res = asyncio.run(rate_units_local(engine, make_units(1, 3, 3), 1))
+    assert calls == []
+    assert (rows_of(res)["status"] == "ok").all()
 
 
 def test_import_is_quiet_and_writes_no_log_file(tmp_path):

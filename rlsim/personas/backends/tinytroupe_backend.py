@@ -18,9 +18,10 @@ TinyTroupe is configured from code; no config.ini of the user's is read:
   ends the answer, so TinyTroupe never resends. ``_count_tokens``: characters / 4, no tiktoken
   download. That openai client's HTTP hooks pass each request through rlsim's gate (reserve
   before it is sent, the server's usage after), so limits, budget and usage see all the traffic.
-- One TinyPerson per user lives as long as the backend (a job, a worker), so it remembers the
-  user's earlier batches; one user's batches run in order, different users in parallel. The lock
-  guards only TinyTroupe's process-wide state (import, configuration, the agent registry).
+- One TinyPerson per user lives as long as the backend (a rating job, a Ray worker; the RL reward
+  source builds one per ``score`` call), so it remembers the user's earlier batches; one user's
+  batches run in order, different users in parallel. The lock guards only TinyTroupe's
+  process-wide state (import, configuration, the agent registry).
 - The agent hears rlsim's instructions (system messages) and request verbatim and TALKs the JSON
   answer; an answer that fails is rolled back out of its memory.
 """
@@ -235,10 +236,11 @@ def request_tokens(body: bytes) -> int:
         msgs = json.loads(body).get("messages") or []
     except (ValueError, AttributeError):
         return chars_tokens(body.decode("utf-8", "replace"))
-    return messages_tokens(msgs)
+    return offline_tokens(msgs)
 
 
-def messages_tokens(messages: list[dict]) -> int:
+def offline_tokens(messages: list[dict]) -> int:
+    """Prompt tokens of chat messages from their length: no tokenizer file, so no download."""
     return sum(chars_tokens(str(m.get("content", ""))) + 4 for m in messages) + 2
 
 
@@ -255,15 +257,18 @@ def response_usage(response) -> tuple[int, int]:
 
 
 def error_of(exc: Exception) -> BackendError:
+    """The rlsim error for what stopped one of TinyTroupe's requests."""
     import openai
     import pydantic
 
     invalid = tuple(t for t in (getattr(openai, "LengthFinishReasonError", None),
                                 getattr(openai, "ContentFilterFinishReasonError", None),
                                 pydantic.ValidationError, json.JSONDecodeError) if t is not None)
-    if isinstance(exc, invalid):  # an answer that is not the action TinyTroupe asked for
+    if isinstance(exc, invalid):  # an answer that is not the action TinyTroupe asked for (or cut short)
         return TransientError("tinytroupe_invalid_action")
-    return backend_error(exc)
+    if isinstance(exc, openai.OpenAIError):  # HTTP status, timeout, connection: as for the openai backend
+        return backend_error(exc)
+    return TransientError(f"tinytroupe_error: {type(exc).__name__}")
 
 
 def _client_class(base: type) -> type:
@@ -278,7 +283,7 @@ def _client_class(base: type) -> type:
             pass  # the calling backend owns the openai client
 
         def _count_tokens(self, messages, model):
-            return messages_tokens(messages)
+            return offline_tokens(messages)
 
         def _raw_model_call(self, model, chat_api_params):
             call = _current_call()
