@@ -192,6 +192,24 @@ def test_the_system_message_reaches_the_prompt_the_server_receives(run):
     assert all(r.stimulus.startswith(SYSTEM) for r in run["log"])
 
 
+def test_profile_instructions_reach_a_one_off_agent():
+    """Psych / Lusifer profiles go through engine.complete: their system prompt is what the agent hears."""
+    needs_tinytroupe()
+    from rlsim.personas.prompts import SUMMARY_SCHEMA, summary_messages
+
+    answer = json.dumps({"summary": "Likes slow dramas."})
+    with FakeOpenAI(FaultConfig(answer_text=answer)) as srv:
+        cfg = cfg_for(backend="tinytroupe")
+        engine, limiter = tt_engine(srv, cfg)
+        msgs = summary_messages("", ["Film 1 (1990): 4", "Film 2 (1991): 2"])
+        text = asyncio.run(engine.complete(msgs, SUMMARY_SCHEMA))
+        log = list(srv.log)
+    assert json.loads(text) == {"summary": "Likes slow dramas."}
+    assert log[-1].stimulus.startswith(msgs[0]["content"]) and "Film 2 (1991): 2" in log[-1].stimulus
+    assert engine.backend.agents == {}  # not a user's rating prompt: no agent is kept
+    assert limiter.granted == len(log) == requests_per_answer(log)
+
+
 @pytest.mark.parametrize("faults,reason", [({"p_500": 1.0}, "http_500"),
                                            ({"p_429": 1.0, "retry_after_s": 0.01}, "http_429"),
                                            ({"p_timeout": 1.0, "timeout_sleep_s": 0.6}, "timeout"),
