@@ -192,6 +192,22 @@ def test_the_system_message_reaches_the_prompt_the_server_receives(run):
     assert all(r.stimulus.startswith(SYSTEM) for r in run["log"])
 
 
+def test_an_answer_reports_every_request_behind_it():
+    """Used without the engine's gate, ChatResult still carries all the requests and tokens sent."""
+    needs_tinytroupe()
+    from rlsim.personas.backends.tinytroupe_backend import TinyTroupeBackend
+
+    with FakeOpenAI(FaultConfig()) as srv:
+        backend = TinyTroupeBackend(BackendSpec("tinytroupe", "fake-model", srv.base_url, api_key=SECRET))
+        unit = make_units(1, 3, 3)[0]
+        res = asyncio.run(backend.chat(unit.messages(), None, {"temperature": 0.0, "max_tokens": 300}))
+        log = list(srv.log)
+    assert json.loads(res.text) == {str(i): expected_rating(1, i) for i in unit.item_ids}
+    assert res.requests == len(log) == requests_per_answer(log)
+    assert (res.prompt_tokens, res.completion_tokens) == (sum(r.prompt_tokens for r in log),
+                                                          sum(r.completion_tokens for r in log))
+
+
 def test_profile_instructions_reach_a_one_off_agent():
     """Psych / Lusifer profiles go through engine.complete: their system prompt is what the agent hears."""
     needs_tinytroupe()
