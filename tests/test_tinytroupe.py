@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -109,6 +110,26 @@ def test_units_of_a_user_meet_one_worker_when_the_backend_remembers():
     assert all(len(v) == 1 for v in per_user.values())
     assert sorted(s.pop() for s in per_user.values()) == [0, 0, 1, 2]  # users dealt in turn
     assert _worker_slots(units, 3, by_user=False) == [j % 3 for j in range(len(units))]
+
+
+def test_rlsims_own_token_count_tries_tiktoken_once(monkeypatch):
+    """TinyTroupe installs tiktoken; offline its encoding download fails. rlsim's estimate (every
+    request, on the event loop) must not retry it each time: that stalled the pacing into 429s."""
+    from rlsim.personas import prompts
+
+    calls = []
+
+    def refuse(name):
+        calls.append(name)
+        raise ConnectionError("no network for tiktoken")
+
+    monkeypatch.setitem(sys.modules, "tiktoken", types.SimpleNamespace(get_encoding=refuse))
+    prompts._encoding.cache_clear()
+    try:
+        assert [prompts.estimate_tokens("a few words " * 10) for _ in range(50)] == [30] * 50
+        assert calls == ["o200k_base"]
+    finally:
+        prompts._encoding.cache_clear()
 
 
 @pytest.mark.parametrize("ray_flags", [["--no-ray"], []])
