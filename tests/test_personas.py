@@ -333,35 +333,6 @@ def test_quantile_mapping_matches_user_distribution():
     assert set(out) <= set(SCALE.values)
 
 
-# ---------------------------------------------------------------- TinyTroupe backend
-
-def test_tinytroupe_actions_and_prompt_parsing():
-    from rlsim.personas.backends.tinytroupe_backend import split_prompt, talk_text
-
-    acts = [{"action": {"type": "THINK", "content": "hmm"}}, {"action": {"type": "TALK", "content": '{"5": 4}'}},
-            {"action": {"type": "DONE", "content": ""}}]
-    assert talk_text(acts) == '{"5": 4}'
-    msgs = make_units(1, 2, 2)[0].messages()
-    profile, request = split_prompt(msgs)
-    assert profile == "A viewer number 1." and "Movies to rate" in request
-
-
-def test_tinytroupe_backend_through_fake_server(server):
-    pytest.importorskip("tinytroupe")
-    from rlsim.personas.backends.tinytroupe_backend import TinyTroupeBackend
-
-    units = make_units(1, 3, 3)
-    answer = json.dumps({str(i): expected_rating(1, i) for i in units[0].item_ids})
-    server.set_faults(answer_text=json.dumps({"action": {"type": "TALK", "content": answer, "target": ""},
-                                              "cognitive_state": {"goals": "", "attention": "", "emotions": ""}}))
-    cfg = cfg_for()
-    spec = BackendSpec("tinytroupe", "fake-model", server.base_url, api_key=SECRET)
-    eng = RatingEngine(spec, cfg, LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm)), backend=TinyTroupeBackend(spec))
-    rows, _ = run_units(eng, units)
-    assert (rows["status"] == "ok").all()
-    assert_correct(rows)
-
-
 # ---------------------------------------------------------------- limits that hold (tokens, cluster, restarts)
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,16 @@ def api_key(cfg: PersonaConfig) -> str | None:
 
 
 def ray_for_personas(args, cfg: PersonaConfig):
-    """Join --ray-address (or the job's cluster inside `ray job submit`), else start a private local Ray."""
+    """Join --ray-address (or the job's cluster inside `ray job submit`), else start a private local Ray.
+
+    The backend is loaded here first: a broken install (TinyTroupe) is one ConfigError line, not a Ray
+    started for nothing and a traceback per actor (without Ray the stage checks it before embeddings).
+    """
+    if cfg.backend != "offline":
+        from rlsim.personas.backends import check_backend
+        from rlsim.personas.run import backend_spec
+
+        check_backend(backend_spec(cfg))
     address = getattr(args, "ray_address", None)
     if address is None and ("RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or os.environ.get("RAY_JOB_ID")):
         address = "auto"  # the driver of a `ray job submit`: its cluster
