@@ -304,6 +304,23 @@ def test_budget_caps_what_tinytroupe_really_sends():
         assert set(rows.loc[rows["status"] != "ok", "reason"]) == {"budget"}
 
 
+@pytest.mark.parametrize("faults,charged", [({"p_timeout": 1.0, "timeout_sleep_s": 0.6}, True), ({"p_500": 1.0}, False)])
+def test_a_timed_out_request_counts_at_its_estimate_a_refused_one_costs_nothing(faults, charged):
+    """As for the openai backend (the same gate): a timeout may have been answered and billed."""
+    needs_tinytroupe()
+    with FakeOpenAI(FaultConfig(**faults)) as srv:
+        cfg = cfg_for(backend="tinytroupe", max_retries=1, timeout_s=0.3, prices=PRICES)
+        engine, limiter = tt_engine(srv, cfg, budget=1.0)
+        res = asyncio.run(rate_units_local(engine, make_units(1, 3, 3), 1))
+    st = limiter.job_stats()
+    assert total(res, "requests") == limiter.granted == 2 and st["reserved_usd"] == 0.0
+    assert total(res, "cost_usd") == pytest.approx(st["spent_usd"])
+    if charged:  # each at its estimate: TinyTroupe's whole prompt (thousands of tokens), not rlsim's
+        assert st["spent_usd"] > 2 * 1000 / 1e6
+    else:
+        assert st["spent_usd"] == 0.0
+
+
 def test_tokens_are_counted_without_tiktoken(monkeypatch):
     """TinyTroupe counts every request's tokens with tiktoken (a download when offline): never called."""
     needs_tinytroupe()
