@@ -10,7 +10,12 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test test-all bench clean
+# Optional TinyTroupe (not on PyPI) for the tinytroupe backend and its tests: the newest wheel in
+# ../shared/wheels, else the tagged release from its repository. Not part of install: it pulls
+# ~165 packages and downgrades openai to 2.x (README: The TinyTroupe backend).
+TINYTROUPE ?= $(or $(lastword $(sort $(wildcard ../shared/wheels/tinytroupe-*.whl))),git+https://github.com/microsoft/TinyTroupe.git@v0.6.0)
+
+.PHONY: install install-tinytroupe quickstart test test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +28,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+install-tinytroupe: install
+	$(BIN)/python -m pip install -q '$(TINYTROUPE)'
 
 quickstart: install
 	$(BIN)/rlsim pipeline --config configs/quickstart.yaml --data-dir $(DATA_DIR) --out $(OUT)

@@ -10,6 +10,12 @@ Retry-After, 5xx, timeouts (sleep past the client's timeout), truncated JSON, ma
 wrong ids, out-of-scale values, missing items, each with a probability (seeded); plus a server
 side limiter (a token bucket at ``rpm_limit`` per minute, one second of burst) that answers 429.
 Every request is logged (``server.log``) for assertions.
+
+TinyTroupe: a request whose json_schema is one of TinyTroupe's cognitive action models (``actions``
+in 0.6, ``action`` in 0.5) is answered in that schema, like a model would: the ratings (of the
+items in the latest stimulus only, never those remembered from earlier batches) are the content
+of a TALK action followed by DONE (0.6: both in one answer; 0.5: TALK, then DONE once the
+conversation ends with the agent's own action). ``p_malformed`` then breaks the schema.
 """
 
 from __future__ import annotations
@@ -63,6 +69,10 @@ class LoggedRequest:
     has_schema: bool
     prompt_tokens: int
     completion_tokens: int = 0  # as reported in the answer's usage (0 for errors)
+    schema_name: str = ""
+    stimulus: str = ""  # TinyTroupe: the text of the latest stimulus the agent heard
+    prompt_chars: int = 0
+    prompt_text: str = ""  # TinyTroupe: every message, decoded (its memories are in the system message)
 
 
 class FakeOpenAI:
@@ -141,8 +151,13 @@ class FakeOpenAI:
 
     def _answer(self, body: dict, fault: str) -> tuple[int, dict, dict]:
         msgs = body.get("messages") or []
-        user_msg = "\n".join(m.get("content", "") for m in msgs if m.get("role") == "user")
-        all_text = "\n".join(m.get("content", "") for m in msgs)
+        action_schema = tinytroupe_schema(body)
+        if action_schema:
+            user_msg = latest_stimulus(msgs)
+            all_text = user_msg
+        else:
+            user_msg = "\n".join(m.get("content", "") for m in msgs if m.get("role") == "user")
+            all_text = "\n".join(m.get("content", "") for m in msgs)
         ids = [int(x) for x in ITEM_LINE.findall(user_msg)]
         m = USER_TAG.search(all_text)
         uid = int(m.group(1)) if m else 0
@@ -164,6 +179,8 @@ class FakeOpenAI:
                 content = "Sure! Here are my ratings: " + content.replace('"', "'").replace(":", " ->")
             elif fault == "fenced":
                 content = "```json\n" + content + "\n```"
+        if action_schema:
+            content = action_answer(action_schema, content, msgs, broken=fault == "malformed")
         p_tok = sum(max(1, len(mm.get("content", "")) // 4) + 4 for mm in msgs) + 2
         c_tok = max(1, len(content) // 4)
         resp = {"id": f"chatcmpl-{self.rng.randrange(1 << 30)}", "object": "chat.completion",
@@ -171,7 +188,11 @@ class FakeOpenAI:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": "length" if fault == "truncated" else "stop"}],
                 "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
-        return 200, resp, {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok}
+        info = {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok,
+                "chars": sum(len(mm.get("content", "")) for mm in msgs)}
+        if action_schema:
+            info.update(stimulus=user_msg, text="\n".join(str(_decoded(mm.get("content", ""))) for mm in msgs))
+        return 200, resp, info
 
     def _handler(self):
         server = self
@@ -236,11 +257,57 @@ class FakeOpenAI:
                 with server.lock:
                     server.log.append(LoggedRequest(time.monotonic(), path, body.get("model", ""), info["uid"],
                                                     info["ids"], status, fault, rf.get("type") == "json_schema",
-                                                    info["p_tok"], info.get("c_tok", 0)))
+                                                    info["p_tok"], info.get("c_tok", 0),
+                                                    (rf.get("json_schema") or {}).get("name", ""),
+                                                    info.get("stimulus", ""), info.get("chars", 0),
+                                                    info.get("text", "")))
                 headers = {"Retry-After": f"{server.faults.retry_after_s:g}"} if status == 429 else {}
                 self._send(status, resp, headers)
 
         return Handler
+
+
+# ---------------------------------------------------------------- TinyTroupe's action format
+
+def tinytroupe_schema(body: dict) -> str:
+    """'actions' or 'action' when the request asks for a TinyTroupe cognitive action model, else ''."""
+    rf = body.get("response_format") or {}
+    props = ((rf.get("json_schema") or {}).get("schema") or {}).get("properties") or {}
+    if "cognitive_state" not in props:
+        return ""
+    return "actions" if "actions" in props else ("action" if "action" in props else "")
+
+
+def _decoded(content):
+    # TinyTroupe sends each message's content JSON-encoded (a stimulus is {"stimuli": [...]}).
+    if not isinstance(content, str):
+        return content
+    try:
+        return json.loads(content)
+    except json.JSONDecodeError:
+        return content
+
+
+def latest_stimulus(msgs: list[dict]) -> str:
+    """The text of the last stimulus in the conversation (earlier ones are the agent's memories)."""
+    for m in reversed(msgs):
+        obj = _decoded(m.get("content", ""))
+        if isinstance(obj, dict) and isinstance(obj.get("stimuli"), list):
+            return "\n".join(str(s.get("content", "")) for s in obj["stimuli"] if isinstance(s, dict))
+    return ""
+
+
+def action_answer(kind: str, talk: str, msgs: list[dict], broken: bool = False) -> str:
+    state = {"goals": "Rate the movies as myself.", "context": ["rating movies"], "attention": "the movie list",
+             "emotions": "calm"}
+    talk_action = {"type": "TALK", "content": talk, "target": ""}
+    done = {"type": "DONE", "content": "", "target": ""}
+    if broken:  # valid JSON that fails the schema TinyTroupe validates
+        return json.dumps({"action": talk_action, "cognitive_state": {"goals": ""}})
+    if kind == "actions":
+        return json.dumps({"actions": [talk_action, done], "cognitive_state": state})
+    already_acted = bool(msgs) and msgs[-1].get("role") == "assistant"
+    return json.dumps({"action": done if already_acted else talk_action, "cognitive_state": state})
 
 
 def main() -> None:  # python -m tests.fake_openai --port 8000 (for manual runs and bench/)

@@ -333,35 +333,6 @@ def test_quantile_mapping_matches_user_distribution():
     assert set(out) <= set(SCALE.values)
 
 
-# ---------------------------------------------------------------- TinyTroupe backend
-
-def test_tinytroupe_actions_and_prompt_parsing():
-    from rlsim.personas.backends.tinytroupe_backend import split_prompt, talk_text
-
-    acts = [{"action": {"type": "THINK", "content": "hmm"}}, {"action": {"type": "TALK", "content": '{"5": 4}'}},
-            {"action": {"type": "DONE", "content": ""}}]
-    assert talk_text(acts) == '{"5": 4}'
-    msgs = make_units(1, 2, 2)[0].messages()
-    profile, request = split_prompt(msgs)
-    assert profile == "A viewer number 1." and "Movies to rate" in request
-
-
-def test_tinytroupe_backend_through_fake_server(server):
-    pytest.importorskip("tinytroupe")
-    from rlsim.personas.backends.tinytroupe_backend import TinyTroupeBackend
-
-    units = make_units(1, 3, 3)
-    answer = json.dumps({str(i): expected_rating(1, i) for i in units[0].item_ids})
-    server.set_faults(answer_text=json.dumps({"action": {"type": "TALK", "content": answer, "target": ""},
-                                              "cognitive_state": {"goals": "", "attention": "", "emotions": ""}}))
-    cfg = cfg_for()
-    spec = BackendSpec("tinytroupe", "fake-model", server.base_url, api_key=SECRET)
-    eng = RatingEngine(spec, cfg, LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm)), backend=TinyTroupeBackend(spec))
-    rows, _ = run_units(eng, units)
-    assert (rows["status"] == "ok").all()
-    assert_correct(rows)
-
-
 # ---------------------------------------------------------------- limits that hold (tokens, cluster, restarts)
 
 @pytest.fixture(scope="module")
@@ -698,3 +669,93 @@ def test_a_torn_journal_line_is_ignored(server, tmp_path):
     assert s["rated"] == 6 and len(server.log) == n + 1  # only the torn unit is asked again
     s = run_rating_job(units, tmp_path / "job", spec, cfg_for(cache=False), None, use_ray=False, progress=False)
     assert s["rated"] == 6 and len(server.log) == n + 1
+
+
+# ---------------------------------------------------------------- one gate for every request (plain and gated backends)
+
+def test_the_gate_settles_with_reported_usage_and_charges_failures_like_the_engine():
+    from rlsim.personas.backends import BudgetExceeded, TransientError
+    from rlsim.personas.gate import LimiterGate
+    from rlsim.personas.pool import empty_usage
+
+    t = [0.0]
+    prices = {"m": {"prompt": 1e6, "completion": 1e6}}  # $1 per token
+    lim = RateLimiter(rpm=1e6, tpm=600, budget_usd=1000.0, clock=lambda: t[0])  # 10 tokens/s
+    usage = empty_usage()
+    gate = LimiterGate(LocalLimiter(lim), prices, "m", usage)
+
+    async def go():
+        r = await gate.acquire(80, 20)
+        assert (r.usd, r.tokens) == (100.0, 100)
+        assert lim.budget.reserved_usd == 100.0
+        level = lim.tok.level
+        await gate.release(r, 250, 50)  # the server counted 300 tokens: 200 more debt, $300 spent
+        assert lim.tok.level == pytest.approx(level - 200)
+        t[0] += 100.0  # the bucket refills
+        r = await gate.acquire(80, 20)
+        level = lim.tok.level
+        await gate.release(r, error=TransientError("timeout"))  # may have been billed: its estimate
+        assert lim.tok.level == pytest.approx(level)  # no usage reported: the estimate stays taken
+        t[0] += 100.0
+        r = await gate.acquire(80, 20)
+        await gate.release(r, error=TransientError("http_429", 1.0, 429))  # refused: nothing
+        with pytest.raises(BudgetExceeded):  # 400 spent + 700 > 1000: nothing may be sent
+            await gate.acquire(500, 200)
+
+    asyncio.run(go())
+    assert lim.budget.spent_usd == pytest.approx(400.0) and lim.budget.reserved_usd == 0.0
+    assert lim.granted == 3
+    assert {k: usage[k] for k in ("requests", "prompt_tokens", "completion_tokens")} == \
+        {"requests": 3, "prompt_tokens": 250, "completion_tokens": 50}
+    assert usage["cost_usd"] == pytest.approx(400.0)
+
+
+class TwiceBackend:
+    """A gated backend sending two HTTP requests per answer (as TinyTroupe 0.5 does: TALK, then DONE)."""
+
+    gated = True
+
+    def __init__(self, spec):
+        from rlsim.personas.backends.openai_backend import OpenAIBackend
+
+        self.inner = OpenAIBackend(spec)
+
+    async def chat(self, messages, response_format, params, gate=None):
+        from rlsim.personas.backends import ChatResult
+        from rlsim.personas.prompts import messages_tokens
+
+        p = c = 0
+        for _ in range(2):
+            r = await gate.acquire(messages_tokens(messages), 40)
+            try:
+                res = await self.inner.chat(messages, response_format, params)
+            except Exception as exc:
+                await gate.release(r, error=exc)
+                raise
+            await gate.release(r, res.prompt_tokens, res.completion_tokens)
+            p, c = p + res.prompt_tokens, c + res.completion_tokens
+        return ChatResult(res.text, p, c, 2)
+
+    async def close(self):
+        await self.inner.close()
+
+
+def test_a_gated_backend_spends_through_the_jobs_budget_ledger_and_journal(server, tmp_path, monkeypatch):
+    from rlsim.personas import pool
+
+    monkeypatch.setattr(pool, "build_backend", TwiceBackend)
+    units = make_units(2, 10, 1)
+    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=PRICEY))["cost_usd"]
+    budget = 0.5 * est  # a quarter of the units: each answer costs two requests
+    cfg = cfg_for(cache=False, max_concurrency=1, prices=PRICEY, budget_usd=budget)
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    s = run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)
+    log = [r for r in server.log if r.status == 200]
+    assert len(log) == len(server.log) and s["usage"]["requests"] == len(log)  # every request is counted
+    assert s["usage"]["prompt_tokens"] == sum(r.prompt_tokens for r in log)
+    assert s["usage"]["completion_tokens"] == sum(r.completion_tokens for r in log)
+    assert _spent_at(server) <= budget + 1e-9 and s["failure_reasons"].get("budget", 0) > 0
+    assert s["usage"]["cost_usd"] == pytest.approx(_spent_at(server))
+    ledger = json.loads((tmp_path / "job" / "spend.json").read_text())  # what a resume starts from
+    assert ledger["spent_usd"] == pytest.approx(_spent_at(server)) and ledger["reserved_usd"] == 0.0
+    assert 0 < s["rated"] < 20 and s["rated"] * 2 <= len(log)

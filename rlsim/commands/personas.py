@@ -140,7 +140,16 @@ def api_key(cfg: PersonaConfig) -> str | None:
 
 
 def ray_for_personas(args, cfg: PersonaConfig):
-    """Join --ray-address (or the job's cluster inside `ray job submit`), else start a private local Ray."""
+    """Join --ray-address (or the job's cluster inside `ray job submit`), else start a private local Ray.
+
+    The backend is loaded here first: a broken install (TinyTroupe) is one ConfigError line, not a Ray
+    started for nothing and a traceback per actor (without Ray the stage checks it before embeddings).
+    """
+    if cfg.backend != "offline":
+        from rlsim.personas.backends import check_backend
+        from rlsim.personas.run import backend_spec
+
+        check_backend(backend_spec(cfg))
     return cli_ray(args, num_cpus=max(2, cfg.n_workers))
 
 

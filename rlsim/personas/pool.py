@@ -1,11 +1,15 @@
 """Rating engine, Ray actor pool, resumable jobs, and the persona reward source.
 
 - ``RatingEngine.rate_unit``: one work unit -> one row per (user, item): a rating or a failure
-  with its reason. Cache first; else reserve capacity from the shared limiter (rate and budget),
-  call the backend, validate, retry what is missing with backoff + jitter. The offline persona
+  with its reason. Cache first; else reserve capacity from the shared limiter (rate and budget)
+  through a ``LimiterGate`` (``rlsim.personas.gate``: reserve, settle with the reported usage,
+  count), call the backend, validate, retry what is missing with backoff + jitter. A gated backend
+  (TinyTroupe) gets the gate and passes each of its own HTTP requests through it. The offline persona
   is a backend too (answers from the fitted model; no request, no cost).
 - ``PersonaWorker``: an async Ray actor wrapping an engine (bounded by max_concurrency), restarted
   after a crash; its tasks are retried, which is safe because units are idempotent and cached.
+  Units go round robin; with a backend that remembers (TinyTroupe: one agent per user) all of a
+  user's units go to one worker.
 - ``run_rating_job``: every finished unit is appended to OUT/journal.jsonl at once (durable:
   results and spend survive a kill), each shard is written as Parquet when its units are in, and
   OUT/manifest.json holds the plan and identity. A rerun into the same folder resumes: answers
@@ -32,12 +36,14 @@ import pandas as pd
 
 from rlsim.errors import ConfigError
 from rlsim.io import read_json, write_json, write_parquet
-from rlsim.personas.backends import BackendSpec, PermanentError, TransientError, build_backend
+from rlsim.personas.backends import (BackendSpec, BudgetExceeded, ChatResult, PermanentError,
+                                     TransientError, build_backend, check_backend, keeps_memory)
 from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
+from rlsim.personas.gate import LimiterGate
 from rlsim.personas.grounding import WorkUnit
-from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter, sleep_until_allowed
+from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter
 from rlsim.personas.prompts import estimate_tokens, messages_tokens, rating_schema
 from rlsim.personas.validate import parse_ratings
 
@@ -125,11 +131,22 @@ class RatingEngine:
         delay = base * (0.5 + self.rng.random())  # jitter: callers do not retry in lockstep
         return max(delay, retry_after or 0.0)
 
-    async def _settle_error(self, exc, est_usd: float, tokens: int) -> None:
-        # A timed-out request may have been answered and billed: it counts at its estimate (a hard
-        # budget errs on the safe side). Refused requests (429, 5xx, 4xx) cost nothing. Their
-        # tokens stay reserved: no usage was reported to correct the estimate with.
-        await self.limiter.settle(est_usd, est_usd if exc.reason == "timeout" else 0.0, tokens, None)
+    async def _chat(self, gate: LimiterGate, messages: list[dict], response_format: dict | None, params: dict,
+                    completion_tokens: int) -> ChatResult:
+        """One answer. The gate reserves, settles and counts each HTTP request (``rlsim.personas.gate``):
+        here around ``chat``, or inside a gated backend around each request it sends (TinyTroupe sends
+        several per answer). Raises BudgetExceeded when the budget refused a request before it was sent."""
+        backend = self._backend()
+        if getattr(backend, "gated", False):
+            return await backend.chat(messages, response_format, params, gate=gate)
+        reservation = await gate.acquire(messages_tokens(messages), completion_tokens)
+        try:
+            res = await backend.chat(messages, response_format, params)
+        except Exception as exc:  # noqa: BLE001 - settled as failed (how it counts: gate.charged_on_failure)
+            await gate.release(reservation, error=exc)
+            raise
+        await gate.release(reservation, res.prompt_tokens, res.completion_tokens)
+        return res
 
     async def complete(self, messages: list[dict], response_format: dict | None) -> tuple[str, str]:
         """One cached, rate-limited, retried free-form call (profiles): (text, '') or ('', reason)."""
@@ -142,28 +159,20 @@ class RatingEngine:
             return hit["text"], ""
         reason = "not attempted"
         for attempt in range(cfg.max_retries + 1):
-            p_est = messages_tokens(messages)
-            tokens = p_est + PROFILE_COMPLETION_ESTIMATE
-            est = cost_usd(cfg.prices, self.spec.model, p_est, PROFILE_COMPLETION_ESTIMATE)
-            if not await sleep_until_allowed(self.limiter, tokens, est):
-                return "", "budget"
+            gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, empty_usage())
             try:
-                res = await self._backend().chat(messages, response_format, {k: v for k, v in params.items()
-                                                                             if k != "response_format"})
+                res = await self._chat(gate, messages, response_format, {k: v for k, v in params.items()
+                                                                        if k != "response_format"},
+                                       PROFILE_COMPLETION_ESTIMATE)
             except TransientError as exc:
-                await self._settle_error(exc, est, tokens)
                 reason = exc.reason
                 if exc.status == 429 and exc.retry_after:
                     await self.limiter.pause(exc.retry_after)
                 if attempt < cfg.max_retries:
                     await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 continue
-            except PermanentError as exc:
-                await self._settle_error(exc, est, tokens)
+            except PermanentError as exc:  # the budget ("budget") too
                 return "", exc.reason
-            await self.limiter.settle(est, cost_usd(cfg.prices, self.spec.model, res.prompt_tokens,
-                                                    res.completion_tokens), tokens,
-                                      res.prompt_tokens + res.completion_tokens)
             if self.cache is not None and cfg.cache:
                 self.cache.put(key, {"text": res.text, "prompt_tokens": res.prompt_tokens,
                                      "completion_tokens": res.completion_tokens})
@@ -210,24 +219,17 @@ class RatingEngine:
                 text = hit["text"]
                 usage["cached_requests"] += 1
             else:
-                p_est = messages_tokens(msgs)
-                c_est = min(completion_estimate(len(pending)), cfg.max_output_tokens)
-                tokens = p_est + c_est
-                est = cost_usd(cfg.prices, self.spec.model, p_est, c_est)
-                if not await sleep_until_allowed(self.limiter, tokens, est):
+                gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, usage)  # counts into usage
+                try:
+                    res = await self._chat(gate, msgs, rf, {k: v for k, v in params.items() if k != "response_format"},
+                                           min(completion_estimate(len(pending)), cfg.max_output_tokens))
+                except BudgetExceeded:
                     budget_stop = True
                     for i in pending:
                         reason[i] = "budget"
                         attempts[i] -= 1
                     break
-                usage["requests"] += 1
-                try:
-                    res = await self._backend().chat(msgs, rf, {k: v for k, v in params.items()
-                                                                if k != "response_format"})
                 except TransientError as exc:
-                    await self._settle_error(exc, est, tokens)
-                    if exc.reason == "timeout":
-                        usage["cost_usd"] += est
                     usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                     for i in pending:
                         reason[i] = exc.reason
@@ -237,17 +239,11 @@ class RatingEngine:
                         await asyncio.sleep(self._backoff(tries - 1, exc.retry_after))
                     continue
                 except PermanentError as exc:
-                    await self._settle_error(exc, est, tokens)
                     usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                     for i in pending:
                         reason[i] = exc.reason
                     permanent = True
                     break
-                actual = cost_usd(cfg.prices, self.spec.model, res.prompt_tokens, res.completion_tokens)
-                await self.limiter.settle(est, actual, tokens, res.prompt_tokens + res.completion_tokens)
-                usage["prompt_tokens"] += res.prompt_tokens
-                usage["completion_tokens"] += res.completion_tokens
-                usage["cost_usd"] += actual
                 text = res.text
                 if self.cache is not None and cfg.cache:
                     self.cache.put(key, {"text": text, "prompt_tokens": res.prompt_tokens,
@@ -521,6 +517,7 @@ def run_rating_job(units: list[WorkUnit], out_dir: str | Path, spec: BackendSpec
     cfg.validate()
     if spec.kind == "offline" and offline_model is None:
         raise ConfigError("the offline backend needs the fitted offline persona (offline_model)")
+    check_backend(spec)  # a broken install is one ConfigError here, not a traceback per worker or task
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(units, cfg.shard_users)
@@ -600,6 +597,14 @@ def _bar(n: int, progress: bool):
     return tqdm(total=n, desc="persona units", disable=not progress, unit="req")
 
 
+def _worker_slots(units: list[WorkUnit], n_workers: int, by_user: bool) -> list[int]:
+    """Worker of each unit: round robin, or (a backend with memory) one worker per user, users dealt in turn."""
+    if not by_user:
+        return [j % n_workers for j in range(len(units))]
+    user_slot: dict[int, int] = {}
+    return [user_slot.setdefault(u.user_id, len(user_slot) % n_workers) for u in units]
+
+
 def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offline_model, ledger) -> dict:
     import ray
 
@@ -623,8 +628,10 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
     workers = start_workers(spec, cfg, name, job["key"], cache_path, crash_marker, model_ref)
     try:
         refs = {}
+        # A backend with memory (TinyTroupe: one agent per user) meets each user on one worker.
+        slot = _worker_slots([sub for _, sub in todo], len(workers), by_user=keeps_memory(spec))
         for j, (u, sub) in enumerate(todo):
-            refs[workers[j % len(workers)].rate_unit.remote(sub)] = u
+            refs[workers[slot[j]].rate_unit.remote(sub)] = u
         while refs:
             done, _ = ray.wait(list(refs), num_returns=min(len(refs), 64), timeout=1.0)
             for r in done:
@@ -707,6 +714,7 @@ class PersonaRewardSource:
         self.cfg = cfg
         self.offline = offline_model
         if offline_model is None:
+            check_backend(spec)
             self.engine = RatingEngine(spec, cfg, LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm, cfg.budget_usd)),
                                        ResponseCache(cache_path) if cache_path else None)
 

@@ -6,6 +6,7 @@ profile; each movie costs a line with its title/genres plus a few of the user's 
 
 from __future__ import annotations
 
+import functools
 import json
 
 from rlsim.data.schema import RatingScale
@@ -14,14 +15,27 @@ SYSTEM = ("You are a movie viewer described by the profile. Rate each listed mov
           "using the rating scale. Answer only JSON mapping each movie id to your rating.")
 
 
-def estimate_tokens(text: str) -> int:
-    """Token count: tiktoken when installed, else ~4 characters per token (English)."""
+def chars_tokens(text: str) -> int:
+    """~4 characters per token (English): an estimate that never needs a tokenizer file."""
+    return max(1, (len(text) + 3) // 4)
+
+
+@functools.lru_cache(maxsize=1)
+def _encoding():
+    """tiktoken's o200k_base, looked up once per process: offline its download fails, and retrying it
+    on every call blocked the event loop (TinyTroupe installs tiktoken)."""
     try:
         import tiktoken
 
-        return len(tiktoken.get_encoding("o200k_base").encode(text))
-    except Exception:  # noqa: BLE001 - no tiktoken or no encoding file offline
-        return max(1, (len(text) + 3) // 4)
+        return tiktoken.get_encoding("o200k_base")
+    except Exception:  # noqa: BLE001 - no tiktoken, or no encoding file offline
+        return None
+
+
+def estimate_tokens(text: str) -> int:
+    """Token count: tiktoken when installed with its encoding, else ~4 characters per token (English)."""
+    enc = _encoding()
+    return len(enc.encode(text)) if enc is not None else chars_tokens(text)
 
 
 def messages_tokens(messages: list[dict]) -> int:

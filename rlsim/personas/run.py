@@ -26,7 +26,7 @@ import pandas as pd
 from rlsim.config import DataConfig
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.io import write_json, write_parquet
-from rlsim.personas.backends import BackendSpec
+from rlsim.personas.backends import BackendSpec, check_backend
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.grounding import WorkUnit
 
@@ -163,6 +163,8 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
     spec = backend_spec(cfg, api_key)
     users = np.sort(pairs["user_id"].unique())
     context = {"dataset": data_cfg.dataset, "split": split.name, "split_fingerprint": split_fingerprint(split)}
+    if not dry_run:
+        check_backend(spec)  # before the embeddings: a broken install (TinyTroupe) is one ConfigError
     vectors = None if dry_run and cfg.backend == "offline" else _vectors(ds, data_cfg)
     offline_model = None
     notes = []
@@ -238,6 +240,8 @@ def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind:
     if kind != "structured" and cfg.backend == "offline":
         raise ConfigError(f"'{kind}' profiles need an LLM: set OPENAI_BASE_URL or pass --backend openai")
     _need_ray(use_ray and kind != "structured" and not dry_run)
+    if kind != "structured" and not dry_run:
+        check_backend(backend_spec(cfg))  # a broken install (TinyTroupe) is one ConfigError, before any work
     out = Path(out)
     ds, split = load_split(data_cfg)
     pool = split.train["user_id"].unique() if users is None or not isinstance(users, (int, np.integer)) \

@@ -5,11 +5,18 @@
 and raise ``TransientError`` (retry: 429, 5xx, timeouts, connection errors) or
 ``PermanentError`` (do not retry: 400/401/403/404). Backends are built from a
 ``BackendSpec`` inside each worker (clients do not travel between processes).
+
+A backend that sends several HTTP requests per answer (TinyTroupe) sets ``gated = True``: the
+engine then passes ``gate=`` (a ``RequestGate``) and the backend calls it around every request
+it sends, so the limiter and the usage see the real traffic; otherwise the engine reserves one
+request per ``chat``. ``check_backend`` imports what a backend needs, so a broken install is a
+``ConfigError`` before any worker starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from rlsim.errors import ConfigError
 
@@ -21,6 +28,7 @@ class ChatResult:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    requests: int = 1  # HTTP requests behind this answer (their tokens are summed above)
 
 
 class BackendError(Exception):
@@ -39,6 +47,30 @@ class PermanentError(BackendError):
     pass
 
 
+class BudgetExceeded(PermanentError):
+    """The budget refused a request before it was sent."""
+
+    def __init__(self):
+        super().__init__("budget")
+
+
+class RequestGate(Protocol):
+    """Called by a gated backend around each HTTP request it sends (any thread: it runs them on its loop).
+
+    ``rlsim.personas.gate.LimiterGate`` is the implementation: the limiter's token buckets and the
+    job's budget ledger, the same path the engine uses around a plain backend's ``chat``.
+    """
+
+    async def acquire(self, prompt_tokens: int, completion_tokens: int):
+        """Wait until the limiter allows the request (its tokens: prompt + completion estimate);
+        returns the reservation to hand to ``release``. Raises BudgetExceeded (nothing may be sent)."""
+
+    async def release(self, reservation, prompt_tokens: int = 0, completion_tokens: int = 0,
+                      error: BackendError | None = None) -> None:
+        """The request is over: settle with the usage the server reported, or (``error``: it failed)
+        without usage (a timeout counts at its estimate, a refused request costs nothing)."""
+
+
 @dataclass
 class BackendSpec:
     """Everything needed to build a backend in any process. The key never appears in repr/logs."""
@@ -53,6 +85,19 @@ class BackendSpec:
     def cache_identity(self) -> dict:
         # What identifies answers: never the key.
         return {"backend": self.kind, "model": self.model, "base_url": (self.base_url or "").rstrip("/")}
+
+
+def keeps_memory(spec: BackendSpec) -> bool:
+    """Whether the backend remembers a user's earlier batches (then they should meet the same worker)."""
+    return spec.kind == "tinytroupe"
+
+
+def check_backend(spec: BackendSpec) -> None:
+    """Import what the backend needs, in this process; a ConfigError (one line) when it cannot."""
+    if spec.kind == "tinytroupe":
+        from rlsim.personas.backends.tinytroupe_backend import load_tinytroupe
+
+        load_tinytroupe()
 
 
 def build_backend(spec: BackendSpec):

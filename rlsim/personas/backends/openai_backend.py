@@ -5,7 +5,7 @@ The client's own retries are off: the persona engine retries with the shared rat
 
 from __future__ import annotations
 
-from rlsim.personas.backends import BackendSpec, ChatResult, PermanentError, TransientError
+from rlsim.personas.backends import BackendError, BackendSpec, ChatResult, PermanentError, TransientError
 
 
 def _retry_after(exc) -> float | None:
@@ -20,6 +20,25 @@ def _retry_after(exc) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def backend_error(exc: Exception) -> BackendError:
+    """The rlsim error for an exception of the openai client (shared with the TinyTroupe backend)."""
+    import openai as oa
+
+    if isinstance(exc, oa.RateLimitError):
+        return TransientError("http_429", _retry_after(exc), 429)
+    if isinstance(exc, oa.APITimeoutError):
+        return TransientError("timeout")
+    if isinstance(exc, oa.APIConnectionError):
+        return TransientError("connection_error")
+    if isinstance(exc, oa.APIStatusError):
+        if exc.status_code >= 500 or exc.status_code in (408, 409):
+            return TransientError(f"http_{exc.status_code}", _retry_after(exc), exc.status_code)
+        return PermanentError(f"http_{exc.status_code}", None, exc.status_code)
+    if isinstance(exc, (ValueError, TypeError)):  # unparseable HTTP body
+        return TransientError(f"bad_response: {str(exc)[:80]}")
+    return TransientError(f"openai_error: {type(exc).__name__}")
 
 
 class OpenAIBackend:
@@ -39,7 +58,6 @@ class OpenAIBackend:
             self.client = openai.AsyncOpenAI(base_url=spec.base_url, **kw)
 
     async def chat(self, messages: list[dict], response_format: dict | None, params: dict) -> ChatResult:
-        oa = self._openai
         kw = dict(model=self.spec.model, messages=messages, temperature=params.get("temperature", 0.0),
                   max_tokens=params.get("max_tokens"))
         if params.get("seed") is not None:
@@ -48,18 +66,8 @@ class OpenAIBackend:
             kw["response_format"] = response_format
         try:
             resp = await self.client.chat.completions.create(**kw)
-        except oa.RateLimitError as exc:
-            raise TransientError("http_429", _retry_after(exc), 429) from None
-        except oa.APITimeoutError:
-            raise TransientError("timeout") from None
-        except oa.APIConnectionError:
-            raise TransientError("connection_error") from None
-        except oa.APIStatusError as exc:
-            if exc.status_code >= 500 or exc.status_code in (408, 409):
-                raise TransientError(f"http_{exc.status_code}", _retry_after(exc), exc.status_code) from None
-            raise PermanentError(f"http_{exc.status_code}", None, exc.status_code) from None
-        except (ValueError, TypeError) as exc:  # unparseable HTTP body
-            raise TransientError(f"bad_response: {str(exc)[:80]}") from None
+        except (self._openai.OpenAIError, ValueError, TypeError) as exc:
+            raise backend_error(exc) from None
         if not resp.choices:
             raise TransientError("no_choices")
         usage = resp.usage

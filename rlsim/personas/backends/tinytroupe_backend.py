@@ -1,40 +1,311 @@
-"""TinyTroupe backend (optional): a TinyPerson built from the profile rates the movies.
+"""TinyTroupe backend (optional): one TinyPerson per user rates that user's movies.
 
-TinyTroupe is imported lazily (install it from github.com/microsoft/TinyTroupe). It is
-configured from code, never from a config.ini in the working directory: the import happens in
-an empty temporary folder, the model and sampling settings go through
-``tinytroupe.config_manager``, and a registered ``openai_utils.OpenAIClient`` subclass points at
-our endpoint with our key and no retries of its own (the rating engine retries, rate-limits and
-caches). The person's TALK actions are parsed into the same {item_id: rating} schema.
+Supported TinyTroupe releases: 0.6.x (tested: 0.6.0; clients in ``tinytroupe.clients``, one
+request per answer) and 0.5.x (tested: 0.5.2; ``tinytroupe.openai_utils``, one request per action,
+so a TALK and a DONE per answer). TinyTroupe is not on PyPI: install it from its repository
+(README, "Persona agents"), e.g. ``pip install git+https://github.com/microsoft/TinyTroupe.git@v0.6.0``.
+
+TinyTroupe is configured from code; no config.ini of the user's is read:
+
+- It is imported once per process, quietly: from a private temporary folder whose config.ini turns
+  its console and file logging off (no ``tinytroupe.<time>.log`` anywhere), with its banner and
+  configuration dump swallowed and the root logger, sys.path and its own logger put back.
+- Its retries, waits, cache, concurrency cap, memory consolidation and semantic retrieval (which
+  would call an embeddings endpoint on its own) are off: rlsim retries, limits and caches.
+- Every request goes through one registered client: TinyTroupe's ``OpenAIClient`` with three hooks
+  overridden. ``_setup_from_config``: the calling backend's openai client (its endpoint, key and
+  timeout, no retries). ``_raw_model_call``: this backend's model and sampling; the first failure
+  ends the answer, so TinyTroupe never resends. ``_count_tokens``: characters / 4, no tiktoken
+  download. That openai client's HTTP hooks pass each request through rlsim's gate (reserve
+  before it is sent; settle with the server's usage after an answer, or as a failure: a timeout
+  at its estimate, a refusal at nothing), so limits, budget and usage see all the traffic.
+- One TinyPerson per user lives as long as the backend (a rating job, a Ray worker; the RL reward
+  source builds one per ``score`` call), so it remembers the user's earlier batches; one user's
+  batches run in order, different users in parallel. The lock guards only TinyTroupe's
+  process-wide state (import, configuration, the agent registry).
+- The agent hears rlsim's instructions (system messages) and request verbatim and TALKs the JSON
+  answer; an answer that fails is rolled back out of its memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import importlib.util
+import io
 import itertools
+import json
+import logging
 import os
+import re
+import sys
 import tempfile
 import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 from rlsim.errors import ConfigError
-from rlsim.personas.backends import BackendSpec, ChatResult, TransientError
-from rlsim.personas.prompts import estimate_tokens
+from rlsim.personas.backends import BackendError, BackendSpec, ChatResult, RequestGate, TransientError
+from rlsim.personas.backends.openai_backend import backend_error
+from rlsim.personas.prompts import chars_tokens
 
-_LOCK = threading.Lock()  # TinyTroupe keeps global state (config, client registry, agent names)
-_COUNTER = itertools.count()
+INSTALL = "pip install git+https://github.com/microsoft/TinyTroupe.git@v0.6.0"
+# Room for TinyTroupe's actions and cognitive state around the answer (its default, 128k, is refused
+# by most models); reserved per request before the server's usage settles it.
+MAX_COMPLETION_TOKENS = 2048
+COMPLETION_ESTIMATE = 256
+ANSWER_HOW = "Answer with one TALK action whose content is only the JSON object asked for above, then DONE."
+PROFILE_LINE = re.compile(r"Profile of user (\d+):[ \t]*([^\n]*)")
+
+# The config.ini TinyTroupe reads from the folder it is imported in: no console or file logging
+# (0.6 reads the NONE levels; 0.5 reads only LOGLEVEL).
+QUIET_CONFIG = "[Logging]\nLOGLEVEL=ERROR\nLOGLEVEL_CONSOLE=NONE\nLOGLEVEL_FILE=NONE\n"
+# Process-wide: rlsim retries, paces, caches and bounds concurrency itself; consolidation and semantic
+# retrieval would send LLM and embedding requests of their own.
+SETTINGS = {"max_attempts": 1, "waiting_time": 0, "cache_api_calls": False, "max_concurrent_model_calls": 0,
+            "enable_memory_consolidation": False, "enable_continuous_contextual_semantic_memory_retrieval": False,
+            "action_generator_enable_quality_checks": False}
+
+_LOCK = threading.Lock()  # TinyTroupe's import, configuration, client and agent registries are process-wide
+_TT: SimpleNamespace | None = None
+_CALL: contextvars.ContextVar["_Call | None"] = contextvars.ContextVar("rlsim_tinytroupe_call", default=None)
+_SERIAL = itertools.count()
+
+
+# ---------------------------------------------------------------- loading TinyTroupe
+
+def load_tinytroupe() -> SimpleNamespace:
+    """Import and configure TinyTroupe once per process; ConfigError (one line) when it cannot be loaded."""
+    global _TT
+    with _LOCK:
+        if _TT is None:
+            tt = _import_quietly()
+            with _contained_side_effects():  # ConfigManager.update logs through the root logger
+                _configure(tt)
+            _TT = tt
+    return _TT
+
+
+def _import_quietly() -> SimpleNamespace:
+    try:
+        with _private_cwd(QUIET_CONFIG), _contained_side_effects():
+            import tinytroupe
+            from tinytroupe.agent import TinyPerson
+
+            clients = _clients_module()
+    except Exception as exc:  # noqa: BLE001 - a broken install fails in many ways; all are config errors
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise ConfigError(f"the tinytroupe backend cannot load TinyTroupe ({msg}); it needs TinyTroupe 0.6 or "
+                          f"0.5 from its repository: {INSTALL}") from None
+    return SimpleNamespace(config_manager=tinytroupe.config_manager, TinyPerson=TinyPerson, clients=clients)
+
+
+def _clients_module():
+    if importlib.util.find_spec("tinytroupe.clients") is not None:  # 0.6
+        from tinytroupe import clients
+    else:  # 0.5
+        from tinytroupe import openai_utils as clients
+    return clients
+
+
+def _configure(tt: SimpleNamespace) -> None:
+    missing = object()
+    for key, value in SETTINGS.items():
+        if tt.config_manager.get(key, missing) is not missing:  # 0.5 lacks some keys (and warns on them)
+            tt.config_manager.update(key, value)
+    tt.TinyPerson.communication_display = False
+    # TinyTroupe turns openai's parsed message into a dict, and pydantic warns about its typed `parsed`
+    # field on every answer (harmless: the dict is complete).
+    warnings.filterwarnings("ignore", message="Pydantic serializer warnings", category=UserWarning,
+                            module="pydantic")
+    tt.clients.register_client("rlsim", _client_class(tt.clients.OpenAIClient)(cache_api_calls=False))
+    tt.clients.force_api_type("rlsim")
 
 
 @contextlib.contextmanager
-def _empty_cwd():
+def _private_cwd(config_ini: str):
+    """TinyTroupe reads config.ini from, and writes its log file to, the working directory."""
     old = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="rlsim-tinytroupe-") as d:
+        with open(os.path.join(d, "config.ini"), "w", encoding="utf-8") as f:
+            f.write(config_ini)
         os.chdir(d)
         try:
             yield
         finally:
             os.chdir(old)
 
+
+@contextlib.contextmanager
+def _contained_side_effects():
+    """Swallow what TinyTroupe prints; undo what it does to the root logger and sys.path ('.' appended)."""
+    root = logging.getLogger()
+    level, handlers, had_dot = root.level, list(root.handlers), "." in sys.path
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
+        if not had_dot and "." in sys.path:
+            sys.path.remove(".")
+        own = logging.getLogger("tinytroupe")  # errors only, through the application's handlers
+        for h in list(own.handlers):
+            own.removeHandler(h)
+        own.propagate = True
+        own.setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- one answer's requests
+
+class _Abort(BaseException):
+    """Carries an rlsim error out through TinyTroupe, which catches every Exception to retry it."""
+
+    def __init__(self, error: BackendError):
+        super().__init__(error.reason)
+        self.error = error
+
+
+@dataclass
+class _Call:
+    """One answer: where its requests go, with which settings, through which gate; read in TinyTroupe's
+    thread (a context variable), counted by the HTTP hooks of the backend's openai client."""
+
+    openai: object
+    model: str
+    settings: dict
+    gate: RequestGate | None
+    loop: asyncio.AbstractEventLoop
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reserved: object | None = None  # the gate's reservation of the request in flight
+
+    def request_params(self, chat_api_params: dict) -> dict:
+        return {**chat_api_params, "model": self.model, **self.settings}
+
+    def before_send(self, body: bytes) -> None:
+        if self.gate is not None:
+            try:
+                self.reserved = self._wait(self.gate.acquire(request_tokens(body), COMPLETION_ESTIMATE))
+            except BackendError as exc:  # the budget: nothing is sent
+                raise _Abort(exc) from None
+        self.requests += 1
+
+    def after_response(self, response) -> None:
+        if not response.is_success:  # settled as a failure once the openai client has classified it
+            return
+        prompt_tokens, completion_tokens = response_usage(response)
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.settle(prompt_tokens, completion_tokens)
+
+    def settle(self, prompt_tokens: int = 0, completion_tokens: int = 0, error: BackendError | None = None) -> None:
+        """Release the pending reservation: with the server's usage, or as failed (``error``); idempotent."""
+        reserved, self.reserved = self.reserved, None
+        if reserved is not None and self.gate is not None:
+            self._wait(self.gate.release(reserved, prompt_tokens, completion_tokens, error))
+
+    def fail(self, error: BackendError) -> None:
+        """The request in flight (if any) got no usable answer."""
+        self.settle(error=error)
+
+    def _wait(self, coro):
+        # The gate is async and lives on the event loop that awaits this answer; we are in a worker thread.
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+def _current_call() -> _Call:
+    call = _CALL.get()
+    if call is None:
+        raise RuntimeError("a TinyTroupe request outside an rlsim call (rlsim's client is registered)")
+    return call
+
+
+def _on_request(request) -> None:
+    call = _CALL.get()
+    if call is not None:
+        call.before_send(request.content)
+
+
+def _on_response(response) -> None:
+    call = _CALL.get()
+    if call is not None:
+        call.after_response(response)
+
+
+def request_tokens(body: bytes) -> int:
+    """Prompt tokens of a chat-completions request body, estimated offline."""
+    try:
+        msgs = json.loads(body).get("messages") or []
+    except (ValueError, AttributeError):
+        return chars_tokens(body.decode("utf-8", "replace"))
+    return offline_tokens(msgs)
+
+
+def offline_tokens(messages: list[dict]) -> int:
+    """Prompt tokens of chat messages from their length: no tokenizer file, so no download."""
+    return sum(chars_tokens(str(m.get("content", ""))) + 4 for m in messages) + 2
+
+
+def response_usage(response) -> tuple[int, int]:
+    """(prompt, completion) tokens the server reported; (0, 0) for an error or a body without usage."""
+    if not response.is_success:
+        return 0, 0
+    try:
+        response.read()
+        usage = json.loads(response.content).get("usage") or {}
+        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0, 0
+
+
+def error_of(exc: Exception) -> BackendError:
+    """The rlsim error for what stopped one of TinyTroupe's requests."""
+    import openai
+    import pydantic
+
+    invalid = tuple(t for t in (getattr(openai, "LengthFinishReasonError", None),
+                                getattr(openai, "ContentFilterFinishReasonError", None),
+                                pydantic.ValidationError, json.JSONDecodeError) if t is not None)
+    if isinstance(exc, invalid):  # an answer that is not the action TinyTroupe asked for (or cut short)
+        return TransientError("tinytroupe_invalid_action")
+    if isinstance(exc, openai.OpenAIError):  # HTTP status, timeout, connection: as for the openai backend
+        return backend_error(exc)
+    return TransientError(f"tinytroupe_error: {type(exc).__name__}")
+
+
+def _client_class(base: type) -> type:
+    class RlsimClient(base):
+        """TinyTroupe's OpenAIClient, sending every request of the rlsim call of the current thread."""
+
+        @property
+        def client(self):  # what TinyTroupe's _raw_model_call sends with
+            return _current_call().openai
+
+        def _setup_from_config(self, *args, **kwargs):
+            pass  # the calling backend owns the openai client
+
+        def _count_tokens(self, messages, model):
+            return offline_tokens(messages)
+
+        def _raw_model_call(self, model, chat_api_params):
+            call = _current_call()
+            try:
+                return super()._raw_model_call(call.model, call.request_params(chat_api_params))
+            except Exception as exc:  # noqa: BLE001 - classified here; TinyTroupe would retry it
+                error = error_of(exc)
+                call.fail(error)  # a timeout counts at its estimate; a refused request costs nothing
+                raise _Abort(error) from None
+
+    return RlsimClient
+
+
+# ---------------------------------------------------------------- prompts and answers
 
 def talk_text(actions) -> str:
     """Concatenate the content of a TinyPerson's TALK actions (listen_and_act(return_actions=True))."""
@@ -46,73 +317,117 @@ def talk_text(actions) -> str:
     return "\n".join(out)
 
 
-def split_prompt(messages: list[dict]) -> tuple[str, str]:
-    """(persona profile, request) from our rating/profile messages."""
-    user = "\n".join(m["content"] for m in messages if m.get("role") == "user")
-    first, _, rest = user.partition("\n")
-    if first.startswith("Profile of user"):
-        return first.split(":", 1)[1].strip(), rest
-    return "", user
+def persona_of(messages: list[dict]) -> tuple[int | None, str]:
+    """(user id, profile) from a rating prompt's "Profile of user N: ..." line; (None, '') otherwise."""
+    for m in messages:
+        if m.get("role") == "user":
+            match = PROFILE_LINE.match(str(m.get("content", "")))
+            if match:
+                return int(match.group(1)), match.group(2).strip()
+    return None, ""
 
+
+def stimulus_text(messages: list[dict]) -> str:
+    """What the agent hears: rlsim's instructions (system) and request (user) verbatim, then how to answer."""
+    parts = [str(m["content"]) for m in messages if m.get("role") in ("system", "user") and m.get("content")]
+    return "\n\n".join(parts + [ANSWER_HOW])
+
+
+def _openai_client(spec: BackendSpec):
+    import openai
+
+    http = openai.DefaultHttpxClient(event_hooks={"request": [_on_request], "response": [_on_response]})
+    kw = dict(api_key=spec.api_key or "none", timeout=spec.timeout_s, max_retries=0, http_client=http)
+    if spec.api_version:
+        if not spec.base_url:
+            raise ConfigError("Azure OpenAI needs an endpoint (AZURE_OPENAI_ENDPOINT or --base-url)")
+        return openai.AzureOpenAI(azure_endpoint=spec.base_url, api_version=spec.api_version, **kw)
+    return openai.OpenAI(base_url=spec.base_url, **kw)
+
+
+# ---------------------------------------------------------------- the backend
 
 class TinyTroupeBackend:
+    gated = True  # sends requests of its own: the engine passes a gate (backends.RequestGate)
+
     def __init__(self, spec: BackendSpec):
         self.spec = spec
-        try:
-            with _LOCK, _empty_cwd():
-                import tinytroupe
-                from tinytroupe import openai_utils
-                from tinytroupe.agent import TinyPerson
-        except ImportError as exc:
-            raise ConfigError("the tinytroupe backend needs TinyTroupe: "
-                              "pip install git+https://github.com/microsoft/TinyTroupe.git@main "
-                              f"({exc})") from None
-        self.TinyPerson = TinyPerson
-        TinyPerson.communication_display = False
-        settings = {"model": spec.model, "temperature": 0.0, "timeout": spec.timeout_s, "max_attempts": 1,
-                    "cache_api_calls": False}
-        cm = getattr(tinytroupe, "config_manager", None)
-        for k, v in settings.items():
-            if cm is not None:
-                cm.update(k, v)
-            else:  # older releases: a plain dict of defaults
-                tinytroupe.default[k] = v
-        key, base_url, timeout = spec.api_key, spec.base_url, spec.timeout_s
+        self.tt = load_tinytroupe()
+        self.openai = _openai_client(spec)
+        self.agents: dict[int, object] = {}  # user id -> TinyPerson
+        self._turns: dict[int, asyncio.Lock] = {}
+        self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rlsim-tinytroupe")
 
-        class _Client(openai_utils.OpenAIClient):
-            def _setup_from_config(self):
-                from openai import OpenAI
-
-                self.client = OpenAI(api_key=key or "none", base_url=base_url, timeout=timeout, max_retries=0)
-
-        openai_utils.register_client("rlsim", _Client(cache_api_calls=False))
-        openai_utils.force_api_type("rlsim")
-
-    def _rate_sync(self, messages: list[dict]) -> str:
-        profile, request = split_prompt(messages)
-        with _LOCK:
-            person = self.TinyPerson(f"Viewer {next(_COUNTER)}")
-            person.define("occupation", "movie viewer")
-            person.define("persona_profile", profile or "An ordinary movie viewer.")
-            try:
-                actions = person.listen_and_act(
-                    request + "\nReply by TALKing only the JSON object that maps each id to your rating.",
-                    return_actions=True)
-            finally:
-                clear = getattr(self.TinyPerson, "clear_agents", None)
-                if clear is not None:
-                    clear()
-        return talk_text(actions)
-
-    async def chat(self, messages: list[dict], response_format: dict | None, params: dict) -> ChatResult:
-        try:
-            text = await asyncio.to_thread(self._rate_sync, messages)
-        except Exception as exc:  # noqa: BLE001 - TinyTroupe wraps transport errors in many ways
-            raise TransientError(f"tinytroupe_error: {type(exc).__name__}") from None
+    async def chat(self, messages: list[dict], response_format: dict | None, params: dict,
+                   gate: RequestGate | None = None) -> ChatResult:
+        uid, profile = persona_of(messages)
+        loop = asyncio.get_running_loop()
+        call = _Call(self.openai, self.spec.model, self._settings(params), gate, loop)
+        async with self._turn(uid):
+            text = await loop.run_in_executor(self._threads, self._answer, call, uid, profile,
+                                              stimulus_text(messages))
         if not text:
             raise TransientError("tinytroupe_no_answer")
-        # TinyTroupe does not report usage: estimate it (the prompt it sends is larger than ours).
-        return ChatResult(text, sum(estimate_tokens(m["content"]) for m in messages), estimate_tokens(text))
+        return ChatResult(text, call.prompt_tokens, call.completion_tokens, call.requests)
+
+    def _settings(self, params: dict) -> dict:
+        out = {"timeout": self.spec.timeout_s, "temperature": params.get("temperature", 0.0),
+               "max_completion_tokens": max(MAX_COMPLETION_TOKENS, int(params.get("max_tokens") or 0))}
+        if params.get("seed") is not None:
+            out["seed"] = params["seed"]
+        return out
+
+    def _turn(self, uid: int | None):
+        """One user's batches run one after another, in order, so its agent's memory stays a sequence."""
+        if uid is None:
+            return contextlib.nullcontext()
+        return self._turns.setdefault(uid, asyncio.Lock())
+
+    def _answer(self, call: _Call, uid: int | None, profile: str, stimulus: str) -> str:
+        token = _CALL.set(call)
+        try:
+            person = self._person(uid, profile)
+            before = person.encode_complete_state() if uid is not None else None
+            try:
+                actions = person.listen_and_act(stimulus, return_actions=True)
+            except _Abort as abort:
+                self._roll_back(person, before)
+                raise abort.error from None
+            except Exception as exc:  # noqa: BLE001 - TinyTroupe failing on an answer it got
+                self._roll_back(person, before)
+                raise TransientError(f"tinytroupe_error: {type(exc).__name__}") from None
+            finally:
+                person.pop_latest_actions()  # no environment consumes them
+            return talk_text(actions)
+        finally:
+            call.fail(TransientError("tinytroupe_no_answer"))  # a request still pending got no answer
+            _CALL.reset(token)
+
+    @staticmethod
+    def _roll_back(person, state) -> None:
+        if state is not None:  # the failed question and any partial answer leave the agent's memory
+            person.decode_complete_state(state)
+
+    def _person(self, uid: int | None, profile: str):
+        person = self.agents.get(uid) if uid is not None else None
+        if person is None:
+            person = self._new_person(uid)
+            if uid is not None:
+                self.agents[uid] = person
+        if profile and person.get("profile") != profile:
+            person.define("profile", profile)
+        return person
+
+    def _new_person(self, uid: int | None):
+        TinyPerson = self.tt.TinyPerson
+        name = f"Viewer {uid}" if uid is not None else f"Respondent {next(_SERIAL)}"
+        with _LOCK:  # the agent registry is process-wide and wants unique names: ours live here instead
+            person = TinyPerson(name)
+            TinyPerson.all_agents.pop(name, None)
+        if uid is not None:
+            person.define("occupation", "movie viewer")
+        return person
 
     async def close(self) -> None:
-        return None
+        self._threads.shutdown(wait=False)
+        self.openai.close()
