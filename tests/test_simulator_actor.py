@@ -77,17 +77,34 @@ def test_actor_serves_many_clients(tmp_path):
 
     with ray_session(num_cpus=2, include_dashboard=False, log_to_driver=False,
                      _temp_dir=tempfile.mkdtemp(prefix="rlsa", dir="/tmp")):
-        handle = start_simulator_actor("test-sim", Toy, max_wait_s=0.05)
+        handle = start_simulator_actor("test-sim", Toy, max_wait_s=1.0)
         client = pickle.loads(pickle.dumps(SimulatorClient("test-sim")))
 
         @ray.remote(num_cpus=0)
-        def runner(u):
+        class Barrier:
+            """Releases every runner at once, however late each one's worker process started."""
+
+            def __init__(self, n):
+                self.n, self.event = n, asyncio.Event()
+
+            async def wait(self):
+                self.n -= 1
+                if self.n <= 0:
+                    self.event.set()
+                await self.event.wait()
+
+        barrier = Barrier.remote(6)
+
+        @ray.remote(num_cpus=0)
+        def runner(u, barrier):
+            ray.get(barrier.wait.remote())
             return SimulatorClient("test-sim").distribution(np.array([u]), np.array([0]), [Session()])
 
-        got = ray.get([runner.remote(u) for u in range(6)])
+        got = ray.get([runner.remote(u, barrier) for u in range(6)])
         assert [int(p[0].argmax()) for p in got] == [u % 5 for u in range(6)]
         stats = client.stats()
-        assert stats["requests"] == 6 and stats["batches"] < 6  # gathered across callers
+        # Six callers released together within one 1 s gathering window: fewer calls than callers.
+        assert stats["requests"] == 6 and stats["batches"] < 6
         assert client.scale == SCALE
         with pytest.raises(ConfigError):
             SimulatorClient("nobody").handle
