@@ -56,6 +56,9 @@ class StudyConfig:
     bootstrap: int = 2000
     # Settings of the hybrid source (rlsim.simulators.hybrid.HybridConfig fields).
     hybrid: dict = field(default_factory=dict)
+    # When set, also trace the hybrid's curve over these entropy thresholds (0 = persona-only):
+    # persona calls saved against real held-out hit rate (OUT/hybrid.json, in the report).
+    hybrid_thresholds: list = field(default_factory=list)
 
     def validate(self) -> "StudyConfig":
         bad = [s for s in self.sources if s not in SOURCES]
@@ -248,10 +251,89 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
               "reward_checkpoint": ckpt, "config": {"study": to_dict(scfg), "policy": asdict(base)},
               "runs": runs, "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "study.json", result)
+    hybrid = None
+    if scfg.hybrid_thresholds:
+        hybrid = hybrid_curve(dcfg, ckpt, scfg.hybrid_thresholds, scfg.seeds, scfg.env_steps, scfg.hybrid, sections,
+                              out / "hybrid", dataset=ds, split=split, progress=progress)
+        write_json(out / "hybrid.json", hybrid)
     from rlsim.report import write_study_report
 
-    write_study_report(result, out)
+    write_study_report(result, out, hybrid=hybrid)
     return result
+
+
+def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps: int, hybrid: dict, sections: dict,
+                 out: str | Path, dataset=None, split=None, like_threshold: float = 4.0, progress: bool = True) -> dict:
+    """Persona calls saved against real quality, over the hybrid's entropy threshold.
+
+    For each threshold PPO is trained against the hybrid (same env steps, ``seeds`` seeds) and judged
+    on held-out users by their real held-out ratings; threshold 0 is persona-only (every answer from
+    the persona, through the same cache), so calls_saved = 1 - calls(threshold) / calls(0). The
+    fidelity columns are the judging copy's (it never distils) on the test split."""
+    from tqdm.auto import tqdm
+
+    from rlsim.candidates import CandidatesConfig, write_candidates
+    from rlsim.data import load_split
+    from rlsim.env import EnvData, score_all
+    from rlsim.errors import require_ray
+    from rlsim.policy.config import PolicyConfig
+    from rlsim.policy.run import split_users, train_policy
+    from rlsim.policy.train import load_policy_module
+    from rlsim.simulators.factory import SimulatorSpec, local_simulator
+    from rlsim.simulators.fidelity import micro
+
+    require_ray("the hybrid curve")
+    out = Path(out)
+    if dataset is None:
+        dataset, split = load_split(dcfg)
+    ccfg = from_dict(CandidatesConfig, sections.get("candidates"), "candidates").validate()
+    write_candidates(dcfg, ccfg, out / "candidates", dataset=dataset, split=split)
+    cands = pd.read_parquet(out / "candidates" / "candidates.parquet")
+    base = from_dict(PolicyConfig, sections.get("policy"), "policy")
+    base = replace(base, iterations=max(1, math.ceil(env_steps / base.train_batch_size))).validate()
+    model_table, curve, t0 = None, [], time.perf_counter()
+    bar = tqdm(total=len(thresholds) * seeds, desc="hybrid curve", unit="policy", disable=not progress)
+    for th in [float(t) for t in thresholds]:
+        opts = {**hybrid, "threshold": th}
+        fid = micro(local_simulator(SimulatorSpec("hybrid", ckpt, options={**opts, "distill_every": 0}), dataset,
+                                    split.train), split.test)
+        hits, calls, requested, steps = [], [], [], []
+        for seed in range(seeds):
+            run = out / f"t{th:g}-seed{seed}"
+            pcfg = replace(base, seed=seed)
+            tm = train_policy(dcfg, pcfg, SimulatorSpec("hybrid", ckpt, options=opts), run, candidates=cands,
+                              ccfg=ccfg, sections=sections, dataset=dataset, split=split, progress=False)
+            data = EnvData.load(run / "env_data")
+            if model_table is None:  # only its mask matters here: every candidate the reward model rates
+                model_table = score_all(data, local_simulator(SimulatorSpec("model", ckpt), dataset, split.train))
+            _, held = split_users(len(data.user_ids), pcfg.holdout_users, seed)
+            res = judge_policy(data, held, load_policy_module(run / "checkpoint"), pcfg.env_history(), {}, model_table,
+                               split.test, like_threshold, 10)
+            sim = tm["simulator"]["simulator"]
+            hits.append(res["real"]["policy"]["hit_rate"])
+            calls.append(sim["persona_calls"])
+            requested.append(sim["requested"])
+            steps.append(tm["env_steps"])
+            log.info("threshold %g seed %d: hit %.4f, persona calls %d of %d", th, seed, hits[-1], calls[-1],
+                     requested[-1])
+            bar.update(1)
+        h = mean_ci(hits)
+        curve.append({"threshold": th, "persona_calls": float(np.mean(calls)), "requested": float(np.mean(requested)),
+                      "real_hit_rate": h["mean"], "real_hit_rate_ci": h, "real_hit_rate_per_seed": hits,
+                      "env_steps": float(np.mean(steps)), "nll": fid["nll"], "rmse": fid["rmse"]})
+    bar.close()
+    persona_only = next((c for c in curve if c["threshold"] == 0), None)
+    for c in curve:
+        c["calls_saved"] = None if not persona_only or not persona_only["persona_calls"] else \
+            1 - c["persona_calls"] / persona_only["persona_calls"]
+        c["hit_rate_loss_vs_persona_only"] = None if not persona_only else \
+            persona_only["real_hit_rate"] - c["real_hit_rate"]
+    ok = [c["threshold"] for c in curve if c["calls_saved"] is not None and c["calls_saved"] >= 0.8
+          and c["hit_rate_loss_vs_persona_only"] <= 0.01]
+    return {"dataset": f"{dcfg.dataset} {split.name}", "seeds": seeds, "env_steps_per_policy": env_steps,
+            "hybrid": dict(hybrid), "curve": curve, "meets_goal_at": ok,
+            "goal": ">= 80% fewer persona calls than persona-only at <= 0.01 loss in real held-out hit rate",
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _answer(correlation: dict, best: str, margin: dict, beats: bool, sure: bool) -> str:

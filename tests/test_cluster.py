@@ -126,3 +126,62 @@ def test_worker_node_lost_mid_training(two_nodes, tmp_path, data_root, cache_roo
     assert "SUCCEEDED" in status, status + logs[-3000:]
     train = json.loads((out / "policy" / "train" / "train_metrics.json").read_text())
     assert len(train["iterations"]) == 12
+
+
+@pytest.mark.timeout(1500)
+def test_persona_pool_spreads_holds_the_limit_and_survives_a_lost_node(two_nodes, tmp_path, data_root, cache_root):
+    """Persona workers on both nodes share the one cluster limiter (>= 95% of the limit, no 429
+    leaks to the server's own bucket); losing the worker node mid-run loses and duplicates nothing
+    (the job finishes, or a resume finishes it)."""
+    import pandas as pd
+
+    from rlsim.data import load_movielens, make_split
+    from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
+
+    rpm = 600
+    with FakeOpenAI(FaultConfig(latency_s=0.2, rpm_limit=rpm)) as srv:
+        out = tmp_path / "rate"
+        entry = ["python", "-m", "rlsim.cli", "personas", "rate", "--backend", "openai", "--base-url", srv.base_url,
+                 "--model", "fake-model", "--dataset", "ml-100k", "--split", "u1", "--data-dir", str(data_root),
+                 "--cache-dir", str(cache_root), "--no-download", "--batch-size", "1", "--shard-users", "4",
+                 "--workers", "4", "--rpm", str(rpm), "--no-cache", "--quiet", "--out", str(out)]
+        r = _submit(two_nodes, entry, wait=False, timeout=120)
+        assert r.returncode == 0, r.stderr
+        job = next(w for w in (r.stdout + r.stderr).split() if w.startswith("raysubmit_"))
+        t0 = time.time()
+        while len(srv.log) < 150 and time.time() - t0 < 600:  # ~15 s of steady rating first
+            time.sleep(0.5)
+        steady = sorted(x.t for x in srv.log if x.status == 200)
+        assert len(steady) >= 150, "the job never got going"
+        # Utilisation before the node is lost, with workers on both nodes (the first seconds are the ramp).
+        window = steady[20:]
+        achieved = (len(window) - 1) / (window[-1] - window[0]) * 60
+        assert achieved >= 0.95 * rpm and achieved <= 1.02 * rpm, achieved
+        assert _sh("stop", "--temp-dir", str(two_nodes["node_dir"]), "--now").returncode == 0
+        env = {**_env(), **two_nodes["exports"]}
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        addr = f"http://127.0.0.1:{two_nodes['dash']}"
+        status = ""
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            st = subprocess.run([ray_bin, "job", "status", "--address", addr, job], env=env, capture_output=True,
+                                text=True, timeout=60)
+            status = st.stdout + st.stderr
+            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(3)
+        resumed = False
+        if "SUCCEEDED" not in status:  # the job died with the node: a rerun resumes it
+            r = _submit(two_nodes, entry, timeout=900)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            resumed = True
+        assert srv.count(429) == 0  # the server's own bucket never had to refuse
+    summary = json.loads((out / "summary.json").read_text())
+    if not resumed:
+        assert len(set(summary["limits"]["worker_nodes"])) == 2  # the workers were spread over both nodes
+    df = pd.read_parquet(out / "ratings.parquet")
+    test = make_split(load_movielens("ml-100k", data_dir=data_root, cache_dir=cache_root, download=False), "u1").test
+    assert len(df) == len(test) and not df.duplicated(["user_id", "item_id"]).any()  # 0 lost, 0 duplicated
+    ok = df[df["status"] == "ok"]
+    assert len(ok) == len(df), df["reason"].value_counts().to_dict()
+    assert (ok["predicted"].to_numpy() == [expected_rating(u, i) for u, i in zip(ok["user_id"], ok["item_id"])]).all()

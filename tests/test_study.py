@@ -67,3 +67,30 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     assert (out / "matrix.png").stat().st_size > 5000
     html = (out / "report.html").read_text()
     assert "The answer" in html and "matrix.png" in html and "Real held-out behaviour" in html
+
+
+def test_hybrid_curve_counts_persona_calls_against_persona_only(tmp_path, data_root, cache_root,
+                                                                 tiny_reward_checkpoint):
+    import tempfile
+
+    from rlsim.commands.ray_session import ray_session
+    from rlsim.config import DataConfig
+    from rlsim.report import write_study_report
+    from rlsim.study import hybrid_curve
+
+    dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=str(data_root), cache_dir=str(cache_root),
+                      download=False)
+    sections = {"candidates": {"k": 10}, "policy": {"train_batch_size": 250, "minibatch_size": 125, "num_epochs": 1,
+                                                    "hidden": 16, "users_per_episode": 8,
+                                                    "num_envs_per_env_runner": 8}}
+    with ray_session(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rlsh", dir="/tmp")):
+        r = hybrid_curve(dcfg, str(tiny_reward_checkpoint), [0, 0.9, 1.01], 1, 250, {"distill_every": 0}, sections,
+                         tmp_path / "h", progress=False)
+    by = {c["threshold"]: c for c in r["curve"]}
+    assert by[0.0]["persona_calls"] > 0 and by[0.0]["calls_saved"] == 0.0
+    assert by[1.01]["persona_calls"] == 0 and by[1.01]["calls_saved"] == 1.0
+    assert 0 <= by[0.9]["calls_saved"] <= 1
+    assert all(0 <= c["real_hit_rate"] <= 1 for c in r["curve"])
+    html = write_study_report({"dataset": "ml-100k", "split": "u1", "answer": "-", "sources": []}, tmp_path,
+                              hybrid=r).read_text()
+    assert "Hybrid reward: persona calls saved" in html and (tmp_path / "hybrid.png").stat().st_size > 5000

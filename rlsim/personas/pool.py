@@ -323,13 +323,19 @@ def make_worker_class():
         async def ping(self) -> int:
             return os.getpid()
 
+        async def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
     return ray.remote(PersonaWorker)
 
 
 def start_workers(spec: BackendSpec, cfg: PersonaConfig, limiter_name: str | None, job: str,
                   cache_path: str | None, crash_marker: str | None = None, offline_model_ref=None) -> list:
     cls = make_worker_class()
-    return [cls.options(num_cpus=0, max_concurrency=cfg.max_concurrency, max_restarts=4, max_task_retries=4)
+    # SPREAD: on a cluster the workers go to different nodes, so losing one node loses few of them
+    # (a restarted worker lands wherever there is room; its retried units are idempotent and cached).
+    return [cls.options(num_cpus=0, max_concurrency=cfg.max_concurrency, max_restarts=4, max_task_retries=4,
+                        scheduling_strategy="SPREAD")
             .remote(spec, cfg, limiter_name, job, cache_path, crash_marker, offline_model_ref)
             for _ in range(cfg.n_workers)]
 
@@ -626,6 +632,7 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
             log.warning(info["note"])
     model_ref = ray.put(offline_model) if offline_model is not None else None
     workers = start_workers(spec, cfg, name, job["key"], cache_path, crash_marker, model_ref)
+    info["worker_nodes"] = ray.get([w.node.remote() for w in workers])
     try:
         refs = {}
         # A backend with memory (TinyTroupe: one agent per user) meets each user on one worker.
