@@ -72,8 +72,12 @@ def taste_vectors(train: pd.DataFrame, user_ids: np.ndarray, item_index: pd.Seri
     rows = uix.reindex(liked["user_id"].to_numpy()).to_numpy()
     cols = item_index.reindex(liked["item_id"].to_numpy()).to_numpy()
     ok = ~(np.isnan(rows) | np.isnan(cols))
-    out = np.zeros((len(user_ids), emb.shape[1]), np.float64)
-    np.add.at(out, rows[ok].astype(int), emb[cols[ok].astype(int)] * liked["rating"].to_numpy(float)[ok, None])
+    from scipy import sparse
+
+    # A sparse (user x item) matrix of rating weights times the embeddings: no [liked, D] gather.
+    W = sparse.csr_matrix((liked["rating"].to_numpy(float)[ok], (rows[ok].astype(int), cols[ok].astype(int))),
+                          shape=(len(user_ids), emb.shape[0]))
+    out = np.asarray(W @ np.asarray(emb, np.float64))
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     return (out / np.maximum(norm, 1e-12)).astype(np.float32)
 

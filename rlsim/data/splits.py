@@ -31,15 +31,21 @@ def _per_user_holdout(ratings: pd.DataFrame, frac: float, seed: int, by_time: bo
     df = ratings.reset_index(drop=True)
     # A seeded random key breaks timestamp ties (and is the whole order for the random split).
     tie = rng.random(len(df))
-    order = np.lexsort((tie, df["timestamp"].to_numpy(), df["user_id"].to_numpy())) if by_time else \
-        np.lexsort((tie, df["user_id"].to_numpy()))
-    df = df.iloc[order].reset_index(drop=True)
-    pos = df.groupby("user_id").cumcount().to_numpy()
-    n = df.groupby("user_id")["user_id"].transform("size").to_numpy()
+    user = df["user_id"].to_numpy()
+    order = np.lexsort((tie, df["timestamp"].to_numpy(), user)) if by_time else np.lexsort((tie, user))
+    del tie
+    # Position of each row within its user's (sorted) ratings, and the user's count: plain arrays,
+    # no sorted copy of the whole frame (10M+ ratings).
+    u = user[order]
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, len(u)])
+    n = np.repeat(sizes, sizes)
+    pos = np.arange(len(u)) - np.repeat(starts, sizes)
     # Each user keeps at least one training rating; users with one rating stay in train only.
     n_test = np.minimum(np.floor(n * frac + 0.5).astype(int), n - 1)
     is_test = pos >= n - n_test
-    return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+    return (df.take(order[~is_test]).reset_index(drop=True),
+            df.take(order[is_test]).reset_index(drop=True))
 
 
 def make_split(ds: Dataset, split: str, seed: int = 0, test_frac: float = 0.2) -> Split:

@@ -99,6 +99,19 @@ def preset_config(name: str) -> SynthConfig | None:
     return SynthConfig(n_ratings=n, n_users=u, n_items=i, source=m.group("source") or DEFAULT_SOURCE)
 
 
+def default_counts(source: Dataset, n_ratings: int, item_growth: float = 0.4) -> tuple[int, int]:
+    """(users, items) for n_ratings: users at the source's ratings per user, items growing as
+    (n_ratings / source ratings)^item_growth (MovieLens 100k -> 1M -> 10M grew about so)."""
+    r = source.ratings
+    per_user = len(r) / max(r["user_id"].nunique(), 1)
+    n_src_items = max(int(r["item_id"].nunique()), 1)
+    users = max(1, int(round(n_ratings / per_user)))
+    items = max(1, int(round(n_src_items * (n_ratings / len(r)) ** item_growth)))
+    # Enough room for every user's ratings (at most half the catalogue each).
+    items = max(items, int(np.ceil(2 * n_ratings / users)) + 1)
+    return users, items
+
+
 def is_synthetic(name: str) -> bool:
     return str(name).startswith("synthetic")
 
@@ -313,7 +326,23 @@ class _Model:
         self.start = np.clip(t[:, 3] + jit[3] * urng.standard_normal(U), stats.t_min, stats.t_max)
         span = np.expm1(np.log1p(t[:, 4]) + 0.1 * urng.standard_normal(U))
         self.span = np.clip(span, 0, np.maximum(stats.t_max - self.start, 0))
+        self._calibrate_popularity()
         self.thresholds = None
+
+    def _calibrate_popularity(self, rounds: int = 3, pilot_users: int = 3000) -> None:
+        """Weights whose realised popularity curve is the source's: drawing without replacement
+        flattens the head (heavy users run out of popular items), so boost it until it matches."""
+        rng = np.random.default_rng([self.cfg.seed, 5])
+        U = self.cfg.n_users
+        counts = self.counts if U <= pilot_users else self.counts[rng.choice(U, pilot_users, replace=False)]
+        target = self.w_rank
+        w = target.copy()
+        for _ in range(rounds):
+            _, ii = _draw_items(rng, counts, w[self.rank_of_item])
+            realised = np.sort(np.bincount(ii, minlength=len(w)) / max(len(ii), 1))[::-1]
+            w = w * np.clip(target / np.maximum(realised, 1e-12), 0.5, 2.0)
+            w /= w.sum()
+        self.w = w[self.rank_of_item]
 
     def user_params(self, a: int, b: int, rng: np.random.Generator) -> dict:
         p = rng.standard_normal((b - a, self.cfg.factors)) / np.sqrt(self.cfg.factors)

@@ -32,7 +32,7 @@ class OfflinePersona:
     name = "offline"
     # The stacking weights (4 numbers) are fitted on at most this many hold-out pairs (whole users,
     # seeded); ML-100K and ml-latest-small hold-outs are smaller, so they use all of theirs.
-    max_stack_pairs = 100_000
+    max_stack_pairs = 20_000
 
     def __init__(self, cfg: OfflineConfig | None = None):
         self.cfg = cfg or OfflineConfig()
