@@ -462,7 +462,11 @@ def read_synthetic(folder: str | Path, name: str | None = None) -> Dataset:
     folder = Path(folder)
     meta = read_meta(folder)
     s = meta["scale"]
-    return Dataset(name=name or meta["name"], ratings=pd.read_parquet(folder / "ratings.parquet"),
+    import pyarrow.parquet as pq
+
+    # self_destruct frees each Arrow column once converted: no second copy of 10M+ ratings.
+    ratings = pq.read_table(folder / "ratings.parquet").to_pandas(self_destruct=True, split_blocks=True)
+    return Dataset(name=name or meta["name"], ratings=ratings,
                    items=pd.read_parquet(folder / "items.parquet")[ITEM_COLUMNS],
                    users=pd.read_parquet(folder / "users.parquet")[USER_COLUMNS],
                    scale=RatingScale(s["min"], s["max"], s["step"]), official_splits={})
