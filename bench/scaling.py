@@ -54,6 +54,12 @@ def _rss_mb() -> float:
 
 # ------------------------------------------------------------------------ one stage (child process)
 
+def _mark_setup(info: dict) -> None:
+    """Inputs loaded: the stage's own clock starts; the peak so far is the inputs' share."""
+    info["setup_done"] = time.perf_counter()
+    info["setup_peak_rss_mb"] = round(_rss_mb())
+
+
 class Ctx:
     def __init__(self, args):
         self.args = args
@@ -91,7 +97,7 @@ def stage_generate(ctx: Ctx, info: dict):
     # Into the cache folder the data layer reads, so the later stages load this very dataset.
     folder = _cache_folder(Path(ctx.args.cache_dir).expanduser(), ctx.name, cfg, src)
     shutil.rmtree(folder, ignore_errors=True)
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     generate(src, cfg, folder, name=ctx.name)
     info["stage_done"] = time.perf_counter()
     info["ratings"] = cfg.n_ratings
@@ -99,7 +105,7 @@ def stage_generate(ctx: Ctx, info: dict):
 
 
 def stage_data(ctx: Ctx, info: dict):
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     ds, split = ctx.load()
     info.update(ratings=len(ds.ratings), users=int(ds.ratings.user_id.nunique()), items=len(ds.items),
                 train=len(split.train), test=len(split.test))
@@ -109,7 +115,7 @@ def stage_baselines(ctx: Ctx, info: dict):
     from rlsim.baselines import evaluate_baselines
 
     ds, split = ctx.load()
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     res = evaluate_baselines(split.train, split.test, ds.scale)
     info["rmse"] = {k: round(v["rmse"], 4) for k, v in res.items()}
 
@@ -120,7 +126,7 @@ def stage_embeddings(ctx: Ctx, info: dict):
     ds, _ = ctx.load()
     fresh = Path(tempfile.mkdtemp(prefix="rlsim-emb-", dir=ctx.work))
     enc = TextEncoder(ctx.dcfg().text_model, fresh)
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     item_embeddings(ds.items, enc)
     info["stage_done"] = time.perf_counter()
     info.update(texts=3 * len(ds.items), distinct_texts=enc.encoded, backend=enc.backend, items=len(ds.items),
@@ -139,7 +145,7 @@ def stage_candidates(ctx: Ctx, info: dict):
     ds, split = ctx.load()
     emb = ctx.vectors()["text"]
     cfg = CandidatesConfig()
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     cands = build_candidates(split.train, ds.items, emb, cfg)
     info["recall@25"] = round(recall_at_k(cands, split.test, cfg.like_threshold)["recall"], 4)
     info["stage_done"] = time.perf_counter()
@@ -154,7 +160,7 @@ def stage_env_build(ctx: Ctx, info: dict):
     ds, split = ctx.load()
     emb = ctx.vectors()["text"]
     cands = pd.read_parquet(ctx.work / "candidates.parquet")
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     data = build_env_data(split.train, ds.items, cands, emb, ds.scale)
     info["stage_done"] = time.perf_counter()
     info.update(users=len(data.user_ids), cand_feat_mb=round(data.cand_feat.nbytes / 2**20, 1))
@@ -172,7 +178,7 @@ def stage_reward_epoch(ctx: Ctx, info: dict):
     ds, split = ctx.load()
     text = ctx.vectors()
     cfg = RewardConfig(epochs=1, decay_epochs=0, patience=1)
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     fit_train, val = holdout_validation(split.train, cfg.val_frac, cfg.seed)
     ft = build_features(ds.items, ds.users, fit_train, text)
     t_feat = time.perf_counter()
@@ -206,7 +212,7 @@ def stage_ppo_iteration(ctx: Ctx, info: dict):
              _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp"))
     try:
         pcfg = PolicyConfig(iterations=1)
-        info["setup_done"] = time.perf_counter()
+        _mark_setup(info)
         algo = build_ppo_config(env_config(data, pcfg, source=source), data, pcfg).build_algo()
         t1 = time.perf_counter()
         algo.train()
@@ -237,7 +243,7 @@ def stage_persona_offline(ctx: Ctx, info: dict):
     ds, split = ctx.load()
     vec = ctx.vectors()["text"]
     pairs = split.test[split.test["user_id"].isin(_sample_users(split.test, ctx.args.persona_users))]
-    info["setup_done"] = time.perf_counter()
+    _mark_setup(info)
     model = offline_persona(ds, split.train, PersonaConfig(), vec)
     t_fit = time.perf_counter()
     raw = model.predict_raw(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
@@ -264,7 +270,7 @@ def stage_persona_server(ctx: Ctx, info: dict):
     out = Path(tempfile.mkdtemp(prefix="rlsim-pool-", dir=ctx.work))
     with FakeOpenAI() as srv:
         spec = BackendSpec("openai", "fake-model", srv.base_url, api_key="bench")
-        info["setup_done"] = time.perf_counter()
+        _mark_setup(info)
         units = prompt_builder(ds, split.train, cfg, vec, users=users).units(pairs)
         t_units = time.perf_counter()
         s = run_rating_job(units, out, spec, cfg, None, use_ray=False, progress=False)
@@ -288,7 +294,9 @@ def run_child(args) -> int:
     end = info.pop("stage_done", None) or time.perf_counter()
     setup = info.pop("setup_done", t0)
     info = {"seconds": round(end - setup, 2), "setup_seconds": round(setup - t0, 2),
-            "peak_rss_mb": round(_rss_mb()), **info}
+            "peak_rss_mb": round(_rss_mb()), **info,
+            # Other processes on the machine slow a stage down: the load it ran under.
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
     print("RESULT " + json.dumps(info), flush=True)
     return 0
 
