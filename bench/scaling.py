@@ -18,6 +18,8 @@ own work, `setup_seconds` loading its inputs (from the warm Parquet caches). Sta
   reward_epoch   one epoch of the v-tf reward model (measured over up to --reward-steps batches and
                  scaled to the whole epoch when the epoch is longer: see "extrapolated")
   ppo_iteration  build RLlib PPO and run one iteration against the MF reward (driver-side env runner)
+  ppo_iteration_shared_env  the same with EnvData.__deepcopy__ returning itself (a proposed one-line
+                 change: RLlib deep-copies env_config, EnvData included, once per config copy)
   persona_offline  offline persona fit + rating the held-out pairs of --persona-users users
   persona_server   the openai backend against the test server (tests/fake_openai.py) for
                    --server-users users' held-out pairs, no Ray
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STAGES = ["generate", "data", "baselines", "embeddings", "candidates", "env_build", "reward_epoch",
-          "ppo_iteration", "persona_offline", "persona_server"]
+          "ppo_iteration", "ppo_iteration_shared_env", "persona_offline", "persona_server"]
 SIZES = {"100k": 100_000, "1m": 1_000_000, "10m": 10_000_000, "25m": 25_000_000}
 
 
@@ -195,6 +197,13 @@ def stage_reward_epoch(ctx: Ctx, info: dict):
     info.update(features_seconds=round(t_feat - info["setup_done"], 2), steps_per_epoch=steps, measured_steps=done,
                 seconds_per_step=round(t_loop / done, 4), extrapolated=done < steps,
                 val_rmse=round(hist[-1]["val_rmse"], 4))
+
+
+def stage_ppo_iteration_shared_env(ctx: Ctx, info: dict):
+    from rlsim.env import EnvData
+
+    EnvData.__deepcopy__ = lambda self, memo: self  # the arrays are never written by the env
+    stage_ppo_iteration(ctx, info)
 
 
 def stage_ppo_iteration(ctx: Ctx, info: dict):

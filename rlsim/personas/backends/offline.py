@@ -75,8 +75,10 @@ class OfflinePersona:
         n_i, n_u = len(all_items), len(users)
         # Item x user residuals, their squares and the rating pattern: one sparse structure (a
         # repeated (user, item) keeps its last rating, as the dense assignment did).
-        last = ~pd.DataFrame({"u": uidx, "i": iidx}).duplicated(keep="last").to_numpy()
-        R = sparse.csr_matrix((resid[last], (iidx[last], uidx[last])), shape=(n_i, n_u))
+        R = sparse.csr_matrix((resid, (iidx, uidx)), shape=(n_i, n_u))
+        if R.nnz < len(resid):  # duplicates were summed: rebuild from each pair's last rating
+            last = ~pd.DataFrame({"u": uidx, "i": iidx}).duplicated(keep="last").to_numpy()
+            R = sparse.csr_matrix((resid[last], (iidx[last], uidx[last])), shape=(n_i, n_u))
         R.sort_indices()
         self._R = R
         self._R2 = sparse.csr_matrix((R.data ** 2, R.indices, R.indptr), shape=R.shape)
