@@ -146,16 +146,26 @@ def build_env_data(train: pd.DataFrame, items: pd.DataFrame, candidates: pd.Data
     user_feat = np.concatenate([user_p, user_stats], 1).astype(np.float32)
 
     ci = item_index.reindex(cand_items.ravel()).fillna(0).to_numpy().astype(int).reshape(cand_items.shape)
-    ip = item_p[ci]  # [U, K, d]
-    cos = np.einsum("ud,ukd->uk", taste, emb[ci])
-    cos_off = cos - (cos * valid).sum(1, keepdims=True) / np.maximum(valid.sum(1, keepdims=True), 1)
-    cand_feat = np.concatenate([
-        ip, ip * user_p[:, None, :] / np.sqrt(ip.shape[2]), item_stats[ci],
-        np.stack([cos * 5, cos_off * 10, pop_s, blend_s, np.broadcast_to(np.arange(K) / K, (len(users), K))], 2),
-    ], 2)
-    cand_feat[~valid] = 0.0
+    # Users in blocks, written into one float32 table: the float64 intermediates ([U, K, D] of the
+    # text vectors above all) never exist for all users at once.
+    dc = 2 * item_p.shape[1] + item_stats.shape[1] + 5
+    cand_feat = np.empty((len(users), K, dc), np.float32)
+    block = max(1, 4_000_000 // max(K * emb.shape[1], 1))
+    for s in range(0, len(users), block):
+        sl = slice(s, s + block)
+        c, v = ci[sl], valid[sl]
+        ip = item_p[c]  # [u, K, d]
+        cos = np.einsum("ud,ukd->uk", taste[sl], emb[c])
+        cos_off = cos - (cos * v).sum(1, keepdims=True) / np.maximum(v.sum(1, keepdims=True), 1)
+        f = np.concatenate([
+            ip, ip * user_p[sl][:, None, :] / np.sqrt(ip.shape[2]), item_stats[c],
+            np.stack([cos * 5, cos_off * 10, pop_s[sl], blend_s[sl],
+                      np.broadcast_to(np.arange(K) / K, (len(c), K))], 2),
+        ], 2)
+        f[~v] = 0.0
+        cand_feat[sl] = f
     return EnvData(user_ids=users, cand_items=cand_items, cand_valid=valid, user_feat=user_feat,
-                   cand_feat=cand_feat.astype(np.float32), pop_score=pop_s, user_mean=user_mean,
+                   cand_feat=cand_feat, pop_score=pop_s, user_mean=user_mean,
                    scale_min=float(scale.min), scale_max=float(scale.max), scale_step=float(scale.step))
 
 

@@ -173,3 +173,61 @@ def test_download_verifies_checksum(zip_server, tmp_path, monkeypatch):
 def test_no_download_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_movielens("ml-100k", data_dir=tmp_path, cache_dir=tmp_path / "c", download=False)
+
+
+# ---------------------------------------------------------------- ml-25m, the typed ratings.csv parse, splits
+
+
+def test_ml25m_spec_and_loader(data_root, tmp_path):
+    spec = SPECS["ml-25m"]
+    assert spec.url == "https://files.grouplens.org/datasets/movielens/ml-25m.zip"
+    assert spec.md5 == "6b51fb2759a8657d3bfcbfc42b592ada"
+    assert spec.scale.step == 0.5
+    # Same files as ml-latest-small (ratings.csv, movies.csv): a fixture copy under the ml-25m name.
+    d = tmp_path / "d"
+    shutil.copytree(data_root / "ml-latest-small", d / "ml-25m")
+    ds = load_movielens("ml-25m", data_dir=d, cache_dir=tmp_path / "c", download=False)
+    ref = load_movielens("ml-latest-small", data_dir=data_root, cache_dir=tmp_path / "c2", download=False)
+    pd.testing.assert_frame_equal(ds.ratings, ref.ratings)
+    assert ds.name == "ml-25m" and ds.scale == ref.scale
+
+
+def test_ratings_csv_errors_stay_strict(data_root, tmp_path):
+    d = _copy(data_root, tmp_path, "ml-latest-small")
+    p = d / "ml-latest-small" / "ratings.csv"
+    lines = p.read_text().splitlines()
+    for bad, msg in [("1,20,,964982703", r"ratings.csv: malformed row at line 6"),
+                     ("1,abc,4.0,964982703", r"line 6: item_id is 'abc'"),
+                     ("1,20,4.0", r"ratings.csv: malformed row at line 6"),
+                     ("1,20,4.0,964982703,9", r"ratings.csv: malformed row, line 6"),
+                     ("1,20,4.2,964982703", r"rating 4.2 .* outside the scale")]:
+        p.write_text("\r\n".join(lines[:5] + [bad] + lines[6:]) + "\r\n")
+        with pytest.raises(DataError, match=msg):
+            load_movielens("ml-latest-small", data_dir=d, cache_dir=tmp_path / "c", download=False, use_cache=False)
+
+
+def _reference_holdout(ratings, frac, seed, by_time):
+    """The per-user hold-out as first written (sorted frame + groupby), to check the array version."""
+    rng = np.random.default_rng(seed)
+    df = ratings.reset_index(drop=True)
+    tie = rng.random(len(df))
+    order = np.lexsort((tie, df["timestamp"].to_numpy(), df["user_id"].to_numpy())) if by_time else \
+        np.lexsort((tie, df["user_id"].to_numpy()))
+    df = df.iloc[order].reset_index(drop=True)
+    pos = df.groupby("user_id").cumcount().to_numpy()
+    n = df.groupby("user_id")["user_id"].transform("size").to_numpy()
+    n_test = np.minimum(np.floor(n * frac + 0.5).astype(int), n - 1)
+    is_test = pos >= n - n_test
+    return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+
+
+@pytest.mark.parametrize("by_time", [True, False])
+def test_generated_splits_match_the_reference(ml100k, by_time):
+    from rlsim.data.splits import _per_user_holdout
+
+    r = ml100k.ratings.sample(frac=1.0, random_state=1)  # any input order
+    for seed in (0, 5):
+        a = _per_user_holdout(r, 0.2, seed, by_time)
+        b = _reference_holdout(r, 0.2, seed, by_time)
+        pd.testing.assert_frame_equal(a[0], b[0])
+        pd.testing.assert_frame_equal(a[1], b[1])

@@ -1,4 +1,5 @@
-"""`rlsim data prepare|verify`: load (or download) a dataset, cache it, check official checksums."""
+"""`rlsim data prepare|verify|synth`: load (or download) a dataset, cache it, check official checksums,
+generate a synthetic MovieLens-shaped dataset from a real one's statistics."""
 
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ def register(sub) -> None:
     ver = dsub.add_parser("verify", help="check a local copy's files against the official md5s")
     add_data_args(ver)
     ver.set_defaults(func=cmd_verify)
+    syn = dsub.add_parser("synth", help="generate a synthetic MovieLens-shaped dataset (SYNTHETIC ratings) from a "
+                                        "real dataset's statistics")
+    add_data_args(syn)
+    syn.add_argument("--source", help="real dataset whose statistics and item text are used "
+                                      "(default: --dataset, else ml-latest-small)")
+    syn.add_argument("--size", choices=["100k", "1m", "10m", "25m"],
+                     help="ratings, users and items of the MovieLens release of that size")
+    syn.add_argument("--ratings", help="number of ratings, e.g. 2.5m (instead of --size)")
+    syn.add_argument("--users", type=int, help="default: ratings / the source's ratings per user")
+    syn.add_argument("--items", type=int, help="default: the source's items x (ratings ratio)^0.4")
+    syn.add_argument("--synth-seed", type=int, default=0, help="generator seed (default 0)")
+    syn.add_argument("--out", required=True, help="folder to write; load it with --dataset <folder name> "
+                                                  "--data-dir <its parent>")
+    syn.add_argument("--quiet", action="store_true", help="no progress bar")
+    syn.set_defaults(func=cmd_synth)
 
 
 def cmd_prepare(args) -> int:
@@ -54,4 +70,30 @@ def cmd_verify(args) -> int:
     bad = [f for f, r in report.items() if not r["ok"]]
     if bad:
         raise DataError(f"checksum mismatch for {', '.join(bad)} in {folder}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from rlsim.data.synthetic import PRESETS, SynthConfig, default_counts, generate, parse_size, read_meta
+
+    cfg = data_config(args)
+    source = args.source or (args.dataset if args.dataset and not args.dataset.startswith("synthetic") else None) \
+        or "ml-latest-small"
+    if args.size and args.ratings:
+        raise DataError("give --size or --ratings, not both")
+    src = load_movielens(source, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overviews=cfg.overviews,
+                         download=cfg.download)
+    if args.size:
+        n, users, items = PRESETS[args.size]
+    else:
+        n = parse_size(args.ratings or "1m")
+        users, items = default_counts(src, n)
+    synth = SynthConfig(n_ratings=n, n_users=args.users or users, n_items=args.items or items, source=source,
+                        seed=args.synth_seed)
+    out = Path(args.out)
+    generate(src, synth, out, name=out.name, progress=not args.quiet)
+    meta = read_meta(out)
+    print(json.dumps({"name": meta["name"], "ratings": n, "users": synth.n_users, "items": synth.n_items,
+                      "source": source, "folder": str(out)}, indent=2))
+    print(f"SYNTHETIC data written to {out}; load it with --dataset {out.name} --data-dir {out.parent}")
     return 0

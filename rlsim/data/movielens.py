@@ -86,6 +86,14 @@ SPECS: dict[str, DatasetSpec] = {
         required=("ratings.dat", "movies.dat", "users.dat"),
         scale=RatingScale(1.0, 5.0, 1.0),
     ),
+    "ml-25m": DatasetSpec(
+        name="ml-25m",
+        url=GROUPLENS + "ml-25m.zip",
+        md5="6b51fb2759a8657d3bfcbfc42b592ada",
+        folder="ml-25m",
+        required=("ratings.csv", "movies.csv"),
+        scale=RatingScale(0.5, 5.0, 0.5),
+    ),
 }
 
 CACHE_VERSION = 1
@@ -93,7 +101,8 @@ CACHE_VERSION = 1
 
 def get_spec(name: str) -> DatasetSpec:
     if name not in SPECS:
-        raise DataError(f"unknown dataset '{name}' (known: {', '.join(SPECS)})")
+        raise DataError(f"unknown dataset '{name}' (known: {', '.join(SPECS)}, "
+                        "synthetic-100k|1m|10m|25m[-from-<source>])")
     return SPECS[name]
 
 
@@ -197,13 +206,29 @@ def _parse_ml100k(folder: Path, scale: RatingScale):
     return ratings, items, users, splits
 
 
-# ---------------------------------------------------------------- ml-latest-small
+# ---------------------------------------------------------------- ml-latest-small, ml-25m
+
+
+def _read_ratings_csv(path: Path) -> pd.DataFrame:
+    """ratings.csv (userId,movieId,rating,timestamp) parsed straight into numbers.
+
+    Strings for 25M rows would need several GB; any row the typed parse rejects sends the file
+    through the strict reader, which names the file and line."""
+    names = ["user_id", "item_id", "rating", "timestamp"]
+    if path.is_file():
+        try:
+            df = pd.read_csv(path, header=0, names=names, engine="c", skip_blank_lines=True,
+                             dtype={"user_id": "int64", "item_id": "int64", "rating": "float64",
+                                    "timestamp": "int64"}, on_bad_lines="error")
+            if not df["rating"].isna().any():
+                return normalise_ratings(df)
+        except (ValueError, TypeError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+            pass
+    return normalise_ratings(read_table(path, ",", names, names, header=True))
 
 
 def _parse_latest_small(folder: Path, scale: RatingScale):
-    r = read_table(folder / "ratings.csv", ",", ["user_id", "item_id", "rating", "timestamp"],
-                   ["user_id", "item_id", "rating", "timestamp"], header=True)
-    ratings = normalise_ratings(r)
+    ratings = _read_ratings_csv(folder / "ratings.csv")
     _check_scale(ratings, scale, "ratings.csv")
     m = read_table(folder / "movies.csv", ",", ["item_id", "title", "genres"], ["item_id"], header=True)
     title = m["title"].str.strip()
@@ -234,7 +259,8 @@ def _parse_ml1m(folder: Path, scale: RatingScale):
     return ratings, items, users, {}
 
 
-PARSERS: dict[str, Callable] = {"ml-100k": _parse_ml100k, "ml-latest-small": _parse_latest_small, "ml-1m": _parse_ml1m}
+PARSERS: dict[str, Callable] = {"ml-100k": _parse_ml100k, "ml-latest-small": _parse_latest_small, "ml-1m": _parse_ml1m,
+                                "ml-25m": _parse_latest_small}
 
 
 # ---------------------------------------------------------------- overviews
@@ -350,6 +376,16 @@ def load_movielens(
     absent and download is True, fetches the official archive from GroupLens into
     cache_dir (or data_dir when given) and checks its md5.
     """
+    from rlsim.data import synthetic
+
+    if synthetic.is_synthetic(name):
+        def load_source(src: str) -> Dataset:
+            if synthetic.is_synthetic(src):
+                raise DataError(f"the source of a synthetic dataset must be a real one, not {src}")
+            return load_movielens(src, data_dir=data_dir, cache_dir=cache_dir, overviews=overviews,
+                                  download=download, use_cache=use_cache, progress=progress)
+
+        return synthetic.load_synthetic(name, data_dir, cache_dir, load_source, progress=progress)
     spec = get_spec(name)
     cache_root = Path(cache_dir).expanduser()
     ddir = Path(data_dir).expanduser() if data_dir is not None else None

@@ -31,15 +31,28 @@ def _per_user_holdout(ratings: pd.DataFrame, frac: float, seed: int, by_time: bo
     df = ratings.reset_index(drop=True)
     # A seeded random key breaks timestamp ties (and is the whole order for the random split).
     tie = rng.random(len(df))
-    order = np.lexsort((tie, df["timestamp"].to_numpy(), df["user_id"].to_numpy())) if by_time else \
-        np.lexsort((tie, df["user_id"].to_numpy()))
-    df = df.iloc[order].reset_index(drop=True)
-    pos = df.groupby("user_id").cumcount().to_numpy()
-    n = df.groupby("user_id")["user_id"].transform("size").to_numpy()
+    user = df["user_id"].to_numpy()
+    order = np.lexsort((tie, df["timestamp"].to_numpy(), user)) if by_time else np.lexsort((tie, user))
+    del tie
+    # Each user's rows are a run of the sorted order; the last n_test of a run are the test rows.
+    # Plain arrays, no sorted copy of the whole frame (10M+ ratings).
+    u = user[order]
+    n_rows = len(u)
+    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if n_rows else np.zeros(0, np.int64)
+    del u
+    ends = np.r_[starts[1:], n_rows].astype(np.int64)
+    sizes = ends - starts
     # Each user keeps at least one training rating; users with one rating stay in train only.
-    n_test = np.minimum(np.floor(n * frac + 0.5).astype(int), n - 1)
-    is_test = pos >= n - n_test
-    return df[~is_test].reset_index(drop=True), df[is_test].reset_index(drop=True)
+    n_test = np.minimum(np.floor(sizes * frac + 0.5).astype(np.int64), sizes - 1)
+    mark = np.zeros(n_rows + 1, np.int32)
+    np.add.at(mark, ends - n_test, 1)
+    np.add.at(mark, ends, -1)
+    is_test = np.cumsum(mark[:-1], dtype=np.int32) > 0
+    del mark
+    test_rows = order[is_test]
+    train_rows = order[~is_test]
+    del order, is_test
+    return df.take(train_rows).reset_index(drop=True), df.take(test_rows).reset_index(drop=True)
 
 
 def make_split(ds: Dataset, split: str, seed: int = 0, test_frac: float = 0.2) -> Split:
