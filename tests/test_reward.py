@@ -206,3 +206,30 @@ def test_rating_history_never_sees_the_pairs_own_rating():
             leaky.append(model(**{k: torch.as_tensor(v) for k, v in idx.items()}).numpy())
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
     assert np.abs(leaky[0] - leaky[1]).max() > 1e-3
+
+
+def test_training_history_rows_equal_the_full_sparse_product(data_cfg):
+    """Training computes the batch's history rows only; values and gradients equal the full product."""
+    import torch
+
+    from rlsim.data import load_split
+    from rlsim.embeddings import TextEncoder, item_embeddings
+    from rlsim.reward.features import build_features
+    from rlsim.reward.model import VanillaTransformer, _SparseRows
+
+    ds, split = load_split(data_cfg)
+    ft = build_features(ds.items, ds.users, split.train, item_embeddings(ds.items, TextEncoder(
+        data_cfg.text_model, data_cfg.cache_dir)))
+    m = VanillaTransformer(RewardConfig(**SMALL), ft, ds.scale.values)
+    rows = torch.tensor([0, 3, 1, 3, len(ft.user_ids)])  # repeated and unknown (0) rows too
+    for matrix, table in ((m.hist, m.hist_emb), (m.hist_r, m.hist_r_emb)):
+        full = torch.sparse.mm(matrix, table.weight)[rows]
+        part = _SparseRows(matrix.coalesce().to_sparse_csr(), table)[rows]
+        torch.testing.assert_close(part, full)
+        g_full = torch.autograd.grad(full.pow(2).sum(), table.weight)[0]
+        g_part = torch.autograd.grad(part.pow(2).sum(), table.weight)[0]
+        torch.testing.assert_close(g_part.to_dense() if g_part.is_sparse else g_part, g_full)
+    m.train()
+    assert isinstance(m._sparse_product("hist", m.hist, m.hist_emb), _SparseRows)
+    m.eval()
+    assert m._sparse_product("hist", m.hist, m.hist_emb).shape == (m.hist.shape[0], m.hist_emb.weight.shape[1])

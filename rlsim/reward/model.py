@@ -11,9 +11,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from rlsim.reward.config import RewardConfig
 from rlsim.reward.features import AGE_EDGES, FeatureTables
+
+
+class _SparseRows:
+    """rows -> (matrix @ table.weight)[rows], computed for those rows only (an embedding_bag over their
+    nonzeros): the same numbers as the full sparse product, at the cost of the batch's own histories."""
+
+    def __init__(self, csr: torch.Tensor, table: nn.Embedding):
+        self.crow, self.col, self.val, self.table = csr.crow_indices(), csr.col_indices(), csr.values(), table
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        starts = self.crow[rows]
+        lengths = self.crow[rows + 1] - starts
+        offsets = torch.cumsum(lengths, 0) - lengths
+        idx = torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()),
+                                                                                device=rows.device)
+        return F.embedding_bag(self.col[idx], self.table.weight, offsets, mode="sum",
+                               per_sample_weights=self.val[idx].to(self.table.weight.dtype))
 
 
 class VanillaTransformer(nn.Module):
@@ -84,6 +102,7 @@ class VanillaTransformer(nn.Module):
                                   nn.Linear(cfg.ff_dim, len(class_values)))
         self.register_buffer("class_values", torch.as_tensor(np.asarray(class_values), dtype=torch.float32))
         self._hist_cache: dict[str, torch.Tensor] = {}
+        self._csr: dict[str, torch.Tensor] = {}  # CSR copies of the fixed history matrices (training)
 
     def id_parameters(self) -> list[nn.Parameter]:
         """The embedding tables (decayed harder than the rest)."""
@@ -99,9 +118,14 @@ class VanillaTransformer(nn.Module):
             self._hist_cache["text"] = self.text_mlp(torch.cat([self.genre, self.plot], dim=-1)).detach()
         return self.item_emb(item) + self._hist_cache["text"][text]
 
-    def _sparse_product(self, name: str, matrix: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
-        # Every user's history vector: recomputed per training step, cached at inference.
-        if not self.training and name in self._hist_cache:
+    def _sparse_product(self, name: str, matrix: torch.Tensor, table: nn.Embedding):
+        # Training: the batch's rows only (a full product per step would cost all ratings every step,
+        # so an epoch would grow as ratings squared). Inference: every row once, cached.
+        if self.training:
+            if name not in self._csr:
+                self._csr[name] = matrix.coalesce().to_sparse_csr()
+            return _SparseRows(self._csr[name], table)
+        if name in self._hist_cache:
             return self._hist_cache[name]
         h = torch.sparse.mm(matrix, table.weight)
         if not self.training:
@@ -109,7 +133,7 @@ class VanillaTransformer(nn.Module):
         return h
 
     def train(self, mode: bool = True):
-        self._hist_cache = {}
+        self._hist_cache, self._csr = {}, {}
         return super().train(mode)
 
     def _with_session(self, h: torch.Tensor, user, table: nn.Embedding, session_items, weights) -> torch.Tensor:
