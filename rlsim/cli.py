@@ -32,14 +32,15 @@ COMMAND_MODULES = [
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--config", help="experiment YAML (sections: data, reward, ...); flags override it")
-    g.add_argument("--dataset", help="ml-100k | ml-latest-small | ml-1m")
+    g.add_argument("--dataset", help="ml-100k | ml-latest-small | ml-1m | ml-25m | synthetic-100k|1m|10m|25m[-from-SRC]")
     g.add_argument("--split", help="u1..u5, ua, ub (ml-100k), temporal, random")
     g.add_argument("--data-dir", help="folder with the dataset (default $RLSIM_DATA_DIR)")
     g.add_argument("--cache-dir", help="Parquet/embedding cache (default $RLSIM_CACHE_DIR or ~/.cache/rlsim)")
     g.add_argument("--overviews", help="plot overviews CSV (default: <data-dir>/overviews/<dataset>_overviews.csv)")
     g.add_argument("--no-download", action="store_true", help="fail instead of downloading from GroupLens")
     g.add_argument("--seed", type=int)
-    g.add_argument("--text-model", help="sentence-transformers model for item text (default all-MiniLM-L6-v2)")
+    g.add_argument("--text-model", help="sentence-transformers model for item text, optionally @BACKEND (torch, "
+                   "torch-bf16, openvino, onnx-int8; default all-MiniLM-L6-v2, backend auto)")
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
