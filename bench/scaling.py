@@ -17,9 +17,8 @@ own work, `setup_seconds` loading its inputs (from the warm Parquet caches). Sta
   env_build      build_env_data: the env's feature tables
   reward_epoch   one epoch of the v-tf reward model (measured over up to --reward-steps batches and
                  scaled to the whole epoch when the epoch is longer: see "extrapolated")
-  ppo_iteration  build RLlib PPO and run one iteration against the MF reward (driver-side env runner)
-  ppo_iteration_shared_env  the same with EnvData.__deepcopy__ returning itself (a proposed one-line
-                 change: RLlib deep-copies env_config, EnvData included, once per config copy)
+  ppo_iteration  build RLlib PPO and run one iteration against the MF simulator (sampled ratings,
+                 driver-side env runner; EnvData is shared, never deep-copied by RLlib)
   persona_offline  offline persona fit + rating the held-out pairs of --persona-users users
   persona_server   the openai backend against the test server (tests/fake_openai.py) for
                    --server-users users' held-out pairs, no Ray
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STAGES = ["generate", "data", "baselines", "embeddings", "candidates", "env_build", "reward_epoch",
-          "ppo_iteration", "ppo_iteration_shared_env", "persona_offline", "persona_server"]
+          "ppo_iteration", "persona_offline", "persona_server"]
 SIZES = {"100k": 100_000, "1m": 1_000_000, "10m": 10_000_000, "25m": 25_000_000}
 
 
@@ -199,24 +198,17 @@ def stage_reward_epoch(ctx: Ctx, info: dict):
                 val_rmse=round(hist[-1]["val_rmse"], 4))
 
 
-def stage_ppo_iteration_shared_env(ctx: Ctx, info: dict):
-    from rlsim.env import EnvData
-
-    EnvData.__deepcopy__ = lambda self, memo: self  # the arrays are never written by the env
-    stage_ppo_iteration(ctx, info)
-
-
 def stage_ppo_iteration(ctx: Ctx, info: dict):
     import ray
 
     from rlsim.env import EnvData
     from rlsim.policy.config import PolicyConfig
     from rlsim.policy.train import build_ppo_config, env_config
-    from rlsim.sources import BaselineRewardSource
+    from rlsim.simulators.point import baseline_simulator
 
     ds, split = ctx.load()
     data = EnvData.load(ctx.work / "env_data")
-    source = BaselineRewardSource.fit("mf", split.train, ds.scale)
+    source = baseline_simulator("mf", split.train, ds.scale)  # sampled ratings, one request per step
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp"))
     try:

@@ -26,7 +26,11 @@ pytestmark = pytest.mark.slow
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+               # The GCS declares a silent node dead after ~3 s instead of ~15 s (Ray's defaults): the
+               # node-loss tests wait for that before anything recovers.
+               RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
+               RAY_health_check_failure_threshold="3")
     return env
 
 
