@@ -119,29 +119,23 @@ def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
 
 
 def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], train_table: np.ndarray,
-           test: pd.DataFrame, like: float, k: int) -> dict:
+                 test: pd.DataFrame, like: float, k: int) -> dict:
     """One trained policy on one seed's held-out users: the mean rating every source gives its
     picks, and the real view (with random / popularity-first / real oracle on the same users)."""
-    from rlsim.policy.evaluate import (evaluate_strategies, held_out_ratings, initial_observations, module_logits,
-                                       ranking_ndcg)
+    from rlsim.policy.run import judge_users
 
+    metrics, _, picks = judge_users(data, rows, train_table, module, history, test, like, k)
     sub = data.subset(rows)
-    tr = train_table[rows]
-    logits = module_logits(module, initial_observations(sub, tr, history))
-    picks = logits.argmax(-1)
-    metrics, _ = evaluate_strategies(sub, tr, {"policy": picks}, test, like)
     idx = np.arange(len(rows))
     by_source = {}
     for name, t in tables.items():
         v = t[rows][idx, picks]
         ok = sub.cand_valid[idx, picks] & np.isfinite(v)
         by_source[name] = float(v[ok].mean()) if ok.any() else None
-    real = held_out_ratings(sub, test)
-    nd = ranking_ndcg(sub, {"policy": logits, "popularity": sub.pop_score}, real, k)
     return {"by_source": by_source, "real": {n: {key: metrics[n].get(key) for key in
                                                  ("hit_rate", "mean_real_rating", "real_coverage")}
                                              for n in ("policy", "random", "popularity", "real_oracle")},
-            "ndcg": nd, "gap_closed_own_simulator": metrics.get("gap_closed")}
+            "ndcg": metrics["ndcg"], "gap_closed_own_simulator": metrics.get("gap_closed")}
 
 
 def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Path, progress: bool = True) -> dict:

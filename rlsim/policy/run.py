@@ -127,18 +127,24 @@ def check_same_data(meta: dict, dcfg: DataConfig) -> None:
                               "mix its training ratings into the test")
 
 
-def _view(data, rows, rewards, greedy, module, history: int, test: pd.DataFrame, like_threshold: float,
-          ndcg_k: int) -> tuple[dict, pd.DataFrame]:
+def judge_users(data, rows, rewards, module, history: int, test: pd.DataFrame, like_threshold: float, ndcg_k: int,
+                greedy=None) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """A trained policy's first picks for some users (rows of data): the simulator's view (rewards,
+    [U, K] expected ratings) and the real one, beside random, popularity-first, the simulator and real
+    oracles (and the greedy scores when given), with each strategy's ranking NDCG. Returns
+    (metrics, per-user table, the policy's picks)."""
     from rlsim.policy.evaluate import (evaluate_strategies, held_out_ratings, initial_observations, module_logits,
                                        ranking_ndcg)
 
-    sub, r, g = data.subset(rows), rewards[rows], greedy[rows]
+    sub, r = data.subset(rows), rewards[rows]
+    g = None if greedy is None else greedy[rows]
     logits = module_logits(module, initial_observations(sub, r, history))
-    metrics, table = evaluate_strategies(sub, r, {"policy": logits.argmax(-1)}, test, like_threshold, g)
-    metrics["ndcg"] = ranking_ndcg(sub, {"policy": logits, "popularity": sub.pop_score, "simulator": r,
-                                         "greedy": g}, held_out_ratings(sub, test), ndcg_k)
+    picks = logits.argmax(-1)
+    metrics, table = evaluate_strategies(sub, r, {"policy": picks}, test, like_threshold, g)
+    scores = {"policy": logits, "popularity": sub.pop_score, "simulator": r, **({"greedy": g} if g is not None else {})}
+    metrics["ndcg"] = ranking_ndcg(sub, scores, held_out_ratings(sub, test), ndcg_k)
     metrics["users"] = int(len(rows))
-    return metrics, table
+    return metrics, table, picks
 
 
 def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec: SimulatorSpec | None = None,
@@ -179,10 +185,11 @@ def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec:
     module = load_policy_module(run / "checkpoint")
     history = pcfg.env_history()
     rows = held_rows if len(held_rows) else train_rows
-    metrics, table = _view(data, rows, rewards, greedy, module, history, split.test, like_threshold, ndcg_k)
+    metrics, table, _ = judge_users(data, rows, rewards, module, history, split.test, like_threshold, ndcg_k, greedy)
     seen = None
     if len(held_rows) and len(train_rows):
-        seen, _ = _view(data, train_rows, rewards, greedy, module, history, split.test, like_threshold, ndcg_k)
+        seen, _, _ = judge_users(data, train_rows, rewards, module, history, split.test, like_threshold, ndcg_k,
+                                 greedy)
     if pcfg.horizon > 1:  # the numbers above are the first pick; this is the whole session
         sub = data.subset(rows)
         metrics["session"] = evaluate_sessions(sub, rewards[rows], lambda o: module_choices(module, o),
