@@ -319,11 +319,13 @@ def cmd_align(args) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "notes"}))
         print(f"wrote {Path(args.out) / 'dry_run.json'}")
         return 0
-    b, a = result.get("before") or {}, result.get("after") or {}
-    per = result.get("per_aligned_user") or {}
-    print(json.dumps({"aligned_users": (result.get("users") or {}).get("aligned"),
-                      "failed_users": (result.get("users") or {}).get("failed"),
-                      "lessons_per_user": (result.get("lessons_per_user") or {}).get("mean"),
+    def part(k):
+        v = result.get(k)
+        return v if isinstance(v, dict) else {}
+
+    b, a, per, users = part("before"), part("after"), part("per_aligned_user"), part("users")
+    print(json.dumps({"aligned_users": users.get("aligned"), "failed_users": users.get("failed"),
+                      "lessons_per_user": part("lessons_per_user").get("mean"),
                       "rmse_before": b.get("rmse"), "rmse_after": a.get("rmse"),
                       "tokens_per_aligned_user": per.get("tokens"), "cost_usd_per_aligned_user": per.get("cost_usd"),
                       "spent_usd": result.get("spent_usd")}))
