@@ -40,7 +40,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,8 +521,8 @@ def estimate_align(plans: dict[int, dict], profiles: dict[int, str], current: di
         lo, hi = scale.min, scale.max
         worst = {i: (r + scale.step if r + scale.step <= hi else r - scale.step)
                  for c in p["chunks"] for i, r in c["real"].items()}
-        wi = {w["instead"]: (w["real"] + scale.step if w["real"] + scale.step <= hi else max(lo, w["real"] - scale.step))
-              for w in p["whatif"]}
+        wi = {w["instead"]: (w["real"] + scale.step if w["real"] + scale.step <= hi else
+                             max(lo, w["real"] - scale.step)) for w in p["whatif"]}
         wrong = {q["key"]: ("B" if q["ra"] > q["rb"] else "A") for q in p["pairs"]}
         ev, _ = evidence_of(p, worst, wrong, wi, rows, scale)
         req += 1
@@ -864,15 +863,15 @@ def run_align(data_cfg, persona_cfg, align_cfg: AlignConfig, out, *, users=None,
     delta = {k: fa[k] - fb[k] for k in fb if k != "n" and isinstance(fb.get(k), float) and isinstance(
         fa.get(k), float)}
     usage_b, usage_a = sb.get("usage", empty_usage()), sa.get("usage", empty_usage())
-    transient = sum(1 for e in entries if e["status"] == "failed" and not user_is_final(e))
+    transient = sorted(e["reason"] for e in entries if e["status"] == "failed" and not user_is_final(e))
     if transient:
-        notes.append(f"{transient} users were not aligned for a transient reason "
-                     f"({', '.join(sorted({e['reason'] for e in entries if e['status'] == 'failed' and not user_is_final(e)}))}); "
-                     "run the same command again to retry them")
+        notes.append(f"{len(transient)} users were not aligned for a transient reason "
+                     f"({', '.join(sorted(set(transient)))}); run the same command again to retry them")
     for name, s in (("before", sb), ("after", sa)):
         if s.get("retryable_failed"):
-            notes.append(f"{s['retryable_failed']} validation pairs of the {name} measurement failed for a transient "
-                         f"reason ({', '.join(sorted(s['failure_reasons']))}); run the same command again to retry them")
+            notes.append(f"{s['retryable_failed']} validation pairs of the {name} measurement failed for a "
+                         f"transient reason ({', '.join(sorted(s['failure_reasons']))}); run the same command again "
+                         "to retry them")
     n_al = len(aligned)
     result = {
         "dataset": data_cfg.dataset, "split": split.name, "backend": cfg.backend, "model": cfg.model,
@@ -910,9 +909,3 @@ def _answer_summary(answers: pd.DataFrame) -> dict:
     out["pairs"] = {"answered": int(len(pa)), "asked": int((answers["step"] == "pair").sum()),
                     "accuracy": float(pa["correct"].astype(bool).mean()) if len(pa) else None}
     return out
-
-
-def requests_per_user(acfg: AlignConfig, demos: int) -> int:
-    """Requests one user costs when every answer is usable: next-state chunks, pairs, what-ifs, reflection."""
-    return math.ceil(min(demos, acfg.demos) / acfg.chunk) + (1 if acfg.pair_questions else 0) + \
-        (1 if acfg.whatif else 0) + 1
