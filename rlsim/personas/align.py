@@ -139,6 +139,9 @@ def load_lessons(path, data_cfg, split) -> tuple[dict[int, list[str]], dict]:
     if meta.get("split_fingerprint") != split_fingerprint(split):
         raise ConfigError(f"lessons in {path} were built on another '{split.name}' split of {data_cfg.dataset} "
                           "(other seed or test fraction); align on the same split")
+    for name in ("lessons.parquet", "demonstrations.parquet"):
+        if not (d / name).is_file():
+            raise ConfigError(f"lessons in {path} are incomplete ({name} missing): align again")
     demos = pd.read_parquet(d / "demonstrations.parquet", columns=["user_id", "item_id"])
     leak = demos.merge(split.test[["user_id", "item_id"]], on=["user_id", "item_id"])
     if len(leak):
