@@ -16,6 +16,10 @@ in 0.6, ``action`` in 0.5) is answered in that schema, like a model would: the r
 items in the latest stimulus only, never those remembered from earlier batches) are the content
 of a TALK action followed by DONE (0.6: both in one answer; 0.5: TALK, then DONE once the
 conversation ends with the agent's own action). ``p_malformed`` then breaks the schema.
+
+Alignment (``rlsim personas align``): ``set_persona(real_ratings)`` makes the server answer as a
+``ScriptedPersona``: one point below each real rating until its prompt holds the lesson it writes
+when shown its errors ("I rate about one point higher than my first guess."), exact after.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class FakeOpenAI:
         self.log: list[LoggedRequest] = []
         self.bucket: float | None = None
         self.bucket_t = time.monotonic()
+        self.persona: ScriptedPersona | None = None  # set_persona(): answers from real ratings, biased
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self.thread: threading.Thread | None = None
@@ -119,6 +124,12 @@ class FakeOpenAI:
                 setattr(self.faults, k, v)
             if "seed" in kw:
                 self.rng = random.Random(kw["seed"])
+
+    def set_persona(self, ratings: dict[tuple[int, int], float], **kw) -> "ScriptedPersona":
+        """Answer as ``ScriptedPersona(ratings, **kw)`` from now on (ratings: (user, item) -> real rating)."""
+        with self.lock:
+            self.persona = ScriptedPersona(ratings, **kw)
+        return self.persona
 
     def count(self, status: int | None = None, fault: str | None = None) -> int:
         with self.lock:
@@ -161,8 +172,11 @@ class FakeOpenAI:
         ids = [int(x) for x in ITEM_LINE.findall(user_msg)]
         m = USER_TAG.search(all_text)
         uid = int(m.group(1)) if m else 0
+        scripted = self.persona.answer(user_msg, all_text, uid, ids) if self.persona is not None else None
         if self.faults.answer_text is not None:
             content = self.faults.answer_text
+        elif scripted is not None:
+            content = scripted
         else:
             ratings = {str(i): expected_rating(uid, i) for i in ids}
             if fault == "wrong_ids":
@@ -265,6 +279,58 @@ class FakeOpenAI:
                 self._send(status, resp, headers)
 
         return Handler
+
+
+# ---------------------------------------------------------------- a scripted persona, biased until it has its lesson
+
+LESSON = "I rate about one point higher than my first guess."
+PAIR_LINE = re.compile(r"^(p\d+)\) A: .*?\(id (\d+)\) \| B: .*?\(id (\d+)\)\s*$", re.M)
+GUESS = re.compile(r"you guessed (-?\d+(?:\.\d+)?), you really rated (-?\d+(?:\.\d+)?)")
+
+
+class ScriptedPersona:
+    """A test persona for ``rlsim personas align`` with a known bias and a known cure.
+
+    It knows each user's real ratings (the table the test gives it; pairs not in it fall back to
+    ``expected_rating``). Until its prompt holds ``LESSON`` it rates every movie ``bias`` points off the
+    real rating (default one point below, clipped to the scale), in every kind of prompt: rating
+    batches, next-state chunks, what-if sessions and pair choices (it compares its own biased ratings;
+    a tie answers A). Shown its errors (a reflection prompt: "you guessed G, you really rated R" lines),
+    it writes ``LESSON`` when its guesses were on average half a point or more below the truth, keeps it
+    when its prompt already holds it, and writes nothing otherwise. With ``LESSON`` in its prompt it
+    rates exactly. So alignment moves its fidelity for one known reason. ``seen`` records
+    (kind, user, prompt) for every answer.
+    """
+
+    def __init__(self, ratings: dict[tuple[int, int], float], bias: float = -1.0, lo: float = 1.0,
+                 hi: float = 5.0, lesson: str = LESSON):
+        self.ratings = {(int(u), int(i)): float(r) for (u, i), r in ratings.items()}
+        self.bias, self.lo, self.hi, self.lesson = bias, lo, hi, lesson
+        self.seen: list[tuple[str, int, str]] = []
+
+    def rating(self, uid: int, iid: int, cured: bool) -> float:
+        r = self.ratings.get((int(uid), int(iid)))
+        r = float(expected_rating(uid, iid)) if r is None else r
+        return r if cured else min(self.hi, max(self.lo, r + self.bias))
+
+    def answer(self, user_msg: str, all_text: str, uid: int, ids: list[int]) -> str | None:
+        cured = self.lesson in all_text
+        if "Write at most" in user_msg and '"lessons"' in user_msg:
+            d = [float(g) - float(r) for g, r in GUESS.findall(user_msg)]
+            self.seen.append(("reflect", uid, all_text))
+            write = cured or (bool(d) and sum(d) / len(d) <= -0.5)
+            return json.dumps({"lessons": [self.lesson] if write else []})
+        pairs = PAIR_LINE.findall(user_msg)
+        if pairs:
+            self.seen.append(("pairs", uid, all_text))
+            return json.dumps({k: "A" if self.rating(uid, int(a), cured) >= self.rating(uid, int(b), cured) else "B"
+                               for k, a, b in pairs})
+        if not ids:
+            return None
+        kind = "next_state" if "Predict the rating you gave" in user_msg else (
+            "whatif" if "What-if sessions" in user_msg else "rate")
+        self.seen.append((kind, uid, all_text))
+        return json.dumps({str(i): int(self.rating(uid, i, cured)) for i in ids})
 
 
 # ---------------------------------------------------------------- TinyTroupe's action format

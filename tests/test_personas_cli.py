@@ -414,12 +414,14 @@ FLAG_VALUES = {
     "--rpm": "7", "--tpm": "7", "--max-retries": "1", "--timeout": "3", "--budget-usd": "2",
     "--ray-address": "127.0.0.1:1", "--reward-checkpoint": "/ck", "--ndcg-k": "5", "--kind": "lusifer",
     "--out": "OTHER",
+    "--lessons": "/l", "--demos": "7", "--chunk": "2", "--history": "3", "--pair-questions": "2", "--whatif": "2",
+    "--max-lessons": "2", "--validation-frac": "0.3",
 }
 BASE = {"profile": ["--kind", "psych", "--backend", "openai", "--base-url", "http://127.0.0.1:1/v1"],
-        "rate": [], "evaluate": []}
+        "rate": [], "evaluate": [], "align": ["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1"]}
 # PersonaConfig fields a stage never reads: a flag that only changes these is not used by that command.
 IGNORED_FIELDS = {"profile": {"n_workers", "batch_size", "k_similar", "shard_users", "calibrate", "offline"},
-                  "rate": set(), "evaluate": set()}
+                  "rate": set(), "evaluate": set(), "align": {"calibrate", "offline"}}
 
 
 def _flatten(obj, prefix=""):
@@ -445,7 +447,7 @@ def _help_flags(verb, capsys) -> list[str]:
     return sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text)) - {"--help"})
 
 
-@pytest.mark.parametrize("verb", ["profile", "rate", "evaluate"])
+@pytest.mark.parametrize("verb", ["profile", "rate", "evaluate", "align"])
 def test_every_flag_in_help_is_used(verb, tmp_path, monkeypatch, capsys):
     import dataclasses
     from contextlib import nullcontext
@@ -471,7 +473,7 @@ def test_every_flag_in_help_is_used(verb, tmp_path, monkeypatch, capsys):
             return {"users": 1, "persona": {}, "coverage": 1.0, "baselines": {}, "ratings": "r", "notes": []}
         return stage
 
-    for name in ("build_profiles_stage", "rate_stage", "evaluate_stage"):
+    for name in ("build_profiles_stage", "rate_stage", "evaluate_stage", "align_stage"):
         monkeypatch.setattr(run, name, fake(name))
     monkeypatch.setattr(cmd, "ray_for_personas", lambda args, cfg: (calls.append(("ray", args.ray_address)),
                                                                      nullcontext())[1])

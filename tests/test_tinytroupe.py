@@ -267,6 +267,22 @@ def test_failures_are_retried_by_rlsim_only(faults, reason):
         assert len(srv.log) == 3
 
 
+def test_an_answer_like_the_agents_last_one_is_not_replaced_by_done():
+    """TinyTroupe turns an action too like the agent's last one (character Jaccard > 0.85) into DONE; two JSON
+    answers of one user often are. Each question of rlsim's agents gets its answer."""
+    needs_tinytroupe()
+    from rlsim.personas.grounding import WorkUnit
+
+    with FakeOpenAI(FaultConfig()) as srv:
+        srv.set_persona({(1, 12): 4.0, (1, 21): 4.0})  # both batches answer {"12": 3, "21": 3} in some order
+        engine, _ = tt_engine(srv, cfg_for(backend="tinytroupe", max_retries=0))
+        items = {i: {"item_id": i, "title": f"Film {i}", "year": 1990, "genres": "Drama"} for i in (12, 21)}
+        units = [WorkUnit(1, ids, "A viewer.", [items[i] for i in ids], {}, (1.0, 5.0, 1.0))
+                 for ids in ([12, 21], [21, 12])]
+        rows = rows_of(asyncio.run(rate_units_local(engine, units, 1)))
+    assert len(rows) == 4 and (rows["status"] == "ok").all() and (rows["rating"] == 3.0).all()
+
+
 def test_a_failed_answer_leaves_no_trace_in_the_agents_memory():
     needs_tinytroupe()
     with FakeOpenAI(FaultConfig()) as srv:

@@ -1,4 +1,4 @@
-"""`rlsim personas profile|rate|evaluate`: flags -> configs -> Ray -> rlsim.personas.run -> printed results.
+"""`rlsim personas profile|rate|evaluate|align`: flags -> configs -> Ray -> rlsim.personas.run -> printed results.
 
 The API key and endpoint are read here from the environment (OPENAI_API_KEY / OPENAI_BASE_URL, or
 AZURE_OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT) and passed in; the key is never logged, cached or
@@ -64,6 +64,26 @@ def _job_args(g) -> None:
     g.add_argument("--profiles", help="folder from `rlsim personas profile` on the same dataset and split "
                                       "(default: structured profiles, built now)")
     g.add_argument("--calibrate", action="store_true", help="quantile-map ratings onto each user's training ratings")
+    g.add_argument("--lessons", help="folder from `rlsim personas align` on the same dataset and split: each user's "
+                                     "lessons enter every prompt (LLM backends only)")
+
+
+# flag dest -> AlignConfig field
+ALIGN_FLAGS = [("demos", "demos"), ("chunk", "chunk"), ("history", "history"), ("pair_questions", "pair_questions"),
+               ("whatif", "whatif"), ("max_lessons", "max_lessons"), ("validation_frac", "validation_frac")]
+
+
+def _align_args(g) -> None:
+    g.add_argument("--demos", type=int, help="demonstrations per user: their most recent training ratings outside "
+                                             "the validation slice (default 30)")
+    g.add_argument("--chunk", type=int, help="next-state movies per request: predict them, then see them (default 5)")
+    g.add_argument("--history", type=int, help="real ratings shown before each next-state chunk (default 8)")
+    g.add_argument("--pair-questions", type=int, help="'which did you rate higher?' pairs per user (default 6)")
+    g.add_argument("--whatif", type=int, help="'what if the session had shown B instead of A?' cases per user "
+                                              "(default 4)")
+    g.add_argument("--max-lessons", type=int, help="lessons a persona may write (default 3)")
+    g.add_argument("--validation-frac", type=float, help="share of each user's training ratings held out to measure "
+                                                         "fidelity before and after (default 0.2)")
 
 
 def register(sub) -> None:
@@ -99,6 +119,28 @@ def register(sub) -> None:
             p.add_argument("--ndcg-k", type=int, default=10)
         p.add_argument("--out", required=True)
         p.set_defaults(func=func)
+
+    p = ps.add_parser("align", help="AlignUSER-style alignment: lessons from each user's own demonstrations "
+                                    "(LLM backends; fidelity before/after on a validation slice)")
+    add_data_args(p)
+    g = p.add_argument_group("personas")
+    _endpoint_args(g)
+    g.add_argument("--users", type=int, help="only this many users (the seeded sample `evaluate --users` draws)")
+    g.add_argument("--batch-size", type=int, help="movies per request of the before/after measurement")
+    g.add_argument("--k-similar", type=int, help="own-history movies shown per rated movie (before/after)")
+    g.add_argument("--workers", type=int, help="Ray persona actors (before/after measurement)")
+    g.add_argument("--shard-users", type=int, help="users per result shard (before/after measurement)")
+    g.add_argument("--profiles", help="folder from `rlsim personas profile` on the same dataset and split "
+                                      "(default: structured profiles of the demonstrations, built now)")
+    g.add_argument("--lessons", help="an earlier `personas align` folder to start from (its lessons are refined; "
+                                     "the version goes up)")
+    _call_args(g, "alignment requests in flight")
+    a = p.add_argument_group("alignment")
+    _align_args(a)
+    add_ray_arg(p)
+    add_quiet_arg(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_align)
 
 
 # ---------------------------------------------------------------- config, key and Ray from the edge
@@ -216,7 +258,7 @@ def cmd_rate(args) -> int:
     with _ray(args, cfg, not args.dry_run):
         summary = run.rate_stage(dcfg, cfg, args.out, pairs=pairs, users=args.users, profiles=args.profiles,
                                  api_key=key, use_ray=not args.no_ray, dry_run=args.dry_run,
-                                 progress=not args.quiet, crash_marker=_crash_marker())
+                                 progress=not args.quiet, crash_marker=_crash_marker(), lessons=args.lessons)
     _notes(summary)
     if args.dry_run:
         print(json.dumps({k: v for k, v in summary.items() if k != "notes"}))
@@ -236,7 +278,7 @@ def cmd_evaluate(args) -> int:
         result = run.evaluate_stage(dcfg, cfg, args.out, users=args.users, profiles=args.profiles,
                                     reward_checkpoint=args.reward_checkpoint, ndcg_k=args.ndcg_k, api_key=key,
                                     use_ray=not args.no_ray, dry_run=args.dry_run, progress=not args.quiet,
-                                    crash_marker=_crash_marker())
+                                    crash_marker=_crash_marker(), lessons=args.lessons)
     _notes(result)
     if args.dry_run:
         print(json.dumps({k: v for k, v in result.items() if k != "notes"}))
@@ -246,4 +288,46 @@ def cmd_evaluate(args) -> int:
     print(json.dumps({"persona_rmse": round(p.get("rmse", float("nan")), 4), "coverage": round(result["coverage"], 4),
                       **{f"{k}_rmse": round(v["rmse"], 4) for k, v in result["baselines"].items()}}))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def align_config(args, file_cfg: dict):
+    """AlignConfig from YAML (section ``align``), then flags (flags win); validated."""
+    from rlsim.personas.align import AlignConfig
+
+    cfg = from_dict(AlignConfig, file_cfg.get("align"), "align")
+    apply_flags(cfg, args, ALIGN_FLAGS)
+    return cfg.validate()
+
+
+def cmd_align(args) -> int:
+    from rlsim.personas import run
+    from rlsim.personas.align import OFFLINE_REFUSAL
+
+    file_cfg = load_config_file(args)
+    dcfg, cfg = data_config(args, file_cfg), persona_config(args, file_cfg)
+    acfg = align_config(args, file_cfg)
+    if cfg.backend == "offline":  # before Ray or any data: the offline persona has no lessons
+        raise ConfigError(OFFLINE_REFUSAL)
+    key = api_key(cfg)
+    with _ray(args, cfg, not args.dry_run):
+        result = run.align_stage(dcfg, cfg, acfg, args.out, users=args.users, profiles=args.profiles,
+                                 lessons=args.lessons, api_key=key, use_ray=not args.no_ray, dry_run=args.dry_run,
+                                 progress=not args.quiet)
+    _notes(result)
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in result.items() if k != "notes"}))
+        print(f"wrote {Path(args.out) / 'dry_run.json'}")
+        return 0
+    def part(k):
+        v = result.get(k)
+        return v if isinstance(v, dict) else {}
+
+    b, a, per, users = part("before"), part("after"), part("per_aligned_user"), part("users")
+    print(json.dumps({"aligned_users": users.get("aligned"), "failed_users": users.get("failed"),
+                      "lessons_per_user": part("lessons_per_user").get("mean"),
+                      "rmse_before": b.get("rmse"), "rmse_after": a.get("rmse"),
+                      "tokens_per_aligned_user": per.get("tokens"), "cost_usd_per_aligned_user": per.get("cost_usd"),
+                      "spent_usd": result.get("spent_usd")}))
+    print(f"wrote {Path(args.out) / 'lessons.json'} and {Path(args.out) / 'metrics.json'}")
     return 0

@@ -148,30 +148,42 @@ class RatingEngine:
         await gate.release(reservation, res.prompt_tokens, res.completion_tokens)
         return res
 
-    async def complete(self, messages: list[dict], response_format: dict | None) -> tuple[str, str]:
-        """One cached, rate-limited, retried free-form call (profiles): (text, '') or ('', reason)."""
+    async def complete(self, messages: list[dict], response_format: dict | None, usage: dict | None = None,
+                       answer_index: int = 0) -> tuple[str, str]:
+        """One cached, rate-limited, retried free-form call (profiles, alignment): (text, '') or ('', reason).
+
+        ``usage`` (optional, an ``empty_usage()`` dict): counts this call's requests, tokens, dollars,
+        cache hits and errors. ``answer_index``: the n-th answer to the same prompt has its own cache
+        entry, so a caller can ask again after an unusable answer instead of replaying it.
+        """
         cfg = self.cfg
         params = {"temperature": cfg.temperature, "max_tokens": max(cfg.max_output_tokens, 600), "seed": cfg.seed,
                   "response_format": response_format}
-        key = request_key(self.spec.kind, self.spec.model, self.spec.base_url, params, messages) + ":0"
+        key = request_key(self.spec.kind, self.spec.model, self.spec.base_url, params, messages) + f":{answer_index}"
         hit = self.cache.get(key) if (self.cache is not None and cfg.cache) else None
         if hit is not None:
+            if usage is not None:
+                usage["cached_requests"] += 1
             return hit["text"], ""
         reason = "not attempted"
         for attempt in range(cfg.max_retries + 1):
-            gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, empty_usage())
+            gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, empty_usage() if usage is None else usage)
             try:
                 res = await self._chat(gate, messages, response_format, {k: v for k, v in params.items()
                                                                         if k != "response_format"},
                                        PROFILE_COMPLETION_ESTIMATE)
             except TransientError as exc:
                 reason = exc.reason
+                if usage is not None:
+                    usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                 if exc.status == 429 and exc.retry_after:
                     await self.limiter.pause(exc.retry_after)
                 if attempt < cfg.max_retries:
                     await asyncio.sleep(self._backoff(attempt, exc.retry_after))
                 continue
             except PermanentError as exc:  # the budget ("budget") too
+                if usage is not None and exc.reason != "budget":
+                    usage["errors"][exc.reason] = usage["errors"].get(exc.reason, 0) + 1
                 return "", exc.reason
             if self.cache is not None and cfg.cache:
                 self.cache.put(key, {"text": res.text, "prompt_tokens": res.prompt_tokens,

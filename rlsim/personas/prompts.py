@@ -127,3 +127,151 @@ def summary_messages(previous: str, batch_lines: list[str]) -> list[dict]:
 
 def dumps_compact(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+# ---------------------------------------------------------------- alignment from demonstrations (personas align)
+#
+# The persona meets its user's own demonstrations (training ratings in time order) in four kinds of
+# request, each under a JSON schema: next-state (predict the next movies' ratings given the session so
+# far), pair choices (which of two movies rated differently was rated higher), what-if sessions (a
+# movie of the session replaced by another: its rating then), and a reflection on its errors that
+# writes at most L short lessons. Lessons then ride on the profile line of every later prompt.
+# Movie lines to rate are "<id>: <title>"; no other line starts with digits and a colon.
+
+ALIGN_SYSTEM = ("You are a movie viewer described by the profile, studying your own past ratings so that you "
+                "rate like yourself. Answer only the JSON object asked for.")
+REFLECT_SYSTEM = ("You are a movie viewer described by the profile. You compare your guesses about your own "
+                  "ratings with what you really rated, and write short lessons for your future ratings. "
+                  "Answer only the JSON object asked for.")
+LESSONS_PREFIX = "Lessons from your own past ratings:"
+
+
+def lessons_text(lessons: list[str]) -> str:
+    """The lessons as they enter a prompt: one line after the profile ('' when there are none)."""
+    items = [" ".join(str(x).split()) for x in lessons if str(x).strip()]
+    if not items:
+        return ""
+    return f"{LESSONS_PREFIX} " + " ".join(f"({j + 1}) {t}" for j, t in enumerate(items))
+
+
+def profile_with_lessons(profile_text: str, lessons: list[str]) -> str:
+    """Profile text followed by the lessons, on one line (TinyTroupe reads the profile line)."""
+    extra = lessons_text(lessons)
+    return f"{profile_text} {extra}".strip() if extra else profile_text
+
+
+def _head(user_id: int, profile_text: str, scale: RatingScale) -> str:
+    return f"Profile of user {int(user_id)}: {profile_text}\nScale: {scale_text(scale)}."
+
+
+def _rated(label: str, r: float) -> str:
+    return f"- {label} = {r:g}"
+
+
+def next_state_messages(user_id: int, profile_text: str, history: list[tuple[str, float]], items: list[dict],
+                        scale: RatingScale) -> list[dict]:
+    """Next-state task: the session so far (real ratings, oldest first), then the next movies to predict."""
+    hist = "\n".join(_rated(label, r) for label, r in history) or "- (nothing yet)"
+    lines = "\n".join(f"{int(it['item_id'])}: {movie_label(it)}" for it in items)
+    user = (_head(user_id, profile_text, scale) + "\nYour ratings so far in this session, oldest first:\n" + hist
+            + "\nNext you watched these movies (id: title). Predict the rating you gave each one:\n" + lines)
+    return [{"role": "system", "content": ALIGN_SYSTEM}, {"role": "user", "content": user}]
+
+
+def named_rating_schema(name: str, item_ids: list[int], scale: RatingScale) -> dict:
+    """``rating_schema`` under another name (next_ratings, whatif_ratings): id -> rating on the scale."""
+    rf = rating_schema(item_ids, scale)
+    return {"type": rf["type"], "json_schema": {**rf["json_schema"], "name": name}}
+
+
+def pair_messages(user_id: int, profile_text: str, pairs: list[tuple[str, dict, dict]],
+                  scale: RatingScale) -> list[dict]:
+    """Pairs of the user's movies rated differently: which one did they rate higher? pairs: (key, item A, item B)."""
+    lines = "\n".join(f"{k}) A: {movie_label(a)} (id {int(a['item_id'])}) | B: {movie_label(b)} "
+                      f"(id {int(b['item_id'])})" for k, a, b in pairs)
+    user = (_head(user_id, profile_text, scale) + "\nYou rated both movies of each pair, and not the same. "
+            "Which did you rate higher? Answer A or B for each pair:\n" + lines)
+    return [{"role": "system", "content": ALIGN_SYSTEM}, {"role": "user", "content": user}]
+
+
+def pair_schema(keys: list[str]) -> dict:
+    props = {k: {"type": "string", "enum": ["A", "B"]} for k in keys}
+    return {"type": "json_schema", "json_schema": {"name": "pair_choices", "strict": True, "schema": {
+        "type": "object", "properties": props, "required": list(props), "additionalProperties": False}}}
+
+
+def whatif_messages(user_id: int, profile_text: str, cases: list[dict], scale: RatingScale) -> list[dict]:
+    """What-if sessions: each case is {"session": [(label, rating)], "shown": (label, rating), "instead": item}:
+    the session had shown ``instead`` in place of ``shown``; how would the user have rated it?"""
+    blocks = []
+    for j, c in enumerate(cases):
+        before = "; ".join(f"{label} = {r:g}" for label, r in c["session"]) or "nothing"
+        label, r = c["shown"]
+        it = c["instead"]
+        blocks.append(f"Session {j + 1}: you had rated {before}; then it showed {label} and you rated it {r:g}. "
+                      f"What if it had shown this movie instead?\n{int(it['item_id'])}: {movie_label(it)}")
+    user = (_head(user_id, profile_text, scale) + "\nWhat-if sessions: in each, one movie you were shown is "
+            "replaced by another (id: title). Rate each replacement as you would have in that session.\n"
+            + "\n".join(blocks))
+    return [{"role": "system", "content": ALIGN_SYSTEM}, {"role": "user", "content": user}]
+
+
+def reflection_messages(user_id: int, profile_text: str, evidence: dict, max_lessons: int, scale: RatingScale,
+                        current: list[str] | None = None) -> list[dict]:
+    """The persona is shown its errors and writes at most ``max_lessons`` lessons.
+
+    evidence: {"predictions": [(label, guess, real)], "n_predictions", "exact", "bias" (mean guess - real),
+    "mae", "genres": [(genre, mean guess - real, n)], "pairs": [(chosen label, other label, real chosen,
+    real other)] (the wrong choices), "n_pairs", "pairs_right", "whatif": [(instead label, shown label, guess,
+    real)]}.
+    """
+    e = evidence
+    parts = [_head(user_id, profile_text, scale),
+             "You tried to predict your own ratings. Here is how your guesses compared with what you really rated."]
+    if e.get("n_predictions"):
+        parts.append(f"Rating predictions: {e['exact']} of {e['n_predictions']} exactly right; mean of guess minus "
+                     f"real {e['bias']:+.2f}; mean absolute error {e['mae']:.2f}. The ones you got wrong:")
+        parts += [f"- {label}: you guessed {g:g}, you really rated {r:g}" for label, g, r in e["predictions"]] \
+            or ["- (none)"]
+    if e.get("genres"):
+        parts.append("By genre (mean of guess minus real): "
+                     + "; ".join(f"{g} {d:+.1f} (n={n})" for g, d, n in e["genres"]) + ".")
+    if e.get("n_pairs"):
+        parts.append(f"Which of two movies you rated higher: {e['pairs_right']} of {e['n_pairs']} right. "
+                     "The ones you got wrong:")
+        parts += [f"- you chose {a} over {b}; really {a} = {ra:g}, {b} = {rb:g}" for a, b, ra, rb in e["pairs"]] \
+            or ["- (none)"]
+    if e.get("whatif"):
+        parts.append("What-if sessions (a movie replaced by another):")
+        parts += [f"- {b} instead of {a}: you guessed {g:g}, you really rated {r:g}" for b, a, g, r in e["whatif"]]
+    if current:
+        parts.append("Lessons you already use: " + " ".join(f"({j + 1}) {t}" for j, t in enumerate(current))
+                     + " Keep those that still hold; fix or drop the others.")
+    parts.append(f"Write at most {int(max_lessons)} short lessons (one sentence each, first person, under 25 words) "
+                 "about how you really rate that would have made your guesses right: general tendencies (genres, "
+                 "kinds of films, how high or low you rate), not single movies. Answer JSON "
+                 '{"lessons": ["...", ...]}.')
+    return [{"role": "system", "content": REFLECT_SYSTEM}, {"role": "user", "content": "\n".join(parts)}]
+
+
+LESSONS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "lessons", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False,
+    "properties": {"lessons": {"type": "array", "items": {"type": "string"}}}, "required": ["lessons"]}}}
+
+
+def align_prompts_sha256() -> str:
+    """A hash of the alignment prompts as rendered on fixed inputs: it changes whenever a template does."""
+    import hashlib
+
+    sc = RatingScale(1.0, 5.0, 1.0)
+    it = {"item_id": 1, "title": "A", "year": 2000, "genres": "Drama"}
+    ev = {"predictions": [("A", 3.0, 4.0)], "n_predictions": 1, "exact": 0, "bias": -1.0, "mae": 1.0,
+          "genres": [("Drama", -1.0, 1)], "pairs": [("A", "B", 2.0, 4.0)], "n_pairs": 1, "pairs_right": 0,
+          "whatif": [("B", "A", 3.0, 4.0)]}
+    blob = json.dumps([ALIGN_SYSTEM, REFLECT_SYSTEM, LESSONS_PREFIX, LESSONS_SCHEMA,
+                       next_state_messages(1, "p", [("B", 4.0)], [it], sc),
+                       pair_messages(1, "p", [("p1", it, it)], sc), pair_schema(["p1"]),
+                       whatif_messages(1, "p", [{"session": [("B", 4.0)], "shown": ("C", 2.0), "instead": it}], sc),
+                       reflection_messages(1, "p", ev, 3, sc, ["x"]), lessons_text(["x", "y"]),
+                       named_rating_schema("next_ratings", [1], sc)], sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

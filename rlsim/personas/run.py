@@ -155,8 +155,13 @@ def offline_units(pairs: pd.DataFrame, scale, per_unit: int = OFFLINE_UNIT_ITEMS
 
 
 def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.DataFrame, job_dir: Path, *,
-                profiles, api_key, use_ray, dry_run, progress, crash_marker) -> tuple[pd.DataFrame, dict]:
-    """(user_id, item_id, predicted, predicted_raw, status, reason) for pairs, and the job summary."""
+                profiles, api_key, use_ray, dry_run, progress, crash_marker,
+                lessons: dict[int, list[str]] | None = None, lessons_info: dict | None = None
+                ) -> tuple[pd.DataFrame, dict]:
+    """(user_id, item_id, predicted, predicted_raw, status, reason) for pairs, and the job summary.
+
+    ``lessons`` (user -> lessons from ``personas align``) ride on each user's profile line; the offline
+    persona reads none (a ConfigError)."""
     from rlsim.personas.pool import dry_run as estimate
     from rlsim.personas.pool import run_rating_job
 
@@ -168,6 +173,11 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
     vectors = None if dry_run and cfg.backend == "offline" else _vectors(ds, data_cfg)
     offline_model = None
     notes = []
+    if cfg.backend == "offline" and lessons is not None:
+        from rlsim.personas.align import OFFLINE_LESSONS
+
+        raise ConfigError(OFFLINE_LESSONS)
+    linfo = None
     if cfg.backend == "offline":
         units = offline_units(pairs, ds.scale)
         if profiles is not None:
@@ -181,6 +191,15 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
 
         texts, pinfo = _profiles_for_job(profiles, data_cfg, split, users, ds)
         context["profiles_sha256"] = pinfo["sha256"]
+        if lessons is not None:
+            from rlsim.personas.align import apply_lessons
+
+            texts, linfo = apply_lessons(texts, lessons)
+            linfo = {**(lessons_info or {}), **linfo}
+            context["lessons_sha256"] = linfo["sha256"]
+            if linfo["users_with_lessons"] < linfo["users"]:
+                notes.append(f"{linfo['users'] - linfo['users_with_lessons']} of {linfo['users']} users have no "
+                             "lessons; they are rated with their profile alone")
         units = PromptBuilder(split.train, ds.items, ds.scale, texts, vectors, cfg.k_similar,
                               cfg.batch_size).units(pairs)
         if pinfo.get("structured_for_missing_users"):
@@ -188,12 +207,14 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
                          "structured profile")
     if dry_run:
         est = estimate(units, spec, cfg)
-        return pd.DataFrame(), {**est, "notes": notes}
+        return pd.DataFrame(), {**est, "notes": notes, **({"lessons": linfo} if linfo else {})}
     summary = run_rating_job(units, job_dir, spec, cfg, response_cache_path(data_cfg, cfg), use_ray=use_ray,
                              progress=progress, crash_marker=crash_marker, context=context,
                              offline_model=offline_model)
     if cfg.backend != "offline":
         summary["profiles"] = pinfo
+    if linfo is not None:
+        summary["lessons"] = linfo
     if summary.get("limits", {}).get("note"):
         notes.append(summary["limits"]["note"])
     if summary["retryable_failed"]:
@@ -306,11 +327,14 @@ def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind:
 def rate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | Path, *,
                pairs: pd.DataFrame | None = None, users: int | Iterable[int] | None = None,
                profiles: str | Path | None = None, api_key: str | None = None, use_ray: bool = True,
-               dry_run: bool = False, progress: bool = True, crash_marker: str | None = None) -> dict:
+               dry_run: bool = False, progress: bool = True, crash_marker: str | None = None,
+               lessons: str | Path | None = None) -> dict:
     """Persona ratings of pairs (default: the split's held-out pairs) -> OUT/ratings.parquet, summary.json, job/.
 
     users: a seeded sample (int) or ids, among the pairs' users. A rerun into the same OUT resumes
     (transient failures are asked again). ``dry_run`` writes OUT/dry_run.json and calls nothing.
+    ``lessons``: an OUT folder of ``align_stage`` on the same dataset and split; each user's lessons
+    enter every prompt of theirs.
     """
     from rlsim.data import load_split
 
@@ -322,8 +346,10 @@ def rate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | Path
         pairs[["user_id", "item_id"]].astype("int64").drop_duplicates()
     chosen = sample_users(pairs["user_id"], users, data_cfg.seed)
     pairs = pairs[pairs["user_id"].isin(chosen)].reset_index(drop=True)
+    lessons_map, linfo = _lessons_for_job(lessons, data_cfg, split, cfg)
     df, summary = _rate_pairs(ds, split, data_cfg, cfg, pairs, out / "job", profiles=profiles, api_key=api_key,
-                              use_ray=use_ray, dry_run=dry_run, progress=progress, crash_marker=crash_marker)
+                              use_ray=use_ray, dry_run=dry_run, progress=progress, crash_marker=crash_marker,
+                              lessons=lessons_map, lessons_info=linfo)
     if dry_run:
         write_json(out / "dry_run.json", summary)
         return summary
@@ -340,8 +366,11 @@ def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | 
                    users: int | Iterable[int] | None = None, profiles: str | Path | None = None,
                    reward_checkpoint: str | Path | None = None, ndcg_k: int = 10, api_key: str | None = None,
                    use_ray: bool = True, dry_run: bool = False, progress: bool = True,
-                   crash_marker: str | None = None) -> dict:
+                   crash_marker: str | None = None, lessons: str | Path | None = None) -> dict:
     """Fidelity of persona ratings on held-out ratings, beside the baseline gate (and the reward model).
+
+    ``lessons``: an OUT folder of ``align_stage`` (same dataset and split): each user's lessons enter
+    every prompt of theirs.
 
     Writes OUT/metrics.json, pairs.parquet, histogram.png and OUT/job/ (the rating job: manifest,
     journal, shards, ratings); returns what metrics.json holds. users: a seeded sample (int, the
@@ -360,9 +389,11 @@ def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | 
     test = split.test[split.test["user_id"].isin(chosen)].reset_index(drop=True)
     if not len(test):
         raise ConfigError("no held-out ratings for the chosen users")
+    lessons_map, linfo = _lessons_for_job(lessons, data_cfg, split, cfg)
     df, summary = _rate_pairs(ds, split, data_cfg, cfg, test[["user_id", "item_id"]], out / "job",
                               profiles=profiles, api_key=api_key, use_ray=use_ray, dry_run=dry_run,
-                              progress=progress, crash_marker=crash_marker)
+                              progress=progress, crash_marker=crash_marker, lessons=lessons_map,
+                              lessons_info=linfo)
     if dry_run:
         write_json(out / "dry_run.json", summary)
         return summary
@@ -381,7 +412,8 @@ def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | 
               "calibrated": cfg.calibrate, **result,
               "failure_reasons": summary.get("failure_reasons", {}), "usage": summary.get("usage", {}),
               "job": {k: summary.get(k) for k in ("planned_pairs", "missing_pairs", "retried", "retryable_failed",
-                                                  "resumed", "spent_usd", "elapsed_s", "limits", "profiles")
+                                                  "resumed", "spent_usd", "elapsed_s", "limits", "profiles",
+                                                  "lessons")
                       if k in summary},
               "notes": summary.get("notes", [])}
     if cfg.backend == "offline":
@@ -390,3 +422,37 @@ def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | 
     write_json(out / "metrics.json", result)
     plot_histograms(result, ds.scale, out / "histogram.png", f"{data_cfg.dataset} {split.name}: {cfg.backend} persona")
     return result
+
+
+def _lessons_for_job(lessons, data_cfg: DataConfig, split, cfg: PersonaConfig):
+    """(user -> lessons, info) from an align OUT folder, checked against this dataset and split; (None, None)."""
+    if lessons is None:
+        return None, None
+    from rlsim.personas.align import OFFLINE_LESSONS, load_lessons
+
+    if cfg.backend == "offline":
+        raise ConfigError(OFFLINE_LESSONS)
+    return load_lessons(lessons, data_cfg, split)
+
+
+def align_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, align_cfg, out: str | Path, *,
+                users: int | Iterable[int] | None = None, profiles: str | Path | None = None,
+                lessons: str | Path | None = None, api_key: str | None = None, use_ray: bool = True,
+                dry_run: bool = False, progress: bool = True) -> dict:
+    """AlignUSER-style alignment from demonstrations -> OUT/lessons.parquet, lessons.json, demonstrations.parquet,
+    answers.parquet, align_users.parquet, validation.parquet, metrics.json (``rlsim.personas.align``).
+
+    Per user: next-state predictions over a time-ordered slice of their training ratings (minus a seeded
+    validation slice), pair choices and what-if sessions around those demonstrations, then a reflection on
+    the errors that writes at most ``align_cfg.max_lessons`` lessons. Fidelity before and after (the same
+    rating prompts without and with the lessons) is measured on the validation slice of the aligned users.
+    users: like ``evaluate_stage`` (the same seeded sample for an int). ``lessons``: an earlier OUT to start
+    from (the persona refines them; the version goes up). Every request goes through the engine (cache,
+    the cluster's limiter when ``use_ray``, retries) under one ``budget_usd`` for the whole run;
+    ``dry_run`` estimates it all and calls nothing (OUT/dry_run.json). A rerun into OUT resumes. The
+    offline backend is refused: it has no lessons.
+    """
+    from rlsim.personas.align import run_align
+
+    return run_align(data_cfg, persona_cfg, align_cfg, out, users=users, profiles=profiles, lessons=lessons,
+                     api_key=api_key, use_ray=use_ray, dry_run=dry_run, progress=progress)

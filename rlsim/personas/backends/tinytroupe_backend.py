@@ -426,6 +426,10 @@ class TinyTroupeBackend:
             TinyPerson.all_agents.pop(name, None)
         if uid is not None:
             person.define("occupation", "movie viewer")
+        # TinyTroupe replaces an action too like the agent's last one (character Jaccard > 0.85) by DONE: two
+        # JSON answers of one user often are (a second batch, alignment's questions), and the question would
+        # go unanswered on every retry. rlsim asks each question once and wants its answer.
+        person.enable_basic_action_repetition_prevention = False
         return person
 
     async def close(self) -> None:
