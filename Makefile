@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # ~165 packages and downgrades openai to 2.x (README: The TinyTroupe backend).
 TINYTROUPE ?= $(or $(lastword $(sort $(wildcard ../shared/wheels/tinytroupe-*.whl))),git+https://github.com/microsoft/TinyTroupe.git@v0.6.0)
 
-.PHONY: install install-tinytroupe quickstart test test-all bench clean
+.PHONY: install install-tinytroupe quickstart test test-all test-cluster bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: install
 # Everything, the slow tests included.
 test-all: install
 	$(BIN)/python -m pytest -m '' $(PYTEST_ARGS)
+
+# Two Ray nodes on this machine, one of them lost mid-run (about 20 minutes on 2 cores).
+test-cluster: install
+	$(BIN)/python -m pytest -m cluster $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/reward_ml100k.py

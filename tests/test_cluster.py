@@ -96,6 +96,7 @@ def test_pipeline_job_runs_env_runners_on_both_nodes(two_nodes, tmp_path, data_r
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(1200)
 def test_worker_node_lost_mid_training(two_nodes, tmp_path, data_root, cache_root):
     """Killing the worker node kills its env runner; the simulator actor (on the driver's node)
@@ -132,6 +133,7 @@ def test_worker_node_lost_mid_training(two_nodes, tmp_path, data_root, cache_roo
     assert len(train["iterations"]) == 12
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(1500)
 def test_persona_pool_spreads_holds_the_limit_and_survives_a_lost_node(two_nodes, tmp_path, data_root, cache_root):
     """Persona workers on both nodes share the one cluster limiter (>= 95% of the limit, no 429
