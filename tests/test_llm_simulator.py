@@ -121,10 +121,40 @@ def test_the_session_reaches_the_server_and_moves_the_answer(server, tmp_path):
     assert sum(line in r.messages_text for r in server.log) == 1
     n = len(server.log)
     again = sim.distribution(np.array([u, u]), np.array([i, i]), [Session(), low(3, 5)])
-    assert len(server.log) == n and np.allclose(again, p)  # the same user, movie and session: the cache
+    assert len(server.log) == n and np.allclose(again, p)  # the same user, movie and session: asked once
+    assert sim.stats()["from_memo"] == 2
+    fresh = make_sim(server, cache=cache, method="logprobs")  # another simulator, the same response cache
+    assert np.allclose(fresh.distribution(np.array([u, u]), np.array([i, i]), [Session(), low(3, 5)]), p)
+    assert len(server.log) == n and fresh.stats()["from_cache"] == 2
     sim.distribution(np.array([u]), np.array([i]), [low(3, 5, 8)])
     assert len(server.log) == n + 1  # a new session is a new request
-    assert sim.stats()["from_cache"] == 2
+    assert_accounted(sim)
+    assert_accounted(fresh)
+
+
+def test_a_pair_is_asked_once_whatever_prompt_it_came_in(server):
+    sim = make_sim(server, method="logprobs")
+    s = low(3)
+    first = sim.distribution(np.array([1, 1]), np.array([5, 6]), [s, s])
+    second = sim.distribution(np.array([1, 1]), np.array([5, 7]), [s, s])  # 5 again, beside another movie
+    assert [sorted(r.item_ids) for r in server.log] == [[5, 6], [7]]
+    assert np.allclose(first[0], second[0]) and sim.stats()["from_memo"] == 1
+
+
+def test_concurrent_calls_share_a_pair_in_flight(server):
+    server.set_faults(latency_s=0.2)
+    sim = make_sim(server, method="logprobs")
+
+    async def main():
+        try:
+            return await asyncio.gather(sim.adistribution(np.array([1]), np.array([5]), [low(3)]),
+                                        sim.adistribution(np.array([1, 2]), np.array([5, 5]), [low(3), low(3)]))
+        finally:
+            await sim.engine.aclose()
+
+    a, b = asyncio.run(main())
+    assert np.allclose(a[0], b[0]) and np.isfinite(b).all()
+    assert sorted(r.user_id for r in server.log) == [1, 2]  # (1, 5, session) was asked once for both calls
     assert_accounted(sim)
 
 

@@ -7,7 +7,9 @@ cache, and the same JSON schema and validation as `rlsim personas rate`.
 
 - **Grouping.** The pairs of one call are grouped by (user, session): pairs with the same user and
   the same session so far share one prompt (a batch of up to ``personas.batch_size`` movies);
-  different sessions are different prompts. Repeated pairs are asked once. All prompts of a call
+  different sessions are different prompts. A pair is asked once: repeated within a call, asked by
+  another call in flight, or answered before in another prompt of the same session (an in-memory
+  memo of (user, session, movie) -> distribution; the response cache is per prompt). All prompts of a call
   are sent concurrently; the limiter paces them, so many env runners' steps overlap under one
   rate limit (the SimulatorActor awaits ``adistribution``).
 - **The session is in the prompt**: "In this session you were shown, in order: <title> — you rated
@@ -88,6 +90,7 @@ class LLMSimConfig:
     calibration_pairs: int = 200  # hold-out pairs asked to fit the noise model ("noise")
     calibration_frac: float = 0.1  # share of each user's training ratings held out for it
     max_summaries: int = 100_000  # summaries kept in memory (least recently used dropped)
+    max_answers: int = 500_000  # (user, session, movie) distributions kept in memory (LRU)
 
     def validate(self) -> "LLMSimConfig":
         def need(ok: bool, what: str) -> None:
@@ -96,7 +99,7 @@ class LLMSimConfig:
 
         need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name, lo in (("top_logprobs", 1), ("samples", 1), ("summary_every", 0), ("session_max", 0),
-                         ("calibration_pairs", MIN_CALIBRATION), ("max_summaries", 1)):
+                         ("calibration_pairs", MIN_CALIBRATION), ("max_summaries", 1), ("max_answers", 1)):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, "
                  f"got {v!r}")
@@ -196,12 +199,16 @@ class LLMPersonaSimulator(Simulator):
         self.usage = empty_usage()  # rating requests of the simulator's answers
         self.summary_usage = empty_usage()  # Lusifer summary updates
         self.setup_usage = empty_usage()  # the probe and the noise model's calibration
-        self.counts = {"requested": 0, "answered": 0, "failed": 0, "from_cache": 0, "repeated_in_call": 0,
+        self.counts = {"requested": 0, "answered": 0, "failed": 0, "from_cache": 0, "from_memo": 0,
+                       "repeated_in_call": 0,
                        "prompts": 0, "calls": 0, "summary_updates": 0, "summary_failed": 0,
                        "summaries_memoised": 0}
         self.failed_by_reason: dict[str, int] = {}
         self.summary_failures: dict[str, int] = {}
         self._summaries: collections.OrderedDict = collections.OrderedDict()
+        # (user, session, item) -> distribution: a pair answered in one prompt is not asked again in
+        # another (the response cache is per prompt, and a prompt batches a session's movies).
+        self._answers: collections.OrderedDict = collections.OrderedDict()
         self._loop = None
         self.t_first = self.t_last = None
 
@@ -214,6 +221,7 @@ class LLMPersonaSimulator(Simulator):
             self._probe_lock = asyncio.Lock()
             self._calib_lock = asyncio.Lock()
             self._summary_tasks: dict = {}
+            self._inflight: dict = {}
         return self
 
     @property
@@ -573,29 +581,59 @@ class LLMPersonaSimulator(Simulator):
         groups: dict[tuple, dict[int, list[int]]] = {}
         for j in range(n):
             s = EMPTY if sessions is None or sessions[j] is None else sessions[j]
-            key = (int(users[j]), tuple(s.items), tuple(s.ratings))
+            key = (int(users[j]), tuple(int(x) for x in s.items), tuple(float(x) for x in s.ratings))
             groups.setdefault(key, {}).setdefault(int(items[j]), []).append(j)
-        jobs = []
+        st, loop = self._state(), asyncio.get_running_loop()
+        jobs, mine, waiting = [], [], []
         for key, by_item in groups.items():
-            ids = list(by_item)
-            for s in range(0, len(ids), self.pcfg.batch_size):
-                jobs.append((key, ids[s:s + self.pcfg.batch_size]))
-        self.counts["prompts"] += len(jobs)
-        results = await asyncio.gather(*[self._rate(key, ids, method) for key, ids in jobs])
-        for (key, _), res in zip(jobs, results):
-            for i, (p, reason, hit) in res.items():
-                rows = groups[key][i]
+            ids = []
+            for i, rows in by_item.items():
                 self.counts["repeated_in_call"] += len(rows) - 1
-                if p is None:
-                    self._fail(len(rows), reason)
-                    continue
-                if method == "noise":
-                    p = self.noise.distribution(np.array([p]), np.array([key[0]]))[0]
-                out[rows] = p
-                self.counts["answered"] += len(rows)
-                if hit:
-                    self.counts["from_cache"] += len(rows)
+                pk = (key, i)
+                if pk in self._answers:  # answered before, in another prompt of this session
+                    self._answers.move_to_end(pk)
+                    self.counts["from_memo"] += len(rows)
+                    self._deliver(out, rows, self._answers[pk], "", False)
+                elif pk in st._inflight:  # being asked by a call in flight (another env runner's)
+                    waiting.append((rows, st._inflight[pk]))
+                else:
+                    st._inflight[pk] = loop.create_future()
+                    mine.append(pk)
+                    ids.append(i)
+            b = self.pcfg.batch_size
+            jobs += [(key, ids[s:s + b]) for s in range(0, len(ids), b)]
+        self.counts["prompts"] += len(jobs)
+        try:
+            results = await asyncio.gather(*[self._rate(key, ids, method) for key, ids in jobs])
+            for (key, _), res in zip(jobs, results):
+                for i, (p, reason, hit) in res.items():
+                    if p is not None and method == "noise":
+                        p = self.noise.distribution(np.array([p]), np.array([key[0]]))[0]
+                    if p is not None:
+                        self._answers[(key, i)] = p
+                        while len(self._answers) > self.cfg.max_answers:
+                            self._answers.popitem(last=False)
+                    st._inflight[(key, i)].set_result((p, reason, hit))
+                    self._deliver(out, groups[key][i], p, reason, hit)
+        finally:
+            for pk in mine:  # nobody waits forever, whatever happened
+                fut = st._inflight.pop(pk, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((None, "not attempted", False))
+        for rows, fut in waiting:
+            p, reason, _ = await asyncio.shield(fut)
+            self.counts["from_memo"] += len(rows) if p is not None else 0
+            self._deliver(out, rows, p, reason, False)
         return out
+
+    def _deliver(self, out: np.ndarray, rows: list[int], p, reason: str, hit: bool) -> None:
+        if p is None:
+            self._fail(len(rows), reason)
+            return
+        out[rows] = p
+        self.counts["answered"] += len(rows)
+        if hit:
+            self.counts["from_cache"] += len(rows)
 
     async def _rate(self, key: tuple, ids: list[int], method: str) -> dict:
         user, s_items, s_ratings = key
