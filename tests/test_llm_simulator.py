@@ -542,3 +542,32 @@ def test_ppo_keeps_the_rate_limit_busy(tmp_path, data_root, cache_root):
     assert r["llm_loop_lost_ratings"] == 0 and r["llm_loop_duplicated_ratings"] == 0
     assert r["failed_ratings"] == 0 and r["server_429"] <= 3
     assert r["llm_loop_rate_limit_utilisation"] >= 0.8, r
+
+
+@pytest.mark.slow
+def test_the_study_starts_and_stops_its_llm_persona(tmp_path, data_root, cache_root, monkeypatch):
+    """`rlsim study` with personas.backend openai and an endpoint: one command starts the LLM persona
+    simulator actor, trains and judges a policy on it beside the others, and stops it."""
+    import yaml
+
+    from rlsim.cli import main
+
+    with FakeOpenAI(FaultConfig()) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        cfg = {"data": {"dataset": "ml-100k", "split": "u1", "data_dir": str(data_root), "cache_dir": str(cache_root),
+                        "download": False},
+               "candidates": {"k": 5},
+               "policy": {"train_batch_size": 128, "minibatch_size": 64, "num_epochs": 1, "hidden": 8,
+                          "users_per_episode": 8, "num_envs_per_env_runner": 8},
+               "personas": {"backend": "openai", "model": "fake-model", "k_similar": 0, "rpm": 60000},
+               "study": {"sources": ["bias", "mf"], "seeds": 1, "env_steps": 128, "bootstrap": 50}}
+        p = tmp_path / "study.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        out = tmp_path / "study"
+        assert main(["study", "--config", str(p), "--out", str(out), "--quiet", "--num-cpus", "1"]) == 0
+        n = srv.count()
+    r = json.loads((out / "study.json").read_text())
+    assert r["sources"] == ["bias", "mf", "llm_persona"] and r["fidelity"]["llm_persona"]["method"] == "logprobs"
+    assert r["runs"]["llm_persona"][0]["env_steps"] >= 128 and n > 0
+    assert SECRET.encode() not in (out / "study.json").read_bytes()

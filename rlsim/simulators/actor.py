@@ -252,3 +252,15 @@ class SimulatorClient:
         import ray
 
         return ray.get(self.handle.stats.remote())
+
+    def describe(self) -> dict:
+        """The actor's simulator's own description (its method, counts, ...), as fidelity reports it."""
+        return self.stats().get("simulator", {})
+
+    @property
+    def conditions_on_session(self) -> bool:
+        return bool(self.describe().get("conditions_on_session", False))
+
+    @property
+    def method(self) -> str:
+        return str(self.describe().get("method", ""))

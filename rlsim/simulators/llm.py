@@ -90,7 +90,7 @@ class LLMSimConfig:
     calibration_pairs: int = 200  # hold-out pairs asked to fit the noise model ("noise")
     calibration_frac: float = 0.1  # share of each user's training ratings held out for it
     max_summaries: int = 100_000  # summaries kept in memory (least recently used dropped)
-    max_answers: int = 500_000  # (user, session, movie) distributions kept in memory (LRU)
+    max_answers: int = 200_000  # (user, session, movie) distributions kept in memory (LRU)
 
     def validate(self) -> "LLMSimConfig":
         def need(ok: bool, what: str) -> None:
