@@ -138,8 +138,27 @@ def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], tra
             "ndcg": metrics["ndcg"], "gap_closed_own_simulator": metrics.get("gap_closed")}
 
 
-def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Path, progress: bool = True) -> dict:
-    """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html)."""
+def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Path, progress: bool = True,
+              llm_persona: dict | None = None) -> dict:
+    """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html).
+
+    ``llm_persona``: {"persona_cfg", "api_key", "options"} to START the LLM persona simulator actor
+    named ``scfg.llm_persona_actor`` for this study (rlsim.simulators.llm.start_llm_persona_actor)
+    and stop it at the end; without it that actor must already be running."""
+    if llm_persona is not None:
+        from rlsim.data import load_split
+        from rlsim.simulators.actor import stop_simulator_actor
+        from rlsim.simulators.llm import start_llm_persona_actor
+
+        ds, split = load_split(dcfg)
+        actor = start_llm_persona_actor(scfg.llm_persona_actor, ds, split.train, llm_persona["persona_cfg"],
+                                        llm_persona.get("api_key"), llm_persona.get("options"),
+                                        namespace=scfg.llm_persona_namespace, seed=dcfg.seed,
+                                        text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
+        try:
+            return run_study(dcfg, scfg, sections, out, progress)
+        finally:
+            stop_simulator_actor(actor)
     from rlsim.candidates import CandidatesConfig, write_candidates
     from rlsim.data import load_split
     from rlsim.env import EnvData, score_all

@@ -20,11 +20,23 @@ conversation ends with the agent's own action). ``p_malformed`` then breaks the 
 Alignment (``rlsim personas align``): ``set_persona(real_ratings)`` makes the server answer as a
 ``ScriptedPersona``: one point below each real rating until its prompt holds the lesson it writes
 when shown its errors ("I rate about one point higher than my first guess."), exact after.
+
+LLM personas as simulators (rlsim.simulators.llm): each (user, item) has a deterministic
+distribution over 1..5 (``rating_distribution``: mass falling off around ``expected_rating``),
+moved by the prompt: a session line whose ratings ("you rated 2") average at most 2 shifts it one
+star down (``session_shift``). ``logprobs``/``top_logprobs`` return per-token logprobs of the JSON
+answer, the rating tokens with the rating values (and one non-rating token) as their top
+alternatives; ``n`` returns n completions, sampled from the distribution when temperature > 0
+(seeded by user, item, choice and prompt); ``logprobs_supported``/``n_supported`` turn either off
+(the parameter is then ignored, as some servers do). A summary request (schema "summary") is
+answered with a deterministic summary of its new ratings. Every request's messages are logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
 import re
 import threading
@@ -59,6 +71,8 @@ class FaultConfig:
     burst: float | None = None  # bucket size in requests (default: one second's worth, at least 1)
     seed: int = 0
     answer_text: str | None = None  # fixed content (psych profiles / summaries); None = ratings
+    logprobs_supported: bool = True  # honour logprobs/top_logprobs (False: ignore them)
+    n_supported: bool = True  # honour n > 1 (False: answer one completion)
 
 
 @dataclass
@@ -77,6 +91,9 @@ class LoggedRequest:
     stimulus: str = ""  # TinyTroupe: the text of the latest stimulus the agent heard
     prompt_chars: int = 0
     prompt_text: str = ""  # TinyTroupe: every message, decoded (its memories are in the system message)
+    messages_text: str = ""  # every message's content, as sent
+    n_choices: int = 1  # completions answered
+    logprobs: bool = False  # whether the answer carried logprobs
 
 
 class FakeOpenAI:
@@ -173,6 +190,10 @@ class FakeOpenAI:
         m = USER_TAG.search(all_text)
         uid = int(m.group(1)) if m else 0
         scripted = self.persona.answer(user_msg, all_text, uid, ids) if self.persona is not None else None
+        if scripted is None and not action_schema:
+            extended = self._persona_sim_answer(body, fault, msgs, user_msg, ids, uid)
+            if extended is not None:
+                return extended
         if self.faults.answer_text is not None:
             content = self.faults.answer_text
         elif scripted is not None:
@@ -206,6 +227,53 @@ class FakeOpenAI:
                 "chars": sum(len(mm.get("content", "")) for mm in msgs)}
         if action_schema:
             info.update(stimulus=user_msg, text="\n".join(str(_decoded(mm.get("content", ""))) for mm in msgs))
+        return 200, resp, info
+
+    def _persona_sim_answer(self, body: dict, fault: str, msgs: list[dict], user_msg: str, ids: list[int],
+                            uid: int) -> tuple[int, dict, dict] | None:
+        """Requests of an LLM persona simulator: logprobs, n completions, a session in the prompt, summaries.
+        None for a plain request (answered as before)."""
+        f = self.faults
+        rf = body.get("response_format") or {}
+        schema = (rf.get("json_schema") or {}).get("name", "")
+        want_lp = bool(body.get("logprobs")) and f.logprobs_supported
+        n = max(1, int(body.get("n") or 1)) if f.n_supported else 1
+        shift = session_shift(user_msg)
+        summary = schema == "summary" and f.answer_text is None
+        if not (want_lp or n > 1 or shift or summary):
+            return None
+        text = "\n".join(str(mm.get("content", "")) for mm in msgs)
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        temperature = float(body.get("temperature") or 0.0)
+        k = int(body.get("top_logprobs") or 0)
+        choices, c_tok = [], 0
+        for c in range(n):
+            if summary:
+                content, tokens = summary_answer(user_msg, sha), None
+            elif f.answer_text is not None:
+                content, tokens = f.answer_text, None
+            else:
+                values = {}
+                for i in ids:
+                    dist = rating_distribution(uid, i, shift)
+                    if temperature > 0:
+                        rng = random.Random(int(hashlib.sha256(f"{uid}:{i}:{c}:{body.get('seed')}:{sha}".encode())
+                                                .hexdigest()[:12], 16))
+                        values[i] = 1 + _draw(dist, rng.random())
+                    else:
+                        values[i] = 1 + max(range(5), key=lambda v: dist[v])
+                content, tokens = rating_answer(values, uid, shift, fault)
+            choice = {"index": c, "message": {"role": "assistant", "content": content},
+                      "finish_reason": "length" if fault == "truncated" else "stop"}
+            if want_lp:
+                choice["logprobs"] = {"content": token_logprobs(content, tokens, k)}
+            choices.append(choice)
+            c_tok += max(1, len(content) // 4)
+        p_tok = sum(max(1, len(mm.get("content", "")) // 4) + 4 for mm in msgs) + 2
+        resp = {"id": f"chatcmpl-{self.rng.randrange(1 << 30)}", "object": "chat.completion",
+                "created": int(time.time()), "model": body.get("model", "fake-model"), "choices": choices,
+                "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
+        info = {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok, "chars": len(text)}
         return 200, resp, info
 
     def _handler(self):
@@ -274,7 +342,12 @@ class FakeOpenAI:
                                                     info["p_tok"], info.get("c_tok", 0),
                                                     (rf.get("json_schema") or {}).get("name", ""),
                                                     info.get("stimulus", ""), info.get("chars", 0),
-                                                    info.get("text", "")))
+                                                    info.get("text", ""),
+                                                    messages_text="\n".join(str(mm.get("content", ""))
+                                                                            for mm in body.get("messages") or []),
+                                                    n_choices=len(resp.get("choices") or []) or 1,
+                                                    logprobs=bool(((resp.get("choices") or [{}])[0] or {})
+                                                                  .get("logprobs"))))
                 headers = {"Retry-After": f"{server.faults.retry_after_s:g}"} if status == 429 else {}
                 self._send(status, resp, headers)
 
@@ -331,6 +404,95 @@ class ScriptedPersona:
             "whatif" if "What-if sessions" in user_msg else "rate")
         self.seen.append((kind, uid, all_text))
         return json.dumps({str(i): int(self.rating(uid, i, cured)) for i in ids})
+
+
+# ---------------------------------------------------------------- LLM persona simulators
+
+SESSION_RATED = re.compile(r"you rated (\d+(?:\.\d+)?)")
+SPREAD = 1.2  # how fast a rating's probability falls off with its distance from the most likely one
+JUNK_P = 0.002  # probability of the one non-rating token among a rating token's top alternatives
+
+
+def session_shift(user_msg: str) -> int:
+    """-1 when the prompt's session ratings ("you rated X") average at most 2, else 0."""
+    rated = [float(x) for x in SESSION_RATED.findall(user_msg or "")]
+    return -1 if rated and sum(rated) / len(rated) <= 2.0 else 0
+
+
+def rating_distribution(user_id: int, item_id: int, shift: int = 0) -> list[float]:
+    """The server's probabilities of ratings 1..5 for (user, item): most likely expected_rating + shift."""
+    mode = min(5, max(1, expected_rating(user_id, item_id) + shift))
+    w = [math.exp(-SPREAD * abs(v - mode)) for v in range(1, 6)]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def _draw(dist: list[float], u: float) -> int:
+    acc = 0.0
+    for j, p in enumerate(dist):
+        acc += p
+        if u < acc:
+            return j
+    return len(dist) - 1
+
+
+def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str) -> tuple[str, list | None]:
+    """(content, tokens) of a rating answer; tokens are (text, probabilities of 1..5 or None) pairs."""
+    ratings = {str(i): v for i, v in values.items()}
+    if fault == "wrong_ids":
+        ratings = {str(int(i) + 100000): v for i, v in ratings.items()}
+    elif fault == "out_of_scale" and ratings:
+        ratings[next(iter(ratings))] = 11
+    elif fault == "missing" and len(ratings) > 1:
+        ratings.pop(next(iter(ratings)))
+    if fault in ("truncated", "malformed", "fenced"):
+        content = json.dumps(ratings)
+        if fault == "truncated":
+            content = content[: max(1, len(content) * 2 // 3)]
+        elif fault == "malformed":
+            content = "Sure! Here are my ratings: " + content.replace('"', "'").replace(":", " ->")
+        else:
+            content = "```json\n" + content + "\n```"
+        return content, None
+    tokens: list = [('{"', None)]
+    for n, (key, v) in enumerate(ratings.items()):
+        iid = int(key) if int(key) < 100000 else int(key) - 100000
+        dist = rating_distribution(uid, iid, shift) if 1 <= v <= 5 else None
+        tokens += [(key, None), ('":', None), (f" {v}", dist)]
+        tokens.append((', "', None) if n < len(ratings) - 1 else ("}", None))
+    if len(tokens) == 1:
+        tokens = [("{}", None)]
+    return "".join(t for t, _ in tokens), tokens
+
+
+def token_logprobs(content: str, tokens: list | None, k: int) -> list[dict]:
+    """OpenAI's logprobs.content for an answer: a rating token's top alternatives are the rating
+    values (each with its probability, times 1 - JUNK_P) and one non-rating token."""
+    if tokens is None:  # not a rating answer: one token per word, each certain
+        tokens = [(t, None) for t in re.findall(r"\S+\s*|\s+", content)]
+    out = []
+    for text, dist in tokens:
+        if dist is None:
+            top = [(text, 0.0)]
+            lp = 0.0
+        else:
+            alts = [(f" {v}", math.log(p * (1 - JUNK_P))) for v, p in zip(range(1, 6), dist)] + \
+                [(' "', math.log(JUNK_P))]
+            alts.sort(key=lambda a: -a[1])
+            top = alts
+            lp = dict(alts).get(text, math.log(JUNK_P))
+        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
+                    "top_logprobs": [{"token": t, "logprob": x, "bytes": list(t.encode())}
+                                     for t, x in top[:max(0, k)]]})
+    return out
+
+
+def summary_answer(user_msg: str, sha: str) -> str:
+    """A deterministic Lusifer-style summary of a summary request's new ratings."""
+    new = user_msg.split("New ratings:", 1)[-1]
+    vals = [float(x) for x in re.findall(r":\s*(\d+(?:\.\d+)?)\s*$", new, re.M)]
+    mean = sum(vals) / len(vals) if vals else 0.0
+    return json.dumps({"summary": f"Summary {sha[:8]}: {len(vals)} new ratings, mean {mean:.1f}."})
 
 
 # ---------------------------------------------------------------- TinyTroupe's action format

@@ -3,6 +3,11 @@
 train writes OUT/{env_data/, checkpoint/, train_metrics.json, run.json}; evaluate reads that run
 folder and writes OUT/{metrics.json, per_user.parquet, reward_boxplot.png}. Ray is started (or
 joined with --ray-address) here, at the edge.
+
+--reward llm_persona (LLM personas as the simulated user, rlsim.simulators.llm): the endpoint and
+key are resolved here as `rlsim personas` resolves them (OPENAI_BASE_URL / OPENAI_API_KEY, or
+AZURE_OPENAI_ENDPOINT / AZURE_OPENAI_API_KEY; the `personas:` section; flags win) and handed to the
+library; the key is never logged, cached or written.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def register(sub) -> None:
     t.add_argument("--num-envs", type=int, help="sessions stepped together per env runner")
     t.add_argument("--num-gpus-per-learner", type=float, help="GPUs for the PPO learner (0 = CPU)")
     t.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
+    _llm_args(t)
     add_ray_arg(t)
     add_quiet_arg(t)
     t.set_defaults(func=cmd_train)
@@ -49,15 +55,60 @@ def register(sub) -> None:
     _reward_args(e, required=False)
     e.add_argument("--like-threshold", type=float, default=4.0, help="held-out rating counted as a hit")
     e.add_argument("--ndcg-k", type=int, default=10, help="cut-off of the candidate-ranking NDCG")
+    _llm_args(e)
     add_ray_arg(e)
     e.set_defaults(func=cmd_evaluate)
+
+
+# --reward llm_persona: (flag, dest, type, help). The endpoint flags are those of `rlsim personas`
+# (read by rlsim.commands.personas.persona_config); the last two fill the `llm_persona:` section.
+LLM_FLAGS = [
+    ("--model", "model", str, "chat model (Azure: the deployment name)"),
+    ("--base-url", "base_url", str, "OpenAI-compatible endpoint (default $OPENAI_BASE_URL)"),
+    ("--api-version", "api_version", str, "Azure OpenAI api-version"),
+    ("--rpm", "rpm", float, "requests per minute, shared by every job on the cluster and endpoint"),
+    ("--tpm", "tpm", float, "tokens per minute, shared by every job on the cluster and endpoint"),
+    ("--budget-usd", "budget_usd", float, "hard cap on the persona's spend; pairs it leaves unrated fail "
+                                          "with reason 'budget' (the env uses the user's mean)"),
+    ("--timeout", "timeout", float, "seconds per request"),
+    ("--max-retries", "max_retries", int, "retries of a failed or unusable answer"),
+    ("--concurrency", "concurrency", int, "requests in flight"),
+    ("--batch-size", "batch_size", int, "movies per prompt (pairs of one user and session)"),
+    ("--llm-method", "llm_method", str, "auto (default) | logprobs | samples | noise: how the distribution "
+                                        "is obtained"),
+    ("--summary-every", "summary_every", int, "update the persona's summary every N ratings of a session "
+                                              "(0 = never)"),
+]
+
+
+def _llm_args(p) -> None:
+    g = p.add_argument_group("LLM persona (--reward llm_persona; endpoint and key as `rlsim personas`: "
+                             "OPENAI_BASE_URL, OPENAI_API_KEY or Azure's)")
+    for flag, dest, typ, hlp in LLM_FLAGS:
+        g.add_argument(flag, dest=dest, type=typ, help=hlp)
+    g.add_argument("--no-cache", dest="no_cache", action="store_true",
+                   help="do not read or write the persona response cache")
+
+
+def llm_persona_edge(args, file_cfg: dict):
+    """(PersonaConfig, API key) for --reward llm_persona: the `personas:` section, the environment and the
+    flags (flags win), as `rlsim personas` resolves them; an LLM persona is an LLM, so the backend is
+    openai unless the section names another LLM backend."""
+    from rlsim.commands.personas import api_key, persona_config
+
+    section = dict(file_cfg.get("personas") or {})
+    if section.get("backend") in (None, "auto", "offline"):
+        section["backend"] = "openai"
+    cfg = persona_config(args, {**file_cfg, "personas": section})
+    return cfg, api_key(cfg)
 
 
 def _reward_args(p, required: bool = True) -> None:
     p.add_argument("--reward", choices=KINDS, default="mf" if required else None,
                    help="simulated user: bias | mf (baselines + calibrated noise), model (--reward-checkpoint), "
                         "personas (the offline persona, personas: config), hybrid (model + persona where unsure, "
-                        "hybrid: config), actor (a running simulator actor); "
+                        "hybrid: config), llm_persona (LLM personas through an OpenAI-compatible endpoint, "
+                        "personas: and llm_persona: config), actor (a running simulator actor); "
                         "evaluate defaults to the training run's")
     p.add_argument("--reward-checkpoint", help="reward model checkpoint folder (for --reward model)")
     p.add_argument("--reward-actor", help="name of a running simulator actor (--reward actor)")
@@ -69,6 +120,15 @@ def reward_spec(args, file_cfg: dict | None = None) -> SimulatorSpec | None:
     if not getattr(args, "reward", None):
         return None
     options = dict((file_cfg or {}).get("hybrid") or {}) if args.reward == "hybrid" else {}
+    if args.reward == "llm_persona":
+        options = dict((file_cfg or {}).get("llm_persona") or {})
+        if getattr(args, "llm_method", None) is not None:
+            options["method"] = args.llm_method
+        if getattr(args, "summary_every", None) is not None:
+            options["summary_every"] = args.summary_every
+        from rlsim.simulators.llm import llm_sim_config
+
+        llm_sim_config(options)  # a bad llm_persona: section is one line here, not an actor's traceback
     return SimulatorSpec(args.reward, args.reward_checkpoint, args.reward_actor, args.reward_namespace,
                          options=options).validate()
 
@@ -103,9 +163,10 @@ def cmd_train(args) -> int:
     cands = load_candidates(args.candidates) if args.candidates else None
     ccfg = from_dict(CandidatesConfig, file_cfg.get("candidates"), "candidates")
     out = Path(args.out)
+    persona_cfg, key = llm_persona_edge(args, file_cfg) if spec.kind == "llm_persona" else (None, None)
     with cli_ray(args, args.num_cpus):
         metrics = train_policy(dcfg, pcfg, spec, out, candidates=cands, ccfg=ccfg, sections=file_cfg,
-                               progress=not args.quiet)
+                               progress=not args.quiet, persona_cfg=persona_cfg, api_key=key)
     last = metrics["iterations"][-1]
     print(json.dumps({"iterations": len(metrics["iterations"]), "reward_per_step": last["reward_per_step"],
                       "env_steps_per_s": metrics["env_steps_per_s"], **metrics["users"]}))
@@ -127,9 +188,10 @@ def cmd_evaluate(args) -> int:
     import contextlib
 
     quiet_ray(args.verbose, rllib=True)  # loading the policy imports RLlib, which has notices of its own
+    persona_cfg, key = llm_persona_edge(args, file_cfg) if kind == "llm_persona" else (None, None)
     with cli_ray(args) if kind == "actor" else contextlib.nullcontext():
         m = evaluate_policy(dcfg, args.run, args.out, spec=spec, like_threshold=args.like_threshold,
-                            ndcg_k=args.ndcg_k, sections=file_cfg)
+                            ndcg_k=args.ndcg_k, sections=file_cfg, persona_cfg=persona_cfg, api_key=key)
     show = {"held_out_users": m["held_out_users"],
             "real_hit_rate": {k: round(float(v), 4) for k, v in m["real_hit_rate"].items()},
             "gap_closed_vs_simulator_oracle": round(float(m["gap_closed"]), 4)}

@@ -29,6 +29,29 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_study)
 
 
+def _llm_persona(args, sections: dict, scfg) -> dict | None:
+    """When `personas.backend` names an LLM backend and an endpoint is configured (YAML or
+    OPENAI_BASE_URL / OPENAI_API_KEY / Azure's), and no running persona actor is named, the study
+    starts an LLM persona simulator actor for itself (source llm_persona) and stops it at the end.
+    The key is read here, at the edge, and never written."""
+    import uuid
+
+    from rlsim.commands.personas import api_key, persona_config
+
+    backend = (sections.get("personas") or {}).get("backend")
+    if scfg.llm_persona_actor or backend not in ("openai",):
+        return None
+    from rlsim.errors import ConfigError
+
+    cfg = persona_config(args, sections)
+    try:
+        key = api_key(cfg)
+    except ConfigError:  # no endpoint configured: the study runs without an LLM persona
+        return None
+    scfg.llm_persona_actor = f"rlsim-llm-persona-{uuid.uuid4().hex[:12]}"
+    return {"persona_cfg": cfg, "api_key": key, "options": dict(sections.get("llm_persona") or {})}
+
+
 def cmd_study(args) -> int:
     from rlsim.study import StudyConfig, run_study
 
@@ -38,9 +61,10 @@ def cmd_study(args) -> int:
     apply_flags(scfg, args, [("seeds", "seeds"), ("env_steps", "env_steps"), ("reward_checkpoint", "reward_checkpoint")])
     if args.sources:
         scfg.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    llm = _llm_persona(args, sections, scfg)
     scfg.validate()
     with cli_ray(args, args.num_cpus):
-        result = run_study(dcfg, scfg, sections, args.out, progress=not args.quiet)
+        result = run_study(dcfg, scfg, sections, args.out, progress=not args.quiet, llm_persona=llm)
     print(json.dumps({"answer": result["answer"],
                       "real_hit_rate": {n: round(r["hit_rate"]["mean"], 4) for n, r in result["real"].items()},
                       "popularity_hit_rate": round(result["reference"]["popularity"]["hit_rate"]["mean"], 4)}))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.data.schema import RatingScale
-from rlsim.personas.prompts import movie_label, rating_messages
+from rlsim.personas.prompts import movie_label, rating_messages, session_rating_messages
 
 
 @dataclass
@@ -30,6 +30,10 @@ class WorkUnit:
     # Answers of earlier runs to skip in the response cache: a resumed job asks again (new requests)
     # for items whose cached answers were all unusable, instead of replaying them.
     answer_offset: int = 0
+    # A persona simulator's session so far, [(label of a shown movie, the rating given)], and the
+    # persona's summary as updated during the session: part of the messages, hence of the cache key.
+    session: list[tuple[str, float]] = field(default_factory=list)
+    summary: str = ""
 
     @property
     def unit_id(self) -> str:
@@ -44,9 +48,13 @@ class WorkUnit:
         keep = set(item_ids)
         return WorkUnit(self.user_id, [i for i in self.item_ids if i in keep], self.profile_text,
                         [it for it in self.items if int(it["item_id"]) in keep],
-                        {i: g for i, g in self.grounding.items() if i in keep}, self.scale, self.answer_offset)
+                        {i: g for i, g in self.grounding.items() if i in keep}, self.scale, self.answer_offset,
+                        session=self.session, summary=self.summary)
 
     def messages(self) -> list[dict]:
+        if self.session or self.summary:
+            return session_rating_messages(self.user_id, self.profile_text, self.items, self.grounding,
+                                           self.rating_scale, self.session, self.summary)
         return rating_messages(self.user_id, self.profile_text, self.items, self.grounding, self.rating_scale)
 
 

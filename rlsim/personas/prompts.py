@@ -80,6 +80,34 @@ def rating_messages(user_id: int, profile_text: str, items: list[dict], groundin
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
+SESSION_INTRO = "In this session you were shown, in order: "
+
+
+def session_text(session: list[tuple[str, float]], summary: str = "") -> str:
+    """What a persona simulator adds to a rating prompt: its summary as it stands after this session's
+    earlier ratings (Lusifer-style, updated every N ratings) and the session so far, each on one line."""
+    lines = []
+    if summary:
+        lines.append("Your tastes as they stand now, updated during this session: " + " ".join(summary.split()))
+    if session:
+        shown = "; ".join(f"{' '.join(str(label).split())} — you rated {round(float(r), 1):g}" for label, r in session)
+        lines.append(SESSION_INTRO + shown + ".")
+    if lines:
+        lines.append("Rate the movies above as you would now, after this session.")
+    return "\n".join(lines)
+
+
+def session_rating_messages(user_id: int, profile_text: str, items: list[dict],
+                            grounding: dict[int, list[tuple[str, float]]], scale: RatingScale,
+                            session: list[tuple[str, float]], summary: str = "") -> list[dict]:
+    """``rating_messages`` with the session so far (and the persona's updated summary) after the movies."""
+    msgs = rating_messages(user_id, profile_text, items, grounding, scale)
+    extra = session_text(session, summary)
+    if extra:
+        msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + "\n" + extra}
+    return msgs
+
+
 def rating_schema(item_ids: list[int], scale: RatingScale) -> dict:
     """response_format json_schema: one required property per movie id, numbers on the scale."""
     typ = "integer" if float(scale.step).is_integer() and float(scale.min).is_integer() else "number"

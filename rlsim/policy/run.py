@@ -59,16 +59,20 @@ def _candidates(dcfg: DataConfig, ds, split, candidates, ccfg, out: Path) -> pd.
 
 def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out: str | Path, *,
                  candidates: pd.DataFrame | None = None, ccfg=None, sections: dict | None = None,
-                 dataset=None, split=None, progress: bool = True) -> dict:
+                 dataset=None, split=None, progress: bool = True, persona_cfg=None,
+                 api_key: str | None = None) -> dict:
     """Train PPO on the training users against the simulator ``spec``; writes OUT/{env_data/,
-    checkpoint/, train_metrics.json, run.json} and returns the training metrics."""
+    checkpoint/, train_metrics.json, run.json} and returns the training metrics.
+
+    ``persona_cfg`` (default: the `personas:` section) and ``api_key`` reach an LLM persona
+    simulator (``spec.kind == "llm_persona"``); the key is never written."""
     import ray
 
     from rlsim.data import load_split
     from rlsim.embeddings import item_text_vectors
     from rlsim.env import build_env_data
     from rlsim.policy.train import env_config, train_ppo
-    from rlsim.simulators.actor import start_simulator_actor
+    from rlsim.simulators.actor import start_simulator_actor, stop_simulator_actor
 
     pcfg.validate()
     spec.validate()
@@ -93,8 +97,9 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
         name, namespace = spec.actor, spec.namespace
     else:
         name, namespace = f"rlsim-simulator-{uuid.uuid4().hex[:12]}", None
-        factory = simulator_factory(spec, ds, split.train, seed=dcfg.seed, persona_cfg=_persona_cfg(sections),
-                                    text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
+        factory = simulator_factory(spec, ds, split.train, seed=dcfg.seed,
+                                    persona_cfg=persona_cfg or _persona_cfg(sections),
+                                    text_model=dcfg.text_model, cache_dir=dcfg.cache_dir, api_key=api_key)
         # Keep the handle: a non-detached named actor ends with its creator's last handle.
         actor = start_simulator_actor(name, factory)
     try:
@@ -104,7 +109,7 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
             metrics["simulator"] = ray.get(actor.stats.remote())
     finally:
         if actor is not None:
-            ray.kill(actor)  # in a shared cluster it would outlive this run
+            stop_simulator_actor(actor)  # in a shared cluster it would outlive this run
     metrics["users"] = {"train": int(len(train_rows)), "held_out": int(len(held_rows))}
     write_json(out / "train_metrics.json", metrics)
     return metrics
@@ -149,7 +154,7 @@ def judge_users(data, rows, rewards, module, history: int, test: pd.DataFrame, l
 
 def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec: SimulatorSpec | None = None,
                     like_threshold: float = 4.0, ndcg_k: int = 10, sections: dict | None = None,
-                    dataset=None, split=None) -> dict:
+                    dataset=None, split=None, persona_cfg=None, api_key: str | None = None) -> dict:
     """Judge a trained policy on its held-out users; writes OUT/{metrics.json, per_user.parquet,
     reward_boxplot.png} and returns the metrics."""
     from rlsim.baselines import evaluate_baselines
@@ -170,9 +175,9 @@ def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec:
     held_ids = np.asarray(meta.get("users", {}).get("held_out_user_ids", []), np.int64)
     is_held = np.isin(data.user_ids, held_ids)
     held_rows, train_rows = np.flatnonzero(is_held), np.flatnonzero(~is_held)
-    kw = dict(seed=dcfg.seed, persona_cfg=_persona_cfg(sections), text_model=dcfg.text_model,
+    kw = dict(seed=dcfg.seed, persona_cfg=persona_cfg or _persona_cfg(sections), text_model=dcfg.text_model,
               cache_dir=dcfg.cache_dir)
-    sim = local_simulator(spec, ds, split.train, **kw)
+    sim = local_simulator(spec, ds, split.train, **kw, **({"api_key": api_key} if spec.kind == "llm_persona" else {}))
     rewards = score_all(data, sim)  # the simulator's expected rating of every candidate, no session
     # Reward-model greedy: the reward model's favourite when a checkpoint is known, else MF's.
     if spec.kind == "model":

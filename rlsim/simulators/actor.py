@@ -4,7 +4,9 @@ Each env runner sends one request per step (all its envs' picks). The actor hold
 arrive within ``max_wait_s`` of each other and answers them with ONE simulator call, so a reward
 model's forward pass (or a persona pool's round of LLM requests) serves many runners at once.
 A simulator with an async ``adistribution`` (the LLM persona pool) is awaited directly, so slow
-requests overlap; a synchronous one runs in a thread while the next batch gathers.
+requests overlap: a batch that gathers while earlier ones are still being answered is answered at
+once, beside them. A synchronous one runs in a thread, one batch at a time (it may keep state, as
+the hybrid does); what arrives meanwhile is answered together when it is done.
 
 ``SimulatorClient`` is what env runners hold: picklable, it finds the actor by name.
 """
@@ -30,7 +32,10 @@ class BatchingSimulator:
         self.max_wait_s = max_wait_s
         self.max_batch = max_batch
         self._pending: list[tuple[Any, Any, Any, asyncio.Future]] = []
-        self._flusher: asyncio.Task | None = None
+        self._flusher: asyncio.Task | None = None  # the gathering window now open (None: none is)
+        self._tasks: set[asyncio.Task] = set()  # flushes under way (strong references)
+        self._lock: asyncio.Lock | None = None  # one synchronous call at a time
+        self._lock_loop = None
         self.requests = 0
         self.batches = 0
         self.pairs = 0
@@ -47,14 +52,33 @@ class BatchingSimulator:
             await self._flush()
         elif self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_later())
+            self._tasks.add(self._flusher)
+            self._flusher.add_done_callback(self._tasks.discard)
         return await fut
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.max_wait_s)
+        # The window is closed: a request from now on opens the next one, even while this batch is
+        # being answered (it used to wait for yet another request, forever when none came).
+        self._flusher = None
         await self._flush()
 
+    def _sync_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
     async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        if hasattr(self.sim, "adistribution"):
+            batch, self._pending = self._pending, []
+            await self._answer(batch)
+            return
+        async with self._sync_lock():
+            batch, self._pending = self._pending, []  # everything that arrived while the last call ran
+            await self._answer(batch)
+
+    async def _answer(self, batch: list) -> None:
         if not batch:
             return
         users = np.concatenate([b[0] for b in batch])
@@ -127,6 +151,12 @@ def _actor_class():
         async def stats(self):
             return self.body.stats()
 
+        async def close(self):
+            """Let the simulator release what it holds (HTTP clients, its limiter registration)."""
+            if hasattr(self.body.sim, "aclose"):
+                await self.body.sim.aclose()
+            return self.body.stats()
+
     return SimulatorActor
 
 
@@ -163,6 +193,19 @@ def start_simulator_actor(name: str, factory: Callable[[], Any], namespace: str 
         last = [ln for ln in str(cause).strip().splitlines() if ln.strip()][-1:] or [type(cause).__name__]
         raise RlsimError(f"simulator '{name}' failed to start: {last[0].strip()}") from None
     return actor
+
+
+def stop_simulator_actor(actor, timeout_s: float = 60.0) -> dict | None:
+    """Close the actor's simulator (best effort) and kill the actor; returns its last stats."""
+    import ray
+
+    stats = None
+    try:
+        stats = ray.get(actor.close.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - an actor that is already gone is stopped
+        pass
+    ray.kill(actor)
+    return stats
 
 
 class SimulatorClient:
@@ -209,3 +252,15 @@ class SimulatorClient:
         import ray
 
         return ray.get(self.handle.stats.remote())
+
+    def describe(self) -> dict:
+        """The actor's simulator's own description (its method, counts, ...), as fidelity reports it."""
+        return self.stats().get("simulator", {})
+
+    @property
+    def conditions_on_session(self) -> bool:
+        return bool(self.describe().get("conditions_on_session", False))
+
+    @property
+    def method(self) -> str:
+        return str(self.describe().get("method", ""))

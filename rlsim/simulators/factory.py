@@ -9,8 +9,11 @@ Kinds: ``bias`` / ``mf`` (baselines with calibrated ordinal noise), ``model`` (t
 softmax; needs ``checkpoint``), ``personas`` (the offline persona, not an LLM), ``hybrid`` (the
 reward model, with the persona asked where it is unsure and distilled back: rlsim.simulators.hybrid;
 needs ``checkpoint``, settings in ``options``; the persona is the offline one, or a running persona
-simulator actor named by ``options["persona_actor"]``), ``actor`` (a simulator already running as
-a named Ray actor, e.g. started by another job).
+simulator actor named by ``options["persona_actor"]``), ``llm_persona`` (LLM personas through an
+OpenAI-compatible endpoint, rlsim.simulators.llm: the `personas:` settings for the endpoint, limits
+and budget, ``options`` for the `llm_persona:` section; the API key is an argument of the factory,
+given at the CLI edge, never part of the spec), ``actor`` (a simulator already running as a named
+Ray actor, e.g. started by another job).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import pandas as pd
 
 from rlsim.errors import ConfigError
 
-KINDS = ("bias", "mf", "model", "personas", "hybrid", "actor")
+KINDS = ("bias", "mf", "model", "personas", "hybrid", "llm_persona", "actor")
 
 
 @dataclass
@@ -80,11 +83,19 @@ def _reward_model(checkpoint: str):
 
 
 def simulator_factory(spec: SimulatorSpec, ds, train: pd.DataFrame, *, seed: int = 0, persona_cfg=None,
-                      text_model: str = "all-MiniLM-L6-v2", cache_dir: str = "~/.cache/rlsim") -> Callable:
-    """A picklable zero-argument callable that builds the simulator (not for kind "actor")."""
+                      text_model: str = "all-MiniLM-L6-v2", cache_dir: str = "~/.cache/rlsim",
+                      api_key: str | None = None) -> Callable:
+    """A picklable zero-argument callable that builds the simulator (not for kind "actor").
+
+    ``api_key``: the LLM endpoint's key for kind "llm_persona" (from the CLI edge; never in the spec)."""
     from rlsim.simulators.point import baseline_simulator
 
     spec.validate()
+    if spec.kind == "llm_persona":
+        from rlsim.simulators.llm import llm_persona_factory
+
+        return llm_persona_factory(ds, train, persona_cfg, api_key, spec.options, seed=seed, text_model=text_model,
+                                   cache_dir=cache_dir)
     if spec.kind in ("bias", "mf"):
         return functools.partial(baseline_simulator, spec.kind, train, ds.scale, seed)
     if spec.kind == "model":

@@ -29,6 +29,10 @@ class ChatResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 1  # HTTP requests behind this answer (their tokens are summed above)
+    # Every completion when n > 1 was asked (choices[0] is ``text``), and per completion its tokens
+    # as [token, logprob, [[alternative, logprob], ...]] when logprobs were asked and returned.
+    choices: list[str] | None = None
+    logprobs: list[list] | None = None
 
 
 class BackendError(Exception):

@@ -41,6 +41,15 @@ def backend_error(exc: Exception) -> BackendError:
     return TransientError(f"openai_error: {type(exc).__name__}")
 
 
+def token_logprobs(choice) -> list | None:
+    """[[token, logprob, [[alternative, logprob], ...]], ...] of one choice, None when it has none."""
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    return [[t.token, float(t.logprob), [[a.token, float(a.logprob)] for a in (t.top_logprobs or [])]]
+            for t in content]
+
+
 class OpenAIBackend:
     def __init__(self, spec: BackendSpec):
         import openai
@@ -64,6 +73,9 @@ class OpenAIBackend:
             kw["seed"] = params["seed"]
         if response_format is not None:
             kw["response_format"] = response_format
+        for k in ("n", "logprobs", "top_logprobs"):  # the LLM persona simulator's distributions
+            if params.get(k) is not None:
+                kw[k] = params[k]
         try:
             resp = await self.client.chat.completions.create(**kw)
         except (self._openai.OpenAIError, ValueError, TypeError) as exc:
@@ -71,9 +83,13 @@ class OpenAIBackend:
         if not resp.choices:
             raise TransientError("no_choices")
         usage = resp.usage
-        return ChatResult(text=resp.choices[0].message.content or "",
+        choices = sorted(resp.choices, key=lambda c: getattr(c, "index", 0) or 0)
+        texts = [c.message.content or "" for c in choices]
+        return ChatResult(text=texts[0],
                           prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                          completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0))
+                          completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                          choices=texts, logprobs=[token_logprobs(c) for c in choices] if params.get("logprobs")
+                          else None)
 
     async def close(self) -> None:
         await self.client.close()
