@@ -224,7 +224,10 @@ def test_noise_fallback_is_calibrated_on_a_training_holdout(server):
     _, va = holdout_validation(train, 0.1, 0)
     asked = {(r.user_id, i) for r in asked_requests(server) for i in r.item_ids}
     assert len(asked) == 40 and asked <= set(zip(va["user_id"], va["item_id"]))
-    assert d["usage"]["probe_and_calibration"]["requests"] == 2 + len(asked_requests(server))
+    # Every request the server answered is counted; on a loaded machine a retried one (a timeout or a
+    # dropped connection) is counted as sent and as an error as well.
+    pc = d["usage"]["probe_and_calibration"]
+    assert 2 + len(asked_requests(server)) <= pc["requests"] <= 2 + len(asked_requests(server)) + sum(pc["errors"].values())
     # A persona that answers its users' training ratings exactly gets a sharp noise model.
     assert p[0].argmax() == expected_rating(u, i) - 1 and p[0].max() > 0.8
     noisy = make_sim(server, noisy=True, calibration_pairs=40)
