@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -116,3 +117,77 @@ class PromptBuilder:
                 out.append(WorkUnit(int(u), b, self.profiles.get(int(u), "A movie viewer."), items,
                                     {i: ground[i] for i in b if i in ground}, scale))
         return out
+
+    def source(self, pairs: pd.DataFrame) -> "UnitSource":
+        """The units of ``units(pairs)``, built a group of users at a time when a job needs them (a
+        job holds the units of the shards in flight, not the run's)."""
+        return pairs_source(pairs, self.units, self.batch_size)
+
+
+# ---------------------------------------------------------------- units built on demand
+
+def unit_id_of(user_id: int, item_ids) -> str:
+    """``WorkUnit(user_id, item_ids, ...).unit_id`` without building the unit."""
+    h = hashlib.sha1(",".join(map(str, item_ids)).encode()).hexdigest()[:12]
+    return f"{int(user_id)}:{h}"
+
+
+class UnitSource:
+    """A job's units, built for a group of its users at a time (``run_rating_job`` takes this or a list).
+
+    ``users``: the job's user ids. ``build(users)`` -> the units of those users (given in ascending
+    order); ``unit_ids(users)`` -> [(unit_id, number of items)] of the same units, in the same order,
+    without building them (optional; by default the units are built and dropped). Both must give the
+    same answer every time they are asked (a resumed job checks its plan against them).
+    """
+
+    def __init__(self, users, build: Callable[[np.ndarray], list[WorkUnit]],
+                 unit_ids: Callable[[np.ndarray], list[tuple[str, int]]] | None = None):
+        self.users = np.unique(np.asarray(users, dtype=np.int64))
+        self.build = build
+        self._unit_ids = unit_ids
+
+    def unit_ids(self, users: np.ndarray) -> list[tuple[str, int]]:
+        if self._unit_ids is not None:
+            return self._unit_ids(users)
+        return [(u.unit_id, len(u.item_ids)) for u in self.build(users)]
+
+    def __iter__(self):
+        """Every unit, a thousand users at a time (``dry_run`` estimates a source this way)."""
+        for a in range(0, len(self.users), 1000):
+            yield from self.build(self.users[a:a + 1000])
+
+
+def pairs_source(pairs: pd.DataFrame, units_of: Callable[[pd.DataFrame], list[WorkUnit]],
+                 per_unit: int) -> UnitSource:
+    """A ``UnitSource`` over (user_id, item_id) pairs: ``units_of(pairs of some users)`` builds their
+    units, each user's distinct items (in the pairs' order) ``per_unit`` at a time."""
+    u_col = pairs["user_id"].to_numpy(np.int64)
+    order = np.argsort(u_col, kind="stable")  # each user's items keep the pairs' order
+    u_sorted, i_sorted = u_col[order], pairs["item_id"].to_numpy(np.int64)[order]
+    users, starts = np.unique(u_sorted, return_index=True)
+    ends = np.append(starts[1:], len(u_sorted))
+    per_unit = max(1, int(per_unit))
+
+    def spans(chunk: np.ndarray):
+        chunk = np.asarray(chunk, dtype=np.int64)
+        pos = np.searchsorted(users, chunk)
+        ok = pos < len(users)
+        ok[ok] = users[pos[ok]] == chunk[ok]
+        for u, p in zip(chunk[ok].tolist(), pos[ok].tolist()):
+            yield u, int(starts[p]), int(ends[p])
+
+    def rows(chunk: np.ndarray) -> pd.DataFrame:
+        idx = [np.arange(a, b) for _, a, b in spans(chunk)]
+        idx = np.concatenate(idx) if idx else np.zeros(0, np.int64)
+        return pd.DataFrame({"user_id": u_sorted[idx], "item_id": i_sorted[idx]})
+
+    def ids(chunk: np.ndarray) -> list[tuple[str, int]]:
+        out = []
+        for u, a, b in spans(chunk):
+            items = list(dict.fromkeys(i_sorted[a:b].tolist()))
+            out.extend((unit_id_of(u, items[s:s + per_unit]), len(items[s:s + per_unit]))
+                       for s in range(0, len(items), per_unit))
+        return out
+
+    return UnitSource(users, lambda chunk: units_of(rows(chunk)), ids)

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rlsim.errors import ConfigError
 from rlsim.io import read_json, write_json, write_parquet
@@ -42,7 +45,7 @@ from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
 from rlsim.personas.gate import LimiterGate
-from rlsim.personas.grounding import WorkUnit
+from rlsim.personas.grounding import UnitSource, WorkUnit
 from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter
 from rlsim.personas.prompts import estimate_tokens, messages_tokens, rating_schema
 from rlsim.personas.validate import parse_ratings
@@ -354,6 +357,17 @@ def start_workers(spec: BackendSpec, cfg: PersonaConfig, limiter_name: str | Non
 
 # ---------------------------------------------------------------- resumable jobs
 
+# Units in flight per request slot (workers x max_concurrency): the dispatch window. Twice the slots
+# keeps every worker busy while results come back; the driver holds the rows of the shards of those
+# units only, never the run's.
+IN_FLIGHT_PER_SLOT = 2
+MANIFEST_EVERY_S = 1.0  # finished shards reach OUT/manifest.json at most this often (and at the end)
+RATINGS_ROW_GROUP = 100_000  # rows per row group of OUT/ratings.parquet (what finish_job holds at once)
+ROW_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("rating", pa.float64()),
+                        ("raw", pa.float64()), ("status", pa.string()), ("reason", pa.string()),
+                        ("attempts", pa.int64()), ("repaired", pa.bool_()), ("source", pa.string())])
+
+
 def plan_shards(units: list[WorkUnit], shard_users: int) -> dict[str, list[WorkUnit]]:
     users = sorted({u.user_id for u in units})
     shard_of = {u: f"shard-{j // max(1, shard_users):05d}" for j, u in enumerate(users)}
@@ -361,6 +375,63 @@ def plan_shards(units: list[WorkUnit], shard_users: int) -> dict[str, list[WorkU
     for u in units:
         out.setdefault(shard_of[u.user_id], []).append(u)
     return out
+
+
+def plan_entry(unit_ids) -> str:
+    """A shard's entry in the manifest's plan: '<units>:<digest of its sorted unit ids>' (the ids
+    themselves would make the manifest as large as the run)."""
+    ids = sorted(set(unit_ids))
+    return f"{len(ids)}:{hashlib.sha1(chr(10).join(ids).encode()).hexdigest()[:16]}"
+
+
+class JobPlan:
+    """The shards of a job: ``shard_users`` consecutive users each (in id order), and their units,
+    built when a shard's turn comes (a ``UnitSource``) or taken from a list."""
+
+    def __init__(self, units: "list[WorkUnit] | UnitSource", shard_users: int):
+        self.k = max(1, int(shard_users))
+        if isinstance(units, UnitSource):
+            self.source, self.lists = units, None
+            self.users = units.users
+        else:
+            units = list(units)
+            self.source = None
+            self.lists = plan_shards(units, self.k)
+            self.users = np.array(sorted({int(u.user_id) for u in units}), dtype=np.int64)
+        self.names = [f"shard-{j:05d}" for j in range((len(self.users) + self.k - 1) // self.k)]
+        self.index = {s: j for j, s in enumerate(self.names)}
+        self.sizes: dict[str, int] = {}  # units per shard (with repeats), from entries()
+        self.planned_pairs = 0
+
+    def users_of(self, shard: str) -> np.ndarray:
+        j = self.index[shard]
+        return self.users[j * self.k:(j + 1) * self.k]
+
+    def units(self, shard: str) -> list[WorkUnit]:
+        if self.lists is not None:
+            return self.lists.get(shard, [])
+        return self.source.build(self.users_of(shard))
+
+    def unit_ids(self, shard: str) -> list[tuple[str, int]]:
+        if self.lists is not None:
+            return [(u.unit_id, len(u.item_ids)) for u in self.lists.get(shard, [])]
+        return self.source.unit_ids(self.users_of(shard))
+
+    def entries(self) -> dict[str, str]:
+        """The manifest's plan, one shard at a time; counts the planned pairs on the way."""
+        plan, self.planned_pairs = {}, 0
+        for s in self.names:
+            ids = self.unit_ids(s)
+            plan[s] = plan_entry(i for i, _ in ids)
+            self.sizes[s] = len(ids)
+            self.planned_pairs += sum(n for _, n in ids)
+        return plan
+
+    def shard_of_user(self, user_id: int) -> str | None:
+        p = int(np.searchsorted(self.users, user_id))
+        if p < len(self.users) and self.users[p] == user_id:
+            return self.names[p // self.k]
+        return None
 
 
 def _clean_row(r: dict) -> dict:
@@ -373,50 +444,84 @@ def _clean_row(r: dict) -> dict:
     return out
 
 
+def _user_of_unit(unit_id: str) -> int:
+    return int(unit_id.rsplit(":", 1)[0])
+
+
 class Journal:
     """OUT/journal.jsonl: one line per finished unit (rows and usage), appended and flushed at once.
 
     A kill loses at most the units in flight; a torn last line is ignored (and closed with a
     newline before the next append). Reading it back gives each item's latest row (attempts add
-    up over runs) and everything ever spent.
+    up over runs) and everything ever spent. Lines are fsynced one by one, or once per group
+    inside ``batch()`` (the Ray loop: the results one wait returned).
     """
 
     def __init__(self, path: Path):
         self.path = path
         self._fh = None
+        self._defer = False
+        self._unsynced = False
 
-    def load(self) -> tuple[dict[str, dict[int, dict]], dict, int]:
-        rows: dict[str, dict[int, dict]] = {}
-        usage = empty_usage()
-        n = 0
+    def entries(self):
+        """Each readable line, in order (streamed: the journal of a large job is never held)."""
         if not self.path.is_file():
-            return rows, usage, n
+            return
         with open(self.path, encoding="utf-8") as fh:
             for line in fh:
                 try:
-                    e = json.loads(line)
+                    yield json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by a kill
-                n += 1
-                usage = merge_usage(usage, e.get("usage", {}))
-                merge_rows(rows.setdefault(e["unit_id"], {}), e["rows"])
+
+    def load(self) -> tuple[dict[str, dict[int, dict]], dict, int]:
+        """Everything at once (small jobs and tests; ``run_rating_job`` streams ``entries``)."""
+        rows: dict[str, dict[int, dict]] = {}
+        usage = empty_usage()
+        n = 0
+        for e in self.entries():
+            n += 1
+            usage = merge_usage(usage, e.get("usage", {}))
+            merge_rows(rows.setdefault(e["unit_id"], {}), e["rows"])
         return rows, usage, n
 
     def append(self, unit_id: str, run: int, rows: list[dict], usage: dict) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torn = self.path.is_file() and self.path.stat().st_size > 0 and \
-                self.path.read_bytes()[-1:] != b"\n"
+            torn = False
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    torn = fh.read(1) != b"\n"
             self._fh = open(self.path, "a", encoding="utf-8")
             if torn:
                 self._fh.write("\n")
         self._fh.write(json.dumps({"unit_id": unit_id, "run": run, "rows": [_clean_row(r) for r in rows],
                                    "usage": usage}) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self._fh.flush()  # in the OS's hands: a kill -9 of this process loses nothing written
+        if self._defer:
+            self._unsynced = True
+        else:
+            os.fsync(self._fh.fileno())
+
+    def sync(self) -> None:
+        if self._fh is not None and self._unsynced:
+            os.fsync(self._fh.fileno())
+        self._unsynced = False
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Appends inside are flushed at once and fsynced together at the end."""
+        self._defer = True
+        try:
+            yield self
+        finally:
+            self._defer = False
+            self.sync()
 
     def close(self) -> None:
         if self._fh is not None:
+            self.sync()
             self._fh.close()
             self._fh = None
 
@@ -449,37 +554,165 @@ class SpendLedger:
         return float(d.get("spent_usd", 0.0)) + float(d.get("reserved_usd", 0.0))
 
 
+@dataclasses.dataclass
+class Replay:
+    """What a rerun takes from the journal: the rows of shards not safely in their Parquet files,
+    journal lines per shard, and everything ever spent."""
+
+    state: dict[str, dict[int, dict]]
+    lines: dict[str, int]
+    usage: dict
+    final: set[str]  # done, checked against the journal, nothing left to retry: not opened again
+    in_file: set[str]  # done and checked, with transient failures to retry: rows come from the Parquet
+    rows_kept: int = 0  # rows of the journal held after the replay
+
+
+def replay_journal(journal: Journal, plan: JobPlan, manifest: dict, out_dir: Path) -> Replay:
+    """Stream the journal once, keeping only the rows of shards that need them.
+
+    A shard recorded as done in the manifest, whose Parquet file is there and whose number of
+    journal lines is the one recorded when the file was written, is taken from the file: its lines
+    are counted, not kept. Any other shard (not done; killed before the manifest was written; a
+    torn or missing journal line; a folder from before the count was recorded) gets its rows from
+    the journal, as before (a second pass when a count does not match).
+    """
+    done = {s: e for s, e in manifest["shards"].items()
+            if s in plan.index and e.get("status") == "done" and "journal_lines" in e
+            and (out_dir / e.get("file", "-")).is_file()}
+    state: dict[str, dict[int, dict]] = {}
+    lines: dict[str, int] = {}
+    usage = empty_usage()
+
+    def stream(keep) -> None:
+        nonlocal usage
+        for e in journal.entries():
+            s = plan.shard_of_user(_user_of_unit(e["unit_id"]))
+            if keep is None:
+                usage = merge_usage(usage, e.get("usage", {}))
+                if s is not None:
+                    lines[s] = lines.get(s, 0) + 1
+            if s is not None and (s not in done if keep is None else s in keep):
+                merge_rows(state.setdefault(e["unit_id"], {}), e["rows"])
+
+    stream(None)
+    suspect = {s for s, e in done.items() if lines.get(s, 0) != e["journal_lines"]}
+    if suspect:
+        log.info("%d finished shards differ from the journal; their rows are read from it", len(suspect))
+        for s in suspect:
+            del done[s]
+        stream(suspect)
+    final = {s for s, e in done.items() if int(e.get("retryable", 1)) == 0}
+    return Replay(state, lines, usage, final, set(done) - final, sum(len(v) for v in state.values()))
+
+
 class ShardWriter:
-    """Records each finished unit in the journal at once; writes a shard's Parquet and the manifest
-    when all of the shard's units are in."""
+    """Records each finished unit in the journal at once; holds the rows of open shards only (those
+    with units in flight or not yet sent); writes a shard's Parquet when its units are in, records it
+    in the manifest and drops its rows.
 
-    def __init__(self, out_dir: Path, shards: dict[str, list[WorkUnit]], manifest: dict,
-                 state: dict[str, dict[int, dict]], journal: Journal, todo_ids: set[str]):
+    ``todo()`` opens the shards in order and yields (planned unit, what is left of it): the units of
+    a shard are built when its turn comes. ``max_open_shards``, ``max_rows_held`` and
+    ``max_in_flight`` (set by the runners) are probes of what the driver held at most.
+    """
+
+    def __init__(self, out_dir: Path, plan: JobPlan, manifest: dict, journal: Journal, replay: Replay):
         self.out_dir = out_dir
-        self.shards = shards
+        self.plan = plan
         self.manifest = manifest
-        self.state = state
         self.journal = journal
+        self.replay = replay
+        self.state = replay.state
+        self.lines = replay.lines
         self.run = int(manifest.get("resumed", 0))
-        self.shard_of = {u.unit_id: s for s, us in shards.items() for u in us}
-        self.waiting = {s: {u.unit_id for u in us} & todo_ids for s, us in shards.items()}
+        self.open: dict[str, dict] = {}  # shard -> {"units": [...], "waiting": {unit ids}}
         self.usage = empty_usage()
-        for s, ids in self.waiting.items():
-            if not ids and s not in manifest["shards"]:
-                self._write_shard(s)  # complete in the journal, but killed before its Parquet was written
+        self.retried = 0
+        self.rows_held = sum(len(v) for v in self.state.values())
+        self.max_rows_held = self.rows_held
+        self.max_open_shards = 0
+        self.max_in_flight = 0
+        self.shards_written = 0
+        self._saved_at = 0.0
 
+    # ------------------------------------------------------------ opening shards
+    def units_to_rate(self) -> int:
+        """Planned units of the shards that are opened (an upper bound of what is sent)."""
+        return sum(self.plan.sizes.get(s, 0) for s in self.plan.names if s not in self.replay.final)
+
+    def todo(self, skipped: Callable[[int], None] | None = None):
+        for s in self.plan.names:
+            if s in self.replay.final:
+                continue
+            units = self.plan.units(s)
+            if s in self.replay.in_file:
+                self._load_from_file(s, units)
+            todo = []
+            for u in units:
+                have = self.state.get(u.unit_id, {})
+                left = [i for i in u.item_ids if i not in have or not is_final(have[i]["status"], have[i]["reason"])]
+                if not left:
+                    continue
+                again = [i for i in left if i in have]
+                self.retried += len(again)
+                sub = u if len(left) == len(u.item_ids) else u.subset(left)
+                # Skip the cached answers earlier runs already used for these items (asked again, not replayed).
+                offset = max((have[i]["attempts"] for i in again), default=0)
+                if offset:
+                    sub = dataclasses.replace(sub, answer_offset=u.answer_offset + offset)
+                todo.append((u, sub))
+            self.open[s] = {"units": units, "waiting": {u.unit_id for u, _ in todo}}
+            self.max_open_shards = max(self.max_open_shards, len(self.open))
+            if skipped is not None and len(units) > len(todo):
+                skipped(len(units) - len(todo))
+            if not todo:
+                self._write_shard(s)  # complete in the journal, but its Parquet was not written (or is stale)
+                continue
+            if self.manifest["shards"].pop(s, None) is not None:
+                self._save_manifest()  # written again when its work is done
+            yield from todo
+
+    def _load_from_file(self, s: str, units: list[WorkUnit]) -> None:
+        """A done shard's rows from its Parquet (what the journal holds for it: the counts matched)."""
+        df = pd.read_parquet(self.out_dir / self.manifest["shards"][s]["file"])
+        by_pair: dict[tuple[int, int], list[dict]] = {}
+        for r in df.to_dict("records"):
+            by_pair.setdefault((int(r["user_id"]), int(r["item_id"])), []).append(_clean_row(r))
+        for u in units:
+            rows = {}
+            for i in u.item_ids:
+                got = by_pair.get((int(u.user_id), int(i)))
+                if got:
+                    rows[int(i)] = got.pop(0)  # a pair in two units: the file has both rows, in unit order
+            if rows:
+                self.state[u.unit_id] = rows
+                self._held(len(rows))
+
+    # ------------------------------------------------------------ results
     def add(self, unit: WorkUnit, res: dict) -> None:
         self.journal.append(unit.unit_id, self.run, res["rows"], res["usage"])
-        merge_rows(self.state.setdefault(unit.unit_id, {}), res["rows"])
+        have = self.state.setdefault(unit.unit_id, {})
+        n = len(have)
+        merge_rows(have, res["rows"])
+        self._held(len(have) - n)
         self.usage = merge_usage(self.usage, res["usage"])
-        s = self.shard_of[unit.unit_id]
-        self.waiting[s].discard(unit.unit_id)  # a retried unit overwrites itself: no duplicates
-        if not self.waiting[s]:
+        s = self.plan.shard_of_user(unit.user_id)
+        self.lines[s] = self.lines.get(s, 0) + 1
+        sh = self.open[s]
+        sh["waiting"].discard(unit.unit_id)  # a retried unit overwrites itself: no duplicates
+        if not sh["waiting"]:
             self._write_shard(s)
 
+    def _held(self, n: int) -> None:
+        self.rows_held += n
+        self.max_rows_held = max(self.max_rows_held, self.rows_held)
+
     def rows_of(self, shard: str) -> pd.DataFrame:
-        rows = [r for u in self.shards[shard] for r in self.state.get(u.unit_id, {}).values()]
-        return pd.DataFrame(rows, columns=ROW_COLUMNS).sort_values(["user_id", "item_id"]).reset_index(drop=True)
+        units = self.open[shard]["units"] if shard in self.open else self.plan.units(shard)
+        rows = [r for u in units for r in self.state.get(u.unit_id, {}).values()]
+        df = pd.DataFrame(rows, columns=ROW_COLUMNS)
+        df["rating"] = df["rating"].astype(float)
+        df["raw"] = df["raw"].astype(float)
+        return df.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
 
     def _write_shard(self, s: str) -> None:
         df = self.rows_of(s)
@@ -488,8 +721,20 @@ class ShardWriter:
         failed = df["status"] != "ok"
         retryable = int(sum(not is_final(st, r) for st, r in zip(df["status"], df["reason"])))
         self.manifest["shards"][s] = {"status": "done", "file": f"shards/{fname}", "rows": len(df),
-                                      "failed": int(failed.sum()), "retryable": retryable}
-        write_json(self.out_dir / "manifest.json", self.manifest)
+                                      "failed": int(failed.sum()), "retryable": retryable,
+                                      "journal_lines": self.lines.get(s, 0)}
+        for u in self.open.pop(s, {"units": []})["units"]:
+            self._held(-len(self.state.pop(u.unit_id, {})))
+        self.shards_written += 1
+        self._save_manifest()
+
+    def _save_manifest(self, force: bool = False) -> None:
+        """At most every MANIFEST_EVERY_S: the journal is the record, the manifest a summary of it that
+        a resume checks (a shard finished since the last write is taken from the journal)."""
+        now = time.monotonic()
+        if force or now - self._saved_at >= MANIFEST_EVERY_S:
+            write_json(self.out_dir / "manifest.json", self.manifest)
+            self._saved_at = now
 
 
 def job_identity(spec: BackendSpec, cfg: PersonaConfig, context: dict | None = None) -> dict:
@@ -502,11 +747,13 @@ def job_identity(spec: BackendSpec, cfg: PersonaConfig, context: dict | None = N
     return {**ident, **(context or {})}
 
 
-def load_manifest(out_dir: Path, plan: dict[str, list[str]], identity: dict) -> dict:
+def load_manifest(out_dir: Path, plan: dict[str, str], identity: dict) -> dict:
     p = out_dir / "manifest.json"
     if p.is_file():
         m = read_json(p)
         old = m.get("identity") or {}
+        # A folder written before plans were digests lists each shard's unit ids.
+        m["plan"] = {s: plan_entry(v) if isinstance(v, list) else v for s, v in (m.get("plan") or {}).items()}
         if m.get("plan") != plan or old != identity:
             keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             what = ("the pairs (users or items) differ" if m.get("plan") != plan else
@@ -522,15 +769,20 @@ def _job_key(out_dir: Path, identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_rating_job(units: list[WorkUnit], out_dir: str | Path, spec: BackendSpec, cfg: PersonaConfig,
-                   cache_path: str | None, use_ray: bool = True, progress: bool = True,
-                   crash_marker: str | None = None, context: dict | None = None, offline_model=None) -> dict:
+def run_rating_job(units: "list[WorkUnit] | UnitSource", out_dir: str | Path, spec: BackendSpec,
+                   cfg: PersonaConfig, cache_path: str | None, use_ray: bool = True, progress: bool = True,
+                   crash_marker: str | None = None, context: dict | None = None, offline_model=None,
+                   probe: dict | None = None) -> dict:
     """Rate all units; returns the summary (also written to OUT/manifest.json and OUT/ratings.parquet).
 
+    ``units``: a list, or a ``UnitSource`` whose units are built a shard at a time. Either way the
+    driver holds the rows of the shards in flight only (a window of units is in flight), writes
+    each shard's Parquet as it completes, and streams OUT/ratings.parquet from the shard files.
     ``context``: what else identifies the job (dataset, split, a hash of the profiles, ...).
     ``offline_model``: the fitted offline persona when ``spec.kind == "offline"``.
     With ``use_ray`` Ray must be running (the caller starts or joins it): units go to PersonaWorker
     actors, paced by the cluster's limiter of this endpoint and model.
+    ``probe``: a dict that receives what the driver held at most (open shards, rows, units in flight).
     """
     cfg.validate()
     if spec.kind == "offline" and offline_model is None:
@@ -538,56 +790,80 @@ def run_rating_job(units: list[WorkUnit], out_dir: str | Path, spec: BackendSpec
     check_backend(spec)  # a broken install is one ConfigError here, not a traceback per worker or task
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards = plan_shards(units, cfg.shard_users)
-    plan = {s: sorted({u.unit_id for u in us}) for s, us in shards.items()}
+    plan = JobPlan(units, cfg.shard_users)
     identity = job_identity(spec, cfg, context)
-    manifest = load_manifest(out_dir, plan, identity)
+    manifest = load_manifest(out_dir, plan.entries(), identity)
     journal = Journal(out_dir / "journal.jsonl")
-    state, usage_before, _ = journal.load()
+    replay = replay_journal(journal, plan, manifest, out_dir)
+    usage_before = replay.usage
     ledger = SpendLedger(out_dir / "spend.json")
     spent_before = max(float(usage_before["cost_usd"]), ledger.read())
-
-    todo: list[tuple[WorkUnit, WorkUnit]] = []  # (planned unit, what is left of it)
-    retried = 0
-    for u in units:
-        have = state.get(u.unit_id, {})
-        left = [i for i in u.item_ids if i not in have or not is_final(have[i]["status"], have[i]["reason"])]
-        if not left:
-            continue
-        again = [i for i in left if i in have]
-        retried += len(again)
-        sub = u if len(left) == len(u.item_ids) else u.subset(left)
-        # Skip the cached answers earlier runs already used for these items (asked again, not replayed).
-        offset = max((have[i]["attempts"] for i in again), default=0)
-        if offset:
-            sub = dataclasses.replace(sub, answer_offset=u.answer_offset + offset)
-        todo.append((u, sub))
-    # Shards with work left are written again when it is done.
-    todo_ids = {u.unit_id for u, _ in todo}
-    for s, us in shards.items():
-        if any(u.unit_id in todo_ids for u in us) or not (out_dir / manifest["shards"].get(s, {}).get(
-                "file", "-")).is_file():
-            manifest["shards"].pop(s, None)
-    write_json(out_dir / "manifest.json", manifest)
-    writer = ShardWriter(out_dir, shards, manifest, state, journal, todo_ids)
+    writer = ShardWriter(out_dir, plan, manifest, journal, replay)
+    writer._save_manifest(force=True)
     job = {"key": _job_key(out_dir, identity), "spent_before": spent_before}
     limits: dict = {"rpm": cfg.rpm, "tpm": cfg.tpm, "scope": "none (offline)" if spec.kind == "offline" else
                     ("cluster" if use_ray else "this process")}
-    bar = _bar(len(todo), progress)
+    bar = _bar(writer.units_to_rate(), progress)
+    todo = writer.todo(skipped=bar.update)
     t0 = time.time()
     try:
-        if todo:
-            if use_ray:
-                limits.update(_run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offline_model,
-                                       ledger))
-            else:
-                _run_local(todo, writer, spec, cfg, cache_path, job, bar, offline_model, ledger)
+        if use_ray:
+            limits.update(_run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offline_model,
+                                   ledger))
+        else:
+            _run_local(todo, writer, spec, cfg, cache_path, job, bar, offline_model, ledger)
     finally:
         journal.close()
         bar.close()
-    summary = finish_job(out_dir, units, manifest, writer, time.time() - t0, usage_before, spent_before,
-                         retried, limits)
+        writer._save_manifest(force=True)  # what finished before an interrupt is recorded
+        if probe is not None:
+            probe.update(max_open_shards=writer.max_open_shards, max_rows_held=writer.max_rows_held,
+                         max_in_flight=writer.max_in_flight, shards_written=writer.shards_written,
+                         replayed_rows=replay.rows_kept, final_shards=len(replay.final),
+                         shards_from_files=len(replay.in_file))
+    summary = finish_job(out_dir, plan, manifest, writer, time.time() - t0, usage_before, spent_before,
+                         writer.retried, limits)
     return summary
+
+
+def dispatch_window(cfg: PersonaConfig) -> int:
+    """Units in flight at most: IN_FLIGHT_PER_SLOT per request slot of the pool."""
+    return max(1, IN_FLIGHT_PER_SLOT * cfg.n_workers * cfg.max_concurrency)
+
+
+async def _rate_stream(engine: RatingEngine, todo, concurrency: int, window: int, writer: ShardWriter,
+                       on_result: Callable[[WorkUnit, dict], None]) -> None:
+    """Rate (unit, sub) pairs from an iterator in this process: ``concurrency`` at a time, at most
+    ``window`` taken from the iterator and not yet handed to ``on_result``."""
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(j, u, sub):
+        async with sem:  # FIFO: units start in the order they were taken, so shards finish in order
+            return j, u, await engine.rate_unit(sub)
+
+    pending: set = set()
+    it = iter(todo)
+    j = 0
+    feeding = True
+    try:
+        while True:
+            while feeding and len(pending) < window:
+                nxt = next(it, None)
+                if nxt is None:
+                    feeding = False
+                    break
+                pending.add(asyncio.ensure_future(one(j, *nxt)))
+                j += 1
+            writer.max_in_flight = max(writer.max_in_flight, len(pending))
+            if not pending:
+                break
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for _, u, res in sorted((f.result() for f in done), key=lambda x: x[0]):
+                on_result(u, res)
+    finally:
+        for f in pending:
+            f.cancel()
+        await engine.aclose()
 
 
 def _run_local(todo, writer, spec, cfg, cache_path, job, bar, offline_model, ledger) -> None:
@@ -600,13 +876,13 @@ def _run_local(todo, writer, spec, cfg, cache_path, job, bar, offline_model, led
                     ledger=str(ledger.path))
         limiter = LocalLimiter(rl)
         engine = RatingEngine(spec, cfg, limiter, ResponseCache(cache_path) if cache_path else None)
-    orig = {id(sub): u for u, sub in todo}
 
-    def on_result(sub, res):
-        writer.add(orig[id(sub)], res)
+    def on_result(u, res):
+        writer.add(u, res)
         bar.update(1)
 
-    asyncio.run(rate_units_local(engine, [sub for _, sub in todo], cfg.max_concurrency * cfg.n_workers, on_result))
+    concurrency = cfg.max_concurrency * cfg.n_workers
+    asyncio.run(_rate_stream(engine, todo, concurrency, IN_FLIGHT_PER_SLOT * concurrency, writer, on_result))
 
 
 def _bar(n: int, progress: bool):
@@ -615,12 +891,35 @@ def _bar(n: int, progress: bool):
     return tqdm(total=n, desc="persona units", disable=not progress, unit="req")
 
 
+class SlotDealer:
+    """The worker of each unit, in dispatch order: round robin, or (a backend with memory) one worker
+    per user, users dealt in turn. ``shard`` (optional): a user's units all come within their shard,
+    so what is remembered of users is dropped when the shard changes."""
+
+    def __init__(self, n_workers: int, by_user: bool):
+        self.n, self.by_user = max(1, n_workers), by_user
+        self.j = 0
+        self.users_dealt = 0
+        self.user_slot: dict[int, int] = {}
+        self.shard = None
+
+    def slot(self, unit: WorkUnit, shard=None) -> int:
+        if not self.by_user:
+            self.j += 1
+            return (self.j - 1) % self.n
+        if shard is not None and shard != self.shard:
+            self.shard, self.user_slot = shard, {}
+        s = self.user_slot.get(unit.user_id)
+        if s is None:
+            s = self.user_slot[unit.user_id] = self.users_dealt % self.n
+            self.users_dealt += 1
+        return s
+
+
 def _worker_slots(units: list[WorkUnit], n_workers: int, by_user: bool) -> list[int]:
     """Worker of each unit: round robin, or (a backend with memory) one worker per user, users dealt in turn."""
-    if not by_user:
-        return [j % n_workers for j in range(len(units))]
-    user_slot: dict[int, int] = {}
-    return [user_slot.setdefault(u.user_id, len(user_slot) % n_workers) for u in units]
+    d = SlotDealer(n_workers, by_user)
+    return [d.slot(u) for u in units]
 
 
 def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offline_model, ledger) -> dict:
@@ -646,17 +945,36 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
     workers = start_workers(spec, cfg, name, job["key"], cache_path, crash_marker, model_ref)
     info["worker_nodes"] = ray.get([w.node.remote() for w in workers])
     try:
-        refs = {}
+        # A window of units in flight, refilled as results come back (never the whole run at once).
         # A backend with memory (TinyTroupe: one agent per user) meets each user on one worker.
-        slot = _worker_slots([sub for _, sub in todo], len(workers), by_user=keeps_memory(spec))
-        for j, (u, sub) in enumerate(todo):
-            refs[workers[slot[j]].rate_unit.remote(sub)] = u
-        while refs:
-            done, _ = ray.wait(list(refs), num_returns=min(len(refs), 64), timeout=1.0)
-            for r in done:
-                u = refs.pop(r)
-                writer.add(u, ray.get(r))
-                bar.update(1)
+        window = dispatch_window(cfg)
+        dealer = SlotDealer(len(workers), by_user=keeps_memory(spec))
+        pending: dict = {}
+        it = iter(todo)
+        feeding = True
+        while True:
+            while feeding and len(pending) < window:
+                nxt = next(it, None)
+                if nxt is None:
+                    feeding = False
+                    break
+                u, sub = nxt
+                w = workers[dealer.slot(sub, writer.plan.shard_of_user(sub.user_id))]
+                pending[w.rate_unit.remote(sub)] = u
+            writer.max_in_flight = max(writer.max_in_flight, len(pending))
+            if not pending:
+                break
+            refs = list(pending)
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # every result that is in
+            if not done:
+                done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+                if not done:
+                    continue
+            results = ray.get(done)
+            with writer.journal.batch():  # one fsync for the results of one wait
+                for r, res in zip(done, results):
+                    writer.add(pending.pop(r), res)
+                    bar.update(1)
     finally:
         for w in workers:
             ray.kill(w)
@@ -674,23 +992,62 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
     return info
 
 
-def finish_job(out_dir: Path, units: list[WorkUnit], manifest: dict, writer: ShardWriter, elapsed_s: float,
+def _not_final_mask(status: pd.Series, reason: pd.Series) -> np.ndarray:
+    """``not is_final(status, reason)`` for columns."""
+    r = reason.fillna("").astype(str)
+    final = (status == "ok") | (r.str.startswith("http_4") & ~r.isin(RETRY_ON_RESUME_4XX))
+    return ~final.to_numpy(bool)
+
+
+def stream_ratings(out_dir: Path, plan: JobPlan, manifest: dict, path: Path) -> dict:
+    """Concatenate the shard files (in plan order: users ascending, each sorted by user and item)
+    into one Parquet at ``path``, a row group at a time; returns the counts of the summary."""
+    counts = {"pairs": 0, "rated": 0, "failed": 0, "retryable_failed": 0, "duplicates": 0}
+    reasons: dict[str, int] = {}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    buf: list[pa.Table] = []
+    held = 0
+    with pq.ParquetWriter(tmp, ROW_SCHEMA) as w:
+        for s in plan.names:
+            e = manifest["shards"].get(s)
+            if e is None or not (out_dir / e["file"]).is_file():
+                continue
+            t = pq.read_table(out_dir / e["file"], columns=ROW_COLUMNS)
+            t = pa.Table.from_arrays([t.column(c).cast(ROW_SCHEMA.field(c).type) for c in ROW_COLUMNS],
+                                     schema=ROW_SCHEMA)
+            df = t.select(["user_id", "item_id", "status", "reason"]).to_pandas()
+            failed = (df["status"] != "ok").to_numpy(bool)
+            counts["pairs"] += len(df)
+            counts["failed"] += int(failed.sum())
+            counts["rated"] += int((~failed).sum())
+            counts["retryable_failed"] += int(_not_final_mask(df["status"], df["reason"]).sum())
+            # Shards split the users, so a pair can only repeat within one.
+            counts["duplicates"] += int(df.duplicated(["user_id", "item_id"]).sum())
+            for k, v in df.loc[failed, "reason"].value_counts(sort=False).items():
+                reasons[k] = reasons.get(k, 0) + int(v)
+            buf.append(t)
+            held += t.num_rows
+            if held >= RATINGS_ROW_GROUP:
+                w.write_table(pa.concat_tables(buf), row_group_size=RATINGS_ROW_GROUP)
+                buf, held = [], 0
+        if buf or counts["pairs"] == 0:
+            w.write_table(pa.concat_tables(buf) if buf else ROW_SCHEMA.empty_table(),
+                          row_group_size=RATINGS_ROW_GROUP)
+    tmp.replace(path)
+    counts["failure_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return counts
+
+
+def finish_job(out_dir: Path, plan: JobPlan, manifest: dict, writer: ShardWriter, elapsed_s: float,
                usage_before: dict, spent_before: float, retried: int, limits: dict) -> dict:
-    rows = [writer.state.get(u.unit_id, {}).get(i) for u in units for i in u.item_ids]
-    planned = len(rows)
-    df = pd.DataFrame([r for r in rows if r is not None], columns=ROW_COLUMNS)
-    df["rating"] = df["rating"].astype(float)
-    df["raw"] = df["raw"].astype(float)
-    df = df.sort_values(["user_id", "item_id"], kind="stable").reset_index(drop=True)
-    write_parquet(df, out_dir / "ratings.parquet")
+    """OUT/ratings.parquet streamed from the shard files, and the summary counted on the way (never
+    a frame of the whole run)."""
+    c = stream_ratings(out_dir, plan, manifest, out_dir / "ratings.parquet")
+    planned = plan.planned_pairs
     usage = merge_usage(usage_before, writer.usage)
-    failed = df["status"] != "ok"
-    retryable = int(sum(not is_final(s, r) for s, r in zip(df["status"], df["reason"])))
-    reasons = df.loc[failed, "reason"].value_counts().to_dict() if len(df) else {}
-    summary = {"pairs": int(len(df)), "planned_pairs": planned, "missing_pairs": planned - int(len(df)),
-               "rated": int((~failed).sum()), "failed": int(failed.sum()), "failure_reasons": reasons,
-               "retryable_failed": retryable, "retried": retried,
-               "duplicates": int(df.duplicated(["user_id", "item_id"]).sum()) if len(df) else 0,
+    summary = {"pairs": c["pairs"], "planned_pairs": planned, "missing_pairs": planned - c["pairs"],
+               "rated": c["rated"], "failed": c["failed"], "failure_reasons": c["failure_reasons"],
+               "retryable_failed": c["retryable_failed"], "retried": retried, "duplicates": c["duplicates"],
                "usage": usage, "usage_this_run": writer.usage,
                "spent_usd": max(float(usage["cost_usd"]), spent_before + float(writer.usage["cost_usd"])),
                "elapsed_s": elapsed_s, "resumed": manifest.get("resumed", 0),
@@ -700,18 +1057,29 @@ def finish_job(out_dir: Path, units: list[WorkUnit], manifest: dict, writer: Sha
     return summary
 
 
-def dry_run(units: list[WorkUnit], spec: BackendSpec, cfg: PersonaConfig) -> dict:
-    """Tokens and dollars the job would use if every unit were answered on the first try."""
-    n_items = sum(len(u.item_ids) for u in units)
-    if spec.kind == "offline":
+def dry_run(units: "list[WorkUnit] | UnitSource", spec: BackendSpec, cfg: PersonaConfig) -> dict:
+    """Tokens and dollars the job would use if every unit were answered on the first try (a
+    ``UnitSource`` is built and counted a thousand users at a time)."""
+    offline = spec.kind == "offline"
+    n_units = n_items = p = c = 0
+    if offline and isinstance(units, UnitSource):
+        for a in range(0, len(units.users), 1000):
+            for _, n in units.unit_ids(units.users[a:a + 1000]):
+                n_units, n_items = n_units + 1, n_items + n
+    else:
+        for u in units:
+            n_units += 1
+            n_items += len(u.item_ids)
+            if not offline:
+                p += messages_tokens(u.messages())
+                c += min(completion_estimate(len(u.item_ids)), cfg.max_output_tokens)
+    if offline:
         return {"backend": "offline", "requests": 0, "pairs": n_items, "prompt_tokens": 0, "completion_tokens": 0,
                 "cost_usd": 0.0, "budget_usd": cfg.budget_usd}
-    p = sum(messages_tokens(u.messages()) for u in units)
-    c = sum(min(completion_estimate(len(u.item_ids)), cfg.max_output_tokens) for u in units)
     from rlsim.personas.cost import price_of
 
     return {"backend": spec.kind, "price_known": price_of(cfg.prices, spec.model) is not None,
-            "requests": len(units), "pairs": n_items, "prompt_tokens": p, "completion_tokens": c,
+            "requests": n_units, "pairs": n_items, "prompt_tokens": p, "completion_tokens": c,
             "prompt_tokens_per_rating": p / max(1, n_items), "model": spec.model,
             "cost_usd": cost_usd(cfg.prices, spec.model, p, c), "budget_usd": cfg.budget_usd,
             "token_counter": "tiktoken" if estimate_tokens("a b") != 1 else "chars/4 estimate"}

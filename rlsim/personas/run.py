@@ -154,6 +154,13 @@ def offline_units(pairs: pd.DataFrame, scale, per_unit: int = OFFLINE_UNIT_ITEMS
     return out
 
 
+def offline_source(pairs: pd.DataFrame, scale, per_unit: int = OFFLINE_UNIT_ITEMS):
+    """``offline_units`` built a group of users at a time, when the job needs them (a ``UnitSource``)."""
+    from rlsim.personas.grounding import pairs_source
+
+    return pairs_source(pairs, lambda p: offline_units(p, scale, per_unit), per_unit)
+
+
 def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.DataFrame, job_dir: Path, *,
                 profiles, api_key, use_ray, dry_run, progress, crash_marker,
                 lessons: dict[int, list[str]] | None = None, lessons_info: dict | None = None
@@ -179,7 +186,7 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
         raise ConfigError(OFFLINE_LESSONS)
     linfo = None
     if cfg.backend == "offline":
-        units = offline_units(pairs, ds.scale)
+        units = offline_source(pairs, ds.scale)
         if profiles is not None:
             notes.append("the offline persona does not read profiles; --profiles was not used")
         if not dry_run:
@@ -201,7 +208,7 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
                 notes.append(f"{linfo['users'] - linfo['users_with_lessons']} of {linfo['users']} users have no "
                              "lessons; they are rated with their profile alone")
         units = PromptBuilder(split.train, ds.items, ds.scale, texts, vectors, cfg.k_similar,
-                              cfg.batch_size).units(pairs)
+                              cfg.batch_size).source(pairs)
         if pinfo.get("structured_for_missing_users"):
             notes.append(f"{pinfo['structured_for_missing_users']} users had no profile in {profiles}; they use the "
                          "structured profile")
