@@ -4,8 +4,10 @@ the one simulator actor, and the loss of the worker node mid-training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +40,8 @@ def _sh(*args, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def two_nodes():
+@contextlib.contextmanager
+def two_node_cluster():
     """One CPU on each node: two env runners (one CPU each) can only run one per node."""
     head_dir = Path(tempfile.mkdtemp(prefix="rlh", dir="/tmp"))
     node_dir = Path(tempfile.mkdtemp(prefix="rln", dir="/tmp"))
@@ -62,12 +64,59 @@ def two_nodes():
             assert st.returncode == 3, st.stdout  # nothing of either node is left
 
 
+@pytest.fixture
+def two_nodes():
+    with two_node_cluster() as c:
+        yield c
+
+
 def _submit(cluster, entry: list[str], timeout: int = 900, wait: bool = True) -> subprocess.CompletedProcess:
     env = {**_env(), **cluster["exports"]}
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
            f"http://127.0.0.1:{cluster['dash']}", "--working-dir", str(ROOT), *([] if wait else ["--no-wait"]),
            "--", *entry]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_STATUS = ("import sys; from ray.job_submission import JobSubmissionClient; "
+           "print(JobSubmissionClient(sys.argv[1]).get_job_status(sys.argv[2]).value)")
+
+
+def submission_id(r: subprocess.CompletedProcess) -> str:
+    """The id `ray job submit --no-wait` printed (its output is coloured: the id is followed by an
+    ANSI code, which a whitespace split would keep)."""
+    m = re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr)
+    assert m, (r.stdout + r.stderr)[-2000:]
+    return m.group(0)
+
+
+def job_status(cluster, job: str) -> str:
+    """The job's JobStatus value (RUNNING, SUCCEEDED, ...), or "UNKNOWN: <error>" while the dashboard
+    cannot say (it may briefly not know a job while a lost node is being declared dead)."""
+    env = {**_env(), **cluster["exports"]}
+    r = subprocess.run([sys.executable, "-c", _STATUS, f"http://127.0.0.1:{cluster['dash']}", job], env=env,
+                       capture_output=True, text=True, timeout=60)
+    lines = (r.stdout.strip() or r.stderr.strip()).splitlines()
+    return lines[-1] if r.returncode == 0 and lines else "UNKNOWN: " + (lines[-1] if lines else "")
+
+
+def wait_job(cluster, job: str, timeout_s: float) -> str:
+    """Polls until the job ends; its final status, or the last one seen at the deadline."""
+    status, deadline = "", time.time() + timeout_s
+    while time.time() < deadline:
+        status = job_status(cluster, job)
+        if status in TERMINAL:
+            break
+        time.sleep(3)
+    return status
+
+
+def job_logs(cluster, job: str) -> str:
+    env = {**_env(), **cluster["exports"]}
+    return subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address",
+                           f"http://127.0.0.1:{cluster['dash']}", job], env=env, capture_output=True, text=True,
+                          timeout=60).stdout
 
 
 def _config(tmp_path: Path, data_root: Path, cache_root: Path, **policy) -> Path:
@@ -106,7 +155,7 @@ def test_worker_node_lost_mid_training(two_nodes, tmp_path, data_root, cache_roo
     r = _submit(two_nodes, ["python", "jobs/pipeline.py", str(cfg), "--out", f"file://{out}",
                             "--work-dir", str(tmp_path / "work")], wait=False, timeout=120)
     assert r.returncode == 0, r.stderr
-    job = next(w for w in (r.stdout + r.stderr).split() if w.startswith("raysubmit_"))
+    job = submission_id(r)
     metrics = tmp_path / "work" / "policy" / "train" / "train_metrics.json"
     deadline = time.time() + 1000  # Ray takes ~30 s to declare the node dead, then RLlib retries its runner
     while time.time() < deadline:  # wait until PPO is iterating, then lose the node
@@ -115,20 +164,8 @@ def test_worker_node_lost_mid_training(two_nodes, tmp_path, data_root, cache_roo
         time.sleep(1)
     assert metrics.is_file(), "PPO never started"
     assert _sh("stop", "--temp-dir", str(two_nodes["node_dir"]), "--now").returncode == 0
-    env = {**_env(), **two_nodes["exports"]}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    addr = f"http://127.0.0.1:{two_nodes['dash']}"
-    status = ""
-    while time.time() < deadline:
-        st = subprocess.run([ray_bin, "job", "status", "--address", addr, job], env=env, capture_output=True,
-                            text=True, timeout=60)
-        status = st.stdout + st.stderr
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-            break
-        time.sleep(3)
-    logs = subprocess.run([ray_bin, "job", "logs", "--address", addr, job], env=env, capture_output=True,
-                          text=True, timeout=60).stdout
-    assert "SUCCEEDED" in status, status + logs[-3000:]
+    status = wait_job(two_nodes, job, max(60.0, deadline - time.time()))
+    assert status == "SUCCEEDED", status + job_logs(two_nodes, job)[-3000:]
     train = json.loads((out / "policy" / "train" / "train_metrics.json").read_text())
     assert len(train["iterations"]) == 12
 
@@ -153,7 +190,7 @@ def test_persona_pool_spreads_holds_the_limit_and_survives_a_lost_node(two_nodes
                  "--workers", "4", "--rpm", str(rpm), "--no-cache", "--quiet", "--out", str(out)]
         r = _submit(two_nodes, entry, wait=False, timeout=120)
         assert r.returncode == 0, r.stderr
-        job = next(w for w in (r.stdout + r.stderr).split() if w.startswith("raysubmit_"))
+        job = submission_id(r)
         t0 = time.time()
         while len(srv.log) < 150 and time.time() - t0 < 600:  # ~15 s of steady rating first
             time.sleep(0.5)
@@ -164,20 +201,9 @@ def test_persona_pool_spreads_holds_the_limit_and_survives_a_lost_node(two_nodes
         achieved = (len(window) - 1) / (window[-1] - window[0]) * 60
         assert achieved >= 0.95 * rpm and achieved <= 1.02 * rpm, achieved
         assert _sh("stop", "--temp-dir", str(two_nodes["node_dir"]), "--now").returncode == 0
-        env = {**_env(), **two_nodes["exports"]}
-        ray_bin = str(Path(sys.executable).parent / "ray")
-        addr = f"http://127.0.0.1:{two_nodes['dash']}"
-        status = ""
-        deadline = time.time() + 900
-        while time.time() < deadline:
-            st = subprocess.run([ray_bin, "job", "status", "--address", addr, job], env=env, capture_output=True,
-                                text=True, timeout=60)
-            status = st.stdout + st.stderr
-            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-                break
-            time.sleep(3)
+        status = wait_job(two_nodes, job, 900)
         resumed = False
-        if "SUCCEEDED" not in status:  # the job died with the node: a rerun resumes it
+        if status != "SUCCEEDED":  # the job died with the node: a rerun resumes it
             r = _submit(two_nodes, entry, timeout=900)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
             resumed = True
