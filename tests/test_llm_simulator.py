@@ -518,6 +518,23 @@ def test_the_study_starts_an_llm_persona_when_an_endpoint_is_configured(monkeypa
     assert got["api_key"] == SECRET and got["options"] == {"summary_every": 3}
     assert scfg.llm_persona_actor.startswith("rlsim-llm-persona-")
     scfg.validate()  # the source joins the study with the actor it will start
+    # An endpoint on the command line is enough: no personas: section, nothing in the environment
+    # but the key; the flags' method and summaries reach the simulator's options.
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    flags = argparse.Namespace(seed=None, base_url="http://127.0.0.1:9/v1", model="my-model", llm_method="samples",
+                               summary_every=2)
+    scfg = StudyConfig()
+    got = _llm_persona(flags, {"personas": {"backend": "offline"}}, scfg)
+    assert got["persona_cfg"].backend == "openai" and got["persona_cfg"].base_url == "http://127.0.0.1:9/v1"
+    assert got["persona_cfg"].model == "my-model" and got["options"] == {"method": "samples", "summary_every": 2}
+    assert scfg.llm_persona_actor.startswith("rlsim-llm-persona-")
+
+
+def test_study_help_lists_the_endpoint_flags():
+    from rlsim.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["study"].format_help()
+    assert "--base-url" in text and "--model" in text and "--summary-every" in text
 
 
 def test_fidelity_runs_on_the_llm_persona(server):

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--env-steps", type=int, help="env steps per policy (study.env_steps)")
     p.add_argument("--reward-checkpoint", help="an existing reward model (default: train one)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
+    from rlsim.commands.policy import _llm_args
+
+    _llm_args(p)  # --base-url and --model add LLM personas to the study (source llm_persona)
     add_ray_arg(p)
     add_quiet_arg(p)
     p.set_defaults(func=cmd_study)
@@ -38,18 +41,25 @@ def _llm_persona(args, sections: dict, scfg) -> dict | None:
 
     from rlsim.commands.personas import api_key, persona_config
 
-    backend = (sections.get("personas") or {}).get("backend")
-    if scfg.llm_persona_actor or backend not in ("openai",):
+    section = dict(sections.get("personas") or {})
+    flagged = getattr(args, "base_url", None) is not None  # an endpoint on the command line asks for LLM personas
+    if scfg.llm_persona_actor or (section.get("backend") != "openai" and not flagged):
         return None
     from rlsim.errors import ConfigError
 
-    cfg = persona_config(args, sections)
+    section["backend"] = "openai"
+    cfg = persona_config(args, {**sections, "personas": section})
     try:
         key = api_key(cfg)
     except ConfigError:  # no endpoint configured: the study runs without an LLM persona
         return None
     scfg.llm_persona_actor = f"rlsim-llm-persona-{uuid.uuid4().hex[:12]}"
-    return {"persona_cfg": cfg, "api_key": key, "options": dict(sections.get("llm_persona") or {})}
+    options = dict(sections.get("llm_persona") or {})
+    if getattr(args, "llm_method", None) is not None:
+        options["method"] = args.llm_method
+    if getattr(args, "summary_every", None) is not None:
+        options["summary_every"] = args.summary_every
+    return {"persona_cfg": cfg, "api_key": key, "options": options}
 
 
 def cmd_study(args) -> int:
