@@ -8,9 +8,6 @@ import asyncio
 import hashlib
 import json
 import math
-import tempfile
-import threading
-import time
 
 import numpy as np
 import pandas as pd
@@ -27,6 +24,7 @@ from rlsim.personas.prompts import rating_messages
 from rlsim.simulators.base import Session
 from rlsim.simulators.llm import LLMPersonaSimulator, LLMSimConfig, logprob_distributions
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating, rating_distribution
+from tests.ray_local import barrier, private_ray
 
 SCALE = RatingScale(1.0, 5.0, 1.0)
 SECRET = "sk-llmsim-do-not-leak-42"
@@ -356,15 +354,8 @@ def test_batching_answers_requests_that_arrive_while_a_batch_is_answered():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    if ray.is_initialized():
+    with private_ray("rll") as ray:
         yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rll", dir="/tmp"))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -376,19 +367,6 @@ def split_100k(data_root, cache_root):
                                  download=False))
 
 
-def _barrier(ray, n):
-    @ray.remote(num_cpus=0)
-    class Barrier:
-        def __init__(self, n):
-            self.n, self.event = n, asyncio.Event()
-
-        async def wait(self):
-            self.n -= 1
-            if self.n <= 0:
-                self.event.set()
-            await self.event.wait()
-
-    return Barrier.remote(n)
 
 
 def test_simulator_actor_batches_callers_under_the_cluster_limiter(ray_local, split_100k, cache_root):
@@ -404,17 +382,17 @@ def test_simulator_actor_batches_callers_under_the_cluster_limiter(ray_local, sp
         cfg = pcfg(rpm=1200, k_similar=0, cache=False, max_retries=6, base_url=srv.base_url)
         handle = start_llm_persona_actor("llm-sim-test", ds, split.train, cfg, SECRET, {"method": "logprobs"},
                                          cache_dir=str(cache_root), max_wait_s=2.0)
-        barrier = _barrier(ray, 4)
+        gate = barrier(ray, 4)
 
         @ray.remote(num_cpus=0)
-        def runner(k, barrier):
-            ray.get(barrier.wait.remote())
+        def runner(k, gate):
+            ray.get(gate.wait.remote())
             us = np.repeat(users[2 * k:2 * k + 2], 3)
             its = np.arange(1, 7) + 10 * k
             ss = [low(1 + j) if j % 2 else Session() for j in range(6)]  # 5 (user, session) prompts
             return us, its, ss, SimulatorClient("llm-sim-test").distribution(us, its, ss)
 
-        got = ray.get([runner.remote(k, barrier) for k in range(4)])
+        got = ray.get([runner.remote(k, gate) for k in range(4)])
         for us, its, ss, p in got:
             for u, i, s, row in zip(us, its, ss, p):
                 assert row.argmax() == max(1, expected_rating(int(u), int(i)) - (1 if len(s) else 0)) - 1

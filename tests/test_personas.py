@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import json
 import sqlite3
-import tempfile
 import threading
 import time
 
@@ -25,6 +24,7 @@ from rlsim.personas.limiter import LocalLimiter, RateLimiter
 from rlsim.personas.pool import RatingEngine, dry_run, rate_units_local, run_rating_job
 from rlsim.personas.validate import parse_ratings
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
+from tests.ray_local import private_ray
 
 SCALE = RatingScale(1.0, 5.0, 1.0)
 SECRET = "sk-test-do-not-leak-123"
@@ -277,24 +277,30 @@ def test_limiter_holds_real_rate(server):
 
 # ---------------------------------------------------------------- jobs: shards, manifest, resume
 
-def test_resume_after_partial_run_without_duplicates(server, tmp_path, monkeypatch):
+def run_until_killed(monkeypatch, after: int, units, job_dir, spec, cfg) -> None:
+    """Runs the job in this process until its ``after``-th result is recorded, then kills it there
+    (a KeyboardInterrupt out of ShardWriter.add: the journal has that result, the rest is lost)."""
     from rlsim.personas import pool
 
-    units = make_units(5, 6, 3)
-    cfg = cfg_for(cache=False, shard_users=1, max_concurrency=1)  # in order: 2 units per shard
-    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
     real_add = pool.ShardWriter.add
     calls = {"n": 0}
 
     def crashing_add(self, unit, res):
         real_add(self, unit, res)
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # the job dies part-way
+        if calls["n"] == after:
+            raise KeyboardInterrupt
     monkeypatch.setattr(pool.ShardWriter, "add", crashing_add)
     with pytest.raises(KeyboardInterrupt):
-        run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)
+        run_rating_job(units, job_dir, spec, cfg, None, use_ray=False, progress=False)
     monkeypatch.setattr(pool.ShardWriter, "add", real_add)
+
+
+def test_resume_after_partial_run_without_duplicates(server, tmp_path, monkeypatch):
+    units = make_units(5, 6, 3)
+    cfg = cfg_for(cache=False, shard_users=1, max_concurrency=1)  # in order: 2 units per shard
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    run_until_killed(monkeypatch, 5, units, tmp_path / "job", spec, cfg)
     manifest = json.loads((tmp_path / "job" / "manifest.json").read_text())
     done = set(manifest["shards"])
     assert 0 < len(done) < 5
@@ -338,15 +344,8 @@ def test_quantile_mapping_matches_user_distribution():
 @pytest.fixture(scope="module")
 def ray_local():
     """A private Ray for this module (joined when one is already running in this process)."""
-    import ray
-
-    if ray.is_initialized():
+    with private_ray("rlp") as ray:
         yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rlp", dir="/tmp"))
-    yield ray
-    ray.shutdown()
 
 
 def test_tokens_per_minute_are_enforced_without_a_burst():
@@ -564,25 +563,12 @@ def _spent_at(server) -> float:
 
 
 def test_spend_of_a_killed_run_counts_on_resume(server, tmp_path, monkeypatch):
-    from rlsim.personas import pool
-
     units = make_units(2, 10, 1)  # 20 one-movie units in ONE shard: no shard finishes before the kill
     est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=PRICEY))["cost_usd"]
     budget = 0.6 * est
     cfg = cfg_for(cache=False, shard_users=100, max_concurrency=1, prices=PRICEY, budget_usd=budget)
     spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
-    real_add = pool.ShardWriter.add
-    calls = {"n": 0}
-
-    def crashing_add(self, unit, res):
-        real_add(self, unit, res)
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(pool.ShardWriter, "add", crashing_add)
-    with pytest.raises(KeyboardInterrupt):
-        run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)
-    monkeypatch.setattr(pool.ShardWriter, "add", real_add)
+    run_until_killed(monkeypatch, 8, units, tmp_path / "job", spec, cfg)
     assert json.loads((tmp_path / "job" / "manifest.json").read_text())["shards"] == {}
     first = _spent_at(server)
     s = run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)

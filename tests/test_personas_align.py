@@ -17,6 +17,7 @@ import pytest
 
 from rlsim.cli import main
 from tests.fake_openai import LESSON, FakeOpenAI, FaultConfig
+from tests.ray_local import private_ray
 
 SECRET = "sk-align-secret-never-written"
 
@@ -51,17 +52,8 @@ def persona(ml100k, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import tempfile
-
-    import ray
-
-    if ray.is_initialized():
+    with private_ray("rla") as ray:
         yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rla", dir="/tmp"))
-    yield ray
-    ray.shutdown()
 
 
 def split_of(ml100k, name="u1"):

@@ -14,6 +14,7 @@ import pytest
 
 from rlsim.cli import main
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
+from tests.ray_local import private_ray
 
 SECRET = "sk-cli-secret-never-written"
 REPO = Path(__file__).resolve().parents[1]
@@ -34,17 +35,8 @@ def server():
 @pytest.fixture(scope="module")
 def ray_local():
     """One private Ray for this module; in-process CLI calls join it instead of starting their own."""
-    import tempfile
-
-    import ray
-
-    if ray.is_initialized():
+    with private_ray("rlc") as ray:
         yield ray
-        return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=tempfile.mkdtemp(prefix="rlc", dir="/tmp"))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

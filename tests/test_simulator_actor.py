@@ -13,6 +13,7 @@ from rlsim.data.schema import RatingScale
 from rlsim.errors import ConfigError
 from rlsim.simulators.actor import BatchingSimulator, SimulatorClient, start_simulator_actor
 from rlsim.simulators.base import Session, Simulator
+from tests.ray_local import barrier as make_barrier
 
 SCALE = RatingScale(1.0, 5.0, 1.0)
 
@@ -80,20 +81,7 @@ def test_actor_serves_many_clients(tmp_path):
         handle = start_simulator_actor("test-sim", Toy, max_wait_s=1.0)
         client = pickle.loads(pickle.dumps(SimulatorClient("test-sim")))
 
-        @ray.remote(num_cpus=0)
-        class Barrier:
-            """Releases every runner at once, however late each one's worker process started."""
-
-            def __init__(self, n):
-                self.n, self.event = n, asyncio.Event()
-
-            async def wait(self):
-                self.n -= 1
-                if self.n <= 0:
-                    self.event.set()
-                await self.event.wait()
-
-        barrier = Barrier.remote(6)
+        barrier = make_barrier(ray, 6)  # releases every runner at once, however late each one started
 
         @ray.remote(num_cpus=0)
         def runner(u, barrier):

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -847,14 +848,9 @@ async def _rate_stream(engine: RatingEngine, todo, concurrency: int, window: int
     pending: set = set()
     it = iter(todo)
     j = 0
-    feeding = True
     try:
         while True:
-            while feeding and len(pending) < window:
-                nxt = next(it, None)
-                if nxt is None:
-                    feeding = False
-                    break
+            for nxt in itertools.islice(it, max(0, window - len(pending))):  # refill the window
                 pending.add(asyncio.ensure_future(one(j, *nxt)))
                 j += 1
             writer.max_in_flight = max(writer.max_in_flight, len(pending))
@@ -954,14 +950,8 @@ def _run_ray(todo, writer, spec, cfg, cache_path, job, bar, crash_marker, offlin
         dealer = SlotDealer(len(workers), by_user=keeps_memory(spec))
         pending: dict = {}
         it = iter(todo)
-        feeding = True
         while True:
-            while feeding and len(pending) < window:
-                nxt = next(it, None)
-                if nxt is None:
-                    feeding = False
-                    break
-                u, sub = nxt
+            for u, sub in itertools.islice(it, max(0, window - len(pending))):  # refill the window
                 w = workers[dealer.slot(sub, writer.plan.shard_of_user(sub.user_id))]
                 pending[w.rate_unit.remote(sub)] = u
             writer.max_in_flight = max(writer.max_in_flight, len(pending))
