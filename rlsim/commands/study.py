@@ -42,7 +42,8 @@ def _llm_persona(args, sections: dict, scfg) -> dict | None:
     from rlsim.commands.personas import api_key, persona_config
 
     section = dict(sections.get("personas") or {})
-    flagged = getattr(args, "base_url", None) is not None  # an endpoint on the command line asks for LLM personas
+    # An endpoint or a chat model on the command line asks for LLM personas.
+    flagged = getattr(args, "base_url", None) is not None or getattr(args, "model", None) is not None
     if scfg.llm_persona_actor or (section.get("backend") != "openai" and not flagged):
         return None
     from rlsim.errors import ConfigError
