@@ -66,11 +66,15 @@ def test_every_flag_is_read(name, parser):
         used = re.search(rf"args\.{dest}\b|[\"']{dest}[\"']", source)
         if dest == "ray_address":  # read by rlsim.commands.ray_session.cli_ray, which the command must call
             used = used or "cli_ray(args" in source
-        if not used and "persona_config(args" in source:  # the persona flags' one reader
+        if not used:  # read by a shared reader the command calls (the persona and LLM persona flags)
             from rlsim.commands.personas import CALL_FLAGS, ENDPOINT_FLAGS, JOB_FLAGS, persona_config
+            from rlsim.commands.policy import llm_options
 
-            used = dest in {flag for flag, _ in ENDPOINT_FLAGS + CALL_FLAGS + JOB_FLAGS} or re.search(
-                rf"[\"']{dest}[\"']", inspect.getsource(persona_config))
+            if "persona_config(args" in source:
+                used = dest in {flag for flag, _ in ENDPOINT_FLAGS + CALL_FLAGS + JOB_FLAGS} or re.search(
+                    rf"[\"']{dest}[\"']", inspect.getsource(persona_config))
+            if not used and "llm_options(args" in source:
+                used = re.search(rf"args\.{dest}\b", inspect.getsource(llm_options))
         if not used and "_" in dest:  # flags registered in a loop: dest = f"{prefix}_{name}" over a table of names
             prefix, rest = dest.split("_", 1)
             used = f'f"{prefix}_{{' in source and re.search(rf"[\"']{rest}[\"']", source)

@@ -103,6 +103,17 @@ def llm_persona_edge(args, file_cfg: dict):
     return cfg, api_key(cfg)
 
 
+def llm_options(args, file_cfg: dict) -> dict:
+    """The LLM persona simulator's options: the `llm_persona:` section, then --llm-method and
+    --summary-every (flags win)."""
+    options = dict(file_cfg.get("llm_persona") or {})
+    if getattr(args, "llm_method", None) is not None:
+        options["method"] = args.llm_method
+    if getattr(args, "summary_every", None) is not None:
+        options["summary_every"] = args.summary_every
+    return options
+
+
 def _reward_args(p, required: bool = True) -> None:
     p.add_argument("--reward", choices=KINDS, default="mf" if required else None,
                    help="simulated user: bias | mf (baselines + calibrated noise), model (--reward-checkpoint), "
@@ -121,11 +132,7 @@ def reward_spec(args, file_cfg: dict | None = None) -> SimulatorSpec | None:
         return None
     options = dict((file_cfg or {}).get("hybrid") or {}) if args.reward == "hybrid" else {}
     if args.reward == "llm_persona":
-        options = dict((file_cfg or {}).get("llm_persona") or {})
-        if getattr(args, "llm_method", None) is not None:
-            options["method"] = args.llm_method
-        if getattr(args, "summary_every", None) is not None:
-            options["summary_every"] = args.summary_every
+        options = llm_options(args, file_cfg or {})
         from rlsim.simulators.llm import llm_sim_config
 
         llm_sim_config(options)  # a bad llm_persona: section is one line here, not an actor's traceback

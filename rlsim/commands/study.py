@@ -40,6 +40,7 @@ def _llm_persona(args, sections: dict, scfg) -> dict | None:
     import uuid
 
     from rlsim.commands.personas import api_key, persona_config
+    from rlsim.commands.policy import llm_options
 
     section = dict(sections.get("personas") or {})
     # An endpoint or a chat model on the command line asks for LLM personas.
@@ -55,12 +56,7 @@ def _llm_persona(args, sections: dict, scfg) -> dict | None:
     except ConfigError:  # no endpoint configured: the study runs without an LLM persona
         return None
     scfg.llm_persona_actor = f"rlsim-llm-persona-{uuid.uuid4().hex[:12]}"
-    options = dict(sections.get("llm_persona") or {})
-    if getattr(args, "llm_method", None) is not None:
-        options["method"] = args.llm_method
-    if getattr(args, "summary_every", None) is not None:
-        options["summary_every"] = args.summary_every
-    return {"persona_cfg": cfg, "api_key": key, "options": options}
+    return {"persona_cfg": cfg, "api_key": key, "options": llm_options(args, sections)}
 
 
 def cmd_study(args) -> int:
