@@ -233,3 +233,52 @@ def test_training_history_rows_equal_the_full_sparse_product(data_cfg):
     assert isinstance(m._sparse_product("hist", m.hist, m.hist_emb), _SparseRows)
     m.eval()
     assert m._sparse_product("hist", m.hist, m.hist_emb).shape == (m.hist.shape[0], m.hist_emb.weight.shape[1])
+
+
+def test_inference_cache_survives_calls_and_follows_weight_changes(trained, monkeypatch):
+    """predict_proba twice: the history products and the text MLP run once, not per call; a weight
+    change (distillation) recomputes them, and the answers equal a freshly loaded model's."""
+    import torch
+
+    from rlsim.reward import model as model_mod
+    from rlsim.reward.predict import RewardPredictor, fine_tune
+
+    pred = RewardPredictor.load(trained[0])
+    m = pred.models[0]
+    calls = {"mm": 0, "text": 0}
+    real_mm = torch.sparse.mm
+
+    def counting_mm(*a, **k):
+        calls["mm"] += 1
+        return real_mm(*a, **k)
+
+    monkeypatch.setattr(model_mod.torch.sparse, "mm", counting_mm)
+    m.text_mlp.register_forward_hook(  # inference projections only (training runs it per batch)
+        lambda mod, *_: None if mod.training else calls.__setitem__("text", calls["text"] + 1))
+    u = np.repeat(pred.known_users[:4], 2)
+    i = np.tile(pred.known_items[:2], 4)
+    first = pred.predict_proba(u, i)
+    per_call = dict(calls)
+    n_products = int(m.cfg.history) + 2 * int(m.cfg.history_ratings)
+    assert per_call == {"mm": n_products, "text": 1}
+    np.testing.assert_array_equal(pred.predict_proba(u, i), first)
+    assert calls == per_call  # the second call reused every cached row
+
+    fine_tune(pred, u, i, np.eye(pred.scale.n_classes)[np.zeros(len(u), int)], epochs=2)
+    after = pred.predict_proba(u, i)
+    # Distillation moves the dense layers only: the text projection is recomputed, the history
+    # products (over the untouched ID tables) are not.
+    assert calls == {"mm": n_products, "text": 2}
+    assert np.abs(after - first).max() > 1e-4
+    g = torch.Generator().manual_seed(0)
+    state = {k: (v + 0.2 * torch.randn(v.shape, generator=g) if k.endswith("_emb.weight") else v)
+             for k, v in m.state_dict().items()}
+    m.load_state_dict(state, strict=False)  # every table changes in place
+    moved = pred.predict_proba(u, i)
+    assert calls == {"mm": 2 * n_products, "text": 3}
+    assert np.abs(moved - after).max() > 1e-4
+    after = moved
+    # The recomputed cache gives what a model built from these weights gives.
+    fresh = RewardPredictor.load(trained[0])
+    fresh.models[0].load_state_dict(m.state_dict())
+    np.testing.assert_allclose(fresh.predict_proba(u, i), after, atol=1e-6)

@@ -101,7 +101,7 @@ class VanillaTransformer(nn.Module):
         self.head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(cfg.ff_dim, len(class_values)))
         self.register_buffer("class_values", torch.as_tensor(np.asarray(class_values), dtype=torch.float32))
-        self._hist_cache: dict[str, torch.Tensor] = {}
+        self._hist_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # inference: name -> (weights' stamp, value)
         self._csr: dict[str, torch.Tensor] = {}  # CSR copies of the fixed history matrices (training)
 
     def id_parameters(self) -> list[nn.Parameter]:
@@ -114,26 +114,44 @@ class VanillaTransformer(nn.Module):
         if self.training:
             return self.item_emb(item) + self.text_mlp(torch.cat([self.genre[text], self.plot[text]], dim=-1))
         # Inference: project every item's text once and look it up (the RL env scores many pairs).
-        if "text" not in self._hist_cache:
-            self._hist_cache["text"] = self.text_mlp(torch.cat([self.genre, self.plot], dim=-1)).detach()
-        return self.item_emb(item) + self._hist_cache["text"][text]
+        deps = (self.genre, self.plot, *self.text_mlp.parameters())
+        cached = self._cached("text", deps)
+        if cached is None:
+            cached = self._store("text", deps, self.text_mlp(torch.cat([self.genre, self.plot], dim=-1)).detach())
+        return self.item_emb(item) + cached[text]
+
+    @staticmethod
+    def _stamp(deps) -> tuple:
+        # A tensor's storage and in-place version: an optimiser step, load_state_dict or .to() changes it.
+        return tuple((v.data_ptr(), v._version) for v in (t._values() if t.is_sparse else t for t in deps))
+
+    def _cached(self, name: str, deps) -> torch.Tensor | None:
+        hit = self._hist_cache.get(name)
+        return hit[1] if hit is not None and hit[0] == self._stamp(deps) else None
+
+    def _store(self, name: str, deps, value: torch.Tensor) -> torch.Tensor:
+        self._hist_cache[name] = (self._stamp(deps), value)
+        return value
 
     def _sparse_product(self, name: str, matrix: torch.Tensor, table: nn.Embedding):
         # Training: the batch's rows only (a full product per step would cost all ratings every step,
-        # so an epoch would grow as ratings squared). Inference: every row once, cached.
+        # so an epoch would grow as ratings squared). Inference: every row once, cached until the
+        # matrix or the table changes.
         if self.training:
             if name not in self._csr:
                 self._csr[name] = matrix.coalesce().to_sparse_csr()
             return _SparseRows(self._csr[name], table)
-        if name in self._hist_cache:
-            return self._hist_cache[name]
-        h = torch.sparse.mm(matrix, table.weight)
-        if not self.training:
-            self._hist_cache[name] = h.detach()
-        return h
+        deps = (matrix, table.weight)
+        cached = self._cached(name, deps)
+        if cached is None:
+            cached = self._store(name, deps, torch.sparse.mm(matrix, table.weight).detach())
+        return cached
 
     def train(self, mode: bool = True):
-        self._hist_cache, self._csr = {}, {}
+        # The inference cache outlives eval()/train() switches (the predictor calls eval() on every
+        # request); each entry is checked against its weights' versions, so it is recomputed exactly
+        # when they change (training, distillation, loading), never on every call.
+        self._csr = {}
         return super().train(mode)
 
     def _with_session(self, h: torch.Tensor, user, table: nn.Embedding, session_items, weights) -> torch.Tensor:
