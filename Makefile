@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(or $(RLSIM_DATA_DIR),../shared/datasets)
 OUT ?= runs/quickstart
 PYTEST_ARGS ?=
+# The tests find the real data the way the quickstart does (the real-data tests skip without it).
+TEST_DATA := $(if $(wildcard $(DATA_DIR)/ml-100k/u.data),RLSIM_DATA_DIR=$(abspath $(DATA_DIR)),)
 
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
@@ -36,15 +38,15 @@ quickstart: install
 	$(BIN)/rlsim pipeline --config configs/quickstart.yaml --data-dir $(DATA_DIR) --out $(OUT)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_DATA) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Everything, the slow tests included.
 test-all: install
-	$(BIN)/python -m pytest -m '' $(PYTEST_ARGS)
+	$(TEST_DATA) $(BIN)/python -m pytest -m '' $(PYTEST_ARGS)
 
 # Two Ray nodes on this machine, one of them lost mid-run (about 20 minutes on 2 cores).
 test-cluster: install
-	$(BIN)/python -m pytest -m cluster $(PYTEST_ARGS)
+	$(TEST_DATA) $(BIN)/python -m pytest -m cluster $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/reward_ml100k.py
