@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             pcfg = PolicyConfig(iterations=args.iterations, seed=seed)
             run = work / f"policy-seed{seed}"
-            train_policy(dcfg, pcfg, SimulatorSpec("model", ckpt), run, candidates=cands, dataset=ds, split=split,
+            train_policy(dcfg, pcfg, SimulatorSpec("reward_model", ckpt), run, candidates=cands, dataset=ds, split=split,
                          progress=False)
             m = evaluate_policy(dcfg, run, work / f"eval-seed{seed}", dataset=ds, split=split)
             runs.append(m)

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                      **ppo, "runs": {}}
     actors = {}
     try:
-        for kind, spec in (("mf", SimulatorSpec("mf")), ("reward_model", SimulatorSpec("model", ckpt))):
+        for kind, spec in (("mf", SimulatorSpec("mf")), ("reward_model", SimulatorSpec("reward_model", ckpt))):
             actors[kind] = start_simulator_actor(f"bench-{kind}", simulator_factory(spec, ds, split.train))
         variants = [
             # name, simulator, policy settings

@@ -183,7 +183,7 @@ def stage_policy(ctx: RunContext, d: Path) -> dict:
     cpath = ctx.stage_dir("candidates") / "candidates.parquet"
     cands = pd.read_parquet(cpath) if cpath.is_file() else None
     ckpt = ctx.stage_dir("reward") / "checkpoint"
-    spec = SimulatorSpec("model", str(ckpt)) if ckpt.is_dir() else SimulatorSpec("mf")
+    spec = SimulatorSpec("reward_model", str(ckpt)) if ckpt.is_dir() else SimulatorSpec("mf")
     train = run.train_policy(ctx.data_cfg, pcfg, spec, d / "train", candidates=cands, ccfg=_candidates_cfg(ctx),
                              sections=ctx.sections, dataset=ds, split=split, progress=ctx.progress)
     metrics = run.evaluate_policy(ctx.data_cfg, d / "train", d, sections=ctx.sections, dataset=ds, split=split)

@@ -33,7 +33,10 @@ from rlsim.io import write_json
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("bias", "mf", "reward_model", "offline_persona", "hybrid", "llm_persona")
+from rlsim.simulators.registry import names as _simulator_names
+
+# A study source is any registered simulated user (a running actor is how llm_persona is reached).
+SOURCES = tuple(n for n in _simulator_names() if n != "actor")
 # Fidelity measures and their sign: +1 when higher is more faithful.
 MEASURES = {"nll": -1, "rmse": -1, "tv_sampled": -1, "like_acc_1to9": +1}
 
@@ -109,13 +112,13 @@ def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
     """The source's SimulatorSpec. The judging copy of the hybrid never distils: the fidelity
     table and the matrix score every policy with the same, unchanging simulator."""
     from rlsim.simulators.factory import SimulatorSpec
+    from rlsim.simulators.registry import entry
 
     hybrid = {**scfg.hybrid, **({"distill_every": 0} if judging else {})}
-    return {"bias": SimulatorSpec("bias"), "mf": SimulatorSpec("mf"), "reward_model": SimulatorSpec("model", ckpt),
-            "offline_persona": SimulatorSpec("personas"),
-            "hybrid": SimulatorSpec("hybrid", ckpt, options=hybrid),
-            "llm_persona": SimulatorSpec("actor", actor=scfg.llm_persona_actor,
-                                         namespace=scfg.llm_persona_namespace)}[name]
+    if name == "llm_persona":  # the study reaches its LLM personas as a running simulator actor
+        return SimulatorSpec("actor", actor=scfg.llm_persona_actor, namespace=scfg.llm_persona_namespace)
+    return SimulatorSpec(name, ckpt if "checkpoint" in entry(name).needs else None,
+                         options=hybrid if name == "hybrid" else {})
 
 
 def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], train_table: np.ndarray,
@@ -318,7 +321,7 @@ def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps:
                               ccfg=ccfg, sections=sections, dataset=dataset, split=split, progress=False)
             data = EnvData.load(run / "env_data")
             if model_table is None:  # only its mask matters here: every candidate the reward model rates
-                model_table = score_all(data, local_simulator(SimulatorSpec("model", ckpt), dataset, split.train))
+                model_table = score_all(data, local_simulator(SimulatorSpec("reward_model", ckpt), dataset, split.train))
             _, held = split_users(len(data.user_ids), pcfg.holdout_users, seed)
             res = judge_policy(data, held, load_policy_module(run / "checkpoint"), pcfg.env_history(), {}, model_table,
                                split.test, like_threshold, 10)

@@ -15,10 +15,15 @@ def test_policy_evaluate_needs_a_run_folder(tmp_path, data_root, cache_root):
     assert rc == 2
 
 
-def test_policy_train_model_reward_needs_checkpoint(tmp_path, data_root, cache_root):
-    rc = main(["policy", "train", "--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir",
-               str(cache_root), "--reward", "model", "--out", str(tmp_path / "run")])
-    assert rc == 2
+def test_policy_train_model_reward_needs_checkpoint(tmp_path, data_root, cache_root, capsys):
+    for name in ("reward_model", "model"):  # the one name, and the old one a run folder may still hold
+        rc = main(["policy", "train", "--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir",
+                   str(cache_root), "--reward", name, "--out", str(tmp_path / "run")])
+        assert rc == 2
+        assert "--reward reward_model needs --reward-checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["policy", "train", "--reward", "nope", "--out", str(tmp_path / "run")])
+    assert "unknown simulated user 'nope' (known: bias, mf, reward_model" in capsys.readouterr().err
 
 
 def test_held_out_users_are_seeded_and_disjoint():

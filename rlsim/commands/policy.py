@@ -12,15 +12,17 @@ library; the key is never logged, cached or written.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
 from rlsim.commands.ray_session import cli_ray, quiet_ray
 from rlsim.config import from_dict
-from rlsim.errors import DataError
+from rlsim.errors import ConfigError, DataError
 from rlsim.policy.config import PolicyConfig
-from rlsim.simulators.factory import KINDS, SimulatorSpec
+from rlsim.simulators import registry
+from rlsim.simulators.factory import SimulatorSpec
 
 
 def register(sub) -> None:
@@ -114,14 +116,21 @@ def llm_options(args, file_cfg: dict) -> dict:
     return options
 
 
+def _simulator_name(value: str) -> str:
+    """--reward takes a simulator's one name (rlsim.simulators.registry); old names are accepted."""
+    try:
+        return registry.canonical(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _reward_args(p, required: bool = True) -> None:
-    p.add_argument("--reward", choices=KINDS, default="mf" if required else None,
-                   help="simulated user: bias | mf (baselines + calibrated noise), model (--reward-checkpoint), "
-                        "personas (the offline persona, personas: config), hybrid (model + persona where unsure, "
-                        "hybrid: config), llm_persona (LLM personas through an OpenAI-compatible endpoint, "
-                        "personas: and llm_persona: config), actor (a running simulator actor); "
-                        "evaluate defaults to the training run's")
-    p.add_argument("--reward-checkpoint", help="reward model checkpoint folder (for --reward model)")
+    about = "; ".join(f"{e.name} ({e.about}" + (f"; needs {', '.join(e.needs)})" if e.needs else ")")
+                      for e in registry.REGISTRY.values())
+    p.add_argument("--reward", type=_simulator_name, metavar="|".join(registry.names()),
+                   default="mf" if required else None,
+                   help=f"the simulated user: {about}; evaluate defaults to the training run's")
+    p.add_argument("--reward-checkpoint", help="reward model checkpoint folder (reward_model, hybrid)")
     p.add_argument("--reward-actor", help="name of a running simulator actor (--reward actor)")
     p.add_argument("--reward-namespace", help="Ray namespace of --reward-actor")
 

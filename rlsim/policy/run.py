@@ -180,10 +180,10 @@ def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec:
     sim = local_simulator(spec, ds, split.train, **kw, **({"api_key": api_key} if spec.kind == "llm_persona" else {}))
     rewards = score_all(data, sim)  # the simulator's expected rating of every candidate, no session
     # Reward-model greedy: the reward model's favourite when a checkpoint is known, else MF's.
-    if spec.kind == "model":
+    if spec.kind == "reward_model":
         greedy, greedy_name = rewards, "reward_model"
     elif spec.checkpoint:
-        greedy, greedy_name = score_all(data, local_simulator(SimulatorSpec("model", spec.checkpoint), ds,
+        greedy, greedy_name = score_all(data, local_simulator(SimulatorSpec("reward_model", spec.checkpoint), ds,
                                                               split.train, **kw)), "reward_model"
     else:
         greedy, greedy_name = score_all(data, local_simulator(SimulatorSpec("mf"), ds, split.train, **kw)), "mf"

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rlsim.errors import ConfigError, RlsimError
-from rlsim.simulators.base import expectation
+from rlsim.simulators.base import Simulator, expectation
 
 
 class BatchingSimulator:
@@ -208,8 +208,8 @@ def stop_simulator_actor(actor, timeout_s: float = 60.0) -> dict | None:
     return stats
 
 
-class SimulatorClient:
-    """A simulator living in a named actor: distribution/score/sample like a local one."""
+class SimulatorClient(Simulator):
+    """A simulator living in a named actor: the contract's distribution/score/sample, like a local one."""
 
     def __init__(self, actor_name: str, namespace: str | None = None, scale=None):
         self.actor_name, self.namespace = actor_name, namespace

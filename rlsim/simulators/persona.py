@@ -33,3 +33,11 @@ def offline_persona_simulator(ds, train: pd.DataFrame, persona_cfg, vectors: np.
     item_ids = ds.items["item_id"].to_numpy()
     return PointSimulator.fit("offline_persona", lambda: _OfflinePredictor(persona_cfg.offline, item_ids, vectors),
                               train, ds.scale, seed=seed)
+
+
+def build_offline_persona(ds, train: pd.DataFrame, persona_cfg, text_model: str, cache_dir: str,
+                          seed: int = 0) -> PointSimulator:
+    """The offline persona simulator with its item-text vectors (the one place it is built)."""
+    from rlsim.embeddings import item_text_vectors
+
+    return offline_persona_simulator(ds, train, persona_cfg, item_text_vectors(ds.items, text_model, cache_dir), seed)

@@ -1,0 +1,149 @@
+"""Every simulated user rlsim knows, under ONE name used everywhere: flags (`--reward NAME`), configs
+(`study.sources`), the study and the report, train_metrics.json and the bench JSON keys.
+
+An entry says what the simulator needs and how to build it; adding a simulated user is one class
+(a :class:`rlsim.simulators.base.Simulator`) and one ``register(...)`` line here, as in Surprise.
+``build(spec, ctx)`` returns a picklable zero-argument factory, so a Ray actor builds the simulator
+inside itself instead of receiving a pickled one. Old names (``model``, ``personas``) are accepted
+on input only (run folders written before the rename still load); every output says the one name.
+
+Needs: ``checkpoint`` (a reward model from `rlsim reward train`), ``persona_config`` (the
+`personas:` section), ``endpoint`` (an OpenAI-compatible endpoint; its key comes from the CLI edge,
+never the spec), ``actor`` (a simulator already running as a named Ray actor).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+
+from rlsim.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every builder may use: the dataset, its training ratings and the edge's settings."""
+
+    ds: object
+    train: pd.DataFrame
+    seed: int = 0
+    persona_cfg: object | None = None
+    text_model: str = "all-MiniLM-L6-v2"
+    cache_dir: str = "~/.cache/rlsim"
+    api_key: str | None = field(default=None, repr=False)  # never printed
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    about: str
+    build: Callable | None  # (spec, ctx) -> zero-argument factory; None: reached through a running actor
+    needs: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+
+REGISTRY: dict[str, Entry] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(entry: Entry) -> Entry:
+    if entry.name in REGISTRY or entry.name in _ALIASES:
+        raise ValueError(f"simulator {entry.name!r} is registered already")
+    REGISTRY[entry.name] = entry
+    for a in entry.aliases:
+        _ALIASES[a] = entry.name
+    return entry
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def canonical(name: str) -> str:
+    """The one name of a simulator given its name or an old alias; a one-line error otherwise."""
+    name = _ALIASES.get(name, name)
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown simulated user {name!r} (known: {', '.join(REGISTRY)})")
+    return name
+
+
+def entry(name: str) -> Entry:
+    return REGISTRY[canonical(name)]
+
+
+# ------------------------------------------------------------------ builders
+def _baseline(spec, ctx: BuildContext):
+    from rlsim.simulators.point import baseline_simulator
+
+    return functools.partial(baseline_simulator, spec.kind, ctx.train, ctx.ds.scale, ctx.seed)
+
+
+def _load_reward_model(checkpoint: str):
+    from rlsim.simulators.reward_model import RewardModelSimulator
+
+    return RewardModelSimulator.load(checkpoint)
+
+
+def _reward_model(spec, ctx: BuildContext):
+    return functools.partial(_load_reward_model, spec.checkpoint)
+
+
+def _offline_factory(ctx: BuildContext):
+    from rlsim.personas.config import PersonaConfig
+    from rlsim.simulators.persona import build_offline_persona
+
+    # Whatever backend the `personas:` section names, the in-process persona is the offline one
+    # (an LLM pool is its own simulator: llm_persona, or a running actor).
+    pcfg = ctx.persona_cfg or PersonaConfig()
+    return functools.partial(build_offline_persona, ctx.ds, ctx.train, PersonaConfig(offline=pcfg.offline),
+                             ctx.text_model, ctx.cache_dir, ctx.seed)
+
+
+def _offline_persona(spec, ctx: BuildContext):
+    if ctx.persona_cfg is not None and ctx.persona_cfg.backend != "offline":
+        raise ConfigError("--reward offline_persona trains against the offline persona; LLM personas are "
+                          "--reward llm_persona (or a running simulator actor: --reward actor --reward-actor NAME)")
+    return _offline_factory(ctx)
+
+
+def _build_hybrid(checkpoint: str, options: dict, persona_factory):
+    from rlsim.config import from_dict
+    from rlsim.simulators.hybrid import HybridConfig, HybridSimulator
+
+    opts = dict(options)
+    actor = opts.pop("persona_actor", None)
+    if actor:
+        from rlsim.simulators.actor import SimulatorClient
+
+        persona = SimulatorClient(actor, opts.pop("persona_namespace", None))
+    else:
+        persona = persona_factory()
+    return HybridSimulator(_load_reward_model(checkpoint), persona, from_dict(HybridConfig, opts, "hybrid"))
+
+
+def _hybrid(spec, ctx: BuildContext):
+    return functools.partial(_build_hybrid, spec.checkpoint, dict(spec.options), _offline_factory(ctx))
+
+
+def _llm_persona(spec, ctx: BuildContext):
+    from rlsim.simulators.llm import llm_persona_factory
+
+    return llm_persona_factory(ctx.ds, ctx.train, ctx.persona_cfg, ctx.api_key, spec.options, seed=ctx.seed,
+                               text_model=ctx.text_model, cache_dir=ctx.cache_dir)
+
+
+register(Entry("bias", "damped user+item bias, with calibrated ordinal noise per user", _baseline))
+register(Entry("mf", "matrix factorisation, with calibrated ordinal noise per user", _baseline))
+register(Entry("reward_model", "the reward model's softmax; the session joins its history tokens",
+               _reward_model, needs=("checkpoint",), aliases=("model",)))
+register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias",
+               _offline_persona, needs=("persona_config",), aliases=("personas",)))
+register(Entry("hybrid", "the reward model, asking the persona where it is unsure and distilling the answer",
+               _hybrid, needs=("checkpoint", "persona_config")))
+register(Entry("llm_persona", "LLM personas through an OpenAI-compatible endpoint (cache, limiter, budget)",
+               _llm_persona, needs=("persona_config", "endpoint")))
+register(Entry("actor", "a simulator already running as a named Ray actor (any of the above)", None,
+               needs=("actor",)))
