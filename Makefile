@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # Optional TinyTroupe (not on PyPI) for the tinytroupe backend and its tests: the newest wheel in
 # ../shared/wheels, else the tagged release from its repository. Not part of install: it pulls
-# ~165 packages and downgrades openai to 2.x (README: The TinyTroupe backend).
+# ~165 packages and downgrades openai to 2.x (docs/personas.md: The TinyTroupe backend).
 TINYTROUPE ?= $(or $(lastword $(sort $(wildcard ../shared/wheels/tinytroupe-*.whl))),git+https://github.com/microsoft/TinyTroupe.git@v0.6.0)
 
 .PHONY: install install-tinytroupe quickstart test test-all test-cluster bench clean

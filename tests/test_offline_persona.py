@@ -102,7 +102,7 @@ def test_stacking_holdout_is_capped(ml100k):
 
 @pytest.mark.realdata
 def test_ml100k_u1_fidelity_does_not_get_worse(real_data_dir, cache_root):
-    """The README's numbers: RMSE 0.957 snapped / 0.914 unsnapped on all 20,000 u1 test pairs."""
+    """The numbers in docs/personas.md: RMSE 0.957 snapped / 0.914 unsnapped on all 20,000 u1 test pairs."""
     from rlsim.data import load_movielens
     from rlsim.embeddings import item_text_vectors
 

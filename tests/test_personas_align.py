@@ -369,7 +369,7 @@ def test_tinytroupe_aligns_through_its_agents(data_root, cache, tmp_path, person
     import importlib.util
 
     if importlib.util.find_spec("tinytroupe") is None:
-        pytest.skip("TinyTroupe is not installed (README: Persona agents)")
+        pytest.skip("TinyTroupe is not installed (docs/personas.md: The TinyTroupe backend)")
     srv, p = persona
     out = tmp_path / "tt"
     assert main(["personas", "align", *flags(data_root, cache), "--backend", "tinytroupe", "--model", "fake-model",

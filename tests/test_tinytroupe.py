@@ -36,7 +36,7 @@ def needs_tinytroupe():
     # Found, not imported (importorskip would import it: a bare import prints a banner and writes a log
     # file into the working directory); the backend imports it quietly.
     if importlib.util.find_spec("tinytroupe") is None:
-        pytest.skip("TinyTroupe is not installed (README: Persona agents)")
+        pytest.skip("TinyTroupe is not installed (docs/personas.md: The TinyTroupe backend)")
 
 
 def tt_engine(srv, cfg, budget=None):

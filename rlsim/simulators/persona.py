@@ -29,7 +29,7 @@ def offline_persona_simulator(ds, train: pd.DataFrame, persona_cfg, vectors: np.
                               seed: int = 0) -> PointSimulator:
     """The offline persona's unsnapped answer + ordinal noise fitted on a training hold-out.
 
-    Not an LLM: a deterministic stand-in grounded in the user's own ratings (see README)."""
+    Not an LLM: a deterministic stand-in grounded in the user's own ratings (docs/simulators.md)."""
     item_ids = ds.items["item_id"].to_numpy()
     return PointSimulator.fit("offline_persona", lambda: _OfflinePredictor(persona_cfg.offline, item_ids, vectors),
                               train, ds.scale, seed=seed)

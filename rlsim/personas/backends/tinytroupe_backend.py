@@ -3,7 +3,7 @@
 Supported TinyTroupe releases: 0.6.x (tested: 0.6.0; clients in ``tinytroupe.clients``, one
 request per answer) and 0.5.x (tested: 0.5.2; ``tinytroupe.openai_utils``, one request per action,
 so a TALK and a DONE per answer). TinyTroupe is not on PyPI: install it from its repository
-(README, "Persona agents"), e.g. ``pip install git+https://github.com/microsoft/TinyTroupe.git@v0.6.0``.
+(docs/personas.md), e.g. ``pip install git+https://github.com/microsoft/TinyTroupe.git@v0.6.0``.
 
 TinyTroupe is configured from code; no config.ini of the user's is read:
 
