@@ -1,8 +1,8 @@
 """Shared edge for the job entrypoints: parse args, join Ray, run stages, upload the outputs.
 
-Every jobs/<stage>.py is `run_job(["<stage>"])`. Inside `ray job submit` (RAY_ADDRESS or a
-job's runtime context is set) it joins that cluster with ray.init(address="auto"); run by hand
-without one it starts a local Ray. The output may be a local folder or a pyarrow filesystem URI
+Every jobs/<stage>.py is `run_job(["<stage>"])`. Ray is started or joined the one way the CLI
+does it (rlsim.commands.ray_session.cli_ray): inside `ray job submit` it joins the job's cluster,
+with --ray-address (default $RAY_ADDRESS) that cluster, else it starts a private local Ray. The output may be a local folder or a pyarrow filesystem URI
 (s3://..., gs://..., file:///...): stages write to a local folder that is then uploaded with
 pyarrow.fs.copy_files, and a rerun into the same folder skips finished stages.
 """
@@ -27,24 +27,12 @@ def parse_args(stages: list[str], argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="cache folder (default: the config's or $RLSIM_CACHE_DIR)")
     p.add_argument("--work-dir", help="local folder the stages write to before upload (URI outputs)")
     p.add_argument("--force", action="store_true", help="redo finished stages")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster (default $RAY_ADDRESS; inside `ray job submit`, the job's cluster; "
+                        "else a private local Ray)")
+    p.add_argument("--verbose", action="store_true", default=bool(os.environ.get("RLSIM_VERBOSE")),
+                   help="library logs, Ray's worker logs included (default $RLSIM_VERBOSE)")
     return p.parse_args(argv)
-
-
-def connect_ray():
-    import ray
-
-    from rlsim.commands.ray_session import WORKER_ENV, quiet_ray
-
-    if ray.is_initialized():
-        return
-    verbose = bool(os.environ.get("RLSIM_VERBOSE"))
-    # Worker logs (RLlib's own notices) stay in Ray's log files unless RLSIM_VERBOSE is set.
-    kw = dict(log_to_driver=verbose, logging_level=quiet_ray(verbose), runtime_env={"env_vars": WORKER_ENV})
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
-        ray.init(address="auto", **kw)
-    else:
-        ray.init(include_dashboard=False, **kw)
-    quiet_ray(verbose, rllib=True)
 
 
 def is_local(uri: str) -> bool:
@@ -75,8 +63,9 @@ def run_job(stages: list[str], argv=None) -> dict:
 
 def _run(stages: list[str], argv=None) -> dict:
     from rlsim.cli import data_config
+    from rlsim.commands.personas import api_key, persona_config
+    from rlsim.commands.ray_session import cli_ray
     from rlsim.config import load_yaml
-    from rlsim.pipeline import make_context, run_pipeline, run_stage
 
     args = parse_args(stages, argv)
     sections = load_yaml(args.config)
@@ -84,8 +73,16 @@ def _run(stages: list[str], argv=None) -> dict:
     local = Path(args.out) if is_local(args.out) else Path(args.work_dir or tempfile.mkdtemp(prefix="rlsim-job-"))
     if stages != ["pipeline"]:
         sections = {**sections, "pipeline": {**(sections.get("pipeline") or {}), "stages": stages}}
-    connect_ray()
-    from rlsim.commands.personas import api_key, persona_config
+    with cli_ray(args):  # the one way rlsim starts or joins Ray, as the CLI does
+        result = _stages(args, stages, sections, cfg, local, persona_config, api_key)
+    if not is_local(args.out):
+        upload(local, args.out)
+        print(f"uploaded {local} to {args.out}")
+    return result
+
+
+def _stages(args, stages, sections, cfg, local: Path, persona_config, api_key) -> dict:
+    from rlsim.pipeline import make_context, run_pipeline, run_stage
 
     # The persona endpoint and key come from the job's environment (never written to OUT).
     persona_cfg = persona_config(argparse.Namespace(), sections)
@@ -98,7 +95,4 @@ def _run(stages: list[str], argv=None) -> dict:
             metrics, ran = run_stage(ctx, name, force=args.force)
             result[name] = metrics
             print(f"stage {name}: {'ran' if ran else 'already done'} -> {local / name}")
-    if not is_local(args.out):
-        upload(local, args.out)
-        print(f"uploaded {local} to {args.out}")
     return result

@@ -117,3 +117,35 @@ def test_submit_small_pipeline(head, tmp_path, data_root, cache_root):
     assert isinstance(metrics["stages"]["policy"]["gap_closed"], float)
     assert metrics["stages"]["personas"]["persona"]["n"] > 0
     assert (out / "report.html").is_file() and list(out.glob("*.png"))
+
+
+def test_jobs_start_or_join_ray_the_way_the_cli_does(tmp_path, data_root, cache_root, monkeypatch):
+    """jobs/ has no Ray start of its own: it enters rlsim.commands.ray_session.cli_ray with its
+    --ray-address (default $RAY_ADDRESS), and stages run inside that session."""
+    import contextlib
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import _common
+
+    from rlsim.commands import ray_session
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_cli_ray(args, num_cpus=None):
+        seen.append(args.ray_address)
+        yield None
+        seen.append("left")
+
+    monkeypatch.setattr(ray_session, "cli_ray", fake_cli_ray)
+    monkeypatch.setattr(_common, "_stages", lambda *a: seen.append("stages") or {"ok": True})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"dataset": "ml-100k", "split": "u1"}}))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    argv = [str(cfg), "--out", str(tmp_path / "out"), "--data-dir", str(data_root), "--cache-dir", str(cache_root)]
+    assert _common.run_job(["baselines"], argv) == {"ok": True}
+    assert seen == ["127.0.0.1:1", "stages", "left"]
+    monkeypatch.delenv("RAY_ADDRESS")
+    seen.clear()
+    _common.run_job(["baselines"], [*argv, "--ray-address", "auto"])
+    assert seen[0] == "auto"
