@@ -145,6 +145,10 @@ def _actor_class():
         async def score(self, users, items, sessions=None):
             return await self.body.score(users, items, sessions)
 
+        async def choice(self, users, items, sessions=None):
+            # Choice models are cheap numpy lookups: answered here, not gathered into batches.
+            return self.body.sim.choice(users, items, sessions)
+
         async def get_scale(self):
             return self.body.scale
 
@@ -247,6 +251,17 @@ class SimulatorClient(Simulator):
         import ray
 
         return np.asarray(ray.get(self.handle.score.remote(np.asarray(users), np.asarray(items), sessions)), float)
+
+    def choice(self, users, items, sessions=None) -> np.ndarray:
+        import ray
+
+        if not self.has_choice:  # one line, as a local simulator that only rates says it
+            return super().choice(users, items, sessions)
+        return np.asarray(ray.get(self.handle.choice.remote(np.asarray(users), np.asarray(items), sessions)), float)
+
+    @property
+    def has_choice(self) -> bool:
+        return self.describe().get("choice") is not None
 
     def stats(self) -> dict:
         import ray

@@ -1,12 +1,15 @@
 """The simulator contract: read this first.
 
-A simulated user is asked "how would USER rate ITEM, given what this session has shown so far?"
-and answers with a probability distribution over the dataset's rating scale, never a single
-number. Everything else is derived from that one method:
+A simulated user is asked two questions: "would USER pick ITEM if it were shown now?" and "how
+would USER rate ITEM, given what this session has shown so far?". It answers the second with a
+probability distribution over the dataset's rating scale, never a single number, and the first
+(when it has a choice model) with a probability. Everything else is derived from those:
 
     distribution(users, items, sessions) -> [n, C] probabilities over scale.values (rows sum to 1)
     score(users, items, sessions)        -> the expectation (the old point prediction)
     sample(users, items, sessions, rng)  -> one draw per pair, from a seeded numpy Generator
+    choice(users, items, sessions)       -> [n] P(pick it now); has_choice says whether it can
+    outcome(users, items, sessions)      -> [n, 1 + C]: P(skip), then P(pick and rate r)
 
 ``sessions`` is ``None`` (no session: the user's training history alone) or one :class:`Session`
 per pair: the items this episode has shown the user and the ratings the user gave them (drawn
@@ -88,6 +91,10 @@ def normalise(probs: np.ndarray, floor: float = 1e-6) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
+class NoChoiceModel(ValueError):
+    """A simulator that only rates was asked whether the user would pick a movie."""
+
+
 class Simulator:
     """Base class: subclasses implement ``distribution``; score and sample come from it."""
 
@@ -95,6 +102,23 @@ class Simulator:
     method: str = ""  # how the distribution is obtained (softmax, ordinal noise, logprobs, samples, ...)
     conditions_on_session: bool = False
     scale: RatingScale
+    # Would the user pick the movie now (rlsim.simulators.choice)? None: this simulator only rates.
+    choice_model = None
+
+    @property
+    def has_choice(self) -> bool:
+        return self.choice_model is not None
+
+    def choice(self, users, items, sessions: Sessions = None) -> np.ndarray:
+        """P(the user picks the movie when it is shown now, given the session), one per pair."""
+        if self.choice_model is None:
+            raise NoChoiceModel(f"simulated user {self.name!r} has no choice model: it only rates")
+        return np.asarray(self.choice_model.probability(users, items, check_sessions(sessions, len(users))), float)
+
+    def outcome(self, users, items, sessions: Sessions = None) -> np.ndarray:
+        """[n, 1 + C]: P(skip), then P(pick and rate r) for each r of scale.values (rows sum to 1)."""
+        p = self.choice(users, items, sessions)
+        return np.column_stack([1.0 - p, p[:, None] * self.distribution(users, items, sessions)])
 
     def distribution(self, users, items, sessions: Sessions = None) -> np.ndarray:
         raise NotImplementedError
@@ -114,4 +138,5 @@ class Simulator:
         return out
 
     def describe(self) -> dict:
-        return {"name": self.name, "method": self.method, "conditions_on_session": self.conditions_on_session}
+        return {"name": self.name, "method": self.method, "conditions_on_session": self.conditions_on_session,
+                "choice": getattr(self.choice_model, "name", None)}

@@ -75,10 +75,25 @@ def entry(name: str) -> Entry:
 
 
 # ------------------------------------------------------------------ builders
+def _with_choice(factory, choice: str, train: pd.DataFrame, seed: int):
+    """Build the simulator and give it its choice model (rlsim.simulators.choice), fitted on first use."""
+    from rlsim.simulators.choice import LazyChoice
+
+    sim = factory()
+    sim.choice_model = LazyChoice(choice, train, seed)
+    return sim
+
+
+def _choosing(factory, choice: str, ctx: BuildContext):
+    return functools.partial(_with_choice, factory, choice, ctx.train, ctx.seed)
+
+
 def _baseline(spec, ctx: BuildContext):
     from rlsim.simulators.point import baseline_simulator
 
-    return functools.partial(baseline_simulator, spec.kind, ctx.train, ctx.ds.scale, ctx.seed)
+    factory = functools.partial(baseline_simulator, spec.kind, ctx.train, ctx.ds.scale, ctx.seed)
+    # The bias baseline picks by popularity and activity: the choice every source must beat.
+    return _choosing(factory, "popularity", ctx) if spec.kind == "bias" else factory
 
 
 def _load_reward_model(checkpoint: str):
@@ -106,7 +121,7 @@ def _offline_persona(spec, ctx: BuildContext):
     if ctx.persona_cfg is not None and ctx.persona_cfg.backend != "offline":
         raise ConfigError("--reward offline_persona trains against the offline persona; LLM personas are "
                           "--reward llm_persona (or a running simulator actor: --reward actor --reward-actor NAME)")
-    return _offline_factory(ctx)
+    return _choosing(_offline_factory(ctx), "neighbours", ctx)  # "people like me watched it"
 
 
 def _build_hybrid(checkpoint: str, options: dict, persona_factory):
@@ -135,11 +150,13 @@ def _llm_persona(spec, ctx: BuildContext):
                                text_model=ctx.text_model, cache_dir=ctx.cache_dir)
 
 
-register(Entry("bias", "damped user+item bias, with calibrated ordinal noise per user", _baseline))
+register(Entry("bias", "damped user+item bias, with calibrated ordinal noise per user; picks by popularity",
+               _baseline))
 register(Entry("mf", "matrix factorisation, with calibrated ordinal noise per user", _baseline))
 register(Entry("reward_model", "the reward model's softmax; the session joins its history tokens",
                _reward_model, needs=("checkpoint",), aliases=("model",)))
-register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias",
+register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias; picks what "
+               "its nearest neighbours watched",
                _offline_persona, needs=("persona_config",), aliases=("personas",)))
 register(Entry("hybrid", "the reward model, asking the persona where it is unsure and distilling the answer",
                _hybrid, needs=("checkpoint", "persona_config")))

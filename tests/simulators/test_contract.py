@@ -10,7 +10,7 @@ from rlsim.config import DataConfig
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.personas.config import PersonaConfig
 from rlsim.simulators import registry
-from rlsim.simulators.base import EMPTY, Session, expectation
+from rlsim.simulators.base import EMPTY, NoChoiceModel, Session, expectation
 from rlsim.simulators.factory import SimulatorSpec, local_simulator, simulator_factory
 from tests.fake_openai import FakeOpenAI
 from tests.ray_local import private_ray
@@ -51,6 +51,10 @@ def _setup(name, ckpt, srv, cache_root):
 LOCAL = [n for n in registry.names() if registry.entry(n).build is not None]
 
 
+# Sources that choose what to watch today (the others only rate, and say so).
+CHOOSING = {"bias", "offline_persona"}
+
+
 def test_every_registered_simulator_is_covered_here():
     assert set(registry.names()) == set(LOCAL) | {"actor"}, "a new simulator needs a setup in this test"
     # one name: aliases resolve to it, outputs say it
@@ -85,6 +89,20 @@ def check_contract(sim, scale, users, items, name):
     assert d["name"] == name and d["method"] and isinstance(d["conditions_on_session"], bool)
     if not d["conditions_on_session"]:  # says it ignores the session: it must
         np.testing.assert_allclose(sim.distribution(users, items, sessions), p, atol=1e-6)
+    # Choice: a probability per pair where the simulator has a choice model, one clear error where not.
+    if sim.has_choice:
+        c = sim.choice(users, items)
+        assert c.shape == (n,) and np.isfinite(c).all() and ((c >= 0) & (c <= 1)).all()
+        o = sim.outcome(users, items)
+        assert o.shape == (n, 1 + scale.n_classes)
+        np.testing.assert_allclose(o.sum(1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(o[:, 0], 1 - c, atol=1e-9)
+        shown = [Session((int(i),), (4.0,)) for i in items]  # already shown in this session
+        assert (sim.choice(users, items, shown) == 0).all()
+        assert d["choice"] in ("popularity", "neighbours")
+    else:
+        with pytest.raises(NoChoiceModel, match="has no choice model"):
+            sim.choice(users, items)
     return p
 
 
@@ -96,6 +114,7 @@ def test_local_simulators_keep_the_contract(name, split, tiny_reward_checkpoint,
     try:
         users, items = _pairs(sp)
         check_contract(sim, ds.scale, users, items, name)
+        assert sim.has_choice == (name in CHOOSING)
         with pytest.raises((ValueError, RlsimError), match="sessions for"):
             sim.distribution(users, items, [EMPTY] * (len(users) - 1))  # one session per pair
     finally:
@@ -120,6 +139,9 @@ def test_actor_hosted_simulators_keep_the_contract(split, tiny_reward_checkpoint
             try:
                 client = SimulatorClient(f"contract-{name}", scale=ds.scale)
                 got = check_contract(client, ds.scale, users, items, name)
+                assert client.has_choice == (name in CHOOSING)
+                if client.has_choice:
+                    np.testing.assert_allclose(client.choice(users, items), local.choice(users, items), atol=1e-9)
                 np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
                 via_spec = local_simulator(SimulatorSpec("actor", actor=f"contract-{name}"), ds, sp.train)
                 np.testing.assert_allclose(via_spec.distribution(users, items), want, atol=1e-5)

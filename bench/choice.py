@@ -1,0 +1,79 @@
+"""Choice fidelity of every simulated user on ML-100K u1 -> bench/results/choice.json.
+
+Would a simulated user pick what real users went on to watch? Agent4Rec's trials: one movie the
+user rated in the test split among 1, 3 or 9 movies they never rated (rlsim.simulators.choice_fidelity).
+`reference.popularity` is the popularity/activity choice model (the reference every source must
+beat); `sources.<name>` is each registered simulated user's own choice model, or null with the
+reason when it has none yet (it only rates). Choice models are fitted on the training ratings
+only; their settings are chosen on a validation slice of them.
+
+    python bench/choice.py [--data-dir ../shared/datasets] [--cache-dir .cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rlsim.config import DataConfig  # noqa: E402
+from rlsim.data import load_split  # noqa: E402
+from rlsim.io import write_json  # noqa: E402
+
+KEYS = ("auc", "acc_1to1", "acc_1to3", "acc_1to9", "f1_1to9")
+
+
+def summary(f: dict) -> dict:
+    s = f["summary"]
+    return {**{k: s[k] for k in KEYS}, "trials_1to9": s["trials_1to9"], "users": f["1to9"]["users"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=os.environ.get("RLSIM_DATA_DIR", str(REPO.parent / "shared" / "datasets")))
+    p.add_argument("--cache-dir", default=os.environ.get("RLSIM_CACHE_DIR", str(REPO / ".cache")))
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "choice.json"))
+    args = p.parse_args(argv)
+    from rlsim.simulators import registry
+    from rlsim.simulators.choice import PopularityChoice
+    from rlsim.simulators.choice_fidelity import choice_fidelity
+    from rlsim.simulators.factory import SimulatorSpec, local_simulator
+
+    t0 = time.perf_counter()
+    dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=args.data_dir, cache_dir=args.cache_dir,
+                      download=False)
+    ds, split = load_split(dcfg)
+    ref = PopularityChoice(seed=dcfg.seed).fit(split.train)
+    out = {"dataset": "ml-100k/u1", "reference": {"popularity": summary(choice_fidelity(ref.probability, split.train,
+                                                                                          split.test, seed=dcfg.seed))},
+           "sources": {}}
+    print("reference popularity", out["reference"]["popularity"])
+    for name in registry.names():
+        e = registry.entry(name)
+        if e.build is None or {"checkpoint", "endpoint"} & set(e.needs):
+            # Sources whose choice is not built yet (or a running actor, which is one of the others).
+            out["sources"][name] = None if name != "actor" else "a running actor: any of the others"
+            continue
+        sim = local_simulator(SimulatorSpec(name), ds, split.train, seed=dcfg.seed, cache_dir=args.cache_dir)
+        if not sim.has_choice:
+            out["sources"][name] = None
+            continue
+        f = choice_fidelity(sim.choice, split.train, split.test, seed=dcfg.seed)
+        out["sources"][name] = {**summary(f), "choice_model": sim.describe()["choice"]}
+        print(name, out["sources"][name])
+    out["no_choice_yet"] = [n for n, v in out["sources"].items() if v is None]
+    out.update(command="python bench/choice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               wall_seconds=round(time.perf_counter() - t0, 1), machine=platform.machine(), cores=os.cpu_count())
+    write_json(args.out, out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
