@@ -73,6 +73,9 @@ class FaultConfig:
     answer_text: str | None = None  # fixed content (psych profiles / summaries); None = ratings
     logprobs_supported: bool = True  # honour logprobs/top_logprobs (False: ignore them)
     n_supported: bool = True  # honour n > 1 (False: answer one completion)
+    # Hostile logprobs: a rating token's top_logprobs hold "ratings" (the rating values, as a model's
+    # do), "token" (the chosen token alone) or "junk" (the chosen token and non-numeric tokens only).
+    logprobs_alternatives: str = "ratings"
 
 
 @dataclass
@@ -266,7 +269,7 @@ class FakeOpenAI:
             choice = {"index": c, "message": {"role": "assistant", "content": content},
                       "finish_reason": "length" if fault == "truncated" else "stop"}
             if want_lp:
-                choice["logprobs"] = {"content": token_logprobs(content, tokens, k)}
+                choice["logprobs"] = {"content": token_logprobs(content, tokens, k, f.logprobs_alternatives)}
             choices.append(choice)
             c_tok += max(1, len(content) // 4)
         p_tok = sum(max(1, len(mm.get("content", "")) // 4) + 4 for mm in msgs) + 2
@@ -465,9 +468,10 @@ def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str) -> t
     return "".join(t for t, _ in tokens), tokens
 
 
-def token_logprobs(content: str, tokens: list | None, k: int) -> list[dict]:
+def token_logprobs(content: str, tokens: list | None, k: int, alternatives: str = "ratings") -> list[dict]:
     """OpenAI's logprobs.content for an answer: a rating token's top alternatives are the rating
-    values (each with its probability, times 1 - JUNK_P) and one non-rating token."""
+    values (each with its probability, times 1 - JUNK_P) and one non-rating token; with
+    ``alternatives`` "token" the chosen token alone, with "junk" it and non-numeric tokens."""
     if tokens is None:  # not a rating answer: one token per word, each certain
         tokens = [(t, None) for t in re.findall(r"\S+\s*|\s+", content)]
     out = []
@@ -479,8 +483,9 @@ def token_logprobs(content: str, tokens: list | None, k: int) -> list[dict]:
             alts = [(f" {v}", math.log(p * (1 - JUNK_P))) for v, p in zip(range(1, 6), dist)] + \
                 [(' "', math.log(JUNK_P))]
             alts.sort(key=lambda a: -a[1])
-            top = alts
             lp = dict(alts).get(text, math.log(JUNK_P))
+            top = {"ratings": alts, "token": [(text, lp)],
+                   "junk": [(text, lp), (' "', math.log(JUNK_P)), (" five", math.log(JUNK_P / 2))]}[alternatives]
         out.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
                     "top_logprobs": [{"token": t, "logprob": x, "bytes": list(t.encode())}
                                      for t, x in top[:max(0, k)]]})

@@ -179,6 +179,7 @@ def test_logprobs_distribution_equals_the_server_token_probabilities(server):
     assert np.allclose(p, want, atol=1e-9)  # the junk alternative is dropped, the rest renormalised
     d = sim.describe()
     assert d["method"] == "logprobs" and d["probe"]["chose"] == "logprobs" and d["top_logprobs"] == 10
+    assert d["answered_by_method"] == {"logprobs": 4}
     assert all(r.logprobs for r in server.log)
     assert SECRET not in json.dumps(d)
 
@@ -187,11 +188,48 @@ def test_logprob_parser_reads_the_rating_token():
     lp = math.log
     tokens = [['{"', 0.0, []], ["12", 0.0, []], ['":', 0.0, []],
               [" 4", lp(0.6), [[" 4", lp(0.6)], [" 5", lp(0.3)], ['"', lp(0.05)], ["3", lp(0.05)]]],
-              [', "', 0.0, []], ["13", 0.0, []], ['":', 0.0, []], ["2", 0.0, []], ["}", 0.0, []]]
-    dists, why = logprob_distributions(tokens, [12, 13, 14], SCALE)
+              [', "', 0.0, []], ["13", 0.0, []], ['":', 0.0, []], ["2", 0.0, []], [', "', 0.0, []],
+              ["15", 0.0, []], ['":', 0.0, []], [" 3", lp(0.9), [[" 3", lp(0.9)], ['"', lp(0.1)]]], ["}", 0.0, []]]
+    dists, why = logprob_distributions(tokens, [12, 13, 14, 15], SCALE)
     assert np.allclose(dists[12], [0, 0, 0.05 / 0.95, 0.6 / 0.95, 0.3 / 0.95])
-    assert np.allclose(dists[13], [0, 1, 0, 0, 0])  # no alternatives: the token itself, certain
-    assert why == {14: "no_logprobs"}
+    # No alternatives, or one rating value among them: an answer, not a distribution (never one-hot).
+    assert set(dists) == {12}
+    assert why == {13: "point_mass_logprobs", 14: "no_logprobs", 15: "point_mass_logprobs"}
+
+
+@pytest.mark.parametrize("alternatives", ["token", "junk"])
+def test_logprobs_without_rating_alternatives_fall_back_to_samples(server, alternatives):
+    """A server whose rating tokens carry no numeric alternatives: those rows come from n samples,
+    and stats say how many rows each method gave."""
+    server.set_faults(logprobs_alternatives=alternatives)
+    sim = make_sim(server, method="logprobs", samples=200)
+    users, items = np.array([1, 2, 3]), np.array([10, 11, 12])
+    p = sim.distribution(users, items)
+    assert np.isfinite(p).all() and (np.sort(p, 1)[:, -2] > 0).all()  # no row is a point mass
+    for row, (u, i) in zip(p, zip(users, items)):
+        assert 0.5 * np.abs(row - rating_distribution(u, i)).sum() < 0.15
+    st = sim.stats()
+    assert st["answered_by_method"] == {"samples": 3} and st["failed"] == 0
+    # Per prompt (one per user): the logprobs answer, then one samples request, no retries.
+    assert sorted(r.n_choices for r in server.log) == [1, 1, 1, 200, 200, 200]
+    assert_accounted(sim)
+
+
+def test_logprobs_without_alternatives_and_no_samples_fail_with_a_reason(server):
+    server.set_faults(logprobs_alternatives="token", n_supported=False)
+    sim = make_sim(server, method="logprobs")
+    p = sim.distribution(np.array([1, 2]), np.array([10, 11]))
+    assert np.isnan(p).all()
+    assert sim.stats()["failed_by_reason"] == {"point_mass_logprobs": 2} and sim.stats()["answered_by_method"] == {}
+    assert_accounted(sim)
+
+
+def test_the_probe_does_not_take_point_mass_logprobs(server):
+    server.set_faults(logprobs_alternatives="junk")
+    sim = make_sim(server, samples=50)
+    p = sim.distribution(np.array([1]), np.array([10]))
+    assert sim.describe()["method"] == "samples" and np.isfinite(p).all()
+    assert sim.stats()["answered_by_method"] == {"samples": 1}
 
 
 def test_samples_give_a_smoothed_histogram(server):

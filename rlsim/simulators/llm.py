@@ -38,7 +38,10 @@ cache, and the same JSON schema and validation as `rlsim personas rate`.
   same calibration as ``PointSimulator``.
   ``auto`` probes the endpoint once (one real rating request): logprobs if the answer carries them
   at the rating token, else samples if ``n`` completions come back, else the noise model.
-  ``describe()`` reports the method actually used and what the probe saw.
+  A logprobs answer whose rating token holds fewer than two rating values among its alternatives
+  is an answer, not a distribution: those movies are asked again by samples (NaN with reason
+  ``point_mass_logprobs`` when the endpoint returns one completion), never a one-hot row.
+  ``describe()`` reports the method actually used, what the probe saw, and ``answered_by_method``.
 - **Failures are NaN rows, never a guess.** A pair the persona could not rate (budget, permanent
   errors, transient errors or unusable answers after all retries) comes back as a row of NaN;
   every requested pair is counted as answered or failed by reason (and how many came from the
@@ -74,6 +77,8 @@ log = logging.getLogger(__name__)
 METHODS = ("auto", "logprobs", "samples", "noise")
 METHOD_NAMES = {"logprobs": "logprobs", "samples": "samples", "noise": "answer + ordinal noise"}
 MIN_CALIBRATION = 10  # answered hold-out pairs needed to fit the noise model
+# An answer whose rating token carried no distribution: that pair is asked again by the next method.
+LOGPROB_GAPS = ("no_logprobs", "point_mass_logprobs")
 
 
 @dataclass
@@ -129,7 +134,9 @@ def logprob_distributions(tokens: list, item_ids: list[int], scale) -> tuple[dic
     tokens: [[token, logprob, [[alternative, logprob], ...]], ...] of one completion. The answer is
     the tokens' concatenation; each "<id>": <value> is located in it and the token that starts the
     value gives the distribution: exp(logprob) of each alternative that is a rating value on the
-    scale, renormalised (alternatives that are not rating values are dropped)."""
+    scale, renormalised (alternatives that are not rating values are dropped). A token whose
+    alternatives hold fewer than two rating values (none, or the token alone) carries no distribution,
+    only the answer: that item is "point_mass_logprobs", never a one-hot row labelled logprobs."""
     import re
 
     text = "".join(str(t[0]) for t in tokens)
@@ -146,18 +153,15 @@ def logprob_distributions(tokens: list, item_ids: list[int], scale) -> tuple[dic
         if j < 0 or j >= len(tokens):
             why[iid] = "no_logprobs"
             continue
-        tok, lp, alts = tokens[j][0], tokens[j][1], tokens[j][2] if len(tokens[j]) > 2 else []
-        cand = list(alts) or [[tok, lp]]
+        alts = tokens[j][2] if len(tokens[j]) > 2 else []
         p = np.zeros(scale.n_classes)
-        seen_any = False
-        for a, alp in cand:
+        for a, alp in alts:
             x = _number(a)
             if x is None or x < scale.min or x > scale.max or float(scale.round(x)) != x:
                 continue
-            seen_any = True
             p[int(scale.to_class(x))] += math.exp(float(alp))
-        if not seen_any or p.sum() <= 0:
-            why[iid] = "no_logprobs"
+        if (p > 0).sum() < 2:
+            why[iid] = "point_mass_logprobs"
             continue
         out[iid] = p / p.sum()
     for i in want - set(out):
@@ -204,6 +208,7 @@ class LLMPersonaSimulator(Simulator):
                        "prompts": 0, "calls": 0, "summary_updates": 0, "summary_failed": 0,
                        "summaries_memoised": 0}
         self.failed_by_reason: dict[str, int] = {}
+        self.answered_by_method: dict[str, int] = {}  # rows answered, by how their distribution was obtained
         self.summary_failures: dict[str, int] = {}
         self._summaries: collections.OrderedDict = collections.OrderedDict()
         # (user, session, item) -> distribution: a pair answered in one prompt is not asked again in
@@ -363,6 +368,10 @@ class LLMPersonaSimulator(Simulator):
                             reason[i] = "no_logprobs"
             elif req == "samples":
                 C = scale.n_classes
+                if len(texts) < min(2, self.cfg.samples):  # n ignored: one answer is no histogram
+                    for i in pending:
+                        reason[i] = "single_completion"
+                    break
                 for i in pending:
                     vals = [pp.ratings[i] for pp in parsed if i in pp.ratings]
                     if not vals:
@@ -374,7 +383,9 @@ class LLMPersonaSimulator(Simulator):
                 for i in pending:
                     if i in first.ratings:
                         got[i] = (float(first.ratings[i]), "", hit)
-            pending = [i for i in pending if i not in got]
+            # An answer without a distribution at its rating token is not asked again the same way:
+            # the caller asks for those movies by the next method.
+            pending = [i for i in pending if i not in got and reason[i] not in LOGPROB_GAPS]
         for i in unit.item_ids:
             if i not in got:
                 got[i] = (None, reason[i], False)
@@ -593,7 +604,7 @@ class LLMPersonaSimulator(Simulator):
                 if pk in self._answers:  # answered before, in another prompt of this session
                     self._answers.move_to_end(pk)
                     self.counts["from_memo"] += len(rows)
-                    self._deliver(out, rows, self._answers[pk], "", False)
+                    self._deliver(out, rows, *self._answers[pk], "", False)
                 elif pk in st._inflight:  # being asked by a call in flight (another env runner's)
                     waiting.append((rows, st._inflight[pk]))
                 else:
@@ -606,41 +617,51 @@ class LLMPersonaSimulator(Simulator):
         try:
             results = await asyncio.gather(*[self._rate(key, ids, method) for key, ids in jobs])
             for (key, _), res in zip(jobs, results):
-                for i, (p, reason, hit) in res.items():
-                    if p is not None and method == "noise":
+                for i, (p, reason, hit, how) in res.items():
+                    if p is not None and how == "noise":
                         p = self.noise.distribution(np.array([p]), np.array([key[0]]))[0]
                     if p is not None:
-                        self._answers[(key, i)] = p
+                        self._answers[(key, i)] = (p, how)
                         while len(self._answers) > self.cfg.max_answers:
                             self._answers.popitem(last=False)
-                    st._inflight[(key, i)].set_result((p, reason, hit))
-                    self._deliver(out, groups[key][i], p, reason, hit)
+                    st._inflight[(key, i)].set_result((p, how, reason, hit))
+                    self._deliver(out, groups[key][i], p, how, reason, hit)
         finally:
             for pk in mine:  # nobody waits forever, whatever happened
                 fut = st._inflight.pop(pk, None)
                 if fut is not None and not fut.done():
-                    fut.set_result((None, "not attempted", False))
+                    fut.set_result((None, "", "not attempted", False))
         for rows, fut in waiting:
-            p, reason, _ = await asyncio.shield(fut)
+            p, how, reason, _ = await asyncio.shield(fut)
             self.counts["from_memo"] += len(rows) if p is not None else 0
-            self._deliver(out, rows, p, reason, False)
+            self._deliver(out, rows, p, how, reason, False)
         return out
 
-    def _deliver(self, out: np.ndarray, rows: list[int], p, reason: str, hit: bool) -> None:
+    def _deliver(self, out: np.ndarray, rows: list[int], p, how: str, reason: str, hit: bool) -> None:
         if p is None:
             self._fail(len(rows), reason)
             return
         out[rows] = p
         self.counts["answered"] += len(rows)
+        name = METHOD_NAMES[how]
+        self.answered_by_method[name] = self.answered_by_method.get(name, 0) + len(rows)
         if hit:
             self.counts["from_cache"] += len(rows)
 
-    async def _rate(self, key: tuple, ids: list[int], method: str) -> dict:
+    async def _rate(self, key: tuple, ids: list[int], method: str) -> dict[int, tuple]:
+        """{item: (distribution | rating | None, failure reason, from_cache, method that answered it)}."""
         user, s_items, s_ratings = key
         session = Session(s_items, s_ratings)
         summary = await self._summary_for(user, session) if self.cfg.summary_every else ""
         unit = self._unit(self.builder, user, ids, session, summary)
-        return await self._ask(unit, method, self.usage)
+        got = {i: (*r, method) for i, r in (await self._ask(unit, method, self.usage)).items()}
+        gaps = [i for i, (p, why, _, _) in got.items() if p is None and why in LOGPROB_GAPS]
+        if gaps:
+            # The answer carried no distribution at those rating tokens: the next method, n samples,
+            # for those movies alone (never a point mass reported as a distribution).
+            for i, (p, why, hit) in (await self._ask(unit.subset(gaps), "samples", self.usage)).items():
+                got[i] = (p, why if why != "single_completion" else got[i][1], hit, "samples")
+        return got
 
     def _fail(self, n: int, reason: str) -> None:
         self.counts["failed"] += n
@@ -671,6 +692,7 @@ class LLMPersonaSimulator(Simulator):
         total = merge_usage(merge_usage(self.usage, self.summary_usage), self.setup_usage)
         span = (self.t_last - self.t_first) if self.t_first and self.t_last else 0.0
         return {**self.counts, "failed_by_reason": dict(self.failed_by_reason),
+                "answered_by_method": dict(self.answered_by_method),
                 "summary_failures": dict(self.summary_failures),
                 "usage": {"ratings": self.usage, "summaries": self.summary_usage, "probe_and_calibration":
                           self.setup_usage, "total": total},
