@@ -113,17 +113,22 @@ class BatchingSimulator:
             pos += k
 
     async def score(self, users, items, sessions=None) -> np.ndarray:
-        """Expectations; without a session they are memoised by (user, item) (the static table path)."""
+        """Expectations; without a session they are memoised by (user, item) (the static table path).
+        A failed pair (NaN) is not memoised: a later request asks the simulator again, whose own retry
+        policy and budget decide (a transient failure must not last the whole run)."""
         users, items = np.asarray(users), np.asarray(items)
         if sessions is not None:
             return expectation(await self.distribution(users, items, sessions), self.scale)
         keys = list(zip(users.tolist(), items.tolist()))
+        out = np.array([self._memo.get(k, np.nan) for k in keys], np.float64)
         todo = [j for j, k in enumerate(keys) if k not in self._memo]
         if todo:
             p = await self.distribution(users[todo], items[todo])
             for j, v in zip(todo, expectation(p, self.scale)):
-                self._memo[keys[j]] = float(v)
-        return np.array([self._memo[k] for k in keys], np.float64)
+                out[j] = float(v)
+                if np.isfinite(v):
+                    self._memo[keys[j]] = float(v)
+        return out
 
     def stats(self) -> dict:
         return {"requests": self.requests, "batches": self.batches, "pairs": self.pairs,
