@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.config import DataConfig, from_dict, to_dict
-from rlsim.errors import ConfigError, DataError
+from rlsim.errors import ConfigError, DataError, RewardFailed
 from rlsim.io import read_json, write_json, write_parquet
 from rlsim.policy.config import PolicyConfig
 from rlsim.simulators.factory import SimulatorSpec, local_simulator, simulator_factory
@@ -104,7 +104,13 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
         actor = start_simulator_actor(name, factory)
     try:
         ecfg = env_config(data, pcfg, simulator_actor=name, namespace=namespace, user_rows=train_rows)
-        metrics = train_ppo(data, pcfg, out, env_cfg=ecfg, progress=progress)
+        try:
+            metrics = train_ppo(data, pcfg, out, env_cfg=ecfg, progress=progress, source=spec.label())
+        except RewardFailed as exc:  # recorded with the simulator's own view before it stops
+            if actor is not None:
+                exc.metrics["simulator"] = ray.get(actor.stats.remote())
+                write_json(out / "train_metrics.json", exc.metrics)
+            raise
         if actor is not None:
             metrics["simulator"] = ray.get(actor.stats.remote())
     finally:

@@ -571,24 +571,30 @@ class LLMPersonaSimulator(Simulator):
     # ------------------------------------------------------------------ the contract
     async def adistribution(self, users, items, sessions: Sessions = None) -> np.ndarray:
         """[n, C] distributions; NaN rows for pairs the persona could not rate (counted by reason)."""
+        return (await self.adistribution_with_reasons(users, items, sessions))[0]
+
+    async def adistribution_with_reasons(self, users, items, sessions: Sessions = None
+                                         ) -> tuple[np.ndarray, list[str]]:
+        """``adistribution`` and each row's failure reason ("" when answered): the env counts them."""
         users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
         n = len(users)
         check_sessions(sessions, n)
         C = self.scale.n_classes
         out = np.full((n, C), np.nan)
+        why = [""] * n
         if n == 0:
-            return out
+            return out, why
         self._state()
         self.counts["requested"] += n
         self.counts["calls"] += 1
-        method, why = await self._resolve_method()
-        if method == "noise" and why == "":
-            ok, why = await self._ensure_calibration()
+        method, reason0 = await self._resolve_method()
+        if method == "noise" and reason0 == "":
+            ok, reason0 = await self._ensure_calibration()
             if not ok:
                 method = None
         if method is None:
-            self._fail(n, why)
-            return out
+            self._fail(n, reason0)
+            return out, [reason0] * n
         groups: dict[tuple, dict[int, list[int]]] = {}
         for j in range(n):
             s = EMPTY if sessions is None or sessions[j] is None else sessions[j]
@@ -604,7 +610,7 @@ class LLMPersonaSimulator(Simulator):
                 if pk in self._answers:  # answered before, in another prompt of this session
                     self._answers.move_to_end(pk)
                     self.counts["from_memo"] += len(rows)
-                    self._deliver(out, rows, *self._answers[pk], "", False)
+                    self._deliver(out, why, rows, *self._answers[pk], "", False)
                 elif pk in st._inflight:  # being asked by a call in flight (another env runner's)
                     waiting.append((rows, st._inflight[pk]))
                 else:
@@ -625,7 +631,7 @@ class LLMPersonaSimulator(Simulator):
                         while len(self._answers) > self.cfg.max_answers:
                             self._answers.popitem(last=False)
                     st._inflight[(key, i)].set_result((p, how, reason, hit))
-                    self._deliver(out, groups[key][i], p, how, reason, hit)
+                    self._deliver(out, why, groups[key][i], p, how, reason, hit)
         finally:
             for pk in mine:  # nobody waits forever, whatever happened
                 fut = st._inflight.pop(pk, None)
@@ -634,12 +640,14 @@ class LLMPersonaSimulator(Simulator):
         for rows, fut in waiting:
             p, how, reason, _ = await asyncio.shield(fut)
             self.counts["from_memo"] += len(rows) if p is not None else 0
-            self._deliver(out, rows, p, how, reason, False)
-        return out
+            self._deliver(out, why, rows, p, how, reason, False)
+        return out, why
 
-    def _deliver(self, out: np.ndarray, rows: list[int], p, how: str, reason: str, hit: bool) -> None:
+    def _deliver(self, out: np.ndarray, why: list[str], rows: list[int], p, how: str, reason: str, hit: bool) -> None:
         if p is None:
             self._fail(len(rows), reason)
+            for r in rows:
+                why[r] = reason
             return
         out[rows] = p
         self.counts["answered"] += len(rows)
@@ -669,9 +677,12 @@ class LLMPersonaSimulator(Simulator):
 
     def distribution(self, users, items, sessions: Sessions = None) -> np.ndarray:
         """The same answers in a fresh event loop (fidelity, evaluation); the HTTP client is closed after."""
+        return self.distribution_with_reasons(users, items, sessions)[0]
+
+    def distribution_with_reasons(self, users, items, sessions: Sessions = None) -> tuple[np.ndarray, list[str]]:
         async def run():
             try:
-                return await self.adistribution(users, items, sessions)
+                return await self.adistribution_with_reasons(users, items, sessions)
             finally:
                 await self.engine.aclose()
 
