@@ -220,7 +220,8 @@ def test_logprobs_without_alternatives_and_no_samples_fail_with_a_reason(server)
     sim = make_sim(server, method="logprobs")
     p = sim.distribution(np.array([1, 2]), np.array([10, 11]))
     assert np.isnan(p).all()
-    assert sim.stats()["failed_by_reason"] == {"point_mass_logprobs": 2} and sim.stats()["answered_by_method"] == {}
+    st = sim.stats()
+    assert st["failed_by_reason"] == {"point_mass_logprobs": 2} and st["answered_by_method"] == {}
     assert_accounted(sim)
 
 
@@ -492,6 +493,9 @@ def test_policy_train_and_evaluate_with_reward_llm_persona(tmp_path, data_root, 
         sim = tm["simulator"]["simulator"]
         assert sim["method"] == "logprobs" and sim["name"] == "llm_persona"
         assert sim["requested"] == sim["answered"] >= 64 and sim["failed"] == 0
+        acc = tm["reward_accounting"]  # what the env runners' envs asked of the persona, by outcome
+        assert acc["source"] == "llm_persona" and acc["failed"] == 0 and acc["failed_by_reason"] == {}
+        assert acc["answered"] == acc["asked"] >= 64 and acc["max_failed_share"] == 0.05
         assert sim["summary_updates"] > 0
         assert any("In this session you were shown" in r.messages_text for r in srv.log)
         assert main(["policy", "evaluate", *data, "--config", str(cfg), "--run", str(run), "--out",
@@ -565,6 +569,31 @@ def test_fidelity_runs_on_the_llm_persona(server):
     assert mi["coverage"] == 1.0 and np.isfinite(mi["nll"]) and 0 <= ma["tv_sampled"] <= 1
 
 
+def test_failure_reasons_reach_the_caller_and_fidelity_reports_coverage(server):
+    """Past its budget the persona's NaN rows carry the reason ("budget") through the batching body
+    (what the env counts), and fidelity's NLL comes with the coverage it was computed on."""
+    from rlsim.simulators.actor import BatchingSimulator
+    from rlsim.simulators.fidelity import micro
+
+    sim = make_sim(server, method="logprobs", budget=0.0005)
+    body = BatchingSimulator(sim, max_wait_s=0.0)
+
+    async def ask():
+        try:
+            return await body.distribution_with_reasons(np.arange(1, 21), np.full(20, 10), [low(3)] * 20)
+        finally:
+            await sim.engine.aclose()
+
+    p, why = asyncio.run(ask())
+    failed = np.isnan(p).all(1)
+    assert 0 < failed.sum() < 20 and why == ["budget" if f else "" for f in failed]
+    train, _ = frames()
+    test = train.groupby("user_id").head(2)
+    mi = micro(make_sim(server, method="logprobs", budget=0.0005), test)
+    assert mi["asked"] == len(test) and 0 < mi["answered"] < len(test)
+    assert mi["coverage"] == pytest.approx(mi["answered"] / mi["asked"]) and np.isfinite(mi["nll"])
+
+
 # ---------------------------------------------------------------- throughput in the loop (slow)
 
 @pytest.mark.slow
@@ -606,4 +635,7 @@ def test_the_study_starts_and_stops_its_llm_persona(tmp_path, data_root, cache_r
     r = json.loads((out / "study.json").read_text())
     assert r["sources"] == ["bias", "mf", "llm_persona"] and r["fidelity"]["llm_persona"]["method"] == "logprobs"
     assert r["runs"]["llm_persona"][0]["env_steps"] >= 128 and n > 0
+    acc = r["reward_accounting"]["llm_persona"]
+    assert acc["answered"] == acc["asked"] >= 128 and acc["failed"] == 0
+    assert r["fidelity"]["llm_persona"]["coverage"] == 1
     assert SECRET.encode() not in (out / "study.json").read_bytes()

@@ -176,8 +176,8 @@ def test_training_stops_when_too_many_rewards_failed(ml100k, tmp_path):
 
     split = make_split(ml100k, "u1")
     emb = np.random.default_rng(0).normal(size=(len(ml100k.items), 16)).astype(np.float32)
-    data = build_env_data(split.train, ml100k.items, build_candidates(split.train, ml100k.items, emb,
-                                                                      CandidatesConfig(k=6)), emb, ml100k.scale, dims=8)
+    cands = build_candidates(split.train, ml100k.items, emb, CandidatesConfig(k=6))
+    data = build_env_data(split.train, ml100k.items, cands, emb, ml100k.scale, dims=8)
     sim = HalfBudget(baseline_simulator("mf", split.train, ml100k.scale))
     cfg = PolicyConfig(iterations=3, train_batch_size=64, minibatch_size=32, num_epochs=1, num_envs_per_env_runner=8,
                        users_per_episode=8, hidden=8)
@@ -194,7 +194,8 @@ def test_training_stops_when_too_many_rewards_failed(ml100k, tmp_path):
         loose = PolicyConfig(**{**vars(cfg), "iterations": 1, "max_failed_share": 1.0})
         m = train_ppo(data, loose, tmp_path / "b", env_cfg=env_config(data, loose, source=sim), source="mf")
     assert m["reward_accounting"]["failed"] > 0 and m["reward_accounting"]["source"] == "mf"
-    assert json.loads((tmp_path / "b" / "train_metrics.json").read_text())["reward_accounting"] == m["reward_accounting"]
+    written = json.loads((tmp_path / "b" / "train_metrics.json").read_text())
+    assert written["reward_accounting"] == m["reward_accounting"]
 
 
 def test_max_failed_share_is_checked():

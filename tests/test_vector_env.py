@@ -153,7 +153,8 @@ def test_failed_rewards_are_counted_by_the_simulators_reason(parts):
     for _ in range(2):
         obs, r, *_ = env.step(first_valid(obs))
     acc = env.reward_accounting()
-    assert acc == {"asked": 12, "answered": 6, "failed": 6, "failed_by_reason": {"budget": 6}, "failed_share": 0.5}
+    assert acc == {"asked": 12, "answered": 6, "failed": 6, "failed_by_reason": {"budget": 6},
+                   "failed_share": 0.5}
 
 
 def test_a_nan_without_a_reason_is_counted_as_unanswered(parts):

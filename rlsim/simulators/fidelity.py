@@ -39,8 +39,10 @@ def micro(sim, test: pd.DataFrame) -> dict:
     y = test["rating"].to_numpy(float)[ok]
     e = expectation(p[ok], scale)
     out = rating_metrics(y, e, scale)
+    # NLL / RMSE are over the answered pairs only: coverage (answered / asked) says how many those are.
     out["nll"] = float(_nll(p[ok], y, scale).mean())
     out["coverage"] = float(ok.mean()) if len(ok) else 0.0
+    out["asked"], out["answered"] = int(len(ok)), int(ok.sum())
     df = pd.DataFrame({"user_id": test["user_id"].to_numpy()[ok], "rating": y, "e": e})
     rho = [spearman(g["rating"], g["e"]) for _, g in df.groupby("user_id")]
     out["spearman_per_user"] = float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
@@ -146,7 +148,7 @@ def fidelity(sim, train: pd.DataFrame, test: pd.DataFrame, seed: int = 0, like_t
     di = discrimination(sim, train, test, like_threshold=like_threshold, seed=seed)
     se = session_gain(sim, test)
     return {"simulator": sim.describe(), "micro": mi, "macro": ma, "discrimination": di, "session": se,
-            "rmse": mi["rmse"], "nll": mi["nll"], "tv_sampled": ma["tv_sampled"],
+            "rmse": mi["rmse"], "nll": mi["nll"], "coverage": mi["coverage"], "tv_sampled": ma["tv_sampled"],
             "five_star_share": ma["five_star_share"], "real_five_star_share": ma["real_five_star_share"],
             **{f"like_acc_1to{m}": di.get(f"1to{m}", {}).get("accuracy") for m in (1, 3, 9)},
             "session_nll_gain": se["session_nll_gain"]}
