@@ -76,6 +76,9 @@ class FaultConfig:
     # Hostile logprobs: a rating token's top_logprobs hold "ratings" (the rating values, as a model's
     # do), "token" (the chosen token alone) or "junk" (the chosen token and non-numeric tokens only).
     logprobs_alternatives: str = "ratings"
+    # Anchoring, as a model writing its JSON answer token by token: each movie's distribution after the
+    # first moves one star toward the rating just written before it (so it depends on its neighbours).
+    anchoring: bool = False
 
 
 @dataclass
@@ -256,16 +259,18 @@ class FakeOpenAI:
             elif f.answer_text is not None:
                 content, tokens = f.answer_text, None
             else:
-                values = {}
+                values, shifts, prev = {}, {}, None
                 for i in ids:
-                    dist = rating_distribution(uid, i, shift)
+                    shifts[i] = shift + (anchor_shift(uid, i, shift, prev) if f.anchoring and prev else 0)
+                    dist = rating_distribution(uid, i, shifts[i])
                     if temperature > 0:
                         rng = random.Random(int(hashlib.sha256(f"{uid}:{i}:{c}:{body.get('seed')}:{sha}".encode())
                                                 .hexdigest()[:12], 16))
                         values[i] = 1 + _draw(dist, rng.random())
                     else:
                         values[i] = 1 + max(range(5), key=lambda v: dist[v])
-                content, tokens = rating_answer(values, uid, shift, fault)
+                    prev = values[i]
+                content, tokens = rating_answer(values, uid, shift, fault, shifts)
             choice = {"index": c, "message": {"role": "assistant", "content": content},
                       "finish_reason": "length" if fault == "truncated" else "stop"}
             if want_lp:
@@ -439,8 +444,16 @@ def _draw(dist: list[float], u: float) -> int:
     return len(dist) - 1
 
 
-def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str) -> tuple[str, list | None]:
-    """(content, tokens) of a rating answer; tokens are (text, probabilities of 1..5 or None) pairs."""
+def anchor_shift(uid: int, iid: int, shift: int, previous: int) -> int:
+    """One star toward the rating written just before (anchoring), 0 when it is the movie's own mode."""
+    own = min(5, max(1, expected_rating(uid, iid) + shift))
+    return (previous > own) - (previous < own)
+
+
+def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str,
+                  shifts: dict[int, int] | None = None) -> tuple[str, list | None]:
+    """(content, tokens) of a rating answer; tokens are (text, probabilities of 1..5 or None) pairs;
+    ``shifts``: each movie's own shift (anchoring), else ``shift`` for all."""
     ratings = {str(i): v for i, v in values.items()}
     if fault == "wrong_ids":
         ratings = {str(int(i) + 100000): v for i, v in ratings.items()}
@@ -460,7 +473,7 @@ def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str) -> t
     tokens: list = [('{"', None)]
     for n, (key, v) in enumerate(ratings.items()):
         iid = int(key) if int(key) < 100000 else int(key) - 100000
-        dist = rating_distribution(uid, iid, shift) if 1 <= v <= 5 else None
+        dist = rating_distribution(uid, iid, (shifts or {}).get(iid, shift)) if 1 <= v <= 5 else None
         tokens += [(key, None), ('":', None), (f" {v}", dist)]
         tokens.append((', "', None) if n < len(ratings) - 1 else ("}", None))
     if len(tokens) == 1:

@@ -131,7 +131,7 @@ def test_the_session_reaches_the_server_and_moves_the_answer(server, tmp_path):
 
 
 def test_a_pair_is_asked_once_whatever_prompt_it_came_in(server):
-    sim = make_sim(server, method="logprobs")
+    sim = make_sim(server, method="logprobs", movies_per_prompt=10)
     s = low(3)
     first = sim.distribution(np.array([1, 1]), np.array([5, 6]), [s, s])
     second = sim.distribution(np.array([1, 1]), np.array([5, 7]), [s, s])  # 5 again, beside another movie
@@ -157,7 +157,7 @@ def test_concurrent_calls_share_a_pair_in_flight(server):
 
 
 def test_pairs_of_one_user_and_session_share_a_prompt(server):
-    sim = make_sim(server, method="logprobs")
+    sim = make_sim(server, method="logprobs", movies_per_prompt=10)
     s = low(3)
     users = np.array([1, 1, 1, 1, 2])
     items = np.array([5, 6, 5, 7, 5])
@@ -165,6 +165,29 @@ def test_pairs_of_one_user_and_session_share_a_prompt(server):
     assert np.isfinite(p).all()
     assert sorted(sorted(r.item_ids) for r in server.log) == [[5], [5, 6], [7]]
     assert np.allclose(p[0], p[2]) and sim.stats()["repeated_in_call"] == 1
+
+
+def test_one_movie_per_prompt_by_default(server):
+    sim = make_sim(server, method="logprobs")
+    s = low(3)
+    p = sim.distribution(np.array([1, 1, 1, 1, 2]), np.array([5, 6, 5, 7, 5]), [s, s, s, Session(), s])
+    assert np.isfinite(p).all() and sorted(r.item_ids for r in server.log) == [[5], [5], [6], [7]]
+    assert sim.stats()["prompts"] == 4 and sim.describe()["movies_per_prompt"] == 1
+
+
+@pytest.mark.parametrize("method", ["logprobs", "samples"])
+def test_a_distribution_does_not_depend_on_the_movies_asked_beside_it(server, method):
+    """The server anchors each movie's answer on the one written before it (as a model writing JSON
+    does): the same (user, session, movie) asked alone, after another movie, or before one, in
+    fresh simulators, gets the identical distribution."""
+    server.set_faults(anchoring=True)
+    s = low(3)
+    kw = {"method": method, "samples": 50}
+    alone = make_sim(server, **kw).distribution(np.array([1]), np.array([12]), [s])[0]
+    after = make_sim(server, **kw).distribution(np.array([1, 1]), np.array([11, 12]), [s, s])[1]
+    before = make_sim(server, **kw).distribution(np.array([1, 1]), np.array([12, 13]), [s, s])[0]
+    assert np.array_equal(alone, after) and np.array_equal(alone, before)
+    assert alone.argmax() == expected_rating(1, 12) - 2  # its own answer: 5, one star down for the session
 
 
 # ---------------------------------------------------------------- where the distribution comes from
@@ -316,7 +339,7 @@ def test_permanent_errors_are_not_retried(server):
 
 def test_partial_answers_are_asked_again_for_the_rest(server):
     server.set_faults(p_missing=1.0)  # every answer drops its first movie
-    sim = make_sim(server, persona=pcfg(max_retries=5), method="logprobs")
+    sim = make_sim(server, persona=pcfg(max_retries=5), method="logprobs", movies_per_prompt=10)
     p = sim.distribution(np.array([1, 1, 1]), np.array([10, 11, 12]))
     assert np.isfinite(p).all() and [len(r.item_ids) for r in server.log] == [3, 1]
 
@@ -419,7 +442,8 @@ def test_simulator_actor_batches_callers_under_the_cluster_limiter(ray_local, sp
     users = np.sort(split.train["user_id"].unique())[:8]
     with FakeOpenAI(FaultConfig(latency_s=0.05, rpm_limit=1200, burst=3)) as srv:
         cfg = pcfg(rpm=1200, k_similar=0, cache=False, max_retries=6, base_url=srv.base_url)
-        handle = start_llm_persona_actor("llm-sim-test", ds, split.train, cfg, SECRET, {"method": "logprobs"},
+        handle = start_llm_persona_actor("llm-sim-test", ds, split.train, cfg, SECRET,
+                                         {"method": "logprobs", "movies_per_prompt": 10},
                                          cache_dir=str(cache_root), max_wait_s=2.0)
         gate = barrier(ray, 4)
 

@@ -6,8 +6,9 @@ engine's gate to the cluster-wide limiter and budget (rlsim.personas.gate / limi
 cache, and the same JSON schema and validation as `rlsim personas rate`.
 
 - **Grouping.** The pairs of one call are grouped by (user, session): pairs with the same user and
-  the same session so far share one prompt (a batch of up to ``personas.batch_size`` movies);
-  different sessions are different prompts. A pair is asked once: repeated within a call, asked by
+  the same session so far may share one prompt (up to ``llm_persona.movies_per_prompt`` movies,
+  default 1: a distribution then depends on its (user, session, movie) only, never on the movies
+  asked beside it or their order); different sessions are different prompts. A pair is asked once: repeated within a call, asked by
   another call in flight, or answered before in another prompt of the same session (an in-memory
   memo of (user, session, movie) -> distribution; the response cache is per prompt). All prompts of a call
   are sent concurrently; the limiter paces them, so many env runners' steps overlap under one
@@ -96,6 +97,12 @@ class LLMSimConfig:
     calibration_frac: float = 0.1  # share of each user's training ratings held out for it
     max_summaries: int = 100_000  # summaries kept in memory (least recently used dropped)
     max_answers: int = 200_000  # (user, session, movie) distributions kept in memory (LRU)
+    # Movies rated in one prompt. 1 (the default) makes a (user, session, movie)'s distribution
+    # reproducible: in a batched JSON answer a later movie's rating is conditioned on the ratings
+    # written before it and on which movies share the prompt (its grounding lines too), so the same
+    # pair would get another distribution in another env step's batch. > 1 is cheaper (fewer
+    # requests, the profile sent once per batch) but batch-dependent.
+    movies_per_prompt: int = 1
 
     def validate(self) -> "LLMSimConfig":
         def need(ok: bool, what: str) -> None:
@@ -104,7 +111,8 @@ class LLMSimConfig:
 
         need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name, lo in (("top_logprobs", 1), ("samples", 1), ("summary_every", 0), ("session_max", 0),
-                         ("calibration_pairs", MIN_CALIBRATION), ("max_summaries", 1), ("max_answers", 1)):
+                         ("calibration_pairs", MIN_CALIBRATION), ("max_summaries", 1), ("max_answers", 1),
+                         ("movies_per_prompt", 1)):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, "
                  f"got {v!r}")
@@ -538,7 +546,7 @@ class LLMPersonaSimulator(Simulator):
         tr, va = holdout_validation(self.train, self.cfg.calibration_frac, self.seed)
         va = va.sample(n=min(self.cfg.calibration_pairs, len(va)), random_state=self.seed)
         builder = self.make_builder(tr) if self.make_builder is not None else self.builder
-        b = self.pcfg.batch_size
+        b = self.cfg.movies_per_prompt  # answers obtained as the ones the noise model will perturb
         prompts = []  # (user, movies) of each calibration prompt
         for u, g in va.groupby("user_id", sort=True):
             ids = [int(i) for i in dict.fromkeys(g["item_id"].tolist())]
@@ -617,7 +625,7 @@ class LLMPersonaSimulator(Simulator):
                     st._inflight[pk] = loop.create_future()
                     mine.append(pk)
                     ids.append(i)
-            b = self.pcfg.batch_size
+            b = self.cfg.movies_per_prompt
             jobs += [(key, ids[s:s + b]) for s in range(0, len(ids), b)]
         self.counts["prompts"] += len(jobs)
         try:
@@ -714,7 +722,7 @@ class LLMPersonaSimulator(Simulator):
         d = {**super().describe(), "configured_method": self.cfg.method, "probe": self.probe,
              "backend": self.spec.kind, "model": self.spec.model, "base_url": self.spec.base_url,
              "summary_every": self.cfg.summary_every, "session_max": self.cfg.session_max,
-             "batch_size": self.pcfg.batch_size, "rpm": self.pcfg.rpm, "tpm": self.pcfg.tpm,
+             "movies_per_prompt": self.cfg.movies_per_prompt, "rpm": self.pcfg.rpm, "tpm": self.pcfg.tpm,
              "budget_usd": self.pcfg.budget_usd, "limiter": self.limiter_info, **self.stats()}
         if self._method == "logprobs":
             d["top_logprobs"] = self.cfg.top_logprobs
