@@ -616,6 +616,11 @@ def test_failure_reasons_reach_the_caller_and_fidelity_reports_coverage(server):
     mi = micro(make_sim(server, method="logprobs", budget=0.0005), test)
     assert mi["asked"] == len(test) and 0 < mi["answered"] < len(test)
     assert mi["coverage"] == pytest.approx(mi["answered"] / mi["asked"]) and np.isfinite(mi["nll"])
+    from rlsim.simulators.fidelity import session_gain
+
+    test = train.assign(timestamp=np.arange(len(train))).groupby("user_id").head(4)
+    se = session_gain(make_sim(server, method="logprobs", budget=0.001), test)
+    assert 0 < se["coverage"] < 1 and np.isfinite(se["session_nll_gain"])  # over the pairs answered both ways
 
 
 # ---------------------------------------------------------------- throughput in the loop (slow)

@@ -129,12 +129,14 @@ def session_gain(sim, test: pd.DataFrame, max_len: int = 20) -> dict:
     """Next-rating NLL with and without the session so far (positive gain = the session helps)."""
     df, sessions = replay_sessions(test, max_len)
     users, items, y = df["user_id"].to_numpy(), df["item_id"].to_numpy(), df["rating"].to_numpy(float)
-    without = _nll(sim.distribution(users, items), y, sim.scale)
-    with_s = _nll(sim.distribution(users, items, sessions), y, sim.scale)
-    has = np.array([len(s) > 0 for s in sessions])
-    e_without = sim.score(users, items)
-    e_with = sim.score(users, items, sessions)
-    return {"pairs": int(has.sum()), "nll_without_session": float(without[has].mean()),
+    p_without, p_with = sim.distribution(users, items), sim.distribution(users, items, sessions)
+    without, with_s = _nll(p_without, y, sim.scale), _nll(p_with, y, sim.scale)
+    asked = np.array([len(s) > 0 for s in sessions])
+    # Pairs answered both ways only (a failed answer has no NLL); coverage says how many those are.
+    has = asked & np.isfinite(p_without).all(1) & np.isfinite(p_with).all(1)
+    e_without, e_with = expectation(p_without, sim.scale), expectation(p_with, sim.scale)
+    return {"pairs": int(has.sum()), "coverage": float(has.sum() / asked.sum()) if asked.any() else 0.0,
+            "nll_without_session": float(without[has].mean()),
             "nll_with_session": float(with_s[has].mean()),
             "session_nll_gain": float(without[has].mean() - with_s[has].mean()),
             "rmse_without_session": float(np.sqrt(np.mean((e_without[has] - y[has]) ** 2))),
