@@ -127,9 +127,9 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     ``reward_accounting`` in the metrics: the rewards asked of ``source`` (answered, failed by
     reason). Once the failed share exceeds ``cfg.max_failed_share`` training stops (RewardFailed),
     with the accounting and the reason in train_metrics.json."""
-    from rlsim.errors import RewardFailed
-
     from tqdm.auto import tqdm
+
+    from rlsim.errors import RewardFailed
 
     cfg.validate()
     out = Path(out_dir)

@@ -8,9 +8,10 @@ cache, and the same JSON schema and validation as `rlsim personas rate`.
 - **Grouping.** The pairs of one call are grouped by (user, session): pairs with the same user and
   the same session so far may share one prompt (up to ``llm_persona.movies_per_prompt`` movies,
   default 1: a distribution then depends on its (user, session, movie) only, never on the movies
-  asked beside it or their order); different sessions are different prompts. A pair is asked once: repeated within a call, asked by
-  another call in flight, or answered before in another prompt of the same session (an in-memory
-  memo of (user, session, movie) -> distribution; the response cache is per prompt). All prompts of a call
+  asked beside it or their order); different sessions are different prompts. A pair is asked
+  once: repeated within a call, asked by another call in flight, or answered before in another
+  prompt of the same session (an in-memory memo of (user, session, movie) -> distribution; the
+  response cache is per prompt; a failure is never memoised). All prompts of a call
   are sent concurrently; the limiter paces them, so many env runners' steps overlap under one
   rate limit (the SimulatorActor awaits ``adistribution``).
 - **The session is in the prompt**: "In this session you were shown, in order: <title> — you rated
