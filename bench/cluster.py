@@ -29,6 +29,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def rating_accounting(test, ratings, users: int | None, seed: int = 0) -> dict:
+    """lost / duplicated ratings of the job against EVERY planned pair: the test pairs of the users
+    the job was asked to rate (the same seeded sample `rlsim personas rate --users` draws), whether or
+    not a user appears in the output (a user lost with a node has no row at all)."""
+    from rlsim.personas.run import sample_users
+
+    chosen = sample_users(test["user_id"], users, seed)
+    planned_df = test[test["user_id"].isin(chosen)]
+    planned = set(zip(planned_df["user_id"].astype(int), planned_df["item_id"].astype(int)))
+    got = list(zip(ratings["user_id"].astype(int), ratings["item_id"].astype(int)))
+    have = set(got)
+    return {"planned": len(planned), "lost_ratings": len(planned - have), "duplicated_ratings": len(got) - len(have),
+            "users_planned": int(len(chosen)), "users_missing": int(len(set(map(int, chosen)) - {u for u, _ in have})),
+            "unplanned_ratings": len(have - planned)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rpm", type=int, default=600)
@@ -39,6 +55,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import pandas as pd
 
+    from rlsim.config import DataConfig
     from rlsim.data import load_movielens, make_split
     from rlsim.io import write_json
     from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
@@ -90,22 +107,22 @@ def main() -> None:
     summary = json.loads((out / "summary.json").read_text())
     df = pd.read_parquet(out / "ratings.parquet")
     test = make_split(load_movielens("ml-100k", data_dir=data_dir, cache_dir=cache, download=False), "u1").test
-    if users:
-        test = test[test["user_id"].isin(df["user_id"].unique())]
-    planned = set(zip(test["user_id"], test["item_id"]))
-    got = list(zip(df["user_id"], df["item_id"]))
+    # The job runs with the default --seed: the planned users are that seeded sample.
+    acc = rating_accounting(test, df, a.users if users else None, seed=DataConfig().seed)
     ok = df[df["status"] == "ok"]
     wrong = int((ok["predicted"].to_numpy() != [expected_rating(u, i) for u, i in
                                                 zip(ok["user_id"], ok["item_id"])]).sum())
     result = {
         "two_node": {
             "rate_limit_utilisation": round(achieved_rpm / a.rpm, 4),
-            "lost_ratings": len(planned - set(got)),
-            "duplicated_ratings": len(got) - len(set(got)),
+            "lost_ratings": acc["lost_ratings"],
+            "duplicated_ratings": acc["duplicated_ratings"],
             "node_killed": True,
         },
         "details": {
-            "data": source, "pairs": len(planned), "rated_ok": len(ok), "failed": int((df["status"] != "ok").sum()),
+            "data": source, "pairs": acc["planned"], "users_planned": acc["users_planned"],
+            "users_missing_from_output": acc["users_missing"], "unplanned_ratings": acc["unplanned_ratings"],
+            "rated_ok": len(ok), "failed": int((df["status"] != "ok").sum()),
             "wrong_ratings": wrong, "limit_rpm": a.rpm, "achieved_rpm_before_loss": round(achieved_rpm, 1),
             "server_429": server_429, "requests_to_server": requests,
             "job_after_node_loss": first_job, "resumed_by_rerun": resumed,

@@ -13,6 +13,15 @@ class ConfigError(RlsimError):
     """Invalid or inconsistent configuration."""
 
 
+class RewardFailed(RlsimError):
+    """Too many of a policy's rewards failed (the simulator could not answer): training stopped.
+    ``metrics`` is what the run recorded (train_metrics.json)."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
+
+
 def require_ray(what: str) -> None:
     """Library code never starts Ray (the CLI, the pipeline command and jobs/ do, once, at the edge):
     a call without a running Ray says so instead of silently starting a private instance."""

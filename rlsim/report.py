@@ -375,16 +375,29 @@ def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None
              "drawn from a simulator is labelled as such.</p>"]
     corr = result.get("fidelity_vs_real_spearman") or {}
     rows = [{"name": m, "spearman": c.get("spearman"), "ci95": None if not c.get("ci95") else
-             f"{c['ci95'][0]:+.2f} .. {c['ci95'][1]:+.2f}"} for m, c in corr.items()]
+             f"{c['ci95'][0]:+.2f} .. {c['ci95'][1]:+.2f}", "sources": ", ".join(c.get("sources") or []),
+             "left_out (coverage)": ", ".join(f"{n} ({v:.3f})" for n, v in
+                                              (c.get("excluded_low_coverage") or {}).items())}
+            for m, c in corr.items()]
     parts.append("<h3>Fidelity vs real performance (Spearman across sources)</h3>"
                  "<p class='note'>Each fidelity measure is signed so that higher means more faithful; the real "
-                 "side is the policy's held-out hit rate; intervals bootstrap the seeds.</p>"
-                 + html_table(rows, ["spearman", "ci95"]))
+                 "side is the policy's held-out hit rate; intervals bootstrap the seeds. A source that answered "
+                 "fewer test pairs than the study's min_fidelity_coverage is left out (its NLL covers only the "
+                 "pairs it answered).</p>"
+                 + html_table(rows, ["spearman", "ci95", "sources", "left_out (coverage)"]))
     fid = result.get("fidelity") or {}
-    parts.append("<h2>Fidelity of each source (test split)</h2>" + html_table(
+    parts.append("<h2>Fidelity of each source (test split)</h2><p class='note'>coverage: answered / asked test "
+                 "pairs; RMSE and NLL are over the answered ones.</p>" + html_table(
         [{"name": n, **f} for n, f in fid.items()],
-        ["method", "rmse", "nll", "tv_sampled", "five_star_share", "real_five_star_share", "like_acc_1to1",
-         "like_acc_1to3", "like_acc_1to9", "session_nll_gain"]))
+        ["method", "coverage", "rmse", "nll", "tv_sampled", "five_star_share", "real_five_star_share",
+         "like_acc_1to1", "like_acc_1to3", "like_acc_1to9", "session_nll_gain"]))
+    acc = result.get("reward_accounting") or {}
+    if acc:
+        parts.append("<h3>Training rewards asked of each source</h3><p class='note'>A failed reward (the source "
+                     "could not answer) earns the user's mean; training stops past policy.max_failed_share.</p>"
+                     + html_table([{"name": n, **a, "failed_by_reason": ", ".join(f"{k}: {v}" for k, v in
+                                                                                 a["failed_by_reason"].items())}
+                                   for n, a in acc.items()], ["asked", "answered", "failed", "failed_by_reason"]))
     img = out / "matrix.png"
     if plot_study(result, img):
         parts.append(f"<h2>Every policy judged by every source, and by real users</h2><img src='{img.name}'>")

@@ -12,6 +12,10 @@ when one runs as a simulator actor):
 4. the answer: Spearman across sources between each fidelity measure (signed so that higher means
    more faithful) and the real hit rate of the policy trained on that source, with a bootstrap
    interval over seeds; the best policy's margin over popularity-first with a t-interval.
+   A source whose fidelity coverage (answered / asked test pairs) is below ``min_fidelity_coverage``
+   is left out of that correlation and named: its NLL/RMSE are over the pairs it happened to
+   answer, not comparable with the others'. ``reward_accounting`` says, per source, how many of
+   its policies' training rewards were answered or failed (by reason).
 
 Ray must be running (the CLI starts it): each policy's simulator lives in a named actor.
 """
@@ -62,6 +66,9 @@ class StudyConfig:
     # When set, also trace the hybrid's curve over these entropy thresholds (0 = persona-only):
     # persona calls saved against real held-out hit rate (OUT/hybrid.json, in the report).
     hybrid_thresholds: list = field(default_factory=list)
+    # Sources whose fidelity coverage (answered / asked test pairs) is below this are left out of the
+    # fidelity-vs-real correlation (their NLL covers only the pairs they answered) and named there.
+    min_fidelity_coverage: float = 1.0
 
     def validate(self) -> "StudyConfig":
         bad = [s for s in self.sources if s not in SOURCES]
@@ -71,6 +78,8 @@ class StudyConfig:
             raise ConfigError("study.sources needs at least two sources to compare")
         if "llm_persona" in self.sources and not self.llm_persona_actor:
             raise ConfigError("study source 'llm_persona' needs study.llm_persona_actor (a running persona simulator)")
+        if not 0.0 <= self.min_fidelity_coverage <= 1.0:
+            raise ConfigError(f"study.min_fidelity_coverage must be in [0, 1], got {self.min_fidelity_coverage}")
         if self.seeds < 1 or self.env_steps < 1:
             raise ConfigError("study.seeds and study.env_steps must be >= 1")
         return self
@@ -108,6 +117,20 @@ def spearman_with_ci(fid: dict[str, float], per_seed: dict[str, list[float]], n_
     return {"spearman": spearman(x, y), "ci95": ci, "sources": names}
 
 
+def fidelity_correlation(fid: dict[str, dict], hit_per_seed: dict[str, list[float]], n_boot: int, seed: int = 0,
+                         min_coverage: float = 1.0) -> dict:
+    """Spearman of each fidelity measure (signed) with the real hit rate, over the sources whose
+    fidelity coverage is at least ``min_coverage``; the others are named with their coverage."""
+    cov = {n: f.get("coverage") for n, f in fid.items()}
+    low = {n: c for n, c in cov.items() if c is not None and c < min_coverage}
+    out = {}
+    for m, sign in MEASURES.items():
+        c = spearman_with_ci({n: sign * fid[n][m] for n in fid if fid[n][m] is not None and n not in low},
+                             hit_per_seed, n_boot, seed)
+        out[m] = {**c, "excluded_low_coverage": low, "min_coverage": min_coverage}
+    return out
+
+
 def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
     """The source's SimulatorSpec. The judging copy of the hybrid never distils: the fidelity
     table and the matrix score every policy with the same, unchanging simulator."""
@@ -119,6 +142,13 @@ def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
         return SimulatorSpec("actor", actor=scfg.llm_persona_actor, namespace=scfg.llm_persona_namespace)
     return SimulatorSpec(name, ckpt if "checkpoint" in entry(name).needs else None,
                          options=hybrid if name == "hybrid" else {})
+
+
+def source_accounting(runs: list[dict]) -> dict:
+    """A source's training rewards over its policies: asked, answered, failed (by reason)."""
+    from rlsim.vector_env import reward_accounting
+
+    return reward_accounting([r["reward_accounting"] for r in runs if "answered" in r.get("reward_accounting", {})])
 
 
 def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], train_table: np.ndarray,
@@ -206,7 +236,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     fid = {}
     for n, sim in sims.items():
         f = fidelity(sim, split.train, split.test, seed=dcfg.seed)
-        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("rmse", "nll", "tv_sampled",
+        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", "rmse", "nll", "tv_sampled",
                   "five_star_share", "real_five_star_share", "like_acc_1to1", "like_acc_1to3", "like_acc_1to9",
                   "session_nll_gain")}}
         log.info("fidelity %s: %s", n, fid[n])
@@ -222,7 +252,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
             run_dir = out / "policies" / f"{n}-seed{seed}"
             pcfg = replace(base, seed=seed)
             tm = train_policy(dcfg, pcfg, specs[n], run_dir, candidates=cands, ccfg=ccfg, sections=sections,
-                              dataset=ds, split=split, progress=False)
+                              dataset=ds, split=split, progress=False, source=n)
             if data is None:  # the env tables are the same for every run (same candidates and training ratings)
                 data = EnvData.load(run_dir / "env_data")
                 tables = {m: score_all(data, sims[m]) for m in sources}
@@ -230,6 +260,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
             res = judge_policy(data, held, load_policy_module(run_dir / "checkpoint"), pcfg.env_history(), tables,
                          tables[n], split.test, scfg.like_threshold, scfg.ndcg_k)
             res.update({"seed": seed, "env_steps": tm["env_steps"], "wall_seconds": tm["wall_seconds"],
+                        "reward_accounting": tm["reward_accounting"],
                         "held_out_users": int(len(held)), "simulator": tm.get("simulator", {}).get("simulator", {})})
             runs[n].append(res)
             bar.update(1)
@@ -248,9 +279,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     reference["popularity"]["ndcg"] = mean_ci([r["ndcg"].get("popularity") for r in first])
     reference["floor"] = {"ndcg": mean_ci([r["ndcg"].get("floor") for r in first])}
     hit_per_seed = {n: [r["real"]["policy"]["hit_rate"] for r in runs[n]] for n in sources}
-    correlation = {m: spearman_with_ci({n: sign * fid[n][m] for n in sources if fid[n][m] is not None},
-                                       hit_per_seed, scfg.bootstrap, dcfg.seed)
-                   for m, sign in MEASURES.items()}
+    correlation = fidelity_correlation(fid, hit_per_seed, scfg.bootstrap, dcfg.seed, scfg.min_fidelity_coverage)
     best = max(sources, key=lambda n: real[n]["hit_rate"]["mean"] or -1)
     margin = mean_ci([r["real"]["policy"]["hit_rate"] - r["real"]["popularity"]["hit_rate"] for r in runs[best]])
     beats = margin["mean"] is not None and margin["mean"] > 0
@@ -259,7 +288,8 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     result = {"dataset": dcfg.dataset, "split": split.name, "sources": sources, "seeds": scfg.seeds,
               "env_steps_per_policy": scfg.env_steps, "iterations_per_policy": base.iterations,
               "held_out_users": first[0]["held_out_users"], "like_threshold": scfg.like_threshold,
-              "fidelity": fid, "matrix": matrix, "real": real, "reference": reference,
+              "fidelity": fid, "reward_accounting": {n: source_accounting(runs[n]) for n in sources},
+              "matrix": matrix, "real": real, "reference": reference,
               "fidelity_vs_real_spearman": correlation,
               "best_source": best, "best_vs_popularity_hit_rate": margin, "best_beats_popularity": beats,
               "best_beats_popularity_with_95pct_confidence": sure, "answer": answer,

@@ -25,15 +25,21 @@ import numpy as np
 
 from rlsim.env import EnvData, make_source, score_all
 from rlsim.errors import ConfigError
-from rlsim.simulators.base import EMPTY, expectation, sample_from
+from rlsim.simulators.base import EMPTY, answered_rows, expectation, sample_from, unanswered_reasons
 
 REWARD_MODES = ("sampled", "expected", "static")
 
 
-def distribution_of(sim, users, items, sessions) -> np.ndarray:
-    """[n, C] probabilities from a simulator; a plain RewardSource (score only) becomes a point mass."""
+def distribution_of(sim, users, items, sessions) -> tuple[np.ndarray, list[str]]:
+    """[n, C] probabilities from a simulator and each row's failure reason ("" when answered): the
+    simulator's own (budget, http_500, ...) when it reports them, else "unanswered" for a NaN row."""
+    if hasattr(sim, "distribution_with_reasons"):
+        p, why = sim.distribution_with_reasons(users, items, sessions)
+        p = np.asarray(p, np.float64)
+        return p, unanswered_reasons(p, why)
     if hasattr(sim, "distribution"):
-        return np.asarray(sim.distribution(users, items, sessions), np.float64)
+        p = np.asarray(sim.distribution(users, items, sessions), np.float64)
+        return p, unanswered_reasons(p)
     raise ConfigError(f"{type(sim).__name__} has no distribution(); reward_mode 'sampled'/'expected' needs a "
                       "simulator (rlsim.simulators)")
 
@@ -92,7 +98,11 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self._sessions = [EMPTY] * N
         self._needs_reset = np.zeros(N, bool)
         self.calls = 0  # simulator requests made (one per step at most)
-        self.failed = 0  # pairs the simulator could not rate (e.g. a persona that never answered)
+        # Every reward asked of the simulator is answered or failed (by the simulator's reason, e.g.
+        # budget): a failed one earns the user's mean (reward 0 when centred), so it must be visible.
+        self.answered = 0
+        self.failed = 0
+        self.failed_by_reason: dict[str, int] = {}
 
     # ------------------------------------------------------------------ users and observations
     def _start_user(self, j: int, fixed: int | None = None) -> None:
@@ -136,12 +146,18 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         d = self.data
         items = d.cand_items[self._u[rows], picks]
         if self.mode == "static":
-            return self.table[self._u[rows], picks]
+            r = self.table[self._u[rows], picks]
+            lost = int(np.isnan(r).sum())  # masked out at reset; counted all the same
+            if lost:
+                self.failed_by_reason["unanswered"] = self.failed_by_reason.get("unanswered", 0) + lost
+            return r
         users = d.user_ids[self._u[rows]]
-        p = distribution_of(self.sim, users, items, [self._sessions[j] for j in rows])
+        p, why = distribution_of(self.sim, users, items, [self._sessions[j] for j in rows])
         self.calls += 1
         out = np.full(len(rows), np.nan)
-        ok = np.isfinite(p).all(1) & (p.sum(1) > 0)
+        ok = answered_rows(p)
+        for w in (w for w, a in zip(why, ok) if not a):
+            self.failed_by_reason[w] = self.failed_by_reason.get(w, 0) + 1
         if ok.any():
             if self.mode == "sampled":
                 out[ok] = sample_from(p[ok], self.scale, self.np_random)
@@ -169,6 +185,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             got = self._ratings(rows, a[valid])
             failed = np.isnan(got)
             self.failed += int(failed.sum())
+            self.answered += int((~failed).sum())
             # No answer (a failed persona call): a neutral reward, the user's own mean, never a guess.
             got[failed] = d.user_mean[self._u[rows[failed]]]
             ratings[valid] = got
@@ -201,8 +218,27 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         infos = {"rating": info_rating, "_rating": ~resetting, "item_id": info_item, "_item_id": ~resetting}
         return self._obs(), rewards, terminated, truncated, infos
 
+    def reward_accounting(self) -> dict:
+        """{asked, answered, failed, failed_by_reason} of the rewards this env asked for."""
+        return reward_accounting([{"answered": self.answered, "failed": self.failed,
+                                   "failed_by_reason": self.failed_by_reason}])
+
     def _leaves(self, j: int) -> bool:
         if self.exit_threshold is None:
             return False
         r = self._sessions[j].ratings[-self.exit_window:]
         return len(r) == self.exit_window and float(np.mean(r)) < float(self.exit_threshold)
+
+
+def reward_accounting(parts: list[dict]) -> dict:
+    """Rewards asked of the simulator by some envs ({answered, failed, failed_by_reason} each), summed,
+    with the failed share."""
+    answered = sum(int(e["answered"]) for e in parts)
+    failed = sum(int(e["failed"]) for e in parts)
+    by: dict[str, int] = {}
+    for e in parts:
+        for k, v in e["failed_by_reason"].items():
+            by[k] = by.get(k, 0) + int(v)
+    asked = answered + failed
+    return {"asked": asked, "answered": answered, "failed": failed, "failed_by_reason": dict(sorted(by.items())),
+            "failed_share": failed / asked if asked else 0.0}

@@ -73,6 +73,12 @@ class FaultConfig:
     answer_text: str | None = None  # fixed content (psych profiles / summaries); None = ratings
     logprobs_supported: bool = True  # honour logprobs/top_logprobs (False: ignore them)
     n_supported: bool = True  # honour n > 1 (False: answer one completion)
+    # Hostile logprobs: a rating token's top_logprobs hold "ratings" (the rating values, as a model's
+    # do), "token" (the chosen token alone) or "junk" (the chosen token and non-numeric tokens only).
+    logprobs_alternatives: str = "ratings"
+    # Anchoring, as a model writing its JSON answer token by token: each movie's distribution after the
+    # first moves one star toward the rating just written before it (so it depends on its neighbours).
+    anchoring: bool = False
 
 
 @dataclass
@@ -253,20 +259,22 @@ class FakeOpenAI:
             elif f.answer_text is not None:
                 content, tokens = f.answer_text, None
             else:
-                values = {}
+                values, shifts, prev = {}, {}, None
                 for i in ids:
-                    dist = rating_distribution(uid, i, shift)
+                    shifts[i] = shift + (anchor_shift(uid, i, shift, prev) if f.anchoring and prev else 0)
+                    dist = rating_distribution(uid, i, shifts[i])
                     if temperature > 0:
                         rng = random.Random(int(hashlib.sha256(f"{uid}:{i}:{c}:{body.get('seed')}:{sha}".encode())
                                                 .hexdigest()[:12], 16))
                         values[i] = 1 + _draw(dist, rng.random())
                     else:
                         values[i] = 1 + max(range(5), key=lambda v: dist[v])
-                content, tokens = rating_answer(values, uid, shift, fault)
+                    prev = values[i]
+                content, tokens = rating_answer(values, uid, shift, fault, shifts)
             choice = {"index": c, "message": {"role": "assistant", "content": content},
                       "finish_reason": "length" if fault == "truncated" else "stop"}
             if want_lp:
-                choice["logprobs"] = {"content": token_logprobs(content, tokens, k)}
+                choice["logprobs"] = {"content": token_logprobs(content, tokens, k, f.logprobs_alternatives)}
             choices.append(choice)
             c_tok += max(1, len(content) // 4)
         p_tok = sum(max(1, len(mm.get("content", "")) // 4) + 4 for mm in msgs) + 2
@@ -436,8 +444,16 @@ def _draw(dist: list[float], u: float) -> int:
     return len(dist) - 1
 
 
-def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str) -> tuple[str, list | None]:
-    """(content, tokens) of a rating answer; tokens are (text, probabilities of 1..5 or None) pairs."""
+def anchor_shift(uid: int, iid: int, shift: int, previous: int) -> int:
+    """One star toward the rating written just before (anchoring), 0 when it is the movie's own mode."""
+    own = min(5, max(1, expected_rating(uid, iid) + shift))
+    return (previous > own) - (previous < own)
+
+
+def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str,
+                  shifts: dict[int, int] | None = None) -> tuple[str, list | None]:
+    """(content, tokens) of a rating answer; tokens are (text, probabilities of 1..5 or None) pairs;
+    ``shifts``: each movie's own shift (anchoring), else ``shift`` for all."""
     ratings = {str(i): v for i, v in values.items()}
     if fault == "wrong_ids":
         ratings = {str(int(i) + 100000): v for i, v in ratings.items()}
@@ -457,7 +473,7 @@ def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str) -> t
     tokens: list = [('{"', None)]
     for n, (key, v) in enumerate(ratings.items()):
         iid = int(key) if int(key) < 100000 else int(key) - 100000
-        dist = rating_distribution(uid, iid, shift) if 1 <= v <= 5 else None
+        dist = rating_distribution(uid, iid, (shifts or {}).get(iid, shift)) if 1 <= v <= 5 else None
         tokens += [(key, None), ('":', None), (f" {v}", dist)]
         tokens.append((', "', None) if n < len(ratings) - 1 else ("}", None))
     if len(tokens) == 1:
@@ -465,9 +481,10 @@ def rating_answer(values: dict[int, int], uid: int, shift: int, fault: str) -> t
     return "".join(t for t, _ in tokens), tokens
 
 
-def token_logprobs(content: str, tokens: list | None, k: int) -> list[dict]:
+def token_logprobs(content: str, tokens: list | None, k: int, alternatives: str = "ratings") -> list[dict]:
     """OpenAI's logprobs.content for an answer: a rating token's top alternatives are the rating
-    values (each with its probability, times 1 - JUNK_P) and one non-rating token."""
+    values (each with its probability, times 1 - JUNK_P) and one non-rating token; with
+    ``alternatives`` "token" the chosen token alone, with "junk" it and non-numeric tokens."""
     if tokens is None:  # not a rating answer: one token per word, each certain
         tokens = [(t, None) for t in re.findall(r"\S+\s*|\s+", content)]
     out = []
@@ -479,8 +496,9 @@ def token_logprobs(content: str, tokens: list | None, k: int) -> list[dict]:
             alts = [(f" {v}", math.log(p * (1 - JUNK_P))) for v, p in zip(range(1, 6), dist)] + \
                 [(' "', math.log(JUNK_P))]
             alts.sort(key=lambda a: -a[1])
-            top = alts
             lp = dict(alts).get(text, math.log(JUNK_P))
+            top = {"ratings": alts, "token": [(text, lp)],
+                   "junk": [(text, lp), (' "', math.log(JUNK_P)), (" five", math.log(JUNK_P / 2))]}[alternatives]
         out.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
                     "top_logprobs": [{"token": t, "logprob": x, "bytes": list(t.encode())}
                                      for t, x in top[:max(0, k)]]})

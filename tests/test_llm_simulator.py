@@ -131,7 +131,7 @@ def test_the_session_reaches_the_server_and_moves_the_answer(server, tmp_path):
 
 
 def test_a_pair_is_asked_once_whatever_prompt_it_came_in(server):
-    sim = make_sim(server, method="logprobs")
+    sim = make_sim(server, method="logprobs", movies_per_prompt=10)
     s = low(3)
     first = sim.distribution(np.array([1, 1]), np.array([5, 6]), [s, s])
     second = sim.distribution(np.array([1, 1]), np.array([5, 7]), [s, s])  # 5 again, beside another movie
@@ -157,7 +157,7 @@ def test_concurrent_calls_share_a_pair_in_flight(server):
 
 
 def test_pairs_of_one_user_and_session_share_a_prompt(server):
-    sim = make_sim(server, method="logprobs")
+    sim = make_sim(server, method="logprobs", movies_per_prompt=10)
     s = low(3)
     users = np.array([1, 1, 1, 1, 2])
     items = np.array([5, 6, 5, 7, 5])
@@ -165,6 +165,29 @@ def test_pairs_of_one_user_and_session_share_a_prompt(server):
     assert np.isfinite(p).all()
     assert sorted(sorted(r.item_ids) for r in server.log) == [[5], [5, 6], [7]]
     assert np.allclose(p[0], p[2]) and sim.stats()["repeated_in_call"] == 1
+
+
+def test_one_movie_per_prompt_by_default(server):
+    sim = make_sim(server, method="logprobs")
+    s = low(3)
+    p = sim.distribution(np.array([1, 1, 1, 1, 2]), np.array([5, 6, 5, 7, 5]), [s, s, s, Session(), s])
+    assert np.isfinite(p).all() and sorted(r.item_ids for r in server.log) == [[5], [5], [6], [7]]
+    assert sim.stats()["prompts"] == 4 and sim.describe()["movies_per_prompt"] == 1
+
+
+@pytest.mark.parametrize("method", ["logprobs", "samples"])
+def test_a_distribution_does_not_depend_on_the_movies_asked_beside_it(server, method):
+    """The server anchors each movie's answer on the one written before it (as a model writing JSON
+    does): the same (user, session, movie) asked alone, after another movie, or before one, in
+    fresh simulators, gets the identical distribution."""
+    server.set_faults(anchoring=True)
+    s = low(3)
+    kw = {"method": method, "samples": 50}
+    alone = make_sim(server, **kw).distribution(np.array([1]), np.array([12]), [s])[0]
+    after = make_sim(server, **kw).distribution(np.array([1, 1]), np.array([11, 12]), [s, s])[1]
+    before = make_sim(server, **kw).distribution(np.array([1, 1]), np.array([12, 13]), [s, s])[0]
+    assert np.array_equal(alone, after) and np.array_equal(alone, before)
+    assert alone.argmax() == expected_rating(1, 12) - 2  # its own answer: 5, one star down for the session
 
 
 # ---------------------------------------------------------------- where the distribution comes from
@@ -179,6 +202,7 @@ def test_logprobs_distribution_equals_the_server_token_probabilities(server):
     assert np.allclose(p, want, atol=1e-9)  # the junk alternative is dropped, the rest renormalised
     d = sim.describe()
     assert d["method"] == "logprobs" and d["probe"]["chose"] == "logprobs" and d["top_logprobs"] == 10
+    assert d["answered_by_method"] == {"logprobs": 4}
     assert all(r.logprobs for r in server.log)
     assert SECRET not in json.dumps(d)
 
@@ -187,11 +211,49 @@ def test_logprob_parser_reads_the_rating_token():
     lp = math.log
     tokens = [['{"', 0.0, []], ["12", 0.0, []], ['":', 0.0, []],
               [" 4", lp(0.6), [[" 4", lp(0.6)], [" 5", lp(0.3)], ['"', lp(0.05)], ["3", lp(0.05)]]],
-              [', "', 0.0, []], ["13", 0.0, []], ['":', 0.0, []], ["2", 0.0, []], ["}", 0.0, []]]
-    dists, why = logprob_distributions(tokens, [12, 13, 14], SCALE)
+              [', "', 0.0, []], ["13", 0.0, []], ['":', 0.0, []], ["2", 0.0, []], [', "', 0.0, []],
+              ["15", 0.0, []], ['":', 0.0, []], [" 3", lp(0.9), [[" 3", lp(0.9)], ['"', lp(0.1)]]], ["}", 0.0, []]]
+    dists, why = logprob_distributions(tokens, [12, 13, 14, 15], SCALE)
     assert np.allclose(dists[12], [0, 0, 0.05 / 0.95, 0.6 / 0.95, 0.3 / 0.95])
-    assert np.allclose(dists[13], [0, 1, 0, 0, 0])  # no alternatives: the token itself, certain
-    assert why == {14: "no_logprobs"}
+    # No alternatives, or one rating value among them: an answer, not a distribution (never one-hot).
+    assert set(dists) == {12}
+    assert why == {13: "point_mass_logprobs", 14: "no_logprobs", 15: "point_mass_logprobs"}
+
+
+@pytest.mark.parametrize("alternatives", ["token", "junk"])
+def test_logprobs_without_rating_alternatives_fall_back_to_samples(server, alternatives):
+    """A server whose rating tokens carry no numeric alternatives: those rows come from n samples,
+    and stats say how many rows each method gave."""
+    server.set_faults(logprobs_alternatives=alternatives)
+    sim = make_sim(server, method="logprobs", samples=200)
+    users, items = np.array([1, 2, 3]), np.array([10, 11, 12])
+    p = sim.distribution(users, items)
+    assert np.isfinite(p).all() and (np.sort(p, 1)[:, -2] > 0).all()  # no row is a point mass
+    for row, (u, i) in zip(p, zip(users, items)):
+        assert 0.5 * np.abs(row - rating_distribution(u, i)).sum() < 0.15
+    st = sim.stats()
+    assert st["answered_by_method"] == {"samples": 3} and st["failed"] == 0
+    # Per prompt (one per user): the logprobs answer, then one samples request, no retries.
+    assert sorted(r.n_choices for r in server.log) == [1, 1, 1, 200, 200, 200]
+    assert_accounted(sim)
+
+
+def test_logprobs_without_alternatives_and_no_samples_fail_with_a_reason(server):
+    server.set_faults(logprobs_alternatives="token", n_supported=False)
+    sim = make_sim(server, method="logprobs")
+    p = sim.distribution(np.array([1, 2]), np.array([10, 11]))
+    assert np.isnan(p).all()
+    st = sim.stats()
+    assert st["failed_by_reason"] == {"point_mass_logprobs": 2} and st["answered_by_method"] == {}
+    assert_accounted(sim)
+
+
+def test_the_probe_does_not_take_point_mass_logprobs(server):
+    server.set_faults(logprobs_alternatives="junk")
+    sim = make_sim(server, samples=50)
+    p = sim.distribution(np.array([1]), np.array([10]))
+    assert sim.describe()["method"] == "samples" and np.isfinite(p).all()
+    assert sim.stats()["answered_by_method"] == {"samples": 1}
 
 
 def test_samples_give_a_smoothed_histogram(server):
@@ -277,7 +339,7 @@ def test_permanent_errors_are_not_retried(server):
 
 def test_partial_answers_are_asked_again_for_the_rest(server):
     server.set_faults(p_missing=1.0)  # every answer drops its first movie
-    sim = make_sim(server, persona=pcfg(max_retries=5), method="logprobs")
+    sim = make_sim(server, persona=pcfg(max_retries=5), method="logprobs", movies_per_prompt=10)
     p = sim.distribution(np.array([1, 1, 1]), np.array([10, 11, 12]))
     assert np.isfinite(p).all() and [len(r.item_ids) for r in server.log] == [3, 1]
 
@@ -380,7 +442,8 @@ def test_simulator_actor_batches_callers_under_the_cluster_limiter(ray_local, sp
     users = np.sort(split.train["user_id"].unique())[:8]
     with FakeOpenAI(FaultConfig(latency_s=0.05, rpm_limit=1200, burst=3)) as srv:
         cfg = pcfg(rpm=1200, k_similar=0, cache=False, max_retries=6, base_url=srv.base_url)
-        handle = start_llm_persona_actor("llm-sim-test", ds, split.train, cfg, SECRET, {"method": "logprobs"},
+        handle = start_llm_persona_actor("llm-sim-test", ds, split.train, cfg, SECRET,
+                                         {"method": "logprobs", "movies_per_prompt": 10},
                                          cache_dir=str(cache_root), max_wait_s=2.0)
         gate = barrier(ray, 4)
 
@@ -454,6 +517,9 @@ def test_policy_train_and_evaluate_with_reward_llm_persona(tmp_path, data_root, 
         sim = tm["simulator"]["simulator"]
         assert sim["method"] == "logprobs" and sim["name"] == "llm_persona"
         assert sim["requested"] == sim["answered"] >= 64 and sim["failed"] == 0
+        acc = tm["reward_accounting"]  # what the env runners' envs asked of the persona, by outcome
+        assert acc["source"] == "llm_persona" and acc["failed"] == 0 and acc["failed_by_reason"] == {}
+        assert acc["answered"] == acc["asked"] >= 64 and acc["max_failed_share"] == 0.05
         assert sim["summary_updates"] > 0
         assert any("In this session you were shown" in r.messages_text for r in srv.log)
         assert main(["policy", "evaluate", *data, "--config", str(cfg), "--run", str(run), "--out",
@@ -527,6 +593,36 @@ def test_fidelity_runs_on_the_llm_persona(server):
     assert mi["coverage"] == 1.0 and np.isfinite(mi["nll"]) and 0 <= ma["tv_sampled"] <= 1
 
 
+def test_failure_reasons_reach_the_caller_and_fidelity_reports_coverage(server):
+    """Past its budget the persona's NaN rows carry the reason ("budget") through the batching body
+    (what the env counts), and fidelity's NLL comes with the coverage it was computed on."""
+    from rlsim.simulators.actor import BatchingSimulator
+    from rlsim.simulators.fidelity import micro
+
+    sim = make_sim(server, method="logprobs", budget=0.0005)
+    body = BatchingSimulator(sim, max_wait_s=0.0)
+
+    async def ask():
+        try:
+            return await body.distribution_with_reasons(np.arange(1, 21), np.full(20, 10), [low(3)] * 20)
+        finally:
+            await sim.engine.aclose()
+
+    p, why = asyncio.run(ask())
+    failed = np.isnan(p).all(1)
+    assert 0 < failed.sum() < 20 and why == ["budget" if f else "" for f in failed]
+    train, _ = frames()
+    test = train.groupby("user_id").head(2)
+    mi = micro(make_sim(server, method="logprobs", budget=0.0005), test)
+    assert mi["asked"] == len(test) and 0 < mi["answered"] < len(test)
+    assert mi["coverage"] == pytest.approx(mi["answered"] / mi["asked"]) and np.isfinite(mi["nll"])
+    from rlsim.simulators.fidelity import session_gain
+
+    test = train.assign(timestamp=np.arange(len(train))).groupby("user_id").head(4)
+    se = session_gain(make_sim(server, method="logprobs", budget=0.001), test)
+    assert 0 < se["coverage"] < 1 and np.isfinite(se["session_nll_gain"])  # over the pairs answered both ways
+
+
 # ---------------------------------------------------------------- throughput in the loop (slow)
 
 @pytest.mark.slow
@@ -568,4 +664,7 @@ def test_the_study_starts_and_stops_its_llm_persona(tmp_path, data_root, cache_r
     r = json.loads((out / "study.json").read_text())
     assert r["sources"] == ["bias", "mf", "llm_persona"] and r["fidelity"]["llm_persona"]["method"] == "logprobs"
     assert r["runs"]["llm_persona"][0]["env_steps"] >= 128 and n > 0
+    acc = r["reward_accounting"]["llm_persona"]
+    assert acc["answered"] == acc["asked"] >= 128 and acc["failed"] == 0
+    assert r["fidelity"]["llm_persona"]["coverage"] == 1
     assert SECRET.encode() not in (out / "study.json").read_bytes()

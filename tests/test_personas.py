@@ -747,3 +747,49 @@ def test_a_gated_backend_spends_through_the_jobs_budget_ledger_and_journal(serve
     ledger = json.loads((tmp_path / "job" / "spend.json").read_text())  # what a resume starts from
     assert ledger["spent_usd"] == pytest.approx(_spent_at(server)) and ledger["reserved_usd"] == 0.0
     assert 0 < s["rated"] < 20 and s["rated"] * 2 <= len(log)
+
+
+def test_resume_identity_holds_the_prompt_templates(server, tmp_path, monkeypatch):
+    """A rerun with changed rating templates is another job: its answers would not match the folder's."""
+    from rlsim.errors import ConfigError
+    from rlsim.personas import prompts
+
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    units = make_units(2, 3, 3)
+    run_rating_job(units, tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False)
+    same = run_rating_job(units, tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False)
+    assert same["resumed"] == 1
+    monkeypatch.setattr(prompts, "SYSTEM", prompts.SYSTEM + " Be brief.")
+    with pytest.raises(ConfigError, match="prompts_sha256 differ"):
+        run_rating_job(units, tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False)
+
+
+def test_resume_identity_holds_the_text_model(server, tmp_path):
+    from rlsim.config import DataConfig
+    from rlsim.errors import ConfigError
+    from rlsim.personas.run import job_context
+
+    split = type("S", (), {"name": "u1", "test": pd.DataFrame({"user_id": [1], "item_id": [2]})})()
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    units = make_units(2, 3, 3)
+    ctx = job_context(DataConfig(text_model="model-a"), split, cfg_for())
+    assert ctx["text_model"] == "model-a"
+    assert "text_model" not in job_context(DataConfig(text_model="model-a"), split, cfg_for(k_similar=0))
+    run_rating_job(units, tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False, context=ctx)
+    other = job_context(DataConfig(text_model="model-b"), split, cfg_for())
+    with pytest.raises(ConfigError, match="text_model differ"):
+        run_rating_job(units, tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False, context=other)
+
+
+def test_an_older_manifest_without_the_new_identity_keys_is_refused_as_older(server, tmp_path):
+    from rlsim.errors import ConfigError
+
+    spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
+    units = make_units(2, 3, 3)
+    run_rating_job(units, tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False)
+    p = tmp_path / "job" / "manifest.json"
+    m = json.loads(p.read_text())
+    del m["identity"]["prompts_sha256"]  # as written before the templates were part of the identity
+    p.write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match="older rlsim"):
+        run_rating_job(units, tmp_path / "job", spec, cfg_for(), None, use_ray=False, progress=False)

@@ -144,3 +144,69 @@ def test_evaluate_sessions_hand_built():
     assert s["policy"]["mean_reward"] == pytest.approx(((2 + 5) / 2 + (4 + 1) / 2) / 2)
     assert s["simulator_oracle"]["mean_reward"] == pytest.approx(((5 + 3) / 2 + (4 + 1) / 2) / 2)
     assert s["random"]["mean_reward"] == pytest.approx((10 / 3 + 2.5) / 2)
+
+
+class HalfBudget:
+    """MF's distributions, but the persona's budget ran out for a seeded half of the pairs."""
+
+    def __init__(self, inner):
+        self.inner, self.scale = inner, inner.scale
+
+    def distribution_with_reasons(self, users, items, sessions=None):
+        p = np.array(self.inner.distribution(users, items, sessions), np.float64)
+        lost = (np.asarray(users) + np.asarray(items)) % 2 == 0
+        p[lost] = np.nan
+        return p, ["budget" if x else "" for x in lost]
+
+    def distribution(self, users, items, sessions=None):
+        return self.distribution_with_reasons(users, items, sessions)[0]
+
+
+def test_training_stops_when_too_many_rewards_failed(ml100k, tmp_path):
+    import json
+
+    from rlsim.candidates import CandidatesConfig, build_candidates
+    from rlsim.data import make_split
+    from rlsim.env import build_env_data
+    from rlsim.errors import RewardFailed
+    from rlsim.policy.config import PolicyConfig
+    from rlsim.policy.train import env_config, train_ppo
+    from rlsim.simulators.point import baseline_simulator
+    from tests.ray_local import private_ray
+
+    split = make_split(ml100k, "u1")
+    emb = np.random.default_rng(0).normal(size=(len(ml100k.items), 16)).astype(np.float32)
+    cands = build_candidates(split.train, ml100k.items, emb, CandidatesConfig(k=6))
+    data = build_env_data(split.train, ml100k.items, cands, emb, ml100k.scale, dims=8)
+    sim = HalfBudget(baseline_simulator("mf", split.train, ml100k.scale))
+    cfg = PolicyConfig(iterations=3, train_batch_size=64, minibatch_size=32, num_epochs=1, num_envs_per_env_runner=8,
+                       users_per_episode=8, hidden=8)
+    with private_ray("rlsim-rf-"):
+        with pytest.raises(RewardFailed, match=r"rewards from mf failed .*budget: \d+.*max_failed_share 0.05"):
+            train_ppo(data, cfg, tmp_path / "a", env_cfg=env_config(data, cfg, source=sim), source="mf")
+        tm = json.loads((tmp_path / "a" / "train_metrics.json").read_text())
+        acc = tm["reward_accounting"]
+        assert tm["stopped"]["iteration"] == 1 and "budget" in tm["stopped"]["reason"]
+        assert acc["asked"] == acc["answered"] + acc["failed"] >= 64
+        assert acc["failed_by_reason"] == {"budget": acc["failed"]}
+        assert 0.3 < acc["failed_share"] < 0.7
+        # Allowed explicitly: it trains, and the accounting is in train_metrics.json all the same.
+        loose = PolicyConfig(**{**vars(cfg), "iterations": 1, "max_failed_share": 1.0})
+        m = train_ppo(data, loose, tmp_path / "b", env_cfg=env_config(data, loose, source=sim), source="mf")
+    assert m["reward_accounting"]["failed"] > 0 and m["reward_accounting"]["source"] == "mf"
+    written = json.loads((tmp_path / "b" / "train_metrics.json").read_text())
+    assert written["reward_accounting"] == m["reward_accounting"]
+
+
+def test_max_failed_share_is_checked():
+    from rlsim.errors import ConfigError
+    from rlsim.policy.config import PolicyConfig
+    from rlsim.policy.train import check_failed_share
+
+    with pytest.raises(ConfigError, match="max_failed_share"):
+        PolicyConfig(max_failed_share=1.5).validate()
+    acc = {"asked": 100, "answered": 95, "failed": 5, "failed_by_reason": {"http_500": 1, "budget": 4},
+           "failed_share": 0.05}
+    assert check_failed_share(acc, 0.05, "llm_persona") is None  # at the limit: allowed
+    msg = check_failed_share({**acc, "failed": 6, "failed_share": 0.06}, 0.05, "llm_persona")
+    assert "\n" not in msg and "budget: 4, http_500: 1" in msg and "llm_persona" in msg

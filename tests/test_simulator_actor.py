@@ -97,3 +97,49 @@ def test_actor_serves_many_clients(tmp_path):
         with pytest.raises(ConfigError):
             SimulatorClient("nobody").handle
         ray.kill(handle)
+
+
+class Flaky(Toy):
+    """Fails (NaN rows) on its first call, as a persona behind a transient outage; answers after."""
+
+    def distribution(self, users, items, sessions=None):
+        p = super().distribution(users, items, sessions)
+        if self.calls == 1:
+            p[:] = np.nan
+        return p
+
+
+def test_a_failed_answer_is_asked_again_not_memoised():
+    body = BatchingSimulator(Flaky(), max_wait_s=0.0)
+    first = asyncio.run(body.score(np.array([1, 2]), np.array([3, 4])))
+    assert np.isnan(first).all()
+    second = asyncio.run(body.score(np.array([1, 2]), np.array([3, 4])))
+    assert body.sim.calls == 2 and np.allclose(second, [1 + (1 + 3) % 5, 1 + (2 + 4) % 5])
+    asyncio.run(body.score(np.array([1, 2]), np.array([3, 4])))
+    assert body.sim.calls == 2  # answered pairs stay memoised
+
+
+def test_a_transient_llm_failure_is_asked_again(tmp_path):
+    """The LLM persona behind the batching body: a 500 on the first request (no retries left), an
+    answer to the second request for the same pair (no cache entry, no memo of the failure)."""
+    from rlsim.personas.cache import ResponseCache
+    from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
+    from tests.test_llm_simulator import make_sim, pcfg
+
+    with FakeOpenAI(FaultConfig(p_500=1.0)) as srv:
+        sim = make_sim(srv, cache=ResponseCache(tmp_path / "c.sqlite"), persona=pcfg(max_retries=0),
+                       method="logprobs")
+        body = BatchingSimulator(sim, max_wait_s=0.0)
+
+        async def twice():
+            try:
+                a = await body.score(np.array([1]), np.array([10]))
+                srv.set_faults(p_500=0.0)
+                return a, await body.score(np.array([1]), np.array([10]))
+            finally:
+                await sim.engine.aclose()
+
+        a, b = asyncio.run(twice())
+    assert np.isnan(a).all() and abs(b[0] - expected_rating(1, 10)) < 1.0
+    st = sim.stats()
+    assert st["failed_by_reason"] == {"http_500": 1} and st["answered"] == 1 and st["requested"] == 2

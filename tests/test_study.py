@@ -62,6 +62,10 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     pops = {n: [x["real"]["popularity"]["hit_rate"] for x in r["runs"][n]] for n in sources}
     assert all(v == pops["bias"] for v in pops.values())
     assert set(r["fidelity_vs_real_spearman"]) == {"nll", "rmse", "tv_sampled", "like_acc_1to9"}
+    # Every source answered every test pair and every training reward its policies asked for.
+    assert all(r["fidelity"][n]["coverage"] == 1.0 for n in sources)
+    assert all(r["reward_accounting"][n]["answered"] == r["reward_accounting"][n]["asked"] >= 1000 for n in sources)
+    assert r["fidelity_vs_real_spearman"]["nll"]["excluded_low_coverage"] == {}
     assert r["fidelity_vs_real_spearman"]["nll"]["spearman"] is not None
     assert "popularity-first" in r["answer"]
     assert (out / "matrix.png").stat().st_size > 5000
@@ -94,3 +98,47 @@ def test_hybrid_curve_counts_persona_calls_against_persona_only(tmp_path, data_r
     html = write_study_report({"dataset": "ml-100k", "split": "u1", "answer": "-", "sources": []}, tmp_path,
                               hybrid=r).read_text()
     assert "Hybrid reward: persona calls saved" in html and (tmp_path / "hybrid.png").stat().st_size > 5000
+
+
+def test_the_correlation_leaves_out_sources_with_low_fidelity_coverage():
+    from rlsim.study import fidelity_correlation
+
+    def f(nll, coverage):
+        return {"nll": nll, "rmse": nll, "tv_sampled": nll, "like_acc_1to9": -nll, "coverage": coverage}
+
+    # llm_persona answered half the test pairs: its NLL (the best) is over the pairs it happened to answer.
+    fid = {"a": f(1.0, 1.0), "b": f(2.0, 1.0), "c": f(3.0, 1.0), "llm_persona": f(0.1, 0.5)}
+    hits = {"a": [0.3, 0.3], "b": [0.2, 0.2], "c": [0.1, 0.1], "llm_persona": [0.0, 0.0]}
+    r = fidelity_correlation(fid, hits, n_boot=50)
+    assert r["nll"]["sources"] == ["a", "b", "c"] and r["nll"]["excluded_low_coverage"] == {"llm_persona": 0.5}
+    assert r["nll"]["spearman"] == pytest.approx(1.0)
+    kept = fidelity_correlation(fid, hits, n_boot=50, min_coverage=0.5)  # explicitly allowed
+    assert kept["nll"]["sources"] == ["a", "b", "c", "llm_persona"] and kept["nll"]["spearman"] < 1.0
+    with pytest.raises(ConfigError, match="min_fidelity_coverage"):
+        StudyConfig(min_fidelity_coverage=2.0).validate()
+
+
+def test_each_source_reports_its_training_rewards():
+    from rlsim.study import source_accounting
+
+    runs = [{"reward_accounting": {"source": "llm_persona", "asked": 10, "answered": 9, "failed": 1,
+                                   "failed_by_reason": {"budget": 1}, "failed_share": 0.1}},
+            {"reward_accounting": {"source": "llm_persona", "asked": 10, "answered": 8, "failed": 2,
+                                   "failed_by_reason": {"budget": 1, "http_500": 1}, "failed_share": 0.2}}]
+    acc = source_accounting(runs)
+    assert acc == {"asked": 20, "answered": 17, "failed": 3, "failed_by_reason": {"budget": 2, "http_500": 1},
+                   "failed_share": 0.15}
+
+
+def test_the_study_report_says_coverage_and_failures(tmp_path):
+    from rlsim.report import write_study_report
+
+    result = {"dataset": "ml-100k", "split": "u1", "answer": "-", "sources": ["mf", "llm_persona"],
+              "fidelity": {"mf": {"method": "ordinal noise", "coverage": 1.0, "nll": 1.3},
+                           "llm_persona": {"method": "logprobs", "coverage": 0.5, "nll": 1.1}},
+              "fidelity_vs_real_spearman": {"nll": {"spearman": None, "sources": ["mf"],
+                                                    "excluded_low_coverage": {"llm_persona": 0.5}}},
+              "reward_accounting": {"llm_persona": {"asked": 20, "answered": 17, "failed": 3,
+                                                    "failed_by_reason": {"budget": 2, "http_500": 1}}}}
+    html = write_study_report(result, tmp_path).read_text()
+    assert "llm_persona (0.500)" in html and "budget: 2, http_500: 1" in html and "<th>coverage</th>" in html

@@ -134,3 +134,40 @@ def test_gymnasium_vector_entry_point(parts):
     obs, _ = env.reset(seed=0)
     assert env.num_envs == 4 and obs["action_mask"].shape == (4, data.k)
     assert env.observation_space.contains(obs)
+
+
+class Failing(Recording):
+    """Fails every other pair of each request, with the simulator's reason (as the LLM persona does)."""
+
+    def distribution_with_reasons(self, users, items, sessions=None):
+        p = np.array(self.distribution(users, items, sessions), np.float64)
+        why = ["" if j % 2 else "budget" for j in range(len(p))]
+        p[[j for j, w in enumerate(why) if w]] = np.nan
+        return p, why
+
+
+def test_failed_rewards_are_counted_by_the_simulators_reason(parts):
+    data, sim = parts
+    env = SessionVectorEnv({"data": data, "source": Failing(sim), "num_envs": 6, "horizon": 2})
+    obs, _ = env.reset(seed=0)
+    for _ in range(2):
+        obs, r, *_ = env.step(first_valid(obs))
+    acc = env.reward_accounting()
+    assert acc == {"asked": 12, "answered": 6, "failed": 6, "failed_by_reason": {"budget": 6},
+                   "failed_share": 0.5}
+
+
+def test_a_nan_without_a_reason_is_counted_as_unanswered(parts):
+    data, sim = parts
+
+    class Silent(Recording):
+        def distribution(self, users, items, sessions=None):
+            p = np.array(self.inner.distribution(users, items, sessions), np.float64)
+            p[0] = np.nan
+            return p
+
+    env = SessionVectorEnv({"data": data, "source": Silent(sim), "num_envs": 4, "horizon": 1})
+    obs, _ = env.reset(seed=0)
+    env.step(first_valid(obs))
+    acc = env.reward_accounting()
+    assert acc["answered"] == 3 and acc["failed"] == 1 and acc["failed_by_reason"] == {"unanswered": 1}

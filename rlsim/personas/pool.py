@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ["user_id", "item_id", "rating", "raw", "status", "reason", "attempts", "repaired", "source"]
 PROFILE_COMPLETION_ESTIMATE = 300  # tokens reserved for a psych profile or a Lusifer summary
+IDENTITY_ADDED = ("prompts_sha256", "text_model")  # identity keys later rlsim versions added
 JOB_FORMAT = 2  # bumped when the job folder's layout changes (older folders are refused)
 
 
@@ -743,9 +744,11 @@ class ShardWriter:
 
 def job_identity(spec: BackendSpec, cfg: PersonaConfig, context: dict | None = None) -> dict:
     """What must match for a rerun into the same folder to resume (never the key, budget or limits)."""
+    from rlsim.personas.prompts import rating_prompts_sha256
+
     ident = {"format": JOB_FORMAT, **spec.cache_identity(), "batch_size": cfg.batch_size,
              "k_similar": cfg.k_similar, "profile": cfg.profile, "temperature": cfg.temperature,
-             "max_output_tokens": cfg.max_output_tokens, "seed": cfg.seed}
+             "max_output_tokens": cfg.max_output_tokens, "seed": cfg.seed, "prompts_sha256": rating_prompts_sha256()}
     if spec.kind == "offline":
         ident = {"format": JOB_FORMAT, "backend": "offline", "offline": dict(vars(cfg.offline))}
     return {**ident, **(context or {})}
@@ -760,8 +763,12 @@ def load_manifest(out_dir: Path, plan: dict[str, str], identity: dict) -> dict:
         m["plan"] = {s: plan_entry(v) if isinstance(v, list) else v for s, v in (m.get("plan") or {}).items()}
         if m.get("plan") != plan or old != identity:
             keys = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            # A folder from before the prompts digest / text model were part of the identity cannot
+            # show they match: refused like any other older job, saying so.
+            older = "format" in keys or any(k in IDENTITY_ADDED and k not in old for k in keys)
             what = ("the pairs (users or items) differ" if m.get("plan") != plan else
-                    "format" in keys and "it was written by an older rlsim" or f"{', '.join(keys)} differ")
+                    older and f"it was written by an older rlsim ({', '.join(keys)} differ)"
+                    or f"{', '.join(keys)} differ")
             raise ConfigError(f"{out_dir} holds a different rating job ({what}); use a new --out folder")
         m["resumed"] = m.get("resumed", 0) + 1
         return m

@@ -287,6 +287,19 @@ LESSONS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "lessons", "str
     "properties": {"lessons": {"type": "array", "items": {"type": "string"}}}, "required": ["lessons"]}}}
 
 
+def rating_prompts_sha256() -> str:
+    """A hash of the rating prompts (with and without a session) and their schema as rendered on fixed
+    inputs: it changes whenever a template does, so a rating job's resume identity sees the change."""
+    import hashlib
+
+    sc = RatingScale(1.0, 5.0, 1.0)
+    it = {"item_id": 1, "title": "A", "year": 2000, "genres": "Drama"}
+    blob = json.dumps([rating_messages(1, "p", [it], {1: [("B", 4.0)]}, sc),
+                       session_rating_messages(1, "p", [it], {}, sc, [("B", 4.0)], "s"),
+                       rating_schema([1], sc), rating_schema([1], RatingScale(0.5, 5.0, 0.5))], sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
 def align_prompts_sha256() -> str:
     """A hash of the alignment prompts as rendered on fixed inputs: it changes whenever a template does."""
     import hashlib

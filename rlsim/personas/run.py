@@ -54,6 +54,15 @@ def split_fingerprint(split) -> str:
     return hashlib.sha256(np.ascontiguousarray(t.to_numpy()).tobytes()).hexdigest()
 
 
+def job_context(data_cfg: DataConfig, split, cfg: PersonaConfig) -> dict:
+    """What identifies a rating job beside the backend (rlsim.personas.pool.job_identity): the data, and
+    the text model whose vectors choose each prompt's grounding movies (the offline persona's too)."""
+    context = {"dataset": data_cfg.dataset, "split": split.name, "split_fingerprint": split_fingerprint(split)}
+    if cfg.backend == "offline" or cfg.k_similar > 0:
+        context["text_model"] = data_cfg.text_model
+    return context
+
+
 def sample_users(ids: Iterable, n: int | Iterable[int] | None, seed: int) -> np.ndarray:
     """All of ``ids`` (n=None), a seeded sample of n of them, or the given ids that are among them."""
     ids = np.array(sorted(set(int(x) for x in ids)), dtype=np.int64)
@@ -174,7 +183,7 @@ def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.D
 
     spec = backend_spec(cfg, api_key)
     users = np.sort(pairs["user_id"].unique())
-    context = {"dataset": data_cfg.dataset, "split": split.name, "split_fingerprint": split_fingerprint(split)}
+    context = job_context(data_cfg, split, cfg)
     if not dry_run:
         check_backend(spec)  # before the embeddings: a broken install (TinyTroupe) is one ConfigError
     vectors = None if dry_run and cfg.backend == "offline" else _vectors(ds, data_cfg)

@@ -49,6 +49,10 @@ class PolicyConfig:
     num_learners: int = 0
     num_gpus_per_learner: float = 0.0
     seed: int = 0
+    # A failed reward (the simulator could not answer: budget, errors) earns the user's mean, so a
+    # policy trained on many of them learns from zeros: training stops once the failed share of the
+    # rewards asked so far exceeds this (checked after every iteration; 1.0 = never stop).
+    max_failed_share: float = 0.05
 
     def validate(self) -> "PolicyConfig":
         if self.horizon < 1:
@@ -65,6 +69,8 @@ class PolicyConfig:
             raise ConfigError("policy.num_env_runners, num_learners and num_gpus_per_learner must be >= 0")
         if self.exit_window < 1:
             raise ConfigError("policy.exit_window must be >= 1")
+        if not 0.0 <= self.max_failed_share <= 1.0:
+            raise ConfigError(f"policy.max_failed_share must be in [0, 1], got {self.max_failed_share}")
         if self.minibatch_size > self.train_batch_size:
             raise ConfigError("policy.minibatch_size must not exceed policy.train_batch_size")
         return self

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.config import DataConfig, from_dict, to_dict
-from rlsim.errors import ConfigError, DataError
+from rlsim.errors import ConfigError, DataError, RewardFailed
 from rlsim.io import read_json, write_json, write_parquet
 from rlsim.policy.config import PolicyConfig
 from rlsim.simulators.factory import SimulatorSpec, local_simulator, simulator_factory
@@ -60,12 +60,13 @@ def _candidates(dcfg: DataConfig, ds, split, candidates, ccfg, out: Path) -> pd.
 def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out: str | Path, *,
                  candidates: pd.DataFrame | None = None, ccfg=None, sections: dict | None = None,
                  dataset=None, split=None, progress: bool = True, persona_cfg=None,
-                 api_key: str | None = None) -> dict:
+                 api_key: str | None = None, source: str | None = None) -> dict:
     """Train PPO on the training users against the simulator ``spec``; writes OUT/{env_data/,
     checkpoint/, train_metrics.json, run.json} and returns the training metrics.
 
     ``persona_cfg`` (default: the `personas:` section) and ``api_key`` reach an LLM persona
-    simulator (``spec.kind == "llm_persona"``); the key is never written."""
+    simulator (``spec.kind == "llm_persona"``); the key is never written. ``source`` names the reward
+    source in the reward accounting and its errors (default: the spec's label)."""
     import ray
 
     from rlsim.data import load_split
@@ -104,7 +105,14 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
         actor = start_simulator_actor(name, factory)
     try:
         ecfg = env_config(data, pcfg, simulator_actor=name, namespace=namespace, user_rows=train_rows)
-        metrics = train_ppo(data, pcfg, out, env_cfg=ecfg, progress=progress)
+        try:
+            metrics = train_ppo(data, pcfg, out, env_cfg=ecfg, progress=progress,
+                                source=source or spec.label())
+        except RewardFailed as exc:  # recorded with the simulator's own view before it stops
+            if actor is not None:
+                exc.metrics["simulator"] = ray.get(actor.stats.remote())
+                write_json(out / "train_metrics.json", exc.metrics)
+            raise
         if actor is not None:
             metrics["simulator"] = ray.get(actor.stats.remote())
     finally:

@@ -85,6 +85,29 @@ def iteration_summary(i: int, result: dict, seconds: float) -> dict[str, Any]:
     }
 
 
+def env_reward_accounting(algo) -> dict:
+    """The rewards every env runner's envs asked of the simulator: answered, failed, failed by reason."""
+    from rlsim.vector_env import reward_accounting
+
+    def one(runner):
+        env = getattr(runner, "env", None)
+        env = getattr(env, "unwrapped", env)
+        return env.reward_accounting() if hasattr(env, "reward_accounting") else None
+
+    return reward_accounting([a for a in algo.env_runner_group.foreach_env_runner(one, local_env_runner=True)
+                              if a is not None])
+
+
+def check_failed_share(acc: dict, limit: float, source: str) -> str | None:
+    """A one-line reason to stop training when the failed share of rewards exceeds ``limit``, else None."""
+    if acc["failed_share"] <= limit:
+        return None
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(acc["failed_by_reason"].items(), key=lambda kv: -kv[1]))
+    return (f"policy training stopped: {acc['failed']} of {acc['asked']} rewards from {source} failed "
+            f"({acc['failed_share']:.1%}; {reasons}), more than policy.max_failed_share {limit:g}; a failed reward "
+            "earns the user's mean, so the policy would learn from zeros")
+
+
 def env_runner_nodes(algo) -> list[str]:
     """The Ray node id of every remote env runner (empty when sampling happens in the driver)."""
     import ray
@@ -97,9 +120,16 @@ def env_runner_nodes(algo) -> list[str]:
 
 
 def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: dict | None = None,
-              on_iteration: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
-    """Train, save OUT/checkpoint, write OUT/train_metrics.json; returns the metrics dict."""
+              on_iteration: Callable[[dict], None] | None = None, progress: bool = False,
+              source: str = "simulator") -> dict:
+    """Train, save OUT/checkpoint, write OUT/train_metrics.json; returns the metrics dict.
+
+    ``reward_accounting`` in the metrics: the rewards asked of ``source`` (answered, failed by
+    reason). Once the failed share exceeds ``cfg.max_failed_share`` training stops (RewardFailed),
+    with the accounting and the reason in train_metrics.json."""
     from tqdm.auto import tqdm
+
+    from rlsim.errors import RewardFailed
 
     cfg.validate()
     out = Path(out_dir)
@@ -112,6 +142,7 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     algo = build_ppo_config(env_cfg, data, cfg).build_algo()
     runner_nodes = env_runner_nodes(algo)
     history = []
+    acc = {"source": source}
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.iterations, desc="PPO", unit="iter", disable=not progress)
     try:
@@ -119,13 +150,22 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
             t0 = time.perf_counter()
             row = iteration_summary(i, algo.train(), time.perf_counter() - t0)
             history.append(row)
+            acc = {"source": source, **env_reward_accounting(algo), "max_failed_share": cfg.max_failed_share}
+            row["rewards_failed"] = acc["failed"]
+            stop = check_failed_share(acc, cfg.max_failed_share, source)
+            if stop:
+                metrics = {"config": vars(cfg), "iterations": history, "reward_accounting": acc,
+                           "stopped": {"iteration": i, "reason": stop}}
+                write_json(out / "train_metrics.json", metrics)
+                raise RewardFailed(stop, metrics)
             log.info("iter %d reward/step %.4f steps %s (%.1fs)", i, row["reward_per_step"] or float("nan"),
                      row["env_steps_sampled"], row["seconds"])
             if on_iteration:
                 on_iteration(row)
             bar.update(1)
             bar.set_postfix(reward_per_step=f"{row['reward_per_step'] or float('nan'):.3f}")
-            write_json(out / "train_metrics.json", {"config": vars(cfg), "iterations": history})
+            write_json(out / "train_metrics.json", {"config": vars(cfg), "iterations": history,
+                                                    "reward_accounting": acc})
         wall = time.perf_counter() - t_start
         ckpt = algo.save(str((out / "checkpoint").resolve()))
         del ckpt
@@ -135,7 +175,7 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     steps = history[-1]["env_steps_sampled"] or 0
     metrics = {"config": vars(cfg), "iterations": history, "wall_seconds": round(wall, 3),
                "env_steps": steps, "env_steps_per_s": round(steps / wall, 1) if wall else None,
-               "checkpoint": str(out / "checkpoint"), "env_runner_nodes": runner_nodes}
+               "checkpoint": str(out / "checkpoint"), "env_runner_nodes": runner_nodes, "reward_accounting": acc}
     write_json(out / "train_metrics.json", metrics)
     return metrics
 

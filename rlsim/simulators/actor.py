@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rlsim.errors import ConfigError, RlsimError
-from rlsim.simulators.base import Simulator, expectation
+from rlsim.simulators.base import Simulator, expectation, unanswered_reasons
 
 
 class BatchingSimulator:
@@ -43,6 +43,10 @@ class BatchingSimulator:
         self._memo: dict[tuple[int, int], float] = {}
 
     async def distribution(self, users, items, sessions=None) -> np.ndarray:
+        return (await self.distribution_with_reasons(users, items, sessions))[0]
+
+    async def distribution_with_reasons(self, users, items, sessions=None) -> tuple[np.ndarray, list[str]]:
+        """Distributions and each row's failure reason ("" when answered), from the batched call."""
         fut = asyncio.get_running_loop().create_future()
         n = len(users)
         sessions = list(sessions) if sessions is not None else [None] * n
@@ -92,10 +96,16 @@ class BatchingSimulator:
             sessions = [EMPTY if s is None else s for s in sessions]
         t0 = time.perf_counter()
         try:
-            if hasattr(self.sim, "adistribution"):
+            if hasattr(self.sim, "adistribution_with_reasons"):
+                p, why = await self.sim.adistribution_with_reasons(users, items, sessions)
+            elif hasattr(self.sim, "adistribution"):
                 p = await self.sim.adistribution(users, items, sessions)
+                why = unanswered_reasons(p)
+            elif hasattr(self.sim, "distribution_with_reasons"):
+                p, why = await asyncio.to_thread(self.sim.distribution_with_reasons, users, items, sessions)
             else:
                 p = await asyncio.to_thread(self.sim.distribution, users, items, sessions)
+                why = unanswered_reasons(p)
         except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error, none hangs
             for b in batch:
                 if not b[3].done():
@@ -109,21 +119,26 @@ class BatchingSimulator:
         for b in batch:
             k = len(b[0])
             if not b[3].done():
-                b[3].set_result(np.asarray(p[pos:pos + k]))
+                b[3].set_result((np.asarray(p[pos:pos + k]), list(why[pos:pos + k])))
             pos += k
 
     async def score(self, users, items, sessions=None) -> np.ndarray:
-        """Expectations; without a session they are memoised by (user, item) (the static table path)."""
+        """Expectations; without a session they are memoised by (user, item) (the static table path).
+        A failed pair (NaN) is not memoised: a later request asks the simulator again, whose own retry
+        policy and budget decide (a transient failure must not last the whole run)."""
         users, items = np.asarray(users), np.asarray(items)
         if sessions is not None:
             return expectation(await self.distribution(users, items, sessions), self.scale)
         keys = list(zip(users.tolist(), items.tolist()))
+        out = np.array([self._memo.get(k, np.nan) for k in keys], np.float64)
         todo = [j for j, k in enumerate(keys) if k not in self._memo]
         if todo:
             p = await self.distribution(users[todo], items[todo])
             for j, v in zip(todo, expectation(p, self.scale)):
-                self._memo[keys[j]] = float(v)
-        return np.array([self._memo[k] for k in keys], np.float64)
+                out[j] = float(v)
+                if np.isfinite(v):
+                    self._memo[keys[j]] = float(v)
+        return out
 
     def stats(self) -> dict:
         return {"requests": self.requests, "batches": self.batches, "pairs": self.pairs,
@@ -141,6 +156,9 @@ def _actor_class():
 
         async def distribution(self, users, items, sessions=None):
             return await self.body.distribution(users, items, sessions)
+
+        async def distribution_with_reasons(self, users, items, sessions=None):
+            return await self.body.distribution_with_reasons(users, items, sessions)
 
         async def score(self, users, items, sessions=None):
             return await self.body.score(users, items, sessions)
@@ -246,6 +264,12 @@ class SimulatorClient(Simulator):
         import ray
 
         return np.asarray(ray.get(self.handle.distribution.remote(np.asarray(users), np.asarray(items), sessions)))
+
+    def distribution_with_reasons(self, users, items, sessions=None) -> tuple[np.ndarray, list[str]]:
+        import ray
+
+        p, why = ray.get(self.handle.distribution_with_reasons.remote(np.asarray(users), np.asarray(items), sessions))
+        return np.asarray(p), list(why)
 
     def score(self, users, items, sessions=None) -> np.ndarray:
         import ray

@@ -91,6 +91,18 @@ def normalise(probs: np.ndarray, floor: float = 1e-6) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
+def answered_rows(p: np.ndarray) -> np.ndarray:
+    """Rows that are a distribution (finite, with mass); the others are failures."""
+    p = np.asarray(p, np.float64)
+    return np.isfinite(p).all(1) & (p.sum(1) > 0) if p.ndim == 2 else np.zeros(0, bool)
+
+
+def unanswered_reasons(p: np.ndarray, reasons=None) -> list[str]:
+    """Per row: "" when answered, else its reason (given, or "unanswered" when none is known)."""
+    ok = answered_rows(p)
+    return ["" if a else ((reasons[j] if reasons is not None else "") or "unanswered") for j, a in enumerate(ok)]
+
+
 class NoChoiceModel(ValueError):
     """A simulator that only rates was asked whether the user would pick a movie."""
 
@@ -122,6 +134,12 @@ class Simulator:
 
     def distribution(self, users, items, sessions: Sessions = None) -> np.ndarray:
         raise NotImplementedError
+
+    def distribution_with_reasons(self, users, items, sessions: Sessions = None) -> tuple[np.ndarray, list[str]]:
+        """``distribution`` and, per row, why it is NaN ("" when answered). A simulator that knows why
+        it failed (the LLM persona: budget, http_500, ...) says so; here a NaN row is "unanswered"."""
+        p = np.asarray(self.distribution(users, items, sessions), np.float64)
+        return p, unanswered_reasons(p)
 
     def score(self, users, items, sessions: Sessions = None) -> np.ndarray:
         """Expected rating on the dataset's scale (NaN where the simulator could not answer)."""

@@ -39,8 +39,10 @@ def micro(sim, test: pd.DataFrame) -> dict:
     y = test["rating"].to_numpy(float)[ok]
     e = expectation(p[ok], scale)
     out = rating_metrics(y, e, scale)
+    # NLL / RMSE are over the answered pairs only: coverage (answered / asked) says how many those are.
     out["nll"] = float(_nll(p[ok], y, scale).mean())
     out["coverage"] = float(ok.mean()) if len(ok) else 0.0
+    out["asked"], out["answered"] = int(len(ok)), int(ok.sum())
     df = pd.DataFrame({"user_id": test["user_id"].to_numpy()[ok], "rating": y, "e": e})
     rho = [spearman(g["rating"], g["e"]) for _, g in df.groupby("user_id")]
     out["spearman_per_user"] = float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan")
@@ -127,12 +129,14 @@ def session_gain(sim, test: pd.DataFrame, max_len: int = 20) -> dict:
     """Next-rating NLL with and without the session so far (positive gain = the session helps)."""
     df, sessions = replay_sessions(test, max_len)
     users, items, y = df["user_id"].to_numpy(), df["item_id"].to_numpy(), df["rating"].to_numpy(float)
-    without = _nll(sim.distribution(users, items), y, sim.scale)
-    with_s = _nll(sim.distribution(users, items, sessions), y, sim.scale)
-    has = np.array([len(s) > 0 for s in sessions])
-    e_without = sim.score(users, items)
-    e_with = sim.score(users, items, sessions)
-    return {"pairs": int(has.sum()), "nll_without_session": float(without[has].mean()),
+    p_without, p_with = sim.distribution(users, items), sim.distribution(users, items, sessions)
+    without, with_s = _nll(p_without, y, sim.scale), _nll(p_with, y, sim.scale)
+    asked = np.array([len(s) > 0 for s in sessions])
+    # Pairs answered both ways only (a failed answer has no NLL); coverage says how many those are.
+    has = asked & np.isfinite(p_without).all(1) & np.isfinite(p_with).all(1)
+    e_without, e_with = expectation(p_without, sim.scale), expectation(p_with, sim.scale)
+    return {"pairs": int(has.sum()), "coverage": float(has.sum() / asked.sum()) if asked.any() else 0.0,
+            "nll_without_session": float(without[has].mean()),
             "nll_with_session": float(with_s[has].mean()),
             "session_nll_gain": float(without[has].mean() - with_s[has].mean()),
             "rmse_without_session": float(np.sqrt(np.mean((e_without[has] - y[has]) ** 2))),
@@ -146,7 +150,7 @@ def fidelity(sim, train: pd.DataFrame, test: pd.DataFrame, seed: int = 0, like_t
     di = discrimination(sim, train, test, like_threshold=like_threshold, seed=seed)
     se = session_gain(sim, test)
     return {"simulator": sim.describe(), "micro": mi, "macro": ma, "discrimination": di, "session": se,
-            "rmse": mi["rmse"], "nll": mi["nll"], "tv_sampled": ma["tv_sampled"],
+            "rmse": mi["rmse"], "nll": mi["nll"], "coverage": mi["coverage"], "tv_sampled": ma["tv_sampled"],
             "five_star_share": ma["five_star_share"], "real_five_star_share": ma["real_five_star_share"],
             **{f"like_acc_1to{m}": di.get(f"1to{m}", {}).get("accuracy") for m in (1, 3, 9)},
             "session_nll_gain": se["session_nll_gain"]}

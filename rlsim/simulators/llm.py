@@ -6,10 +6,12 @@ engine's gate to the cluster-wide limiter and budget (rlsim.personas.gate / limi
 cache, and the same JSON schema and validation as `rlsim personas rate`.
 
 - **Grouping.** The pairs of one call are grouped by (user, session): pairs with the same user and
-  the same session so far share one prompt (a batch of up to ``personas.batch_size`` movies);
-  different sessions are different prompts. A pair is asked once: repeated within a call, asked by
-  another call in flight, or answered before in another prompt of the same session (an in-memory
-  memo of (user, session, movie) -> distribution; the response cache is per prompt). All prompts of a call
+  the same session so far may share one prompt (up to ``llm_persona.movies_per_prompt`` movies,
+  default 1: a distribution then depends on its (user, session, movie) only, never on the movies
+  asked beside it or their order); different sessions are different prompts. A pair is asked
+  once: repeated within a call, asked by another call in flight, or answered before in another
+  prompt of the same session (an in-memory memo of (user, session, movie) -> distribution; the
+  response cache is per prompt; a failure is never memoised). All prompts of a call
   are sent concurrently; the limiter paces them, so many env runners' steps overlap under one
   rate limit (the SimulatorActor awaits ``adistribution``).
 - **The session is in the prompt**: "In this session you were shown, in order: <title> — you rated
@@ -38,7 +40,10 @@ cache, and the same JSON schema and validation as `rlsim personas rate`.
   same calibration as ``PointSimulator``.
   ``auto`` probes the endpoint once (one real rating request): logprobs if the answer carries them
   at the rating token, else samples if ``n`` completions come back, else the noise model.
-  ``describe()`` reports the method actually used and what the probe saw.
+  A logprobs answer whose rating token holds fewer than two rating values among its alternatives
+  is an answer, not a distribution: those movies are asked again by samples (NaN with reason
+  ``point_mass_logprobs`` when the endpoint returns one completion), never a one-hot row.
+  ``describe()`` reports the method actually used, what the probe saw, and ``answered_by_method``.
 - **Failures are NaN rows, never a guess.** A pair the persona could not rate (budget, permanent
   errors, transient errors or unusable answers after all retries) comes back as a row of NaN;
   every requested pair is counted as answered or failed by reason (and how many came from the
@@ -74,6 +79,8 @@ log = logging.getLogger(__name__)
 METHODS = ("auto", "logprobs", "samples", "noise")
 METHOD_NAMES = {"logprobs": "logprobs", "samples": "samples", "noise": "answer + ordinal noise"}
 MIN_CALIBRATION = 10  # answered hold-out pairs needed to fit the noise model
+# An answer whose rating token carried no distribution: that pair is asked again by the next method.
+LOGPROB_GAPS = ("no_logprobs", "point_mass_logprobs")
 
 
 @dataclass
@@ -91,6 +98,12 @@ class LLMSimConfig:
     calibration_frac: float = 0.1  # share of each user's training ratings held out for it
     max_summaries: int = 100_000  # summaries kept in memory (least recently used dropped)
     max_answers: int = 200_000  # (user, session, movie) distributions kept in memory (LRU)
+    # Movies rated in one prompt. 1 (the default) makes a (user, session, movie)'s distribution
+    # reproducible: in a batched JSON answer a later movie's rating is conditioned on the ratings
+    # written before it and on which movies share the prompt (its grounding lines too), so the same
+    # pair would get another distribution in another env step's batch. > 1 is cheaper (fewer
+    # requests, the profile sent once per batch) but batch-dependent.
+    movies_per_prompt: int = 1
 
     def validate(self) -> "LLMSimConfig":
         def need(ok: bool, what: str) -> None:
@@ -99,7 +112,8 @@ class LLMSimConfig:
 
         need(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name, lo in (("top_logprobs", 1), ("samples", 1), ("summary_every", 0), ("session_max", 0),
-                         ("calibration_pairs", MIN_CALIBRATION), ("max_summaries", 1), ("max_answers", 1)):
+                         ("calibration_pairs", MIN_CALIBRATION), ("max_summaries", 1), ("max_answers", 1),
+                         ("movies_per_prompt", 1)):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, "
                  f"got {v!r}")
@@ -129,7 +143,9 @@ def logprob_distributions(tokens: list, item_ids: list[int], scale) -> tuple[dic
     tokens: [[token, logprob, [[alternative, logprob], ...]], ...] of one completion. The answer is
     the tokens' concatenation; each "<id>": <value> is located in it and the token that starts the
     value gives the distribution: exp(logprob) of each alternative that is a rating value on the
-    scale, renormalised (alternatives that are not rating values are dropped)."""
+    scale, renormalised (alternatives that are not rating values are dropped). A token whose
+    alternatives hold fewer than two rating values (none, or the token alone) carries no distribution,
+    only the answer: that item is "point_mass_logprobs", never a one-hot row labelled logprobs."""
     import re
 
     text = "".join(str(t[0]) for t in tokens)
@@ -146,18 +162,15 @@ def logprob_distributions(tokens: list, item_ids: list[int], scale) -> tuple[dic
         if j < 0 or j >= len(tokens):
             why[iid] = "no_logprobs"
             continue
-        tok, lp, alts = tokens[j][0], tokens[j][1], tokens[j][2] if len(tokens[j]) > 2 else []
-        cand = list(alts) or [[tok, lp]]
+        alts = tokens[j][2] if len(tokens[j]) > 2 else []
         p = np.zeros(scale.n_classes)
-        seen_any = False
-        for a, alp in cand:
+        for a, alp in alts:
             x = _number(a)
             if x is None or x < scale.min or x > scale.max or float(scale.round(x)) != x:
                 continue
-            seen_any = True
             p[int(scale.to_class(x))] += math.exp(float(alp))
-        if not seen_any or p.sum() <= 0:
-            why[iid] = "no_logprobs"
+        if (p > 0).sum() < 2:
+            why[iid] = "point_mass_logprobs"
             continue
         out[iid] = p / p.sum()
     for i in want - set(out):
@@ -204,6 +217,7 @@ class LLMPersonaSimulator(Simulator):
                        "prompts": 0, "calls": 0, "summary_updates": 0, "summary_failed": 0,
                        "summaries_memoised": 0}
         self.failed_by_reason: dict[str, int] = {}
+        self.answered_by_method: dict[str, int] = {}  # rows answered, by how their distribution was obtained
         self.summary_failures: dict[str, int] = {}
         self._summaries: collections.OrderedDict = collections.OrderedDict()
         # (user, session, item) -> distribution: a pair answered in one prompt is not asked again in
@@ -363,6 +377,10 @@ class LLMPersonaSimulator(Simulator):
                             reason[i] = "no_logprobs"
             elif req == "samples":
                 C = scale.n_classes
+                if len(texts) < min(2, self.cfg.samples):  # n ignored: one answer is no histogram
+                    for i in pending:
+                        reason[i] = "single_completion"
+                    break
                 for i in pending:
                     vals = [pp.ratings[i] for pp in parsed if i in pp.ratings]
                     if not vals:
@@ -374,7 +392,9 @@ class LLMPersonaSimulator(Simulator):
                 for i in pending:
                     if i in first.ratings:
                         got[i] = (float(first.ratings[i]), "", hit)
-            pending = [i for i in pending if i not in got]
+            # An answer without a distribution at its rating token is not asked again the same way:
+            # the caller asks for those movies by the next method.
+            pending = [i for i in pending if i not in got and reason[i] not in LOGPROB_GAPS]
         for i in unit.item_ids:
             if i not in got:
                 got[i] = (None, reason[i], False)
@@ -527,7 +547,7 @@ class LLMPersonaSimulator(Simulator):
         tr, va = holdout_validation(self.train, self.cfg.calibration_frac, self.seed)
         va = va.sample(n=min(self.cfg.calibration_pairs, len(va)), random_state=self.seed)
         builder = self.make_builder(tr) if self.make_builder is not None else self.builder
-        b = self.pcfg.batch_size
+        b = self.cfg.movies_per_prompt  # answers obtained as the ones the noise model will perturb
         prompts = []  # (user, movies) of each calibration prompt
         for u, g in va.groupby("user_id", sort=True):
             ids = [int(i) for i in dict.fromkeys(g["item_id"].tolist())]
@@ -560,24 +580,30 @@ class LLMPersonaSimulator(Simulator):
     # ------------------------------------------------------------------ the contract
     async def adistribution(self, users, items, sessions: Sessions = None) -> np.ndarray:
         """[n, C] distributions; NaN rows for pairs the persona could not rate (counted by reason)."""
+        return (await self.adistribution_with_reasons(users, items, sessions))[0]
+
+    async def adistribution_with_reasons(self, users, items, sessions: Sessions = None
+                                         ) -> tuple[np.ndarray, list[str]]:
+        """``adistribution`` and each row's failure reason ("" when answered): the env counts them."""
         users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
         n = len(users)
         check_sessions(sessions, n)
         C = self.scale.n_classes
         out = np.full((n, C), np.nan)
+        why = [""] * n
         if n == 0:
-            return out
+            return out, why
         self._state()
         self.counts["requested"] += n
         self.counts["calls"] += 1
-        method, why = await self._resolve_method()
-        if method == "noise" and why == "":
-            ok, why = await self._ensure_calibration()
+        method, reason0 = await self._resolve_method()
+        if method == "noise" and reason0 == "":
+            ok, reason0 = await self._ensure_calibration()
             if not ok:
                 method = None
         if method is None:
-            self._fail(n, why)
-            return out
+            self._fail(n, reason0)
+            return out, [reason0] * n
         groups: dict[tuple, dict[int, list[int]]] = {}
         for j in range(n):
             s = EMPTY if sessions is None or sessions[j] is None else sessions[j]
@@ -593,54 +619,66 @@ class LLMPersonaSimulator(Simulator):
                 if pk in self._answers:  # answered before, in another prompt of this session
                     self._answers.move_to_end(pk)
                     self.counts["from_memo"] += len(rows)
-                    self._deliver(out, rows, self._answers[pk], "", False)
+                    self._deliver(out, why, rows, *self._answers[pk], "", False)
                 elif pk in st._inflight:  # being asked by a call in flight (another env runner's)
                     waiting.append((rows, st._inflight[pk]))
                 else:
                     st._inflight[pk] = loop.create_future()
                     mine.append(pk)
                     ids.append(i)
-            b = self.pcfg.batch_size
+            b = self.cfg.movies_per_prompt
             jobs += [(key, ids[s:s + b]) for s in range(0, len(ids), b)]
         self.counts["prompts"] += len(jobs)
         try:
             results = await asyncio.gather(*[self._rate(key, ids, method) for key, ids in jobs])
             for (key, _), res in zip(jobs, results):
-                for i, (p, reason, hit) in res.items():
-                    if p is not None and method == "noise":
+                for i, (p, reason, hit, how) in res.items():
+                    if p is not None and how == "noise":
                         p = self.noise.distribution(np.array([p]), np.array([key[0]]))[0]
                     if p is not None:
-                        self._answers[(key, i)] = p
+                        self._answers[(key, i)] = (p, how)
                         while len(self._answers) > self.cfg.max_answers:
                             self._answers.popitem(last=False)
-                    st._inflight[(key, i)].set_result((p, reason, hit))
-                    self._deliver(out, groups[key][i], p, reason, hit)
+                    st._inflight[(key, i)].set_result((p, how, reason, hit))
+                    self._deliver(out, why, groups[key][i], p, how, reason, hit)
         finally:
             for pk in mine:  # nobody waits forever, whatever happened
                 fut = st._inflight.pop(pk, None)
                 if fut is not None and not fut.done():
-                    fut.set_result((None, "not attempted", False))
+                    fut.set_result((None, "", "not attempted", False))
         for rows, fut in waiting:
-            p, reason, _ = await asyncio.shield(fut)
+            p, how, reason, _ = await asyncio.shield(fut)
             self.counts["from_memo"] += len(rows) if p is not None else 0
-            self._deliver(out, rows, p, reason, False)
-        return out
+            self._deliver(out, why, rows, p, how, reason, False)
+        return out, why
 
-    def _deliver(self, out: np.ndarray, rows: list[int], p, reason: str, hit: bool) -> None:
+    def _deliver(self, out: np.ndarray, why: list[str], rows: list[int], p, how: str, reason: str, hit: bool) -> None:
         if p is None:
             self._fail(len(rows), reason)
+            for r in rows:
+                why[r] = reason
             return
         out[rows] = p
         self.counts["answered"] += len(rows)
+        name = METHOD_NAMES[how]
+        self.answered_by_method[name] = self.answered_by_method.get(name, 0) + len(rows)
         if hit:
             self.counts["from_cache"] += len(rows)
 
-    async def _rate(self, key: tuple, ids: list[int], method: str) -> dict:
+    async def _rate(self, key: tuple, ids: list[int], method: str) -> dict[int, tuple]:
+        """{item: (distribution | rating | None, failure reason, from_cache, method that answered it)}."""
         user, s_items, s_ratings = key
         session = Session(s_items, s_ratings)
         summary = await self._summary_for(user, session) if self.cfg.summary_every else ""
         unit = self._unit(self.builder, user, ids, session, summary)
-        return await self._ask(unit, method, self.usage)
+        got = {i: (*r, method) for i, r in (await self._ask(unit, method, self.usage)).items()}
+        gaps = [i for i, (p, why, _, _) in got.items() if p is None and why in LOGPROB_GAPS]
+        if gaps:
+            # The answer carried no distribution at those rating tokens: the next method, n samples,
+            # for those movies alone (never a point mass reported as a distribution).
+            for i, (p, why, hit) in (await self._ask(unit.subset(gaps), "samples", self.usage)).items():
+                got[i] = (p, why if why != "single_completion" else got[i][1], hit, "samples")
+        return got
 
     def _fail(self, n: int, reason: str) -> None:
         self.counts["failed"] += n
@@ -648,9 +686,12 @@ class LLMPersonaSimulator(Simulator):
 
     def distribution(self, users, items, sessions: Sessions = None) -> np.ndarray:
         """The same answers in a fresh event loop (fidelity, evaluation); the HTTP client is closed after."""
+        return self.distribution_with_reasons(users, items, sessions)[0]
+
+    def distribution_with_reasons(self, users, items, sessions: Sessions = None) -> tuple[np.ndarray, list[str]]:
         async def run():
             try:
-                return await self.adistribution(users, items, sessions)
+                return await self.adistribution_with_reasons(users, items, sessions)
             finally:
                 await self.engine.aclose()
 
@@ -671,6 +712,7 @@ class LLMPersonaSimulator(Simulator):
         total = merge_usage(merge_usage(self.usage, self.summary_usage), self.setup_usage)
         span = (self.t_last - self.t_first) if self.t_first and self.t_last else 0.0
         return {**self.counts, "failed_by_reason": dict(self.failed_by_reason),
+                "answered_by_method": dict(self.answered_by_method),
                 "summary_failures": dict(self.summary_failures),
                 "usage": {"ratings": self.usage, "summaries": self.summary_usage, "probe_and_calibration":
                           self.setup_usage, "total": total},
@@ -681,7 +723,7 @@ class LLMPersonaSimulator(Simulator):
         d = {**super().describe(), "configured_method": self.cfg.method, "probe": self.probe,
              "backend": self.spec.kind, "model": self.spec.model, "base_url": self.spec.base_url,
              "summary_every": self.cfg.summary_every, "session_max": self.cfg.session_max,
-             "batch_size": self.pcfg.batch_size, "rpm": self.pcfg.rpm, "tpm": self.pcfg.tpm,
+             "movies_per_prompt": self.cfg.movies_per_prompt, "rpm": self.pcfg.rpm, "tpm": self.pcfg.tpm,
              "budget_usd": self.pcfg.budget_usd, "limiter": self.limiter_info, **self.stats()}
         if self._method == "logprobs":
             d["top_logprobs"] = self.cfg.top_logprobs
