@@ -14,8 +14,19 @@ reward_mode:
   (the fast path for horizon-1 deterministic training; it never sees the session, so it must be
   chosen explicitly).
 
+reward (what the policy is paid for):
+- "rating": the rating of every pick, as if the user watched whatever was shown (centred on the
+  user's training mean when ``center``);
+- "engagement": the user first chooses (a draw from the simulator's ``choice``): a skip earns
+  ``-skip_penalty``, a watch its (centred) rating;
+- "liked": 1 when the user watches it and rates it at least ``like_threshold``, else 0.
+engagement and liked need a simulator that chooses (``has_choice``) and sampled rewards. A skipped
+movie is masked like any shown one but does not join the session's ratings; the observation's
+history carries each shown movie with the reward it earned.
+
 A user may leave early (as Agent4Rec's users do): with ``exit_threshold`` set, the session ends
-when the mean of the last ``exit_window`` ratings falls below it.
+when the mean of the last ``exit_window`` ratings falls below it; with ``exit_after_skips``, after
+that many skips in a row.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from rlsim.errors import ConfigError
 from rlsim.simulators.base import EMPTY, answered_rows, expectation, sample_from, unanswered_reasons
 
 REWARD_MODES = ("sampled", "expected", "static")
+REWARDS = ("rating", "engagement", "liked")
 
 
 def distribution_of(sim, users, items, sessions) -> tuple[np.ndarray, list[str]]:
@@ -67,7 +79,22 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             raise ConfigError("horizon must be >= 1, and users_per_episode > 1 needs horizon 1")
         self.exit_threshold = cfg.get("exit_threshold")
         self.exit_window = int(cfg.get("exit_window", 3))
+        self.reward = cfg.get("reward", "rating")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        self.skip_penalty = float(cfg.get("skip_penalty", 0.0))
+        self.like_threshold = float(cfg.get("like_threshold", 4.0))
+        self.exit_after_skips = cfg.get("exit_after_skips")
         self.sim = make_source(cfg)
+        if self.reward != "rating":
+            if self.mode != "sampled":
+                raise ConfigError(f"reward {self.reward} draws the user's choice: it needs reward_mode sampled")
+            if not getattr(self.sim, "has_choice", False):
+                from rlsim.simulators.registry import choosing
+
+                raise ConfigError(f"reward {self.reward} needs a simulated user that chooses what to watch; "
+                                  f"{getattr(self.sim, 'name', 'this one')!r} only rates (these choose: "
+                                  f"{', '.join(choosing())})")
         self.scale = data.scale
         if self.mode == "static":
             self.table = data.rewards if data.rewards is not None else score_all(data, self.sim)
@@ -96,6 +123,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self._mask = np.zeros((N, K), np.float32)
         self._hist = np.zeros((N, self.history, self._hist_dim), np.float32)
         self._sessions = [EMPTY] * N
+        self._skips = np.zeros(N, np.int64)  # skips in a row (exit_after_skips)
         self._needs_reset = np.zeros(N, bool)
         self.calls = 0  # simulator requests made (one per step at most)
         # Every reward asked of the simulator is answered or failed (by the simulator's reason, e.g.
@@ -103,6 +131,8 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self.answered = 0
         self.failed = 0
         self.failed_by_reason: dict[str, int] = {}
+        self.shown = 0  # picks shown to a user who chooses (reward engagement/liked)
+        self.skipped = 0
 
     # ------------------------------------------------------------------ users and observations
     def _start_user(self, j: int, fixed: int | None = None) -> None:
@@ -118,6 +148,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self._mask[j] = mask
         self._hist[j] = 0.0
         self._sessions[j] = EMPTY
+        self._skips[j] = 0
 
     def _obs(self) -> dict:
         d = self.data
@@ -180,19 +211,24 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         valid = (a >= 0) & (a < K)
         valid[valid] = self._mask[stepping[valid], a[valid]] > 0
         ratings = np.full(len(stepping), float(d.scale_min))  # an invalid pick earns the worst rating
+        watched = np.ones(len(stepping), bool)
         rows = stepping[valid]
+        if len(rows) and self.reward != "rating":
+            watched[valid] = self._choose(rows, a[valid])
+        rated = valid & watched
+        rows = stepping[rated]
         if len(rows):
-            got = self._ratings(rows, a[valid])
+            got = self._ratings(rows, a[rated])
             failed = np.isnan(got)
             self.failed += int(failed.sum())
             self.answered += int((~failed).sum())
             # No answer (a failed persona call): a neutral reward, the user's own mean, never a guess.
             got[failed] = d.user_mean[self._u[rows[failed]]]
-            ratings[valid] = got
+            ratings[rated] = got
         for k, j in enumerate(stepping):
             u, r = self._u[j], ratings[k]
-            rewards[j] = r - d.user_mean[u] if self.center else r
-            info_rating[j] = r
+            rewards[j] = self._reward(r, d.user_mean[u], bool(watched[k]))
+            info_rating[j] = r if watched[k] else np.nan
             if valid[k]:
                 pick = a[k]
                 info_item[j] = d.cand_items[u, pick]
@@ -200,8 +236,12 @@ class SessionVectorEnv(gym.vector.VectorEnv):
                 if self.history:
                     self._hist[j, 1:] = self._hist[j, :-1]
                     self._hist[j, 0, :-1] = d.cand_feat[u, pick]
-                    self._hist[j, 0, -1] = r - d.user_mean[u]
-                self._sessions[j] = self._sessions[j].extend(d.cand_items[u, pick], r)
+                    self._hist[j, 0, -1] = rewards[j] if self.reward != "rating" else r - d.user_mean[u]
+                if watched[k]:
+                    self._sessions[j] = self._sessions[j].extend(d.cand_items[u, pick], r)
+                    self._skips[j] = 0
+                else:
+                    self._skips[j] += 1
             self._t[j] += 1
             done = self._t[j] >= self.horizon or not self._mask[j].any() or self._leaves(j)
             if done:
@@ -216,14 +256,39 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             self._chained[j] = 0
             self._needs_reset[j] = False
         infos = {"rating": info_rating, "_rating": ~resetting, "item_id": info_item, "_item_id": ~resetting}
+        if self.reward != "rating":
+            chose = np.zeros(N, bool)
+            chose[stepping] = watched & valid
+            infos.update(watched=chose, _watched=~resetting)
         return self._obs(), rewards, terminated, truncated, infos
+
+    def _choose(self, rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
+        """Whether each user picks what was shown: one choice request for all, a seeded draw each."""
+        d = self.data
+        users, items = d.user_ids[self._u[rows]], d.cand_items[self._u[rows], picks]
+        p = np.asarray(self.sim.choice(users, items, [self._sessions[j] for j in rows]), float)
+        self.calls += 1
+        chosen = self.np_random.random(len(rows)) < np.nan_to_num(p, nan=0.0)
+        self.shown += len(rows)
+        self.skipped += int((~chosen).sum())
+        return chosen
+
+    def _reward(self, rating: float, user_mean: float, watched: bool) -> float:
+        if self.reward == "liked":
+            return float(watched and rating >= self.like_threshold)
+        if not watched:
+            return -self.skip_penalty
+        return rating - user_mean if self.center else rating
 
     def reward_accounting(self) -> dict:
         """{asked, answered, failed, failed_by_reason} of the rewards this env asked for."""
         return reward_accounting([{"answered": self.answered, "failed": self.failed,
-                                   "failed_by_reason": self.failed_by_reason}])
+                                   "failed_by_reason": self.failed_by_reason, "shown": self.shown,
+                                   "skipped": self.skipped}])
 
     def _leaves(self, j: int) -> bool:
+        if self.exit_after_skips is not None and self._skips[j] >= int(self.exit_after_skips):
+            return True
         if self.exit_threshold is None:
             return False
         r = self._sessions[j].ratings[-self.exit_window:]
@@ -240,5 +305,10 @@ def reward_accounting(parts: list[dict]) -> dict:
         for k, v in e["failed_by_reason"].items():
             by[k] = by.get(k, 0) + int(v)
     asked = answered + failed
-    return {"asked": asked, "answered": answered, "failed": failed, "failed_by_reason": dict(sorted(by.items())),
-            "failed_share": failed / asked if asked else 0.0}
+    out = {"asked": asked, "answered": answered, "failed": failed, "failed_by_reason": dict(sorted(by.items())),
+           "failed_share": failed / asked if asked else 0.0}
+    shown = sum(int(e.get("shown", 0)) for e in parts)
+    if shown:  # a user who chooses: of the picks shown, how many were watched (the rest skipped)
+        skipped = sum(int(e.get("skipped", 0)) for e in parts)
+        out.update(shown=shown, skipped=skipped, watch_rate=(shown - skipped) / shown)
+    return out

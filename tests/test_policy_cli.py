@@ -114,3 +114,26 @@ def test_real_ml100k_policy_closes_most_of_the_gap(real_data_dir, tmp_path):
     assert m["gap_closed"] >= 0.5, m["gap_closed"]
     # Where the pick has a real held-out rating, it is better than a random candidate's.
     assert m["policy"]["mean_real_rating"] > m["random"]["mean_real_rating"]
+
+
+def test_policy_trained_for_engagement_against_a_user_who_chooses(tmp_path, data_root, cache_root, capsys):
+    """--reward-signal engagement: the offline persona first chooses (its neighbours' choice model),
+    skips are counted, and a simulated user that only rates is refused in one line."""
+    data = ["--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download"]
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("candidates:\n  k: 10\npolicy:\n  train_batch_size: 400\n  minibatch_size: 200\n"
+                   "  hidden: 16\n  num_envs_per_env_runner: 8\n")
+    run = tmp_path / "run"
+    assert main(["policy", "train", *data, "--config", str(cfg), "--reward", "offline_persona", "--reward-signal",
+                 "engagement", "--skip-penalty", "0.1", "--horizon", "4", "--exit-after-skips", "3",
+                 "--out", str(run), "--iterations", "1", "--num-cpus", "1", "--quiet"]) == 0
+    tm = json.loads((run / "train_metrics.json").read_text())
+    acc = tm["reward_accounting"]
+    assert tm["config"]["reward"] == "engagement" and acc["shown"] >= 400
+    assert 0.0 < acc["watch_rate"] < 1.0 and acc["skipped"] + acc["answered"] + acc["failed"] == acc["shown"]
+    capsys.readouterr()
+    rc = main(["policy", "train", *data, "--config", str(cfg), "--reward", "mf", "--reward-signal", "liked",
+               "--out", str(tmp_path / "r2"), "--iterations", "1", "--num-cpus", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "needs a simulated user that chooses what to watch; mf only rates (these choose: bias, offline_persona)" in err[0]

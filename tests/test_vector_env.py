@@ -171,3 +171,72 @@ def test_a_nan_without_a_reason_is_counted_as_unanswered(parts):
     env.step(first_valid(obs))
     acc = env.reward_accounting()
     assert acc["answered"] == 3 and acc["failed"] == 1 and acc["failed_by_reason"] == {"unanswered": 1}
+
+
+class Choosing(Recording):
+    """A recording simulator whose user picks a movie with probability p(item) (one request per step)."""
+
+    def __init__(self, inner, p):
+        super().__init__(inner)
+        self.p, self.choices = p, []
+        self.has_choice, self.name = True, "choosy"
+
+    def choice(self, users, items, sessions=None):
+        self.choices.append(np.asarray(items).copy())
+        return np.array([self.p(int(i)) for i in items], float)
+
+
+def make_choosing(parts, p, **kw):
+    data, sim = parts
+    rec = Choosing(sim, p)
+    cfg = {"data": data, "source": rec, "num_envs": 6, "horizon": 3, "reward_mode": "sampled", **kw}
+    return SessionVectorEnv(cfg), rec
+
+
+def test_engagement_skips_earn_the_penalty_and_ask_no_rating(parts):
+    env, rec = make_choosing(parts, lambda i: 0.0, reward="engagement", skip_penalty=0.25)
+    obs, _ = env.reset(seed=0)
+    for _ in range(3):
+        obs, r, term, trunc, info = env.step(first_valid(obs))
+        assert (r == -0.25).all() and not info["watched"].any() and np.isnan(info["rating"]).all()
+    assert len(rec.choices) == 3 and rec.requests == []  # one choice request per step; nothing to rate
+    acc = env.reward_accounting()
+    assert acc["shown"] == 18 and acc["skipped"] == 18 and acc["watch_rate"] == 0.0 and acc["asked"] == 0
+    assert all(len(s) == 0 for s in env._sessions)  # a skip is not a rating of the session
+
+
+def test_engagement_watches_earn_their_centred_rating_and_liked_is_binary(parts):
+    data, _ = parts
+    even = lambda i: 1.0 if i % 2 == 0 else 0.0  # noqa: E731
+    env, rec = make_choosing(parts, even, reward="engagement")
+    obs, _ = env.reset(seed=1)
+    for _ in range(3):
+        users = env._u.copy()
+        obs, r, term, trunc, info = env.step(first_valid(obs))
+        w = info["watched"]
+        assert (w == (info["item_id"] % 2 == 0)).all()
+        np.testing.assert_allclose(r[w], info["rating"][w] - data.user_mean[users[w]])
+        assert (r[~w] == 0.0).all()
+    assert sum(len(x) for x, *_ in rec.requests) == env.reward_accounting()["answered"]  # only watches rated
+    env, _ = make_choosing(parts, even, reward="liked", like_threshold=4.0)
+    obs, _ = env.reset(seed=2)
+    for _ in range(3):
+        obs, r, term, trunc, info = env.step(first_valid(obs))
+        assert set(np.unique(r)) <= {0.0, 1.0}
+        assert (r == (info["watched"] & (np.nan_to_num(info["rating"]) >= 4.0))).all()
+
+
+def test_users_leave_after_skips_in_a_row(parts):
+    env, _ = make_choosing(parts, lambda i: 0.0, reward="engagement", exit_after_skips=2)
+    obs, _ = env.reset(seed=0)
+    obs, _, term, _, _ = env.step(first_valid(obs))
+    assert not term.any()
+    _, _, term, _, _ = env.step(first_valid(obs))
+    assert term.all()  # two skips: every user left before the horizon of 3
+
+
+def test_engagement_needs_a_user_who_chooses(parts):
+    with pytest.raises(ConfigError, match=r"only rates \(these choose: bias, offline_persona\)"):
+        make(parts, reward="engagement")
+    with pytest.raises(ConfigError, match="needs reward_mode sampled"):
+        make_choosing(parts, lambda i: 1.0, reward="liked", reward_mode="expected")

@@ -37,6 +37,12 @@ def register(sub) -> None:
                                         "(default: build them now with the candidates: config)")
     t.add_argument("--iterations", type=int, help="PPO iterations (default 15)")
     t.add_argument("--horizon", type=int, help="picks per session (1 = the paper's one-shot setting)")
+    t.add_argument("--reward-signal", dest="policy_reward", choices=["rating", "engagement", "liked"],
+                   help="what the policy is paid for (policy.reward): rating (default; every pick rated as if "
+                        "watched), engagement (the user first chooses; a skip earns -skip_penalty), liked (1 when "
+                        "watched and rated >= like_threshold); engagement and liked need a user who chooses")
+    t.add_argument("--skip-penalty", type=float, help="what a skipped pick costs under engagement (0)")
+    t.add_argument("--exit-after-skips", type=int, help="users leave after this many skips in a row")
     t.add_argument("--reward-mode", choices=["sampled", "expected", "static"],
                    help="sampled (default): each rating drawn from the simulator given the session so far; "
                         "expected: its expectation; static: one no-session table (fast, horizon 1)")
@@ -152,6 +158,8 @@ def reward_spec(args, file_cfg: dict | None = None) -> SimulatorSpec | None:
 def policy_config(args, file_cfg: dict) -> PolicyConfig:
     cfg = from_dict(PolicyConfig, file_cfg.get("policy"), "policy")
     apply_flags(cfg, args, [("iterations", "iterations"), ("horizon", "horizon"), ("reward_mode", "reward_mode"),
+                            ("policy_reward", "reward"), ("skip_penalty", "skip_penalty"),
+                            ("exit_after_skips", "exit_after_skips"),
                             ("holdout_users", "holdout_users"), ("num_env_runners", "num_env_runners"),
                             ("num_envs", "num_envs_per_env_runner"), ("num_gpus_per_learner", "num_gpus_per_learner"),
                             ("seed", "seed")])

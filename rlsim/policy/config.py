@@ -16,6 +16,15 @@ class PolicyConfig:
     # session-conditioned) or "static" (one table of no-session expectations, scored once: the
     # fast path for deterministic horizon-1 training, only when asked for).
     reward_mode: str = "sampled"
+    # What the policy is rewarded for (rlsim.vector_env): "rating" (the rating of every pick, as if
+    # the user watched whatever was shown), "engagement" (the user first chooses: a skip earns
+    # -skip_penalty, a watch its rating) or "liked" (1 when the user watches and rates it at least
+    # like_threshold, else 0). engagement and liked need a simulated user with a choice model.
+    reward: str = "rating"
+    skip_penalty: float = 0.0
+    like_threshold: float = 4.0
+    # Agent4Rec-style: leave the session after this many skips in a row (None: never).
+    exit_after_skips: int | None = None
     # Users held out of training (seeded), on whom `policy evaluate` judges the policy.
     holdout_users: float = 0.2
     # Optional session exit (Agent4Rec-style): leave when the mean of the last exit_window ratings < threshold.
@@ -69,6 +78,14 @@ class PolicyConfig:
             raise ConfigError("policy.num_env_runners, num_learners and num_gpus_per_learner must be >= 0")
         if self.exit_window < 1:
             raise ConfigError("policy.exit_window must be >= 1")
+        from rlsim.vector_env import REWARDS
+
+        if self.reward not in REWARDS:
+            raise ConfigError(f"policy.reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        if self.reward != "rating" and self.reward_mode != "sampled":
+            raise ConfigError(f"policy.reward {self.reward} draws the user's choice: it needs reward_mode sampled")
+        if self.exit_after_skips is not None and self.exit_after_skips < 1:
+            raise ConfigError("policy.exit_after_skips must be >= 1 (or unset)")
         if not 0.0 <= self.max_failed_share <= 1.0:
             raise ConfigError(f"policy.max_failed_share must be in [0, 1], got {self.max_failed_share}")
         if self.minibatch_size > self.train_batch_size:

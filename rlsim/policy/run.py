@@ -25,6 +25,7 @@ from rlsim.config import DataConfig, from_dict, to_dict
 from rlsim.errors import ConfigError, DataError, RewardFailed
 from rlsim.io import read_json, write_json, write_parquet
 from rlsim.policy.config import PolicyConfig
+from rlsim.simulators import registry
 from rlsim.simulators.factory import SimulatorSpec, local_simulator, simulator_factory
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
 
     pcfg.validate()
     spec.validate()
+    if pcfg.reward != "rating" and spec.kind != "actor" and not registry.entry(spec.kind).choice:
+        raise ConfigError(f"policy.reward {pcfg.reward} needs a simulated user that chooses what to watch; "
+                          f"{spec.kind} only rates (these choose: {', '.join(registry.choosing())})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if dataset is None:

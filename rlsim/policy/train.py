@@ -26,7 +26,9 @@ def env_config(data: EnvData | None, cfg: PolicyConfig, *, data_path: str | None
     return {"data": data, "data_path": data_path, "source": source, "simulator_actor": simulator_actor,
             "namespace": namespace, "horizon": cfg.horizon, "history": cfg.env_history(), "center": cfg.center,
             "users_per_episode": chain_length(cfg), "reward_mode": cfg.reward_mode,
-            "exit_threshold": cfg.exit_threshold, "exit_window": cfg.exit_window,
+            "exit_threshold": cfg.exit_threshold, "exit_window": cfg.exit_window, "reward": cfg.reward,
+            "skip_penalty": cfg.skip_penalty, "like_threshold": cfg.like_threshold,
+            "exit_after_skips": cfg.exit_after_skips,
             "user_rows": None if user_rows is None else [int(r) for r in user_rows]}
 
 

@@ -43,6 +43,7 @@ class Entry:
     build: Callable | None  # (spec, ctx) -> zero-argument factory; None: reached through a running actor
     needs: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    choice: str | None = None  # its choice model (rlsim.simulators.choice); None: it only rates
 
 
 REGISTRY: dict[str, Entry] = {}
@@ -74,6 +75,11 @@ def entry(name: str) -> Entry:
     return REGISTRY[canonical(name)]
 
 
+def choosing() -> tuple[str, ...]:
+    """The simulated users that say whether they would pick a movie (the others only rate)."""
+    return tuple(n for n, e in REGISTRY.items() if e.choice)
+
+
 # ------------------------------------------------------------------ builders
 def _with_choice(factory, choice: str, train: pd.DataFrame, seed: int):
     """Build the simulator and give it its choice model (rlsim.simulators.choice), fitted on first use."""
@@ -92,8 +98,8 @@ def _baseline(spec, ctx: BuildContext):
     from rlsim.simulators.point import baseline_simulator
 
     factory = functools.partial(baseline_simulator, spec.kind, ctx.train, ctx.ds.scale, ctx.seed)
-    # The bias baseline picks by popularity and activity: the choice every source must beat.
-    return _choosing(factory, "popularity", ctx) if spec.kind == "bias" else factory
+    choice = entry(spec.kind).choice
+    return _choosing(factory, choice, ctx) if choice else factory
 
 
 def _load_reward_model(checkpoint: str):
@@ -121,7 +127,7 @@ def _offline_persona(spec, ctx: BuildContext):
     if ctx.persona_cfg is not None and ctx.persona_cfg.backend != "offline":
         raise ConfigError("--reward offline_persona trains against the offline persona; LLM personas are "
                           "--reward llm_persona (or a running simulator actor: --reward actor --reward-actor NAME)")
-    return _choosing(_offline_factory(ctx), "neighbours", ctx)  # "people like me watched it"
+    return _choosing(_offline_factory(ctx), entry(spec.kind).choice, ctx)
 
 
 def _build_hybrid(checkpoint: str, options: dict, persona_factory):
@@ -150,14 +156,15 @@ def _llm_persona(spec, ctx: BuildContext):
                                text_model=ctx.text_model, cache_dir=ctx.cache_dir)
 
 
+# The bias baseline picks by popularity and activity: the choice every source must beat.
 register(Entry("bias", "damped user+item bias, with calibrated ordinal noise per user; picks by popularity",
-               _baseline))
+               _baseline, choice="popularity"))
 register(Entry("mf", "matrix factorisation, with calibrated ordinal noise per user", _baseline))
 register(Entry("reward_model", "the reward model's softmax; the session joins its history tokens",
                _reward_model, needs=("checkpoint",), aliases=("model",)))
 register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias; picks what "
                "its nearest neighbours watched",
-               _offline_persona, needs=("persona_config",), aliases=("personas",)))
+               _offline_persona, needs=("persona_config",), aliases=("personas",), choice="neighbours"))
 register(Entry("hybrid", "the reward model, asking the persona where it is unsure and distilling the answer",
                _hybrid, needs=("checkpoint", "persona_config")))
 register(Entry("llm_persona", "LLM personas through an OpenAI-compatible endpoint (cache, limiter, budget)",
