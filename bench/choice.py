@@ -5,7 +5,8 @@ user rated in the test split among 1, 3 or 9 movies they never rated (rlsim.simu
 `reference.popularity` is the popularity/activity choice model (the reference every source must
 beat); `sources.<name>` is each registered simulated user's own choice model, or null with the
 reason when it has none yet (it only rates). Choice models are fitted on the training ratings
-only; their settings are chosen on a validation slice of them.
+only; their settings are chosen on a validation slice of them. `session` replays ml-latest-small's
+temporal split: does what the user just watched help predict their next pick (AUC with and without)?
 
     python bench/choice.py [--data-dir ../shared/datasets] [--cache-dir .cache]
 """
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from rlsim.simulators import registry
     from rlsim.simulators.choice import PopularityChoice
-    from rlsim.simulators.choice_fidelity import choice_fidelity
+    from rlsim.simulators.choice_fidelity import choice_fidelity, choice_session_gain
     from rlsim.simulators.factory import SimulatorSpec, local_simulator
 
     t0 = time.perf_counter()
@@ -68,6 +69,19 @@ def main(argv=None) -> int:
         out["sources"][name] = {**summary(f), "choice_model": sim.describe()["choice"]}
         print(name, out["sources"][name])
     out["no_choice_yet"] = [n for n, v in out["sources"].items() if v is None]
+    # Sessions: ml-latest-small's temporal split replayed in time order (ML-100K u1 is not temporal).
+    tcfg = DataConfig(dataset="ml-latest-small", split="temporal", data_dir=args.data_dir, cache_dir=args.cache_dir,
+                      download=False)
+    tds, tsplit = load_split(tcfg)
+    sess = {"dataset": "ml-latest-small/temporal", "reference": {
+        "popularity": choice_session_gain(PopularityChoice(seed=tcfg.seed).fit(tsplit.train).probability,
+                                          tsplit.train, tsplit.test, seed=tcfg.seed)}, "sources": {}}
+    for name, v in out["sources"].items():
+        if isinstance(v, dict):
+            sim = local_simulator(SimulatorSpec(name), tds, tsplit.train, seed=tcfg.seed, cache_dir=args.cache_dir)
+            sess["sources"][name] = choice_session_gain(sim.choice, tsplit.train, tsplit.test, seed=tcfg.seed)
+            print("session", name, {k: sess["sources"][name][k] for k in ("auc_gain", "accuracy_gain", "trials")})
+    out["session"] = sess
     out.update(command="python bench/choice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                wall_seconds=round(time.perf_counter() - t0, 1), machine=platform.machine(), cores=os.cpu_count())
     write_json(args.out, out)

@@ -66,6 +66,7 @@ class _LogisticChoice:
     logistic link fitted on a validation slice of the training ratings."""
 
     name = "choice"
+    conditions_on_session = False  # True: the session's watched movies move the choice, not only exclude
 
     def __init__(self, negatives: int = 3, seed: int = 0, val_frac: float = 0.1, max_link_picks: int = 50_000):
         self.negatives, self.seed, self.val_frac, self.max_link_picks = negatives, seed, val_frac, max_link_picks
@@ -111,7 +112,8 @@ class _LogisticChoice:
     def probability(self, users, items, sessions: Sessions = None) -> np.ndarray:
         users, items = np.asarray(users), np.asarray(items)
         check_sessions(sessions, len(users))
-        p = 1 / (1 + np.exp(-(self.features(users, items) @ self.w[:-1] + self.w[-1])))
+        x = self.features(users, items, sessions) if self.conditions_on_session else self.features(users, items)
+        p = 1 / (1 + np.exp(-(x @ self.w[:-1] + self.w[-1])))
         if sessions is not None:  # what this session already showed is not picked again
             shown = np.fromiter((int(i) in s.items for i, s in zip(items, sessions)), bool, len(items))
             p[shown] = 0.0
@@ -137,6 +139,7 @@ class NeighbourChoice(_LogisticChoice):
     """s(u, i) = sum of cos(u, v) over u's k nearest neighbours v (binary histories) that watched i."""
 
     name = "neighbours"
+    conditions_on_session = True
 
     def __init__(self, k: int | None = None, block: int = 256, **kw):
         super().__init__(**kw)
@@ -184,9 +187,40 @@ class NeighbourChoice(_LogisticChoice):
             out[sel] = votes[inv[sel] - s, ir[sel]]
         return np.where(uok & iok, out, 0.0)
 
-    def features(self, users, items) -> np.ndarray:
+    def _session_votes(self, users: np.ndarray, items: np.ndarray, sessions) -> np.ndarray:
+        """score() with each pair's session movies added to the user's history: what the user just
+        watched moves their neighbourhood ("people who watched that also watched ...")."""
+        ur, uok = self._index(users, self.user_ids)
         ir, iok = self._index(items, self.item_ids)
-        return np.column_stack([np.log1p(self.score(users, items)), np.log1p(np.where(iok, self.count[ir], 0))])
+        out = np.zeros(len(users))
+        for s in range(0, len(users), self.block):
+            sl = np.arange(s, min(s + self.block, len(users)))
+            h = self.x[ur[sl]].tolil()
+            for row, j in enumerate(sl):
+                if not uok[j]:
+                    h.rows[row], h.data[row] = [], []
+                extra = [int(c) for c, ok in zip(*self._index(np.asarray(sessions[j].items, np.int64), self.item_ids))
+                         if ok] if len(sessions[j]) else []
+                for c in extra:
+                    h[row, c] = 1.0
+            h = sparse.csr_matrix(h)
+            hn = sparse.csr_matrix(h.multiply(1 / np.sqrt(np.maximum(np.asarray(h.sum(1)).ravel(), 1))[:, None]))
+            sim = (hn @ self.xu.T).toarray()
+            sim[np.arange(len(sl))[uok[sl]], ur[sl][uok[sl]]] = 0.0  # not their own neighbour
+            k = min(self.k, sim.shape[1] - 1)
+            cut = np.partition(sim, -k, axis=1)[:, -k][:, None]
+            sim[sim < cut] = 0.0
+            votes = sparse.csr_matrix(sim) @ self.x
+            out[sl] = np.asarray(votes[np.arange(len(sl)), ir[sl]]).ravel()
+        return np.where(iok, out, 0.0)
+
+    def features(self, users, items, sessions: Sessions = None) -> np.ndarray:
+        ir, iok = self._index(items, self.item_ids)
+        if sessions is not None and any(len(x) for x in sessions):
+            s = self._session_votes(np.asarray(users), np.asarray(items), sessions)
+        else:
+            s = self.score(users, items)
+        return np.column_stack([np.log1p(s), np.log1p(np.where(iok, self.count[ir], 0))])
 
 
 CHOICE_MODELS = {"popularity": PopularityChoice, "neighbours": NeighbourChoice}

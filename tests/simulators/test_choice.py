@@ -87,3 +87,33 @@ def test_choice_fidelity_of_an_oracle_and_of_a_coin():
     assert abs(coin["1to9"]["accuracy"] - 0.1) < 0.05  # ties broken at random: chance
     t = choice_trials(train, test, 3, seed=0)
     assert (t.groupby("trial")["watched"].sum() == 1).all() and (t.groupby("trial").size() == 4).all()
+
+
+def test_what_the_user_just_watched_moves_the_neighbours_choice():
+    """A session of another group's movies pulls the user's choice toward that group (neighbours of
+    what they just watched); popularity ignores it; replayed sessions help the next pick."""
+    from rlsim.simulators.choice_fidelity import choice_session_gain
+
+    train, test = taste_clusters()
+    m = NeighbourChoice(seed=0).fit(train)
+    user = 4  # group 0 (4 % 4)
+    rated = set(train[train.user_id == user].item_id)
+    group2 = [i for i in range(101, 151) if i not in rated]
+    session = Session(tuple(group2[:8]), (5.0,) * 8)
+    probe = np.array(group2[8:20])
+    users = np.full(len(probe), user)
+    without = m.probability(users, probe)
+    with_s = m.probability(users, probe, [session] * len(probe))
+    assert with_s.mean() > without.mean() * 1.1 and (with_s > without).sum() > (with_s < without).sum()
+    pop = PopularityChoice(seed=0).fit(train)
+    np.testing.assert_array_equal(pop.probability(users, probe, [session] * len(probe)), pop.probability(users, probe))
+    # Sessions that drift to another group: the next pick is better predicted with the session.
+    rng = np.random.default_rng(3)
+    drift = []
+    for u in range(1, 121):
+        other = np.array_split(np.arange(1, 201), 4)[(u + 2) % 4]
+        seen = set(train[train.user_id == u].item_id)
+        picks = [int(i) for i in rng.permutation(other) if i not in seen][:6]
+        drift += [(u, i, 4.0, 10_000 + t) for t, i in enumerate(picks)]
+    g = choice_session_gain(m.probability, train, pd.DataFrame(drift, columns=train.columns), seed=0)
+    assert g["trials"] > 100 and g["auc_gain"] > 0.01
