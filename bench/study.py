@@ -8,7 +8,7 @@ popularity-first with a two-level bootstrap interval (seeds, then users), Holm-c
 sources. Every key of the output is written here, with the command line and the wall time.
 
     python bench/study.py --data-dir ../shared/datasets --reward-checkpoint runs/qs2/reward/checkpoint
-(about 40 minutes on 2 cores for ML-100K u1, 5 sources x 5 seeds x 30000 env steps.)
+(ML-100K u1, 5 sources x 5 seeds x 30000 env steps: an estimated 40 minutes on 2 cores, not measured yet.)
 """
 
 from __future__ import annotations
