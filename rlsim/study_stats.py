@@ -31,6 +31,15 @@ def _quiet():
         yield
 
 
+_CHUNK = 4_000_000  # gathered values per chunk of replicates (32 MB of float64)
+
+
+def _n_users(x: np.ndarray) -> int | list[int]:
+    """Users per seed with a defined value: one number when every seed has the same."""
+    n = np.sum(np.isfinite(x), axis=1)
+    return int(n[0]) if (n == n[0]).all() else [int(v) for v in n]
+
+
 def _stack(x) -> np.ndarray:
     a = np.asarray(x, float)
     if a.ndim != 2 or not a.size:
@@ -55,10 +64,13 @@ def replicate_means(x, idx: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     if s.shape[1] != x.shape[0] or u.shape[2] != x.shape[1]:
         raise ConfigError(f"outcomes of shape {x.shape} do not match the bootstrap's {s.shape[1]} seeds x "
                           f"{u.shape[2]} users")
-    b = x[s[:, :, None], u]  # [B, S, U]
+    out = np.empty(len(s))
+    step = max(1, _CHUNK // max(1, x.size))  # replicates per chunk: bounded memory on big held-out sets
     with _quiet():
-        per_seed = np.nanmean(b, axis=2)
-        return np.nanmean(per_seed, axis=1)
+        for a in range(0, len(s), step):
+            b = x[s[a:a + step, :, None], u[a:a + step]]  # [chunk, S, U]
+            out[a:a + step] = np.nanmean(np.nanmean(b, axis=2), axis=1)
+    return out
 
 
 def point(x) -> float:
@@ -97,9 +109,7 @@ def holm(pvals: dict[str, float | None]) -> dict[str, float | None]:
 def summarize(x, idx, alpha: float = 0.05) -> dict:
     """Mean with its bootstrap interval and its denominator (users per seed with a defined value)."""
     x = _stack(x)
-    n_users = np.sum(np.isfinite(x), axis=1)
-    return {"mean": _none(point(x)), "ci95": _interval(replicate_means(x, idx), alpha),
-            "n_users": int(n_users.min()) if n_users.min() == n_users.max() else [int(v) for v in n_users],
+    return {"mean": _none(point(x)), "ci95": _interval(replicate_means(x, idx), alpha), "n_users": _n_users(x),
             "n_seeds": int(x.shape[0])}
 
 
@@ -112,7 +122,7 @@ def paired_diff(a, b, idx, alpha: float = 0.05) -> dict:
     d = _stack(a) - _stack(b)
     boots = replicate_means(d, idx)
     return {"mean": _none(point(d)), "ci95": _interval(boots, alpha), "p": boot_p(boots),
-            "n_users": int(np.sum(np.isfinite(d), axis=1).min()), "n_seeds": int(d.shape[0])}
+            "n_users": _n_users(d), "n_seeds": int(d.shape[0])}
 
 
 def _verdict(row: dict, alpha: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rlsim import study_stats
 from rlsim.errors import ConfigError
 from rlsim.study_stats import (beats_both, bootstrap_indices, holm, paired_spearman, paired_vs, point,
                                replicate_means, summarize)
@@ -87,7 +88,7 @@ def test_paired_resampling_sees_what_independent_seed_resampling_cannot():
     assert np.percentile(unpaired, 2.5) < 0 < np.percentile(unpaired, 97.5)
 
 
-def test_two_levels_nan_users_and_denominators():
+def test_two_levels_nan_users_and_denominators(monkeypatch):
     # Seeds resampled: one seed at 1.0 and one at 0.0, users constant within a seed -> the
     # replicate means are 0, 0.5 or 1 (a user-only bootstrap would always give 0.5).
     x = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
@@ -98,6 +99,12 @@ def test_two_levels_nan_users_and_denominators():
     assert point(y) == pytest.approx(0.5)
     s = summarize(y, bootstrap_indices(2, 3, 200, seed=0))
     assert s["n_users"] == 2 and s["n_seeds"] == 2 and s["ci95"][0] <= 0.5 <= s["ci95"][1]
+    # Chunked replicates (bounded memory) give the same numbers as one gather.
+    z = np.random.default_rng(1).uniform(size=(4, 50))
+    idx = bootstrap_indices(4, 50, 300, seed=2)
+    whole = np.nanmean(np.nanmean(z[idx[0][:, :, None], idx[1]], axis=2), axis=1)
+    monkeypatch.setattr(study_stats, "_CHUNK", 450)  # 2 replicates per chunk
+    assert np.array_equal(replicate_means(z, idx), whole)
     with pytest.raises(ConfigError, match="do not match"):
         replicate_means(np.zeros((3, 3)), bootstrap_indices(2, 3, 10))
     with pytest.raises(ConfigError, match="seed, user"):
