@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     pairs = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in pairs if d.count("/") != 1]
     if bad or not pairs:
-        raise ConfigError(f"--datasets: expected DATASET/SPLIT items, got {bad or args.datasets!r}")
+        ap.error(f"--datasets: expected DATASET/SPLIT items, got {bad or args.datasets!r}")
     scfg = from_dict(StudyConfig, sections.get("study"), "study")
     scfg = replace(scfg, seeds=args.seeds, **{k: v for k, v in (("env_steps", args.env_steps),
                                                                    ("bootstrap", args.bootstrap),
@@ -70,7 +70,10 @@ def main(argv=None) -> int:
                                               if v is not None})
     if args.sources:
         scfg.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    scfg.validate()
+    try:
+        scfg.validate()
+    except ConfigError as exc:
+        ap.error(str(exc))
     work = Path(args.work or tempfile.mkdtemp(prefix="rlsim-bench-study-"))
     datasets = {}
     with ray_session(num_cpus=args.num_cpus, include_dashboard=False,

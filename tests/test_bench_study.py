@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "study.py"
@@ -38,3 +39,15 @@ def test_bench_study_writes_every_key(tmp_path, data_root, cache_root, tiny_rewa
         assert {"mean", "ci95", "p_holm"} <= set(v) and len(v["ci95"]) == 2 and v["n_users"] == d["held_out_users"]
     assert {"popularity", "random", "real_oracle", "mf_top1", "bpr_top1", "reward_model_greedy"} == set(d["references"])
     assert "popularity-first" in d["answer"]
+
+
+def test_bench_study_refuses_bad_arguments_in_one_line(capsys):
+    spec = importlib.util.spec_from_file_location("bench_study", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--datasets", "ml-100k"])
+    assert e.value.code == 2 and "expected DATASET/SPLIT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds", "0"])
+    assert "study.seeds" in capsys.readouterr().err.splitlines()[-1]
