@@ -74,6 +74,14 @@ class StudyConfig:
             raise ConfigError("study.sources needs at least two sources to compare")
         if "llm_persona" in self.sources and not self.llm_persona_actor:
             raise ConfigError("study source 'llm_persona' needs study.llm_persona_actor (a running persona simulator)")
+        from dataclasses import fields
+
+        from rlsim.bpr import BPR
+
+        known = {f.name for f in fields(BPR)}
+        bad = [g for g in self.bpr_grid if not isinstance(g, dict) or set(g) - known]
+        if bad:
+            raise ConfigError(f"study.bpr_grid: each entry is a mapping of {sorted(known)}, got {bad[0]!r}")
         if self.seeds < 1 or self.env_steps < 1 or self.bootstrap < 1:
             raise ConfigError("study.seeds, study.env_steps and study.bootstrap must be >= 1")
         return self
@@ -368,11 +376,13 @@ def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps:
             1 - c["persona_calls"] / persona_only["persona_calls"]
         c["hit_rate_loss_vs_persona_only"] = None if not persona_only else \
             persona_only["real_hit_rate"] - c["real_hit_rate"]
-    ends = _curve_ends(curve)
+    from rlsim.study_real import curve_ends, curve_vs_ends
+
+    ends = curve_ends(curve)
     # The goal is only meaningful strictly between the ends: threshold >= 1 never asks the persona.
     ok = [c["threshold"] for c in curve if c["calls_saved"] is not None and c["calls_saved"] >= 0.8
           and c["hit_rate_loss_vs_persona_only"] <= 0.01 and c["threshold"] not in ends]
-    verdicts = _beats_both_ends(per_user, ends, bootstrap, dcfg.seed)
+    verdicts = curve_vs_ends(per_user, ends, bootstrap, dcfg.seed)
     for c in curve:
         c["beats_both_ends"] = verdicts.get(c["threshold"])
     return {"dataset": f"{dcfg.dataset} {split.name}", "seeds": seeds, "env_steps_per_policy": env_steps,
@@ -382,23 +392,3 @@ def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps:
             "ends": {"persona_only": ends[0] if ends else None, "reward_model_only": ends[1] if ends else None},
             "better_than_both_ends_at": [t for t, v in verdicts.items() if v and v.get("better")],
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _curve_ends(curve: list[dict]) -> tuple[float, float] | None:
-    """(persona-only threshold 0, reward-model-only: the largest threshold >= 1, which never asks)."""
-    ths = [c["threshold"] for c in curve]
-    top = max(ths, default=0.0)
-    return (0.0, top) if 0.0 in ths and top >= 1.0 else None
-
-
-def _beats_both_ends(per_user: dict[float, list], ends, n_boot: int, seed: int) -> dict:
-    """Per middle threshold: its paired real-hit-rate differences from both ends and whether it
-    beats both (rlsim.study_stats.beats_both); the same held-out users per seed at every threshold."""
-    from rlsim.study_stats import beats_both, bootstrap_indices
-
-    if ends is None:
-        return {}
-    arrays = {th: np.stack(v) for th, v in per_user.items()}
-    S, U = arrays[ends[0]].shape
-    idx = bootstrap_indices(S, U, n_boot, seed)
-    return {th: beats_both(arrays, th, list(ends), idx) for th in arrays if th not in ends}

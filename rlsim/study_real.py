@@ -9,7 +9,8 @@ users with held-out behaviour) and the same candidates. Per user and seed:
 Coverage is per seed: distinct items picked over distinct valid candidate items of those users.
 References: popularity-first, random (its expectation), the real oracle, explicit MF top-1
 (rlsim.baselines), implicit BPR top-1 (rlsim.bpr, settings chosen on a training validation slice),
-and the reward model's greedy pick when a checkpoint is known.
+and the reward model's greedy pick when a checkpoint is known. The hybrid curve's middle thresholds
+are judged against both of its ends (persona-only, reward-model-only) the same way.
 """
 
 from __future__ import annotations
@@ -140,3 +141,21 @@ def answer(summary: dict, sources: list[str], held: dict) -> str:
         corr += (" The hybrid " + ("beats" if hyb["better"] else "does not beat")
                  + " both persona-only and reward-model-only with paired intervals.")
     return head + verdict + corr
+
+
+def curve_ends(curve: list[dict]) -> tuple[float, float] | None:
+    """(persona-only threshold 0, reward-model-only: the largest threshold >= 1, which never asks)."""
+    ths = [c["threshold"] for c in curve]
+    top = max(ths, default=0.0)
+    return (0.0, top) if 0.0 in ths and top >= 1.0 else None
+
+
+def curve_vs_ends(per_user: dict[float, list], ends, n_boot: int, seed: int) -> dict:
+    """Per middle threshold: its paired real-hit-rate differences from both ends and whether it
+    beats both (rlsim.study_stats.beats_both); the same held-out users per seed at every threshold."""
+    if ends is None:
+        return {}
+    arrays = {th: np.stack(v) for th, v in per_user.items()}
+    S, U = arrays[ends[0]].shape
+    idx = bootstrap_indices(S, U, n_boot, seed)
+    return {th: beats_both(arrays, th, list(ends), idx) for th in arrays if th not in ends}

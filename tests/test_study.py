@@ -25,6 +25,8 @@ def test_config_validation():
         StudyConfig(sources=["bias"]).validate()
     with pytest.raises(ConfigError, match="llm_persona_actor"):
         StudyConfig(sources=["bias", "llm_persona"]).validate()
+    with pytest.raises(ConfigError, match="study.bpr_grid"):
+        StudyConfig(bpr_grid=[{"factors": 8, "lr_decay": 0.9}]).validate()
     with pytest.raises(ConfigError, match="bootstrap must be >= 1"):
         StudyConfig(bootstrap=0).validate()
 

@@ -50,3 +50,17 @@ def test_coverage_counts_distinct_picks_over_distinct_candidates():
     d = _data()
     c = coverage(d, np.array([0, 0, 0]))  # items 10, 10, 16 of 10 distinct candidate items
     assert c == {"coverage": pytest.approx(0.2), "distinct_picked": 2, "distinct_candidates": 10}
+
+
+def test_hybrid_curve_ends_and_the_middle_judged_against_both():
+    from rlsim.study_real import curve_ends, curve_vs_ends
+
+    assert curve_ends([{"threshold": t} for t in (0.0, 0.9, 1.01)]) == (0.0, 1.01)
+    assert curve_ends([{"threshold": t} for t in (0.0, 0.9)]) is None  # no end that never asks the persona
+    rng = np.random.default_rng(0)
+    base = (rng.uniform(size=(3, 80)) < 0.3).astype(float)
+    per_user = {0.0: list(base), 1.01: list(base), 0.9: list(np.maximum(base, rng.uniform(size=(3, 80)) < 0.4)),
+                0.5: list(base)}
+    v = curve_vs_ends(per_user, (0.0, 1.01), 500, 0)
+    assert set(v) == {0.9, 0.5} and v[0.9]["better"] is True and v[0.5]["better"] is False
+    assert curve_vs_ends(per_user, None, 500, 0) == {}
