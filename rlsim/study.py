@@ -3,19 +3,18 @@
 For each source (bias, MF, the reward model, the offline persona, the hybrid, and an LLM persona pool
 when one runs as a simulator actor):
 1. its fidelity on the test split (rlsim.simulators.fidelity: micro, macro, discrimination);
-2. PPO trained against it for ``seeds`` seeds, every policy for the same number of env steps, on
-   the same training users (a seed draws the held-out users; every source sees the same draw);
+2. PPO trained against it for ``seeds`` seeds, every policy for the same number of env steps; a
+   seed draws the held-out users, only among users with held-out behaviour (a test rating), and
+   every source sees the same draw (run.json's held-out ids are the truth);
 3. every policy judged on that seed's held-out users by every source (the matrix: the mean rating
-   each source gives its picks) and by real held-out behaviour (hit rate, mean real rating of
-   picks that have one with coverage, NDCG of its candidate ranking), beside random,
-   popularity-first and the real oracle;
-4. the answer: Spearman across sources between each fidelity measure (signed so that higher means
-   more faithful) and the real hit rate of the policy trained on that source, with a bootstrap
-   interval over seeds; the best policy's margin over popularity-first with a t-interval.
-   A source whose fidelity coverage (answered / asked test pairs) is below ``min_fidelity_coverage``
-   is left out of that correlation and named: its NLL/RMSE are over the pairs it happened to
-   answer, not comparable with the others'. ``reward_accounting`` says, per source, how many of
-   its policies' training rewards were answered or failed (by reason).
+   each source gives its picks) and by real held-out behaviour, per user (rlsim.study_real: hit,
+   watched, slate NDCG, coverage), beside references on the same users and candidates:
+   popularity-first, random, the real oracle, explicit MF top-1, BPR top-1, reward-model greedy;
+4. the answer (rlsim.study_stats): every source's paired difference from popularity-first with a
+   two-level bootstrap interval (seeds, then users), Holm-corrected across all sources (no best-of
+   selection); Spearman across sources between each fidelity measure (signed so that higher means
+   more faithful) and the real hit rate, with the same paired resampling; the hybrid beside both
+   of its ends (persona-only, reward-model-only).
 
 Ray must be running (the CLI starts it): each policy's simulator lives in a named actor.
 """
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.config import DataConfig, from_dict, to_dict
-from rlsim.errors import ConfigError
+from rlsim.errors import ConfigError, DataError
 from rlsim.io import write_json
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,8 @@ class StudyConfig:
     """The `study:` YAML section."""
 
     sources: list[str] = field(default_factory=lambda: ["bias", "mf", "reward_model", "offline_persona", "hybrid"])
-    seeds: int = 3
+    # Policies per source; the bootstrap resamples seeds, so few seeds give wide intervals.
+    seeds: int = 5
     # Every policy trains for this many env steps (iterations = ceil(env_steps / train_batch_size)).
     env_steps: int = 30000
     like_threshold: float = 4.0
@@ -61,6 +61,8 @@ class StudyConfig:
     llm_persona_actor: str | None = None
     llm_persona_namespace: str | None = None
     bootstrap: int = 2000
+    # BPR settings to choose from on a training validation slice (empty: rlsim.bpr.select_bpr's grid).
+    bpr_grid: list = field(default_factory=list)
     # Settings of the hybrid source (rlsim.simulators.hybrid.HybridConfig fields).
     hybrid: dict = field(default_factory=dict)
     # When set, also trace the hybrid's curve over these entropy thresholds (0 = persona-only):
@@ -78,10 +80,18 @@ class StudyConfig:
             raise ConfigError("study.sources needs at least two sources to compare")
         if "llm_persona" in self.sources and not self.llm_persona_actor:
             raise ConfigError("study source 'llm_persona' needs study.llm_persona_actor (a running persona simulator)")
+        from dataclasses import fields
+
+        from rlsim.bpr import BPR
+
+        known = {f.name for f in fields(BPR)}
+        bad = [g for g in self.bpr_grid if not isinstance(g, dict) or set(g) - known]
+        if bad:
+            raise ConfigError(f"study.bpr_grid: each entry is a mapping of {sorted(known)}, got {bad[0]!r}")
         if not 0.0 <= self.min_fidelity_coverage <= 1.0:
             raise ConfigError(f"study.min_fidelity_coverage must be in [0, 1], got {self.min_fidelity_coverage}")
-        if self.seeds < 1 or self.env_steps < 1:
-            raise ConfigError("study.seeds and study.env_steps must be >= 1")
+        if self.seeds < 1 or self.env_steps < 1 or self.bootstrap < 1:
+            raise ConfigError("study.seeds, study.env_steps and study.bootstrap must be >= 1")
         return self
 
 
@@ -97,40 +107,6 @@ def mean_ci(xs) -> dict:
             "n": int(len(a))}
 
 
-def spearman_with_ci(fid: dict[str, float], per_seed: dict[str, list[float]], n_boot: int, seed: int = 0) -> dict:
-    """Spearman(fidelity, mean real hit rate) across sources, with a bootstrap over seeds."""
-    from rlsim.metrics import spearman
-
-    names = [n for n in per_seed if fid.get(n) is not None and len(per_seed[n])]
-    if len(names) < 3:
-        return {"spearman": None, "ci95": None, "sources": names, "note": "needs at least 3 sources"}
-    x = np.array([fid[n] for n in names], float)
-    y = np.array([np.mean(per_seed[n]) for n in names])
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        yb = np.array([np.mean(rng.choice(per_seed[n], len(per_seed[n]))) for n in names])
-        r = spearman(x, yb)
-        if np.isfinite(r):
-            boots.append(r)
-    ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None
-    return {"spearman": spearman(x, y), "ci95": ci, "sources": names}
-
-
-def fidelity_correlation(fid: dict[str, dict], hit_per_seed: dict[str, list[float]], n_boot: int, seed: int = 0,
-                         min_coverage: float = 1.0) -> dict:
-    """Spearman of each fidelity measure (signed) with the real hit rate, over the sources whose
-    fidelity coverage is at least ``min_coverage``; the others are named with their coverage."""
-    cov = {n: f.get("coverage") for n, f in fid.items()}
-    low = {n: c for n, c in cov.items() if c is not None and c < min_coverage}
-    out = {}
-    for m, sign in MEASURES.items():
-        c = spearman_with_ci({n: sign * fid[n][m] for n in fid if fid[n][m] is not None and n not in low},
-                             hit_per_seed, n_boot, seed)
-        out[m] = {**c, "excluded_low_coverage": low, "min_coverage": min_coverage}
-    return out
-
-
 def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
     """The source's SimulatorSpec. The judging copy of the hybrid never distils: the fidelity
     table and the matrix score every policy with the same, unchanging simulator."""
@@ -144,6 +120,12 @@ def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
                          options=hybrid if name == "hybrid" else {})
 
 
+def fidelity_for_correlation(fid: dict[str, dict], min_coverage: float) -> tuple[dict, dict]:
+    """(the sources whose fidelity enters the correlation, {left-out source: its coverage})."""
+    low = {n: f.get("coverage") for n, f in fid.items() if f.get("coverage") is not None and f["coverage"] < min_coverage}
+    return {n: f for n, f in fid.items() if n not in low}, low
+
+
 def source_accounting(runs: list[dict]) -> dict:
     """A source's training rewards over its policies: asked, answered, failed (by reason)."""
     from rlsim.vector_env import reward_accounting
@@ -154,8 +136,11 @@ def source_accounting(runs: list[dict]) -> dict:
 def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], train_table: np.ndarray,
                  test: pd.DataFrame, like: float, k: int) -> dict:
     """One trained policy on one seed's held-out users: the mean rating every source gives its
-    picks, and the real view (with random / popularity-first / real oracle on the same users)."""
+    picks, the real view (with random / popularity-first / real oracle on the same users), and the
+    per-user real outcomes (``outcomes``: hit, watched, slate NDCG; ``coverage``) for the bootstrap."""
+    from rlsim.policy.evaluate import available, held_out_ratings, initial_observations, module_logits
     from rlsim.policy.run import judge_users
+    from rlsim.study_real import strategy_outcomes
 
     metrics, _, picks = judge_users(data, rows, train_table, module, history, test, like, k)
     sub = data.subset(rows)
@@ -165,10 +150,23 @@ def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], tra
         v = t[rows][idx, picks]
         ok = sub.cand_valid[idx, picks] & np.isfinite(v)
         by_source[name] = float(v[ok].mean()) if ok.any() else None
+    # The policy's own ranking: its masked logits (what the env lets it pick), as judge_users' picks.
+    r = train_table[rows]
+    logits = module_logits(module, initial_observations(sub, r, history))
+    outcomes, cov = strategy_outcomes(sub, held_out_ratings(sub, test), logits, like, k, available(sub, r))
     return {"by_source": by_source, "real": {n: {key: metrics[n].get(key) for key in
                                                  ("hit_rate", "mean_real_rating", "real_coverage")}
                                              for n in ("policy", "random", "popularity", "real_oracle")},
-            "ndcg": metrics["ndcg"], "gap_closed_own_simulator": metrics.get("gap_closed")}
+            "ndcg": metrics["ndcg"], "gap_closed_own_simulator": metrics.get("gap_closed"),
+            "outcomes": outcomes, "coverage": cov}
+
+
+def held_out_rows(data, run_dir: Path) -> np.ndarray:
+    """The held-out rows of a trained run: run.json's ids are the truth (as in evaluate_policy)."""
+    from rlsim.policy.run import load_run
+
+    ids = np.asarray(load_run(run_dir).get("users", {}).get("held_out_user_ids", []), np.int64)
+    return np.flatnonzero(np.isin(data.user_ids, ids))
 
 
 def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Path, progress: bool = True,
@@ -198,10 +196,12 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     from rlsim.errors import require_ray
     from rlsim.personas.config import PersonaConfig
     from rlsim.policy.config import PolicyConfig
-    from rlsim.policy.run import split_users, train_policy
+    from rlsim.policy.evaluate import held_out_ratings
+    from rlsim.policy.run import held_out_eligible, train_policy
     from rlsim.policy.train import load_policy_module
-    from rlsim.simulators.factory import local_simulator
+    from rlsim.simulators.factory import SimulatorSpec, local_simulator
     from rlsim.simulators.fidelity import fidelity
+    from rlsim.study_real import answer, reference_scores, references_for_users, summarize_outcomes
 
     require_ray("the study")
     scfg = scfg.validate()
@@ -245,9 +245,12 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
 
     runs: dict[str, list[dict]] = {n: [] for n in sources}
     bar = tqdm(total=len(sources) * scfg.seeds, desc="study policies", unit="policy", disable=not progress)
-    data = None
-    tables = None
+    data = tables = ref_scores = None
+    outcomes: dict[str, dict[str, list]] = {key: {} for key in ("hit", "watched", "ndcg")}
+    cover: dict[str, list] = {}
+    held_ids, eligible = [], None
     for seed in range(scfg.seeds):
+        seed_rows = None
         for n in sources:
             run_dir = out / "policies" / f"{n}-seed{seed}"
             pcfg = replace(base, seed=seed)
@@ -256,43 +259,65 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
             if data is None:  # the env tables are the same for every run (same candidates and training ratings)
                 data = EnvData.load(run_dir / "env_data")
                 tables = {m: score_all(data, sims[m]) for m in sources}
-            _, held = split_users(len(data.user_ids), pcfg.holdout_users, seed)
+                eligible = held_out_eligible(data, split.test)
+                rm = tables.get("reward_model")
+                if rm is None and ckpt:
+                    rm = score_all(data, local_simulator(SimulatorSpec("model", ckpt), ds, split.train, **kw))
+                ref_scores, ref_info = reference_scores(data, split.train, ds.scale, dcfg.seed, rm, scfg.bpr_grid)
+            held = held_out_rows(data, run_dir)
+            if seed_rows is None:
+                seed_rows = held
+            elif not np.array_equal(held, seed_rows):
+                raise DataError(f"seed {seed}: {n}'s held-out users differ from {sources[0]}'s; the comparison "
+                                "would not be paired")
             res = judge_policy(data, held, load_policy_module(run_dir / "checkpoint"), pcfg.env_history(), tables,
-                         tables[n], split.test, scfg.like_threshold, scfg.ndcg_k)
+                               tables[n], split.test, scfg.like_threshold, scfg.ndcg_k)
+            for key, v in res.pop("outcomes").items():
+                outcomes[key].setdefault(n, []).append(v)
+            cover.setdefault(n, []).append(res.pop("coverage"))
             res.update({"seed": seed, "env_steps": tm["env_steps"], "wall_seconds": tm["wall_seconds"],
                         "reward_accounting": tm["reward_accounting"],
                         "held_out_users": int(len(held)), "simulator": tm.get("simulator", {}).get("simulator", {})})
             runs[n].append(res)
             bar.update(1)
+        # The references on the same users and candidates as this seed's policies.
+        sub = data.subset(seed_rows)
+        refs, ref_cov = references_for_users(sub, held_out_ratings(sub, split.test),
+                                             {m: v[seed_rows] for m, v in ref_scores.items()},
+                                             scfg.like_threshold, scfg.ndcg_k)
+        for name, o in refs.items():
+            for key, v in o.items():
+                outcomes[key].setdefault(name, []).append(v)
+            cover.setdefault(name, []).append(ref_cov[name])
+        held_ids.append([int(u) for u in data.user_ids[seed_rows]])
     bar.close()
-    # 3. Aggregate.
+    if len({len(h) for h in held_ids}) != 1:
+        raise DataError("the seeds hold out different numbers of users; the bootstrap needs the same count")
+    # 3. Aggregate: two-level paired bootstrap over seeds and held-out users (rlsim.study_stats).
+    arrays = {key: {n: np.stack(v) for n, v in by.items()} for key, by in outcomes.items()}
+    np.savez_compressed(out / "outcomes.npz", held_out_user_ids=np.array(held_ids),
+                        **{f"{key}/{n}": a for key, by in arrays.items() for n, a in by.items()})
+    # A source whose fidelity covers fewer test pairs than min_fidelity_coverage (an LLM that failed
+    # some) has an NLL/RMSE over the pairs it answered: not comparable, so out of the correlation.
+    kept, low = fidelity_for_correlation(fid, scfg.min_fidelity_coverage)
+    summary = summarize_outcomes(arrays, cover, sources, kept, MEASURES, scfg.bootstrap, dcfg.seed)
+    for c in summary["fidelity_vs_real_spearman"].values():
+        c.update(excluded_low_coverage=low, min_coverage=scfg.min_fidelity_coverage)
     matrix = {n: {m: mean_ci([r["by_source"][m] for r in runs[n]])["mean"] for m in sources} for n in sources}
-    real = {n: {"hit_rate": mean_ci([r["real"]["policy"]["hit_rate"] for r in runs[n]]),
-                "mean_real_rating": mean_ci([r["real"]["policy"]["mean_real_rating"] for r in runs[n]]),
-                "real_coverage": mean_ci([r["real"]["policy"]["real_coverage"] for r in runs[n]]),
-                "ndcg": mean_ci([r["ndcg"].get("policy") for r in runs[n]]),
-                "env_steps": int(round(mean_ci([r["env_steps"] for r in runs[n]])["mean"]))} for n in sources}
-    first = runs[sources[0]]
-    reference = {b: {"hit_rate": mean_ci([r["real"][b]["hit_rate"] for r in first]),
-                     "mean_real_rating": mean_ci([r["real"][b]["mean_real_rating"] for r in first])}
-                 for b in ("random", "popularity", "real_oracle")}
-    reference["popularity"]["ndcg"] = mean_ci([r["ndcg"].get("popularity") for r in first])
-    reference["floor"] = {"ndcg": mean_ci([r["ndcg"].get("floor") for r in first])}
-    hit_per_seed = {n: [r["real"]["policy"]["hit_rate"] for r in runs[n]] for n in sources}
-    correlation = fidelity_correlation(fid, hit_per_seed, scfg.bootstrap, dcfg.seed, scfg.min_fidelity_coverage)
-    best = max(sources, key=lambda n: real[n]["hit_rate"]["mean"] or -1)
-    margin = mean_ci([r["real"]["policy"]["hit_rate"] - r["real"]["popularity"]["hit_rate"] for r in runs[best]])
-    beats = margin["mean"] is not None and margin["mean"] > 0
-    sure = beats and margin["ci95"] is not None and margin["ci95"][0] > 0
-    answer = _answer(correlation, best, margin, beats, sure)
-    result = {"dataset": dcfg.dataset, "split": split.name, "sources": sources, "seeds": scfg.seeds,
+    test_users = set(split.test["user_id"].unique())
+    held = {"users_per_seed": len(held_ids[0]), "seeds": scfg.seeds, "eligible_users": int(eligible.sum()),
+            "env_users": int(len(data.user_ids)), "eligibility": "users with at least one held-out (test) rating",
+            "with_held_out_behaviour_per_seed": [sum(u in test_users for u in h) for h in held_ids],
+            "with_held_out_rated_candidate_per_seed": [int(np.isfinite(a).sum()) for a in arrays["ndcg"][sources[0]]]}
+    result = {"dataset": dcfg.dataset, "split": split.name, "source_names": sources, "seeds": scfg.seeds,
               "env_steps_per_policy": scfg.env_steps, "iterations_per_policy": base.iterations,
-              "held_out_users": first[0]["held_out_users"], "like_threshold": scfg.like_threshold,
+              "held_out_users": held["users_per_seed"],
+              "held_out_users_with_behaviour": min(held["with_held_out_behaviour_per_seed"]),
+              "held_out": held, "like_threshold": scfg.like_threshold, "ndcg_k": scfg.ndcg_k,
               "fidelity": fid, "reward_accounting": {n: source_accounting(runs[n]) for n in sources},
-              "matrix": matrix, "real": real, "reference": reference,
-              "fidelity_vs_real_spearman": correlation,
-              "best_source": best, "best_vs_popularity_hit_rate": margin, "best_beats_popularity": beats,
-              "best_beats_popularity_with_95pct_confidence": sure, "answer": answer,
+              "matrix": matrix, **summary, "reference_settings": ref_info,
+              "env_steps": {n: int(round(float(np.mean([r["env_steps"] for r in runs[n]])))) for n in sources},
+              "answer": answer(summary, sources, held),
               "candidates_recall": cand_metrics["candidates"]["blend"]["recall"],
               "reward_checkpoint": ckpt, "config": {"study": to_dict(scfg), "policy": asdict(base)},
               "runs": runs, "seconds": round(time.perf_counter() - t0, 1)}
@@ -300,22 +325,26 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     hybrid = None
     if scfg.hybrid_thresholds:
         hybrid = hybrid_curve(dcfg, ckpt, scfg.hybrid_thresholds, scfg.seeds, scfg.env_steps, scfg.hybrid, sections,
-                              out / "hybrid", dataset=ds, split=split, progress=progress)
+                              out / "hybrid", dataset=ds, split=split, like_threshold=scfg.like_threshold,
+                              progress=progress, bootstrap=scfg.bootstrap)
         write_json(out / "hybrid.json", hybrid)
-    from rlsim.report import write_study_report
+    from rlsim.report_study import write_study_report
 
     write_study_report(result, out, hybrid=hybrid)
     return result
 
 
 def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps: int, hybrid: dict, sections: dict,
-                 out: str | Path, dataset=None, split=None, like_threshold: float = 4.0, progress: bool = True) -> dict:
+                 out: str | Path, dataset=None, split=None, like_threshold: float = 4.0, progress: bool = True,
+                 bootstrap: int = 2000) -> dict:
     """Persona calls saved against real quality, over the hybrid's entropy threshold.
 
     For each threshold PPO is trained against the hybrid (same env steps, ``seeds`` seeds) and judged
     on held-out users by their real held-out ratings; threshold 0 is persona-only (every answer from
-    the persona, through the same cache), so calls_saved = 1 - calls(threshold) / calls(0). The
-    fidelity columns are the judging copy's (it never distils) on the test split."""
+    the persona, through the same cache), so calls_saved = 1 - calls(threshold) / calls(0); a
+    threshold >= 1 never asks the persona (reward-model-only). A middle threshold counts as better
+    only when it beats both ends with paired intervals (``beats_both_ends``). The fidelity columns
+    are the judging copy's (it never distils) on the test split."""
     from tqdm.auto import tqdm
 
     from rlsim.candidates import CandidatesConfig, write_candidates
@@ -323,7 +352,7 @@ def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps:
     from rlsim.env import EnvData, score_all
     from rlsim.errors import require_ray
     from rlsim.policy.config import PolicyConfig
-    from rlsim.policy.run import split_users, train_policy
+    from rlsim.policy.run import train_policy
     from rlsim.policy.train import load_policy_module
     from rlsim.simulators.factory import SimulatorSpec, local_simulator
     from rlsim.simulators.fidelity import micro
@@ -337,7 +366,7 @@ def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps:
     cands = pd.read_parquet(out / "candidates" / "candidates.parquet")
     base = from_dict(PolicyConfig, sections.get("policy"), "policy")
     base = replace(base, iterations=max(1, math.ceil(env_steps / base.train_batch_size))).validate()
-    model_table, curve, t0 = None, [], time.perf_counter()
+    model_table, curve, per_user, t0 = None, [], {}, time.perf_counter()
     bar = tqdm(total=len(thresholds) * seeds, desc="hybrid curve", unit="policy", disable=not progress)
     for th in [float(t) for t in thresholds]:
         opts = {**hybrid, "threshold": th}
@@ -351,10 +380,11 @@ def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps:
                               ccfg=ccfg, sections=sections, dataset=dataset, split=split, progress=False)
             data = EnvData.load(run / "env_data")
             if model_table is None:  # only its mask matters here: every candidate the reward model rates
-                model_table = score_all(data, local_simulator(SimulatorSpec("reward_model", ckpt), dataset, split.train))
-            _, held = split_users(len(data.user_ids), pcfg.holdout_users, seed)
+                model_table = score_all(data, local_simulator(SimulatorSpec("model", ckpt), dataset, split.train))
+            held = held_out_rows(data, run)
             res = judge_policy(data, held, load_policy_module(run / "checkpoint"), pcfg.env_history(), {}, model_table,
                                split.test, like_threshold, 10)
+            per_user.setdefault(th, []).append(res["outcomes"]["hit"])
             sim = tm["simulator"]["simulator"]
             hits.append(res["real"]["policy"]["hit_rate"])
             calls.append(sim["persona_calls"])
@@ -374,30 +404,19 @@ def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps:
             1 - c["persona_calls"] / persona_only["persona_calls"]
         c["hit_rate_loss_vs_persona_only"] = None if not persona_only else \
             persona_only["real_hit_rate"] - c["real_hit_rate"]
+    from rlsim.study_real import curve_ends, curve_vs_ends
+
+    ends = curve_ends(curve)
+    # The goal is only meaningful strictly between the ends: threshold >= 1 never asks the persona.
     ok = [c["threshold"] for c in curve if c["calls_saved"] is not None and c["calls_saved"] >= 0.8
-          and c["hit_rate_loss_vs_persona_only"] <= 0.01]
+          and c["hit_rate_loss_vs_persona_only"] <= 0.01 and c["threshold"] not in ends]
+    verdicts = curve_vs_ends(per_user, ends, bootstrap, dcfg.seed)
+    for c in curve:
+        c["beats_both_ends"] = verdicts.get(c["threshold"])
     return {"dataset": f"{dcfg.dataset} {split.name}", "seeds": seeds, "env_steps_per_policy": env_steps,
             "hybrid": dict(hybrid), "curve": curve, "meets_goal_at": ok,
-            "goal": ">= 80% fewer persona calls than persona-only at <= 0.01 loss in real held-out hit rate",
+            "goal": ">= 80% fewer persona calls than persona-only at <= 0.01 loss in real held-out hit rate "
+                    "(thresholds strictly between persona-only and reward-model-only)",
+            "ends": {"persona_only": ends[0] if ends else None, "reward_model_only": ends[1] if ends else None},
+            "better_than_both_ends_at": [t for t, v in verdicts.items() if v and v.get("better")],
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _answer(correlation: dict, best: str, margin: dict, beats: bool, sure: bool) -> str:
-    c = correlation.get("nll") or {}
-    rho, ci = c.get("spearman"), c.get("ci95")
-    if rho is None:
-        corr = "too few sources to correlate fidelity with real performance"
-    else:
-        span = f" (95% bootstrap interval {ci[0]:+.2f} to {ci[1]:+.2f})" if ci else ""
-        corr = (f"across sources, Spearman between fidelity (lower NLL of real ratings) and the real hit rate "
-                f"of the policy trained on that source is {rho:+.2f}{span}")
-    m = margin["mean"]
-    m_ci = margin.get("ci95")
-    tail = f" (95% interval {m_ci[0]:+.4f} to {m_ci[1]:+.4f})" if m_ci else ""
-    if beats:
-        pop = (f"the best policy (trained on {best}) beats popularity-first on real held-out hit rate by "
-               f"{m:+.4f}{tail}" + ("" if sure else ", but the interval includes zero"))
-    else:
-        pop = (f"no policy beats popularity-first on real held-out hit rate: the best (trained on {best}) is "
-               f"{m:+.4f}{tail} behind it")
-    return f"{corr}; {pop}."

@@ -662,7 +662,8 @@ def test_the_study_starts_and_stops_its_llm_persona(tmp_path, data_root, cache_r
         assert main(["study", "--config", str(p), "--out", str(out), "--quiet", "--num-cpus", "1"]) == 0
         n = srv.count()
     r = json.loads((out / "study.json").read_text())
-    assert r["sources"] == ["bias", "mf", "llm_persona"] and r["fidelity"]["llm_persona"]["method"] == "logprobs"
+    assert r["source_names"] == ["bias", "mf", "llm_persona"] and r["fidelity"]["llm_persona"]["method"] == "logprobs"
+    assert set(r["sources"]) == {"bias", "mf", "llm_persona"} and "vs_popularity" in r["sources"]["llm_persona"]
     assert r["runs"]["llm_persona"][0]["env_steps"] >= 128 and n > 0
     acc = r["reward_accounting"]["llm_persona"]
     assert acc["answered"] == acc["asked"] >= 128 and acc["failed"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from rlsim.cli import main
@@ -34,6 +35,25 @@ def test_held_out_users_are_seeded_and_disjoint():
     tr2, ho2 = split_users(100, 0.2, seed=3)
     assert (ho == ho2).all() and not (ho == split_users(100, 0.2, seed=4)[1]).all()
     assert len(split_users(10, 0.0, 0)[1]) == 0
+
+
+def test_held_out_users_are_drawn_only_among_users_with_held_out_behaviour():
+    from rlsim.errors import ConfigError
+    from rlsim.policy.run import split_users
+
+    eligible = np.zeros(100, bool)
+    eligible[::2] = True  # half the users have a test rating, as on ML-100K u1 (459 of 943)
+    tr, ho = split_users(100, 0.2, seed=3, eligible=eligible)
+    assert len(ho) == 20 and eligible[ho].all() and len(tr) == 80 and set(tr) | set(ho) == set(range(100))
+    assert (split_users(100, 0.2, 3, eligible)[1] == ho).all()
+    # The old draw, over all users, holds out users who can never score.
+    assert not eligible[split_users(100, 0.2, seed=3)[1]].all()
+    # Fewer eligible users than the share asks: all of them are held out, the rest train.
+    few = np.zeros(100, bool)
+    few[:5] = True
+    assert list(split_users(100, 0.2, 0, few)[1]) == [0, 1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="eligible has shape"):
+        split_users(100, 0.2, 0, np.ones(99, bool))
 
 
 def test_evaluate_refuses_another_split():

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from rlsim.errors import ConfigError
-from rlsim.study import StudyConfig, mean_ci, spearman_with_ci
+from rlsim.study import StudyConfig, mean_ci
 
 
-def test_mean_ci_and_spearman_by_hand():
+def test_mean_ci_by_hand():
     m = mean_ci([1.0, 2.0, 3.0])
     assert m["mean"] == 2.0 and m["ci95"][0] < 2.0 < m["ci95"][1] and m["n"] == 3
     assert mean_ci([0.5])["ci95"] is None
-    fid = {"a": 3.0, "b": 2.0, "c": 1.0}
-    per_seed = {"a": [0.30, 0.31], "b": [0.20, 0.21], "c": [0.10, 0.11]}
-    r = spearman_with_ci(fid, per_seed, n_boot=200)
-    assert r["spearman"] == pytest.approx(1.0) and r["ci95"] == [1.0, 1.0]
-    r = spearman_with_ci({"a": 1.0, "b": 2.0, "c": 3.0}, per_seed, n_boot=200)
-    assert r["spearman"] == pytest.approx(-1.0)
-    assert spearman_with_ci({"a": 1, "b": 2}, {"a": [1], "b": [2]}, 10)["spearman"] is None
 
 
 def test_config_validation():
@@ -30,6 +25,10 @@ def test_config_validation():
         StudyConfig(sources=["bias"]).validate()
     with pytest.raises(ConfigError, match="llm_persona_actor"):
         StudyConfig(sources=["bias", "llm_persona"]).validate()
+    with pytest.raises(ConfigError, match="study.bpr_grid"):
+        StudyConfig(bpr_grid=[{"factors": 8, "lr_decay": 0.9}]).validate()
+    with pytest.raises(ConfigError, match="bootstrap must be >= 1"):
+        StudyConfig(bootstrap=0).validate()
 
 
 def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_reward_checkpoint):
@@ -44,6 +43,7 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
                       "users_per_episode": 8, "num_envs_per_env_runner": 8},
            "study": {"sources": ["bias", "mf", "reward_model", "hybrid"], "seeds": 2, "env_steps": 500,
                      "bootstrap": 200, "reward_checkpoint": str(tiny_reward_checkpoint),
+                     "bpr_grid": [{"factors": 8, "reg": 0.01, "epochs": 3}, {"factors": 8, "reg": 0.1, "epochs": 3}],
                      "hybrid": {"threshold": 0.9, "distill_every": 0}}}
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -51,16 +51,31 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     assert main(["study", "--config", str(p), "--out", str(out), "--quiet", "--num-cpus", "1"]) == 0
     r = json.loads((out / "study.json").read_text())
     sources = ["bias", "mf", "reward_model", "hybrid"]
-    assert r["sources"] == sources and r["seeds"] == 2
+    assert r["source_names"] == sources and r["seeds"] == 2
     # The matrix: every policy judged by every source; the diagonal is each policy's own simulator.
     assert set(r["matrix"]) == set(sources) and all(set(row) == set(sources) for row in r["matrix"].values())
+    # Held-out users only among users with held-out behaviour; every rate names its denominator.
+    held, z = r["held_out"], np.load(out / "outcomes.npz")
+    test_users = set(pd.read_csv(data_root / "ml-100k" / "u1.test", sep="\t", header=None)[0])
+    assert set(z["held_out_user_ids"].ravel()) <= test_users and z["held_out_user_ids"].shape == (2, held["users_per_seed"])
+    assert r["held_out_users_with_behaviour"] == r["held_out_users"] == held["users_per_seed"] > 0
+    train_users = set(pd.read_csv(data_root / "ml-100k" / "u1.base", sep="\t", header=None)[0])
+    assert held["env_users"] == len(train_users) and held["eligible_users"] == len(train_users & test_users)
+    refs = {"popularity", "random", "real_oracle", "mf_top1", "bpr_top1", "reward_model_greedy"}
+    assert set(r["references"]) == refs and set(r["sources"]) == set(sources)
     for n in sources:
-        assert len(r["runs"][n]) == 2 and r["real"][n]["hit_rate"]["n"] == 2
-        assert 500 <= r["real"][n]["env_steps"] < 1000  # equal env steps for every policy
-        assert 0 <= r["real"][n]["hit_rate"]["mean"] <= 1
-    # Same held-out users for every source within a seed: the reference strategies agree.
-    pops = {n: [x["real"]["popularity"]["hit_rate"] for x in r["runs"][n]] for n in sources}
-    assert all(v == pops["bias"] for v in pops.values())
+        b = r["sources"][n]
+        assert len(r["runs"][n]) == 2 and b["hit_rate"]["n_seeds"] == 2
+        assert b["hit_rate"]["n_users"] == b["watch_rate"]["n_users"] == held["users_per_seed"]
+        assert 500 <= r["env_steps"][n] < 1000  # equal env steps for every policy
+        assert 0 <= b["hit_rate"]["mean"] <= b["watch_rate"]["mean"] <= 1
+        v = b["vs_popularity"]  # every source, Holm-corrected, no best-of
+        assert v["ci95"][0] <= v["mean"] <= v["ci95"][1] and v["p"] <= v["p_holm"] <= 1 and v["n_users"] > 0
+        # The real oracle's first pick is liked whenever any candidate is: no policy beats it.
+        assert z[f"hit/{n}"].shape == z["hit/real_oracle"].shape and (z[f"hit/{n}"] <= z["hit/real_oracle"]).all()
+        assert 0 < b["coverage"]["mean"] <= 1
+    assert r["references"]["real_oracle"]["ndcg"]["mean"] == pytest.approx(1.0)
+    assert r["reference_settings"]["bpr"]["chosen"]["factors"] == 8
     assert set(r["fidelity_vs_real_spearman"]) == {"nll", "rmse", "tv_sampled", "like_acc_1to9"}
     # Every source answered every test pair and every training reward its policies asked for.
     assert all(r["fidelity"][n]["coverage"] == 1.0 for n in sources)
@@ -68,9 +83,13 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     assert r["fidelity_vs_real_spearman"]["nll"]["excluded_low_coverage"] == {}
     assert r["fidelity_vs_real_spearman"]["nll"]["spearman"] is not None
     assert "popularity-first" in r["answer"]
+    assert r["fidelity_vs_real_spearman"]["nll"]["replicates"] == 200
+    assert r["hybrid_vs_ends"]["better"] is None and "offline_persona" in r["hybrid_vs_ends"]["note"]
+    assert "popularity-first" in r["answer"] and all(n in r["answer"] for n in sources)
     assert (out / "matrix.png").stat().st_size > 5000
     html = (out / "report.html").read_text()
     assert "The answer" in html and "matrix.png" in html and "Real held-out behaviour" in html
+    assert "minus popularity-first" in html and "implicit BPR top-1" in html
 
 
 def test_hybrid_curve_counts_persona_calls_against_persona_only(tmp_path, data_root, cache_root,
@@ -79,7 +98,7 @@ def test_hybrid_curve_counts_persona_calls_against_persona_only(tmp_path, data_r
 
     from rlsim.commands.ray_session import ray_session
     from rlsim.config import DataConfig
-    from rlsim.report import write_study_report
+    from rlsim.report_study import write_study_report
     from rlsim.study import hybrid_curve
 
     dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=str(data_root), cache_dir=str(cache_root),
@@ -95,25 +114,29 @@ def test_hybrid_curve_counts_persona_calls_against_persona_only(tmp_path, data_r
     assert by[1.01]["persona_calls"] == 0 and by[1.01]["calls_saved"] == 1.0
     assert 0 <= by[0.9]["calls_saved"] <= 1
     assert all(0 <= c["real_hit_rate"] <= 1 for c in r["curve"])
-    html = write_study_report({"dataset": "ml-100k", "split": "u1", "answer": "-", "sources": []}, tmp_path,
+    # 1.01 never asks the persona: it is the reward-model-only end, never the goal's answer.
+    assert r["ends"] == {"persona_only": 0.0, "reward_model_only": 1.01} and 1.01 not in r["meets_goal_at"]
+    v = by[0.9]["beats_both_ends"]
+    assert set(v["vs"]) == {0.0, 1.01} and isinstance(v["better"], bool)
+    assert by[0.0]["beats_both_ends"] is None and by[1.01]["beats_both_ends"] is None
+    assert r["better_than_both_ends_at"] in ([], [0.9])
+    html = write_study_report({"dataset": "ml-100k", "split": "u1", "answer": "-", "sources": {}}, tmp_path,
                               hybrid=r).read_text()
     assert "Hybrid reward: persona calls saved" in html and (tmp_path / "hybrid.png").stat().st_size > 5000
 
 
 def test_the_correlation_leaves_out_sources_with_low_fidelity_coverage():
-    from rlsim.study import fidelity_correlation
+    from rlsim.study import fidelity_for_correlation
 
     def f(nll, coverage):
         return {"nll": nll, "rmse": nll, "tv_sampled": nll, "like_acc_1to9": -nll, "coverage": coverage}
 
     # llm_persona answered half the test pairs: its NLL (the best) is over the pairs it happened to answer.
     fid = {"a": f(1.0, 1.0), "b": f(2.0, 1.0), "c": f(3.0, 1.0), "llm_persona": f(0.1, 0.5)}
-    hits = {"a": [0.3, 0.3], "b": [0.2, 0.2], "c": [0.1, 0.1], "llm_persona": [0.0, 0.0]}
-    r = fidelity_correlation(fid, hits, n_boot=50)
-    assert r["nll"]["sources"] == ["a", "b", "c"] and r["nll"]["excluded_low_coverage"] == {"llm_persona": 0.5}
-    assert r["nll"]["spearman"] == pytest.approx(1.0)
-    kept = fidelity_correlation(fid, hits, n_boot=50, min_coverage=0.5)  # explicitly allowed
-    assert kept["nll"]["sources"] == ["a", "b", "c", "llm_persona"] and kept["nll"]["spearman"] < 1.0
+    kept, low = fidelity_for_correlation(fid, 1.0)
+    assert sorted(kept) == ["a", "b", "c"] and low == {"llm_persona": 0.5}
+    kept, low = fidelity_for_correlation(fid, 0.5)  # explicitly allowed
+    assert sorted(kept) == ["a", "b", "c", "llm_persona"] and low == {}
     with pytest.raises(ConfigError, match="min_fidelity_coverage"):
         StudyConfig(min_fidelity_coverage=2.0).validate()
 
@@ -131,9 +154,9 @@ def test_each_source_reports_its_training_rewards():
 
 
 def test_the_study_report_says_coverage_and_failures(tmp_path):
-    from rlsim.report import write_study_report
+    from rlsim.report_study import write_study_report
 
-    result = {"dataset": "ml-100k", "split": "u1", "answer": "-", "sources": ["mf", "llm_persona"],
+    result = {"dataset": "ml-100k", "split": "u1", "answer": "-", "source_names": ["mf", "llm_persona"], "sources": {},
               "fidelity": {"mf": {"method": "ordinal noise", "coverage": 1.0, "nll": 1.3},
                            "llm_persona": {"method": "logprobs", "coverage": 0.5, "nll": 1.1}},
               "fidelity_vs_real_spearman": {"nll": {"spearman": None, "sources": ["mf"],

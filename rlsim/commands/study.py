@@ -73,7 +73,9 @@ def cmd_study(args) -> int:
     with cli_ray(args, args.num_cpus):
         result = run_study(dcfg, scfg, sections, args.out, progress=not args.quiet, llm_persona=llm)
     print(json.dumps({"answer": result["answer"],
-                      "real_hit_rate": {n: round(r["hit_rate"]["mean"], 4) for n, r in result["real"].items()},
-                      "popularity_hit_rate": round(result["reference"]["popularity"]["hit_rate"]["mean"], 4)}))
+                      "real_hit_rate": {n: r["hit_rate"]["mean"] for n, r in result["sources"].items()},
+                      "vs_popularity": {n: {k: r["vs_popularity"][k] for k in ("mean", "ci95", "p_holm")}
+                                        for n, r in result["sources"].items()},
+                      "popularity_hit_rate": result["references"]["popularity"]["hit_rate"]["mean"]}))
     print(f"wrote {Path(args.out) / 'study.json'} and {Path(args.out) / 'report.html'}")
     return 0

@@ -135,6 +135,63 @@ def evaluate_strategies(data: EnvData, rewards: np.ndarray, choices: dict[str, n
     return metrics, table
 
 
+def _discounts(k: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, k + 2))
+
+
+def slate_ndcg(data: EnvData, real: np.ndarray, scores: np.ndarray, k: int = 10) -> np.ndarray:
+    """[U] NDCG@k of the top-k slate a strategy's scores make of ALL of a user's valid candidates;
+    gain = the held-out rating (0 where the user has none: unwatched). NaN for a user with no
+    held-out-rated candidate (nothing to find), so those users are not that metric's denominator."""
+    gain = np.where(data.cand_valid, np.nan_to_num(real, nan=0.0), 0.0)
+    s = np.where(data.cand_valid, np.nan_to_num(np.asarray(scores, float), nan=-np.inf), -np.inf)
+    k = min(k, gain.shape[1])
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    disc = _discounts(k)
+    dcg = (np.take_along_axis(gain, order, 1) * disc).sum(1)
+    idcg = (-np.sort(-gain, axis=1)[:, :k] * disc).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(idcg > 0, dcg / idcg, np.nan)
+
+
+def pick_outcomes(data: EnvData, real: np.ndarray, picks: np.ndarray, like_threshold: float,
+                  mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per user (0/1): ``hit`` = the pick has a held-out rating >= the like threshold (watched and
+    liked); ``watched`` = the pick has any held-out rating. An invalid pick (outside ``mask``,
+    default the valid candidates) is neither."""
+    mask = data.cand_valid if mask is None else mask
+    rows = np.arange(len(picks))
+    picks = np.asarray(picks, int)
+    ok = mask[rows, picks]
+    r = np.where(ok, real[rows, picks], np.nan)
+    return {"hit": (np.nan_to_num(r, nan=-np.inf) >= like_threshold).astype(float),
+            "watched": (~np.isnan(r)).astype(float)}
+
+
+def random_outcomes(data: EnvData, real: np.ndarray, like_threshold: float, k: int = 10) -> dict[str, np.ndarray]:
+    """A uniform random pick's (and random slate's) expected per-user outcomes, over the valid candidates."""
+    v = data.cand_valid
+    n = np.maximum(v.sum(1), 1)
+    liked = v & (np.nan_to_num(real, nan=-np.inf) >= like_threshold)
+    watched = v & ~np.isnan(real)
+    gain = np.where(v, np.nan_to_num(real, nan=0.0), 0.0)
+    kk = min(k, gain.shape[1])
+    disc = np.concatenate([[0.0], np.cumsum(_discounts(kk))])[np.minimum(n, kk)]
+    idcg = (-np.sort(-gain, axis=1)[:, :kk] * _discounts(kk)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ndcg = np.where(idcg > 0, gain.sum(1) / n * disc / idcg, np.nan)
+    return {"hit": liked.sum(1) / n, "watched": watched.sum(1) / n, "ndcg": ndcg}
+
+
+def coverage(data: EnvData, picks: np.ndarray) -> dict:
+    """Distinct items picked over the distinct items among these users' valid candidates."""
+    picks = np.asarray(picks, int)
+    items = data.cand_items[np.arange(len(picks)), picks][data.cand_valid[np.arange(len(picks)), picks]]
+    pool = np.unique(data.cand_items[data.cand_valid])
+    return {"coverage": float(len(np.unique(items)) / max(len(pool), 1)), "distinct_picked": int(len(np.unique(items))),
+            "distinct_candidates": int(len(pool))}
+
+
 def ranking_ndcg(data: EnvData, scores: dict[str, np.ndarray], real: np.ndarray, k: int = 10) -> dict:
     """NDCG@k of each strategy's ranking of a user's candidates against their held-out ratings.
 

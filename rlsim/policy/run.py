@@ -31,13 +31,30 @@ from rlsim.simulators.factory import SimulatorSpec, local_simulator, simulator_f
 log = logging.getLogger(__name__)
 
 
-def split_users(n_users: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, held-out rows) of the env's users: a seeded permutation, both sorted."""
-    perm = np.random.default_rng(seed).permutation(n_users)
+def split_users(n_users: int, holdout: float, seed: int,
+                eligible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of the env's users: a seeded permutation, both sorted.
+
+    ``eligible`` [n_users] bool: held-out users are drawn only among these (users with held-out
+    behaviour; the others could never score a real hit); the count stays round(holdout * n_users),
+    at most the eligible users, and every other user trains."""
+    if eligible is None:
+        eligible = np.ones(n_users, bool)
+    eligible = np.asarray(eligible, bool)
+    if eligible.shape != (n_users,):
+        raise ConfigError(f"split_users: eligible has shape {eligible.shape}, expected ({n_users},)")
+    pool = np.flatnonzero(eligible)
+    perm = pool[np.random.default_rng(seed).permutation(len(pool))]
     n_held = int(round(holdout * n_users))
     if holdout > 0 and n_held == 0 and n_users > 1:
         n_held = 1
-    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
+    held = np.sort(perm[:min(n_held, len(pool))])
+    return np.setdiff1d(np.arange(n_users), held), held
+
+
+def held_out_eligible(data, test: pd.DataFrame) -> np.ndarray:
+    """[U] bool: the env users with at least one held-out (test) rating."""
+    return np.isin(data.user_ids, test["user_id"].unique())
 
 
 def _persona_cfg(sections: dict | None):
@@ -90,12 +107,14 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
     data = build_env_data(split.train, ds.items, cands, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir),
                           ds.scale, dims=pcfg.feature_dims)
     data.save(out / "env_data")
-    train_rows, held_rows = split_users(len(data.user_ids), pcfg.holdout_users, pcfg.seed)
+    eligible = held_out_eligible(data, split.test)
+    train_rows, held_rows = split_users(len(data.user_ids), pcfg.holdout_users, pcfg.seed, eligible)
     if not len(train_rows):
         raise ConfigError("no users left to train on (policy.holdout_users too large for this data)")
     write_json(out / "run.json", {
         "data": to_dict(dcfg), "policy": to_dict(pcfg), "reward": asdict(spec),
         "users": {"seed": pcfg.seed, "holdout": pcfg.holdout_users, "train": int(len(train_rows)),
+                  "eligible_for_held_out": int(eligible.sum()), "eligible": "users with a test rating",
                   "held_out_user_ids": [int(u) for u in data.user_ids[held_rows]]}})
     actor = None
     if spec.kind == "actor":
