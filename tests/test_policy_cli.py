@@ -136,7 +136,8 @@ def test_real_ml100k_policy_closes_most_of_the_gap(real_data_dir, tmp_path):
     assert m["policy"]["mean_real_rating"] > m["random"]["mean_real_rating"]
 
 
-def test_policy_trained_for_engagement_against_a_user_who_chooses(tmp_path, data_root, cache_root, capsys):
+def test_policy_trained_for_engagement_against_a_user_who_chooses(tmp_path, data_root, cache_root, capsys,
+                                                                  tiny_reward_checkpoint):
     """--reward-signal engagement: the offline persona first chooses (its neighbours' choice model),
     skips are counted, and a simulated user that only rates is refused in one line."""
     data = ["--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download"]
@@ -152,8 +153,10 @@ def test_policy_trained_for_engagement_against_a_user_who_chooses(tmp_path, data
     assert tm["config"]["reward"] == "engagement" and acc["shown"] >= 400
     assert 0.0 < acc["watch_rate"] < 1.0 and acc["skipped"] + acc["answered"] + acc["failed"] == acc["shown"]
     capsys.readouterr()
-    rc = main(["policy", "train", *data, "--config", str(cfg), "--reward", "mf", "--reward-signal", "liked",
-               "--out", str(tmp_path / "r2"), "--iterations", "1", "--num-cpus", "1", "--quiet"])
+    rc = main(["policy", "train", *data, "--config", str(cfg), "--reward", "reward_model", "--reward-checkpoint",
+               str(tiny_reward_checkpoint), "--reward-signal", "liked", "--out", str(tmp_path / "r2"),
+               "--iterations", "1", "--num-cpus", "1", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert "needs a simulated user that chooses what to watch; mf only rates (these choose: bias, offline_persona)" in err[0]
+    assert ("needs a simulated user that chooses what to watch; reward_model only rates (these choose: bias, mf, "
+            "offline_persona)") in err[0]

@@ -15,6 +15,8 @@ would otherwise vote for itself); then the histories are refitted on all trainin
 
 - :class:`PopularityChoice`: the movie's training count and the user's activity. The reference
   every source's choice must beat.
+- :class:`BPRChoice`: implicit matrix factorisation (BPR) of the watched movies, plus popularity.
+  MF's choice.
 - :class:`NeighbourChoice`: the user's ``k`` nearest neighbours by cosine over binary histories,
   each voting with its similarity for the movies it watched, plus popularity. The offline
   persona's choice: "people like me watched it".
@@ -88,7 +90,6 @@ class _LogisticChoice:
         if len(val) > self.max_link_picks:  # a link of three weights: a sample of picks is plenty
             val = val.sample(self.max_link_picks, random_state=self.seed)
         neg = sample_negatives(val, train, self.negatives, self.seed)
-        self._fit_histories(rest)
         users = np.r_[val["user_id"].to_numpy(), neg["user_id"].to_numpy()]
         items = np.r_[val["item_id"].to_numpy(), neg["item_id"].to_numpy()]
         y = np.r_[np.ones(len(val)), np.zeros(len(neg))]
@@ -96,6 +97,7 @@ class _LogisticChoice:
         for setting in self.candidates():  # chosen on the validation slice, never on test data
             for k, v in setting.items():
                 setattr(self, k, v)
+            self._fit_histories(rest)
             x = self.features(users, items)
             w = _fit_logistic(x, y)
             z = np.hstack([x, np.ones((len(x), 1))]) @ w
@@ -223,7 +225,34 @@ class NeighbourChoice(_LogisticChoice):
         return np.column_stack([np.log1p(s), np.log1p(np.where(iok, self.count[ir], 0))])
 
 
-CHOICE_MODELS = {"popularity": PopularityChoice, "neighbours": NeighbourChoice}
+class BPRChoice(_LogisticChoice):
+    """Implicit MF (rlsim.bpr: BPR, watched vs not) and popularity through a logistic link: MF's choice."""
+
+    name = "bpr"
+
+    def __init__(self, factors: int | None = None, reg: float = 0.01, epochs: int = 30, **kw):
+        super().__init__(**kw)
+        self.factors, self.reg, self.epochs = factors, reg, epochs  # factors None: chosen on validation
+
+    FACTOR_CHOICES = (16, 64)
+
+    def candidates(self) -> list[dict]:
+        return [{"factors": self.factors}] if self.factors else [{"factors": f} for f in self.FACTOR_CHOICES]
+
+    def _fit_histories(self, train: pd.DataFrame) -> None:
+        from rlsim.bpr import BPR
+
+        self.bpr = BPR(factors=self.factors, reg=self.reg, epochs=self.epochs, seed=self.seed).fit(train)
+        self.item_count = train["item_id"].value_counts()
+
+    def features(self, users, items) -> np.ndarray:
+        s = self.bpr.score(np.asarray(users), np.asarray(items))
+        floor = float(np.min(self.bpr.b)) if len(self.bpr.b) else 0.0  # a movie BPR never saw: the lowest bias
+        ic = pd.Series(items).map(self.item_count).fillna(0).to_numpy(float)
+        return np.column_stack([np.where(np.isfinite(s), s, floor), np.log1p(ic)])
+
+
+CHOICE_MODELS = {"popularity": PopularityChoice, "neighbours": NeighbourChoice, "bpr": BPRChoice}
 
 
 class LazyChoice:

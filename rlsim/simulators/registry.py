@@ -159,7 +159,8 @@ def _llm_persona(spec, ctx: BuildContext):
 # The bias baseline picks by popularity and activity: the choice every source must beat.
 register(Entry("bias", "damped user+item bias, with calibrated ordinal noise per user; picks by popularity",
                _baseline, choice="popularity"))
-register(Entry("mf", "matrix factorisation, with calibrated ordinal noise per user", _baseline))
+register(Entry("mf", "matrix factorisation, with calibrated ordinal noise per user; picks by implicit MF (BPR)",
+               _baseline, choice="bpr"))
 register(Entry("reward_model", "the reward model's softmax; the session joins its history tokens",
                _reward_model, needs=("checkpoint",), aliases=("model",)))
 register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias; picks what "

@@ -117,3 +117,16 @@ def test_what_the_user_just_watched_moves_the_neighbours_choice():
         drift += [(u, i, 4.0, 10_000 + t) for t, i in enumerate(picks)]
     g = choice_session_gain(m.probability, train, pd.DataFrame(drift, columns=train.columns), seed=0)
     assert g["trials"] > 100 and g["auc_gain"] > 0.01
+
+
+def test_implicit_mf_choice_beats_popularity_where_taste_decides():
+    from rlsim.simulators.choice import BPRChoice
+
+    train, test = taste_clusters()
+    pop = choice_fidelity(PopularityChoice(seed=0).fit(train).probability, train, test)
+    m = BPRChoice(seed=0, epochs=15).fit(train)
+    bpr = choice_fidelity(m.probability, train, test)
+    assert m.chosen["factors"] in BPRChoice.FACTOR_CHOICES
+    assert bpr["summary"]["auc"] > pop["summary"]["auc"] + 0.03
+    p = m.probability(np.array([1, 10**6]), np.array([10**6, 1]))  # unknown movie, unknown user
+    assert np.isfinite(p).all() and ((p > 0) & (p < 1)).all()

@@ -52,13 +52,14 @@ LOCAL = [n for n in registry.names() if registry.entry(n).build is not None]
 
 
 # Sources that choose what to watch today (the others only rate, and say so).
-CHOOSING = {"bias", "offline_persona"}
+CHOOSING = set(registry.choosing())
 
 
 def test_every_registered_simulator_is_covered_here():
     assert set(registry.names()) == set(LOCAL) | {"actor"}, "a new simulator needs a setup in this test"
     # one name: aliases resolve to it, outputs say it
     assert registry.canonical("model") == "reward_model" and registry.canonical("personas") == "offline_persona"
+    assert {"bias", "mf", "offline_persona"} <= CHOOSING
     assert SimulatorSpec("model", "x").kind == "reward_model"
     with pytest.raises(ConfigError, match="unknown simulated user 'nope'"):
         SimulatorSpec("nope").validate()
@@ -99,7 +100,7 @@ def check_contract(sim, scale, users, items, name):
         np.testing.assert_allclose(o[:, 0], 1 - c, atol=1e-9)
         shown = [Session((int(i),), (4.0,)) for i in items]  # already shown in this session
         assert (sim.choice(users, items, shown) == 0).all()
-        assert d["choice"] in ("popularity", "neighbours")
+        assert d["choice"] == registry.entry(name).choice
     else:
         with pytest.raises(NoChoiceModel, match="has no choice model"):
             sim.choice(users, items)
