@@ -246,6 +246,10 @@ def train_reward_model(data_cfg: DataConfig, cfg: RewardConfig, out_dir: Path | 
     from rlsim.reward.evaluate import evaluate_predictor, write_plots
 
     cfg.validate()
+    if cfg.workers:
+        from rlsim.errors import require_ray
+
+        require_ray("reward training with reward.workers >= 1 (Ray Train)")  # before any loading
     t_start = time.perf_counter()
     dataset, split, text = prepare(data_cfg, dataset, split)
     fit_train, val = holdout_validation(split.train, cfg.val_frac, cfg.seed)
