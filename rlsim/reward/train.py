@@ -273,6 +273,7 @@ def train_reward_model(data_cfg: DataConfig, cfg: RewardConfig, out_dir: Path | 
                                            validation=val, fit_train=fit_train)
     epochs = [h["seconds"] for h in history]
     result = {"dataset": data_cfg.dataset, "split": split.summary(), **metrics,
+              "train_fit_pairs": len(fit_train), "validation_pairs": len(val),
               "history": history, "epochs_run": len(history),
               "seconds_per_epoch": float(np.mean(epochs)) if epochs else None,
               "train_seconds": train_seconds, "reward": to_dict(cfg), **training_summary(history, metrics, cfg)}
