@@ -20,7 +20,6 @@ Nothing here starts Ray: the caller (the CLI, a job, a Tune trial) has.
 
 from __future__ import annotations
 
-import logging
 import resource
 import shutil
 import tempfile
@@ -41,7 +40,6 @@ from rlsim.reward.model import VanillaTransformer
 from rlsim.reward.train import (EpochHooks, _tensors, run_epochs, steps_per_epoch, validation_metrics,
                                 validation_sums)
 
-log = logging.getLogger(__name__)
 WEIGHTS = "weights.pt"
 
 
