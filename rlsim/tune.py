@@ -1,7 +1,9 @@
 """Ray Tune sweep of the reward model: ASHA over lr, width, layers, heads, dropout, batch size.
 
 Each trial is `train_reward_model` with `tune.report` as its per-epoch report_fn, so ASHA stops
-weak trials after `grace_period` epochs. The experiment lives at <storage_path>/<name> (a local
+weak trials after `grace_period` epochs. With reward.workers >= 1 a trial is a Ray Train run
+(TorchTrainer with that many workers, 1 CPU each, on top of the trial's own cpus_per_trial) whose
+epoch reports reach Tune through TuneReportCallback. The experiment lives at <storage_path>/<name> (a local
 folder or a pyarrow filesystem URI such as file:///... or s3://...), and a second call with
 resume=True continues it with Tuner.restore. The best trial's config is exported as a YAML
 that `rlsim reward train --config best.yaml` accepts (sections data + reward).
@@ -107,7 +109,14 @@ def _trial(config: dict, data_cfg: DataConfig, base, dataset, split, threads: in
 
     torch.set_num_threads(max(1, threads))
     cfg = dataclasses.replace(base, **config, progress=False)
-    train_reward_model(data_cfg, cfg, None, report_fn=tune.report, dataset=dataset, split=split)
+    if cfg.workers:
+        # The trial is a Ray Train run: its workers' per-epoch reports reach Tune (and ASHA) through
+        # this callback. Ray Train V2 (Ray's default) drops Tuner(trainer): a trial launches the trainer.
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        train_reward_model(data_cfg, cfg, None, dataset=dataset, split=split, train_callbacks=[TuneReportCallback()])
+    else:
+        train_reward_model(data_cfg, cfg, None, report_fn=tune.report, dataset=dataset, split=split)
 
 
 def experiment_path(tcfg: TuneConfig) -> str:

@@ -85,5 +85,5 @@ def test_long_commands_have_quiet_and_ray_commands_join_a_cluster():
     by = dict(COMMANDS)
     for name in ("reward train", "policy train", "pipeline"):
         assert any("--quiet" in a.option_strings for a in by[name]._actions), name
-    for name in ("reward tune", "policy train", "policy evaluate", "pipeline"):
+    for name in ("reward train", "reward tune", "policy train", "policy evaluate", "pipeline"):
         assert any("--ray-address" in a.option_strings for a in by[name]._actions), name

@@ -147,6 +147,22 @@ def test_pipeline_job_runs_env_runners_on_both_nodes(two_nodes, tmp_path, data_r
 
 @pytest.mark.cluster
 @pytest.mark.timeout(1200)
+def test_reward_job_trains_one_ray_train_worker_per_node(two_nodes, tmp_path, data_root, cache_root):
+    """reward.workers=2 as one `ray job submit`: with one CPU per node, a Ray Train worker runs on each
+    node; rank 0's checkpoint (in a temporary folder the nodes of this machine share) reaches the driver."""
+    cfg_path = _config(tmp_path, data_root, cache_root)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["reward"].update(workers=2, batch_size=128)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    r = _submit(two_nodes, ["python", "jobs/reward.py", str(cfg_path), "--out", str(out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = json.loads((out / "reward" / "metrics.json").read_text())
+    assert [h["workers"] for h in metrics["history"]] == [2, 2]
+    assert metrics["reward"]["workers"] == 2 and 0 < metrics["model"]["rmse"] < 2.0
+    assert (out / "reward" / "checkpoint" / "model.pt").is_file()
+
+
 def test_worker_node_lost_mid_training(two_nodes, tmp_path, data_root, cache_root):
     """Killing the worker node kills its env runner; the simulator actor (on the driver's node)
     and the other runner carry on, and the policy run finishes."""

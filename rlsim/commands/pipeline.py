@@ -12,8 +12,16 @@ from pathlib import Path
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, data_config, load_config_file
 from rlsim.commands.ray_session import cli_ray
 
-# Stages that run on Ray (the sweep's trials, the policy's simulator actor and env runners, the persona pool).
+# Stages that run on Ray (the sweep's trials, the policy's simulator actor and env runners, the persona pool;
+# the reward stage too when reward.workers >= 1).
 RAY_STAGES = {"sweep", "policy", "personas"}
+
+
+def reward_on_ray(sections: dict) -> bool:
+    """The reward stage trains on Ray Train when reward.workers >= 1."""
+    from rlsim.reward.config import RewardConfig
+
+    return RewardConfig.from_dict(sections.get("reward")).workers >= 1
 
 
 def register(sub) -> None:
@@ -46,7 +54,7 @@ def cmd_pipeline(args) -> int:
         persona_cfg = persona_config(args, sections)
         key = api_key(persona_cfg)
     ctx = make_context(sections, cfg, args.out, progress=not args.quiet, persona_cfg=persona_cfg, api_key=key)
-    needs_ray = bool(set(ctx.cfg.stages) & RAY_STAGES)
+    needs_ray = bool(set(ctx.cfg.stages) & RAY_STAGES) or ("reward" in ctx.cfg.stages and reward_on_ray(sections))
     with cli_ray(args, args.num_cpus) if needs_ray else contextlib.nullcontext():
         summary = run_pipeline(ctx, force=args.force)
     out = Path(args.out)

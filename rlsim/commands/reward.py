@@ -3,6 +3,7 @@ beside it, and its Ray Tune sweep (Ray started or joined here, at the edge)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from rlsim.errors import ConfigError
 # flag -> RewardConfig field (flags override the `reward:` YAML section)
 FLAGS = {"epochs": int, "lr": float, "batch_size": int, "dim": int, "layers": int, "heads": int, "ff_dim": int,
          "dropout": float, "weight_decay": float, "emb_weight_decay": float, "patience": int, "val_frac": float,
-         "mse_weight": float, "label_smoothing": float, "ensemble": int, "decay_epochs": int, "device": str}
+         "mse_weight": float, "label_smoothing": float, "ensemble": int, "decay_epochs": int, "device": str,
+         "workers": int}
 
 
 def register(sub) -> None:
@@ -28,6 +30,8 @@ def register(sub) -> None:
     g.add_argument("--no-user-features", action="store_true", help="drop the demographics token")
     g.add_argument("--no-history-ratings", action="store_true", help="drop the user/item rating-history tokens")
     tr.add_argument("--out", required=True, help="run folder")
+    tr.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance with --workers (default: all)")
+    add_ray_arg(tr)
     add_quiet_arg(tr)
     tr.set_defaults(func=cmd_train)
     ev = rsub.add_parser("evaluate", help="reload a checkpoint and evaluate it on a split")
@@ -73,13 +77,16 @@ def _summary(result: dict) -> str:
 
 
 def cmd_train(args) -> int:
+    from rlsim.commands.ray_session import cli_ray
     from rlsim.reward.train import train_reward_model
 
     file_cfg = load_config_file(args)
     dcfg = data_config(args, file_cfg)
     cfg = reward_config(args, file_cfg)
     cfg.progress = not args.quiet
-    result = train_reward_model(dcfg, cfg, Path(args.out))
+    # --workers N: a Ray Train run, in the Ray started or joined here (the plain loop needs none).
+    with cli_ray(args, args.num_cpus) if cfg.workers else contextlib.nullcontext():
+        result = train_reward_model(dcfg, cfg, Path(args.out))
     print(_summary(result))
     print(f"wrote {Path(args.out) / 'metrics.json'} and checkpoint {Path(args.out) / 'checkpoint'}")
     return 0

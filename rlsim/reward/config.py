@@ -48,6 +48,14 @@ class RewardConfig:
     # Independent seeds whose predicted class probabilities are averaged (1 = a single model).
     ensemble: int = 1
     device: str = "cpu"
+    # Batches per epoch at most (0 = the whole epoch): a quick throughput measurement, never a real run.
+    max_batches: int = 0
+    # 0: the plain loop in this process; N >= 1: a Ray Train TorchTrainer (DDP) with N workers, each
+    # training on its own shard of the ratings (rlsim/reward/distributed.py; needs a running Ray).
+    workers: int = 0
+    # Where Ray Train keeps the run's checkpoint: a folder every node sees, or a URI (s3://..., gs://...).
+    # None: a temporary folder on this machine (enough on one machine, local_head.sh's nodes included).
+    storage_path: str | None = None
     seed: int = 0
     progress: bool = False  # a progress bar over epochs (the CLI turns it on unless --quiet)
 
@@ -60,6 +68,11 @@ class RewardConfig:
             raise ConfigError(f"reward.val_frac must be in (0, 1), got {self.val_frac}")
         if self.decay_epochs < 0:
             raise ConfigError("reward.decay_epochs must be >= 0")
+        if self.workers < 0 or self.max_batches < 0:
+            raise ConfigError("reward.workers and reward.max_batches must be >= 0")
+        if self.workers > self.batch_size:
+            raise ConfigError(f"reward.workers ({self.workers}) must not exceed reward.batch_size ({self.batch_size}): "
+                              "each worker takes its share of every batch")
         for name in ("layers", "heads", "batch_size", "epochs", "ensemble"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"reward.{name} must be >= 1")

@@ -1,4 +1,5 @@
-"""Plain training loop of the v-tf reward model; also the Ray Tune trainable (via report_fn).
+"""Training loop of the v-tf reward model (run_epochs: one loop for the in-process fit_one and for
+the Ray Train workers of rlsim.reward.distributed); also the Ray Tune trainable (via report_fn).
 
 Cross-entropy over rating classes plus an MSE term on the expected rating, AdamW with warmup and
 cosine decay, early stopping on a per-user validation set carved from train (the best epoch's
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -47,35 +49,54 @@ def _loss(model, logits, y, r, cfg: RewardConfig):
 
 
 @torch.no_grad()
-def _validate(model, val: dict, cfg: RewardConfig, batch: int = 32768) -> dict:
+def validation_sums(model, val: dict, cfg: RewardConfig, batch: int = 32768) -> torch.Tensor:
+    """[loss sum, squared-error sum, correct, count] over these rows: sums, so that workers holding
+    shards of the validation set can add theirs up (validation_metrics turns them into means)."""
     model.eval()
     keys = ("user", "item", "text", "demo", "self_r")
-    logits = torch.cat([model(**{k: val[k][s:s + batch] for k in keys}) for s in range(0, len(val["y"]), batch)])
-    exp = model.expected(logits)
-    return {"val_loss": float(_loss(model, logits, val["y"], val["r"], cfg)),
-            "val_rmse": float(torch.sqrt(torch.mean((exp - val["r"]) ** 2))),
-            "val_accuracy": float((logits.argmax(1) == val["y"]).float().mean())}
+    sums = torch.zeros(4, dtype=torch.float64)
+    for s in range(0, len(val["y"]), batch):
+        logits = model(**{k: val[k][s:s + batch] for k in keys})
+        y, r = val["y"][s:s + batch], val["r"][s:s + batch]
+        sq = (model.expected(logits) - r) ** 2
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing, reduction="sum")
+        if cfg.mse_weight > 0:
+            loss = loss + cfg.mse_weight * sq.sum()
+        sums += torch.stack([loss.double(), sq.sum().double(), (logits.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64)]).cpu()
+    return sums
 
 
-def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale: RatingScale,
-            cfg: RewardConfig, seed: int, report_fn: Callable[[dict], None] | None = None,
-            member: int = 0) -> tuple[VanillaTransformer, list[dict]]:
-    """Train one model; returns it with the best validation epoch's weights, and the epoch history."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    device = torch.device(cfg.device)
-    model = VanillaTransformer(cfg, ft, scale.values).to(device)
-    tr, va = _tensors(ft, fit_train, scale, device), _tensors(ft, val, scale, device)
+def validation_metrics(sums: torch.Tensor) -> dict:
+    loss, sq, correct, n = (float(v) for v in sums)
+    n = max(n, 1.0)
+    return {"val_loss": loss / n, "val_rmse": math.sqrt(sq / n), "val_accuracy": correct / n}
+
+
+def _validate(model, val: dict, cfg: RewardConfig) -> dict:
+    return validation_metrics(validation_sums(model, val, cfg))
+
+
+def planned_epochs(cfg: RewardConfig) -> int:
+    """The cosine reaches zero after decay_epochs: training ends there."""
+    if cfg.schedule == "cosine" and cfg.decay_epochs:
+        return min(cfg.epochs, cfg.decay_epochs)
+    return cfg.epochs
+
+
+def steps_per_epoch(n: int, cfg: RewardConfig) -> tuple[int, int]:
+    """(batches of a whole epoch over n examples, batches actually run: at most cfg.max_batches)."""
+    full = math.ceil(n / cfg.batch_size)
+    return full, min(full, cfg.max_batches) if cfg.max_batches else full
+
+
+def _optimizer(model: VanillaTransformer, cfg: RewardConfig, steps: int):
+    """AdamW (heavier decay on the ID tables) with linear warmup then cosine decay over the planned steps."""
     ids = {id(p) for p in model.id_parameters()}
     groups = [{"params": model.id_parameters(), "weight_decay": cfg.emb_weight_decay},
               {"params": [p for p in model.parameters() if id(p) not in ids], "weight_decay": cfg.weight_decay}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    n = len(tr["y"])
-    steps = math.ceil(n / cfg.batch_size)
-    n_epochs = cfg.epochs
-    if cfg.schedule == "cosine" and cfg.decay_epochs:
-        n_epochs = min(cfg.epochs, cfg.decay_epochs)
-    total, warm = n_epochs * steps, max(1, int(cfg.warmup_epochs * steps))
+    total, warm = planned_epochs(cfg) * steps, max(1, int(cfg.warmup_epochs * steps))
 
     def lr_at(step: int) -> float:
         if step < warm:
@@ -84,8 +105,48 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
             return 1.0
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(seed)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def train_step(net, opt, sched, tr: dict, b: torch.Tensor, cfg: RewardConfig, gen: torch.Generator) -> float:
+    """One optimiser step on the rows b of tr; returns the batch's summed loss. net is the model or
+    its DistributedDataParallel wrapper (whose backward also averages the gradients over workers)."""
+    model = getattr(net, "module", net)
+    device = b.device
+    real_user, real_item = tr["user"][b], tr["item"][b]
+    user, item = real_user, real_item
+    if cfg.unknown_prob > 0:  # teach the unknown rows by hiding a few ids
+        user = user.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
+        item = item.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
+    logits = net(user, item, tr["text"][b], tr["demo"][b], self_r=tr["self_r"][b],
+                 real_user=real_user, real_item=real_item)
+    loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item() * len(b)
+
+
+@dataclass
+class EpochHooks:
+    """What differs between the in-process loop and a Ray Train worker: which rows make each
+    batch, how validation is computed, how the loss sums are added up over workers, and what
+    happens after each epoch (a worker reports it, with a checkpoint at the end)."""
+
+    batches: Callable[[], list[torch.Tensor]]  # one epoch's row indices, drawn at the epoch's start
+    validate: Callable[[], dict]
+    total: Callable[[float, int], tuple[float, int]] = lambda loss, seen: (loss, seen)
+    on_epoch: Callable[[dict, dict | None, list[dict], bool], None] | None = None  # row, best state, history, last
+
+
+def run_epochs(net, tr: dict, cfg: RewardConfig, steps: int, gen: torch.Generator, hooks: EpochHooks,
+               report_fn: Callable[[dict], None] | None = None, member: int = 0) -> tuple[list[dict], dict | None]:
+    """The training loop of both paths: epochs of train_step, validation, early stopping. Returns the
+    epoch history and the best validation epoch's state_dict."""
+    model = getattr(net, "module", net)
+    opt, sched = _optimizer(model, cfg, steps)
+    n_epochs = planned_epochs(cfg)
     best, best_state, bad, history = math.inf, None, 0, []
     from tqdm.auto import tqdm
 
@@ -93,26 +154,16 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
                unit="epoch", disable=not cfg.progress)
     for epoch in range(1, n_epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
-        total_loss = 0.0
-        for s in range(0, n, cfg.batch_size):
-            b = perm[s:s + cfg.batch_size]
-            real_user, real_item = tr["user"][b], tr["item"][b]
-            user, item = real_user, real_item
-            if cfg.unknown_prob > 0:  # teach the unknown rows by hiding a few ids
-                user = user.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
-                item = item.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
-            logits = model(user, item, tr["text"][b], tr["demo"][b], self_r=tr["self_r"][b],
-                           real_user=real_user, real_item=real_item)
-            loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item() * len(b)
-        row = {"epoch": epoch, "train_loss": total_loss / n, **_validate(model, va, cfg),
-               "seconds": time.perf_counter() - t0}
+        net.train()
+        total_loss, seen = 0.0, 0
+        for b in hooks.batches():
+            total_loss += train_step(net, opt, sched, tr, b, cfg, gen)
+            seen += len(b)
+        train_seconds = time.perf_counter() - t0
+        total_loss, seen = hooks.total(total_loss, seen)
+        row = {"epoch": epoch, "train_loss": total_loss / seen, **hooks.validate(),
+               "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+               "ratings_per_s": seen / max(train_seconds, 1e-9)}
         if member:
             row["member"] = member
         history.append(row)
@@ -127,9 +178,35 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
-            if bad >= cfg.patience:
-                break
+        last = bad >= cfg.patience or epoch == n_epochs
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(row, best_state, history, last)
+        if last:
+            break
     bar.close()
+    return history, best_state
+
+
+def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale: RatingScale,
+            cfg: RewardConfig, seed: int, report_fn: Callable[[dict], None] | None = None,
+            member: int = 0) -> tuple[VanillaTransformer, list[dict]]:
+    """Train one model in this process; returns it with the best validation epoch's weights, and the
+    epoch history."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    device = torch.device(cfg.device)
+    model = VanillaTransformer(cfg, ft, scale.values).to(device)
+    tr, va = _tensors(ft, fit_train, scale, device), _tensors(ft, val, scale, device)
+    n = len(tr["y"])
+    steps = steps_per_epoch(n, cfg)[1]
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches() -> list[torch.Tensor]:
+        perm = torch.randperm(n, generator=gen).to(device)
+        return [perm[s:s + cfg.batch_size] for s in range(0, steps * cfg.batch_size, cfg.batch_size)]
+
+    history, best_state = run_epochs(model, tr, cfg, steps, gen,
+                                     EpochHooks(batches, lambda: _validate(model, va, cfg)), report_fn, member)
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.eval(), history
@@ -142,7 +219,7 @@ def training_summary(history: list[dict], metrics: dict, cfg: RewardConfig) -> d
     for h in history:
         members.setdefault(h.get("member", 0), []).append(h)
     best = [min(rows, key=lambda r: r["val_rmse"]) for rows in members.values()]
-    planned = min(cfg.epochs, cfg.decay_epochs) if cfg.schedule == "cosine" and cfg.decay_epochs else cfg.epochs
+    planned = planned_epochs(cfg)
     return {"best_epoch": [int(b["epoch"]) for b in best],
             "stopped_early": any(len(rows) < planned for rows in members.values()),
             "planned_epochs": int(planned),
@@ -159,18 +236,35 @@ def prepare(data_cfg: DataConfig, dataset=None, split=None):
 
 
 def train_reward_model(data_cfg: DataConfig, cfg: RewardConfig, out_dir: Path | None,
-                       report_fn: Callable[[dict], None] | None = None, dataset=None, split=None) -> dict:
-    """Train (and evaluate) the reward model; writes OUT/checkpoint, metrics.json, per_user.parquet, plots."""
+                       report_fn: Callable[[dict], None] | None = None, dataset=None, split=None,
+                       train_callbacks: list | None = None) -> dict:
+    """Train (and evaluate) the reward model; writes OUT/checkpoint, metrics.json, per_user.parquet, plots.
+
+    cfg.workers >= 1 trains on Ray Train (rlsim.reward.distributed; Ray must be running): report_fn
+    then gets the epoch rows after training, and train_callbacks (e.g. Tune's TuneReportCallback)
+    see them live."""
     from rlsim.reward.evaluate import evaluate_predictor, write_plots
 
     cfg.validate()
+    if cfg.workers:
+        from rlsim.errors import require_ray
+
+        require_ray("reward training with reward.workers >= 1 (Ray Train)")  # before any loading
     t_start = time.perf_counter()
     dataset, split, text = prepare(data_cfg, dataset, split)
     fit_train, val = holdout_validation(split.train, cfg.val_frac, cfg.seed)
     ft = build_features(dataset.items, dataset.users, fit_train, text)
     models, history = [], []
     for k in range(cfg.ensemble):
-        m, h = fit_one(ft, fit_train, val, dataset.scale, cfg, cfg.seed + 1000 * k, report_fn, member=k)
+        if cfg.workers:
+            from rlsim.reward.distributed import fit_distributed
+
+            m, h = fit_distributed(ft, fit_train, val, dataset.scale, cfg, cfg.seed + 1000 * k, member=k,
+                                   callbacks=train_callbacks)
+            for row in h if report_fn is not None else ():  # the workers reported live to Ray Train
+                report_fn(dict(row))
+        else:
+            m, h = fit_one(ft, fit_train, val, dataset.scale, cfg, cfg.seed + 1000 * k, report_fn, member=k)
         models.append(m)
         history.extend(h)
     train_seconds = time.perf_counter() - t_start
@@ -179,6 +273,7 @@ def train_reward_model(data_cfg: DataConfig, cfg: RewardConfig, out_dir: Path | 
                                            validation=val, fit_train=fit_train)
     epochs = [h["seconds"] for h in history]
     result = {"dataset": data_cfg.dataset, "split": split.summary(), **metrics,
+              "train_fit_pairs": len(fit_train), "validation_pairs": len(val),
               "history": history, "epochs_run": len(history),
               "seconds_per_epoch": float(np.mean(epochs)) if epochs else None,
               "train_seconds": train_seconds, "reward": to_dict(cfg), **training_summary(history, metrics, cfg)}
