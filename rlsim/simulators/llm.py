@@ -240,7 +240,7 @@ class LLMPersonaSimulator(Simulator):
             params.update(temperature=self.cfg.sample_temperature, n=self.cfg.samples)
         return params
 
-    async def _once(self, msgs: list[dict], rf: dict | None, params: dict, completion_est: int, usage: dict,
+    async def _once(self, msgs: list[dict], rf: dict | None, params: dict, usage: dict,
                     answer: int) -> tuple[dict | None, Exception | None, bool]:
         """One answer to msgs: from the cache, else one request through the limiter (the gate).
         (answer, None, from_cache) or (None, error, False)."""
@@ -258,7 +258,7 @@ class LLMPersonaSimulator(Simulator):
         gate = LimiterGate(self.engine.limiter, self.pcfg.prices, self.spec.model, usage)
         async with self._sem:
             try:
-                res = await self.engine._chat(gate, msgs, rf, params, completion_est)
+                res = await self.engine._chat(gate, msgs, rf, params)
             except Exception as exc:  # noqa: BLE001 - classified by the caller
                 return None, exc, False
         now = time.monotonic()
@@ -309,14 +309,12 @@ class LLMPersonaSimulator(Simulator):
         method: logprobs | samples | noise (a distribution) or answer (the plain rating, for calibration).
         Items missing from an answer are asked again (alone) until max_retries; the n-th answer to the
         same prompt has its own cache key, so a rerun replays answers and their retries exactly."""
-        from rlsim.personas.pool import completion_estimate
         from rlsim.personas.prompts import rating_schema
         from rlsim.personas.validate import parse_ratings
 
         scale = self.scale
         req = "answer" if method in ("noise", "answer") else method
         params = self._params(req)
-        n_choices = params.get("n", 1)
         got: dict[int, tuple] = {}
         reason = {i: "not attempted" for i in unit.item_ids}
         pending = list(unit.item_ids)
@@ -326,8 +324,7 @@ class LLMPersonaSimulator(Simulator):
             sub = unit if len(pending) == len(unit.item_ids) else unit.subset(pending)
             msgs, rf = sub.messages(), rating_schema(sub.item_ids, scale)
             n_before = answers_seen.get(tuple(pending), 0)
-            est = min(completion_estimate(len(pending)), self.pcfg.max_output_tokens) * n_choices
-            res, exc, hit = await self._once(msgs, rf, params, est, usage, n_before + unit.answer_offset)
+            res, exc, hit = await self._once(msgs, rf, params, usage, n_before + unit.answer_offset)
             tries += 1
             if res is None:
                 why, final = await self._after_error(exc, usage, tries - 1)
@@ -417,14 +414,11 @@ class LLMPersonaSimulator(Simulator):
         p = self.pcfg
         # The same request (and cache key) as RatingEngine.complete.
         params = {"temperature": p.temperature, "max_tokens": max(p.max_output_tokens, 600), "seed": p.seed}
-        from rlsim.personas.pool import PROFILE_COMPLETION_ESTIMATE
-
         self.counts["summary_updates"] += 1
         why = "not attempted"
         answers = 0
         for attempt in range(p.max_retries + 1):
-            res, exc, _ = await self._once(msgs, SUMMARY_SCHEMA, params, PROFILE_COMPLETION_ESTIMATE,
-                                           self.summary_usage, answers)
+            res, exc, _ = await self._once(msgs, SUMMARY_SCHEMA, params, self.summary_usage, answers)
             if res is None:
                 why, final = await self._after_error(exc, self.summary_usage, attempt)
                 if final:
@@ -457,7 +451,6 @@ class LLMPersonaSimulator(Simulator):
 
     async def _probe(self) -> tuple[str | None, str]:
         """auto: one real rating request with logprobs; if they are missing, one with n completions."""
-        from rlsim.personas.pool import completion_estimate
         from rlsim.personas.prompts import rating_schema
 
         users = sorted(self.builder.history) or sorted(self.builder.profiles)
@@ -468,13 +461,12 @@ class LLMPersonaSimulator(Simulator):
         item = int(hist["item_id"].iloc[0]) if hist is not None and len(hist) else int(next(iter(self.builder.item_rows)))
         unit = self._unit(self.builder, u, [item], EMPTY, "")
         msgs, rf = unit.messages(), rating_schema([item], self.scale)
-        est = completion_estimate(1)
         tried = []
         for method in (["logprobs"] if is_integer_scale(self.scale) else []) + ["samples"]:
             params = self._params(method)
             res = exc = None
             for attempt in range(self.pcfg.max_retries + 1):
-                res, exc, _ = await self._once(msgs, rf, params, est * params.get("n", 1), self.setup_usage, 0)
+                res, exc, _ = await self._once(msgs, rf, params, self.setup_usage, 0)
                 if res is not None:
                     break
                 why, final = await self._after_error(exc, self.setup_usage, attempt)
