@@ -20,7 +20,7 @@ from rlsim.personas.calibrate import quantile_map
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
 from rlsim.personas.grounding import WorkUnit
-from rlsim.personas.limiter import LocalLimiter, RateLimiter
+from rlsim.personas.limiter import BUSY, REFUSED, LocalLimiter, RateLimiter
 from rlsim.personas.pool import RatingEngine, dry_run, rate_units_local, run_rating_job
 from rlsim.personas.validate import parse_ratings
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
@@ -439,7 +439,8 @@ def test_limiter_state_is_restored_from_its_store():
     again = RateLimiter(clock=lambda: t[0], store=store)  # what a restarted actor does
     st = again.job_stats("j")
     assert st["restored"] and st["spent_usd"] == pytest.approx(0.3) and st["reserved_usd"] == pytest.approx(0.4)
-    assert again.reserve(1, 0.4, job="j") == -1.0  # 0.3 spent + 0.4 in flight + 0.4 > 1.0
+    assert again.reserve(1, 0.4, job="j") == BUSY  # 0.3 spent + 0.4 in flight + 0.4 > 1.0: wait for it
+    assert again.reserve(1, 0.8, job="j") == REFUSED  # 0.3 spent + 0.8 > 1.0 whatever settles
     assert again.reserve(1, 0.2, job="j") == pytest.approx(5.0)  # the pause and the bucket came back too
     # A job that rejoins (resumes) after dying counts its in-flight reservations as spent.
     assert again.register("j", rpm=60, tpm=1e6, budget_usd=1.0)["spent_usd"] == pytest.approx(0.9)

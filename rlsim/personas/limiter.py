@@ -20,7 +20,8 @@ endpoint share one limit instead of each getting the whole of it.
   that stops calling for ``lease_s`` seconds (its driver died) no longer counts.
 - Budgets are per job: a job's spend (settled) plus its reservations (worst cases) never exceed its
   cap. A settlement above its reservation (a server reporting more than the worst case) is recorded
-  as spent anyway and counted (``overruns``); nothing more is granted once the cap is reached.
+  as spent anyway and counted (``overruns``); nothing more is granted once the cap is reached. A
+  request that fits only once the job's other requests in flight have settled waits for them.
   A job with a cap or any spend is never forgotten, so an idle job cannot come back uncapped.
 - State (buckets, pause, every job's spend and reservations) is saved in Ray's GCS key-value
   store after each change, so a restarted actor (``max_restarts=-1``) picks up where it was and
@@ -40,6 +41,8 @@ from rlsim.errors import ConfigError
 LIMITER_NAMESPACE = "rlsim"
 LOCAL_JOB = "local"
 DEFAULT_LEASE_S = 120.0
+REFUSED, BUSY = -1.0, -2.0  # reserve(): the budget refuses the request / its in-flight reservations hold the rest
+BUSY_POLL_S, BUSY_WAIT_S = 0.05, 60.0
 KEEP_JOBS = 500  # past this many jobs, finished ones with no cap and no spend are forgotten (oldest first)
 
 
@@ -264,12 +267,14 @@ class RateLimiter:
 
     # ------------------------------------------------------------ pacing
     def reserve(self, tokens: int, est_usd: float = 0.0, job: str = LOCAL_JOB) -> float:
-        """Seconds to wait before sending, or -1.0 when the job's budget would be exceeded."""
+        """Seconds to wait before sending; REFUSED (-1.0) when the job's budget would be exceeded even
+        with nothing else in flight; BUSY (-2.0) when only the job's other reservations in flight stand
+        in the way (ask again once they have settled)."""
         j = self._job(job)
         self._recompute()
         if j["cap"] is not None and j["spent"] + j["reserved"] + est_usd > j["cap"] + 1e-12:
             self._save()
-            return -1.0
+            return REFUSED if j["spent"] + est_usd > j["cap"] + 1e-12 else BUSY
         j["reserved"] += est_usd
         if est_usd:
             self._write_ledger(j)
@@ -410,9 +415,16 @@ def get_limiter(name: str):
     return ray.get_actor(name, namespace=LIMITER_NAMESPACE)
 
 
-async def sleep_until_allowed(limiter, tokens: int, est_usd: float = 0.0) -> bool:
-    """Reserve and wait; False when the budget refused the request."""
+async def sleep_until_allowed(limiter, tokens: int, est_usd: float = 0.0, busy_wait_s: float = BUSY_WAIT_S) -> bool:
+    """Reserve and wait; False when the budget refused the request. While only other requests in flight
+    hold the rest of the budget (worst cases, mostly given back when they settle), ask again for up
+    to ``busy_wait_s`` (a reservation whose worker died is never settled) before giving up."""
+    waited = 0.0
     wait = await limiter.reserve(tokens, est_usd)
+    while wait == BUSY and waited < busy_wait_s:
+        await asyncio.sleep(BUSY_POLL_S)
+        waited += BUSY_POLL_S
+        wait = await limiter.reserve(tokens, est_usd)
     if wait < 0:
         return False
     if wait > 0:

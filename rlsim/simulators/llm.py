@@ -54,11 +54,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import hashlib
 import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -700,11 +700,23 @@ def _builder(ds, pcfg, vectors, train: pd.DataFrame):
     return prompt_builder(ds, train, pcfg, vectors)
 
 
-def _limiter(pcfg, spec) -> tuple[object, dict, Callable | None]:
-    """The cluster's limiter of this endpoint and model when Ray is up (registered as its own job,
-    with the budget), else one for this process."""
-    from rlsim.personas.limiter import LocalLimiter, RateLimiter
+def simulator_job(spec, options: dict, seed: int, cache_dir: str) -> str:
+    """The simulator's job id at the limiter: stable across reruns of the same simulator (endpoint, model,
+    options, seed, cache), so a rerun finds its earlier spend instead of starting again at $0."""
+    ident = {"endpoint": spec.cache_identity(), "options": options, "seed": int(seed),
+             "cache_dir": str(Path(cache_dir).expanduser().resolve())}
+    return "llm-persona-" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
+def _limiter(pcfg, spec, job: str, ledger: Path) -> tuple[object, dict, Callable | None]:
+    """The cluster's limiter of this endpoint and model when Ray is up (registered as ``job``, with the
+    budget), else one for this process. ``ledger`` (the job's spend.json, rewritten at every change) holds
+    what earlier runs of the same simulator spent: it counts against the budget."""
+    from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter
+    from rlsim.personas.pool import SpendLedger
+
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    spent_before = SpendLedger(ledger).read()
     try:
         import ray
 
@@ -712,15 +724,18 @@ def _limiter(pcfg, spec) -> tuple[object, dict, Callable | None]:
     except ImportError:  # pragma: no cover - ray is a dependency
         up = False
     if not up:
-        return LocalLimiter(RateLimiter(pcfg.rpm, pcfg.tpm, pcfg.budget_usd)), {"scope": "this process"}, None
+        rl = RateLimiter(pcfg.rpm, pcfg.tpm, pcfg.budget_usd)
+        rl.register(LOCAL_JOB, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, spent_before, lease_s=float("inf"),
+                    ledger=str(ledger))
+        return LocalLimiter(rl), {"scope": "this process", "job": job, "spent_before_usd": spent_before}, None
     from rlsim.personas.limiter import RayLimiter, cluster_limiter, limiter_name
 
     name = limiter_name(spec.base_url, spec.model)
     handle = cluster_limiter(name)
-    job = f"llm-persona-{uuid.uuid4().hex[:12]}"
-    reg = ray.get(handle.register.remote(job, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, 0.0))
+    reg = ray.get(handle.register.remote(job, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, spent_before, None,
+                                         str(ledger.resolve())))
     info = {"scope": "cluster", "limiter": name, "job": job, "effective_rpm": reg["rpm"],
-            "effective_tpm": reg["tpm"], "other_jobs": reg["other_jobs"]}
+            "effective_tpm": reg["tpm"], "other_jobs": reg["other_jobs"], "spent_before_usd": reg["spent_usd"]}
 
     async def unregister():
         await handle.unregister.remote(job)
@@ -744,7 +759,9 @@ def build_llm_persona_simulator(ds, train: pd.DataFrame, pcfg, spec, options: di
     make_builder = functools.partial(_builder, ds, pcfg, vectors)
     info, on_close = {"scope": "given"}, None
     if limiter is None:
-        limiter, info, on_close = _limiter(pcfg, spec)
+        job = simulator_job(spec, asdict(cfg), seed, cache_dir)
+        ledger = Path(cache_dir).expanduser() / "personas" / "budgets" / f"{job}.json"
+        limiter, info, on_close = _limiter(pcfg, spec, job, ledger)
     engine = RatingEngine(spec, pcfg, limiter, ResponseCache(cache_path) if cache_path else None)
     return LLMPersonaSimulator(make_builder(train), engine, ds.scale, cfg, train=train, make_builder=make_builder,
                                seed=seed, limiter_info=info, on_close=on_close)
