@@ -67,7 +67,7 @@ def lost_and_duplicated(units, rows: pd.DataFrame) -> tuple[int, int]:
     return len(planned - right - stopped), int(rows.duplicated(["user_id", "item_id"]).sum())
 
 
-def cfg_for_mode(rpm: float, tpm: float, budget: float, **kw) -> PersonaConfig:
+def cfg_for_mode(rpm: float, tpm: float, budget: float | None, **kw) -> PersonaConfig:
     base = dict(backend="openai", model="fake-model", cache=False, max_retries=10, timeout_s=5.0,
                 backoff_base_s=0.05, backoff_max_s=0.5, rpm=rpm, tpm=tpm, max_concurrency=16, n_workers=1,
                 shard_users=1000, prices=PRICES, budget_usd=budget)
@@ -75,9 +75,9 @@ def cfg_for_mode(rpm: float, tpm: float, budget: float, **kw) -> PersonaConfig:
     return PersonaConfig(**base)
 
 
-def run_mode(mode: str, units, out_dir: Path, rpm: float, budget: float, window_s: float, tpm: float = 1e9,
-             **cfg_kw) -> dict:
-    """One run of ``units`` against a server in ``mode``; the properties as numbers."""
+def run_mode(mode: str, units, out_dir: Path, rpm: float, budget: float | None, window_s: float,
+             tpm: float = 1e9, **cfg_kw) -> dict:
+    """One run of ``units`` against a server in ``mode``; the properties as numbers (budget None: no cap)."""
     with FakeOpenAI(FaultConfig(**MODES[mode])) as srv:
         spec = BackendSpec("openai", "fake-model", srv.base_url, api_key="hostile")
         cfg = cfg_for_mode(rpm, tpm, budget, **cfg_kw)
@@ -89,7 +89,7 @@ def run_mode(mode: str, units, out_dir: Path, rpm: float, budget: float, window_
     times = [r.t for r in log]
     answered = [r for r in log if r.status == 200]
     per_window = rpm * window_s / 60
-    return {"budget_overrun_usd": max(0.0, billed - budget),
+    return {"budget_overrun_usd": max(0.0, billed - budget) if budget is not None else 0.0,
             f"max_{window_s:g}s_rpm_over_limit": max_in_window(times, window_s) / per_window,
             "lost": lost, "duplicated": dup,
             "budget_usd": budget, "billed_usd": billed, "spent_usd_client": s["spent_usd"],

@@ -187,3 +187,27 @@ def test_max_in_window():
     assert max_in_window([0.0, 0.5, 0.9, 1.0, 1.4, 3.0], 1.0) == 4  # [0.5, 1.5)
     assert max_in_window([0.0, 1.0], 1.0, [5.0, 7.0]) == 7.0
     assert max_in_window([], 1.0) == 0.0
+
+
+def test_a_rerun_of_the_llm_simulator_finds_its_earlier_spend(tmp_path):
+    from rlsim.simulators.llm import _limiter, simulator_job
+
+    spec = BackendSpec("openai", "fake-model", "http://localhost:9/v1", api_key=SECRET)
+    pcfg = cfg_for_mode(600, 1e9, 1.0)
+    job = simulator_job(spec, {"method": "logprobs"}, 0, str(tmp_path))
+    assert job == simulator_job(spec, {"method": "logprobs"}, 0, str(tmp_path))  # before: a fresh id per run
+    assert job != simulator_job(spec, {"method": "samples"}, 0, str(tmp_path))
+    ledger = tmp_path / "personas" / "budgets" / f"{job}.json"
+
+    async def spend(lim):
+        assert await lim.reserve(10, 0.7) >= 0
+        await lim.settle(0.7, 0.6)
+
+    lim, info, on_close = _limiter(pcfg, spec, job, ledger)
+    asyncio.run(spend(lim))
+    if on_close is not None:
+        asyncio.run(on_close())
+    again, info, _ = _limiter(pcfg, spec, job, ledger)  # the rerun: $0.6 of its $1 already spent
+    assert info["job"] == job and info["spent_before_usd"] == pytest.approx(0.6)
+    assert asyncio.run(again.reserve(10, 0.5)) == REFUSED
+    assert SECRET not in ledger.read_text()
