@@ -387,13 +387,7 @@ def test_tokens_per_minute_hold_against_the_servers_usage(server):
     rate = sum(tokens[:-1]) / (log[-1].t - log[0].t) * 60
     # Unpaced (the old bucket) all 12 go out at once; the bounds leave room for a stalled event loop.
     assert rate <= 1.3 * tpm, rate
-    # All 12 reserve at once, each its worst case (gate.request_bound): paced at that, not throttled below it.
-    from rlsim.personas.gate import request_bound
-    from rlsim.personas.prompts import rating_schema
-
-    worst = np.mean([sum(request_bound(u.messages(), {"max_tokens": cfg.max_output_tokens},
-                                       rating_schema(u.item_ids, SCALE))) for u in units])
-    assert rate >= 0.5 * tpm * np.mean(tokens) / worst, rate
+    assert rate >= 0.5 * tpm, rate  # paced, not throttled far below the limit
 
 
 def test_strictest_limits_win_and_jobs_are_told():

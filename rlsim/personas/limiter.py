@@ -43,6 +43,8 @@ LOCAL_JOB = "local"
 DEFAULT_LEASE_S = 120.0
 REFUSED, BUSY = -1.0, -2.0  # reserve(): the budget refuses the request / its in-flight reservations hold the rest
 BUSY_POLL_S, BUSY_WAIT_S = 0.05, 60.0
+TOKEN_HORIZON_S = 1.0  # how far ahead a send time is committed against the token bucket (try_reserve)
+LATER_MAX_S = 0.5  # the longest a request held back by the token bucket waits before asking again
 KEEP_JOBS = 500  # past this many jobs, finished ones with no cap and no spend are forgotten (oldest first)
 
 
@@ -289,6 +291,30 @@ class RateLimiter:
         self._save()
         return wait
 
+    def try_reserve(self, tokens: int, est_usd: float = 0.0, job: str = LOCAL_JOB,
+                    horizon_s: float = TOKEN_HORIZON_S) -> tuple[str, float]:
+        """``reserve``, except that a request the TOKEN bucket alone would hold back more than
+        ``horizon_s`` takes nothing yet: ("later", seconds until it is worth asking again). Requests
+        reserve worst cases that mostly come back when they settle; committing a send time against
+        that debt far ahead would pace by the worst case instead of by the tokens really used.
+        Else ("ok", wait), ("refused", 0) or ("busy", 0) (see ``reserve``)."""
+        now = self.clock()
+        start = max(now, self.paused_until)
+        self.tok.refill(start)
+        tok_wait = max(0.0, (min(float(tokens), self.tok.cap) - self.tok.level) / self.tok.rate)
+        self.req.refill(start)
+        req_wait = max(0.0, (1.0 - self.req.level) / self.req.rate)
+        if tok_wait > horizon_s and tok_wait > req_wait:
+            self._job(job)  # still alive: it keeps its lease and its share of the limits
+            # Ask again soon: settlements give worst cases back, so the wait shrinks faster than it says.
+            return "later", min(LATER_MAX_S, max(BUSY_POLL_S, tok_wait - horizon_s))
+        wait = self.reserve(tokens, est_usd, job)
+        if wait == REFUSED:
+            return "refused", 0.0
+        if wait == BUSY:
+            return "busy", 0.0
+        return "ok", wait
+
     def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
                actual_tokens: int | None = None, job: str = LOCAL_JOB) -> None:
         """After the call: dollars actually spent, and tokens the server reported (None: keep the estimate)."""
@@ -351,6 +377,9 @@ class LocalLimiter:
     async def reserve(self, tokens: int, est_usd: float = 0.0) -> float:
         return self.limiter.reserve(tokens, est_usd, job=self.job)
 
+    async def try_reserve(self, tokens: int, est_usd: float = 0.0) -> tuple[str, float]:
+        return self.limiter.try_reserve(tokens, est_usd, job=self.job)
+
     async def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
                      actual_tokens: int | None = None) -> None:
         self.limiter.settle(reserved_usd, actual_usd, reserved_tokens, actual_tokens, job=self.job)
@@ -371,6 +400,9 @@ class RayLimiter:
 
     async def reserve(self, tokens: int, est_usd: float = 0.0) -> float:
         return await self.handle.reserve.remote(tokens, est_usd, self.job)
+
+    async def try_reserve(self, tokens: int, est_usd: float = 0.0) -> tuple[str, float]:
+        return tuple(await self.handle.try_reserve.remote(tokens, est_usd, self.job))
 
     async def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
                      actual_tokens: int | None = None) -> None:
@@ -419,14 +451,17 @@ async def sleep_until_allowed(limiter, tokens: int, est_usd: float = 0.0, busy_w
     """Reserve and wait; False when the budget refused the request. While only other requests in flight
     hold the rest of the budget (worst cases, mostly given back when they settle), ask again for up
     to ``busy_wait_s`` (a reservation whose worker died is never settled) before giving up."""
-    waited = 0.0
-    wait = await limiter.reserve(tokens, est_usd)
-    while wait == BUSY and waited < busy_wait_s:
-        await asyncio.sleep(BUSY_POLL_S)
-        waited += BUSY_POLL_S
-        wait = await limiter.reserve(tokens, est_usd)
-    if wait < 0:
-        return False
+    busy = 0.0
+    while True:
+        status, wait = await limiter.try_reserve(tokens, est_usd)
+        if status == "ok":
+            break
+        if status == "refused" or (status == "busy" and busy >= busy_wait_s):
+            return False
+        if status == "busy":
+            busy += BUSY_POLL_S
+            wait = BUSY_POLL_S
+        await asyncio.sleep(wait)  # "later": the token bucket is worth asking again then
     if wait > 0:
         await asyncio.sleep(wait)
     return True
