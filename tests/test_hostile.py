@@ -63,6 +63,37 @@ def test_in_flight_reservations_make_a_request_wait_not_fail():
     assert lim.reserve(1, 0.95) == REFUSED  # 0.1 spent + 0.95 > 1.0 whatever settles
 
 
+def test_a_send_time_is_committed_only_near_against_worst_cases():
+    t = [0.0]
+    lim = RateLimiter(rpm=1e6, tpm=600, clock=lambda: t[0])  # 10 tokens/s
+    assert lim.try_reserve(100) == ("ok", 0.0)  # a worst case of 100 tokens
+    status, retry = lim.try_reserve(100)
+    assert status == "later" and 0 < retry <= 0.5  # 10 s away against the worst case: ask again soon
+    lim.settle(0.0, 0.0, 100, 10)  # it used 10: 90 come back
+    assert lim.try_reserve(100) == ("ok", pytest.approx(1.0))  # paced by what was used, not by 100
+
+
+def test_a_request_waits_for_the_budget_held_in_flight():
+    from rlsim.personas.limiter import sleep_until_allowed
+
+    lim = LocalLimiter(RateLimiter(rpm=1e6, tpm=1e9, budget_usd=1.0))
+
+    async def go():
+        assert await sleep_until_allowed(lim, 1, 0.6)
+
+        async def settle_soon():
+            await asyncio.sleep(0.1)
+            await lim.settle(0.6, 0.1)
+
+        task = asyncio.ensure_future(settle_soon())
+        ok = await sleep_until_allowed(lim, 1, 0.6)  # BUSY until the first settles, then granted
+        await task
+        stuck = await sleep_until_allowed(lim, 1, 0.6, busy_wait_s=0.1)  # 0.1 + 0.6 in flight: never settles
+        return ok, stuck
+
+    assert asyncio.run(go()) == (True, False)
+
+
 def test_an_idle_job_with_a_budget_is_never_forgotten():
     t = [0.0]
     lim = RateLimiter(clock=lambda: t[0], lease_s=120)

@@ -298,6 +298,9 @@ class RateLimiter:
         reserve worst cases that mostly come back when they settle; committing a send time against
         that debt far ahead would pace by the worst case instead of by the tokens really used.
         Else ("ok", wait), ("refused", 0) or ("busy", 0) (see ``reserve``)."""
+        j = self._job(job)  # still alive: it keeps its lease and its share of the limits
+        if j["cap"] is not None and j["spent"] + j["reserved"] + est_usd > j["cap"] + 1e-12:
+            return ("refused" if j["spent"] + est_usd > j["cap"] + 1e-12 else "busy"), 0.0  # before any wait
         now = self.clock()
         start = max(now, self.paused_until)
         self.tok.refill(start)
@@ -305,7 +308,6 @@ class RateLimiter:
         self.req.refill(start)
         req_wait = max(0.0, (1.0 - self.req.level) / self.req.rate)
         if tok_wait > horizon_s and tok_wait > req_wait:
-            self._job(job)  # still alive: it keeps its lease and its share of the limits
             # Ask again soon: settlements give worst cases back, so the wait shrinks faster than it says.
             return "later", min(LATER_MAX_S, max(BUSY_POLL_S, tok_wait - horizon_s))
         wait = self.reserve(tokens, est_usd, job)
