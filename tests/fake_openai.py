@@ -99,7 +99,7 @@ class LoggedRequest:
     fault: str
     has_schema: bool
     prompt_tokens: int
-    completion_tokens: int = 0  # as reported in the answer's usage (0 for errors)
+    completion_tokens: int = 0  # as billed: the answer's usage, unless usage_missing hid it (0 for errors)
     schema_name: str = ""
     stimulus: str = ""  # TinyTroupe: the text of the latest stimulus the agent heard
     prompt_chars: int = 0

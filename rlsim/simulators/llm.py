@@ -3,7 +3,9 @@
 ``LLMPersonaSimulator`` speaks the simulator contract (rlsim.simulators.base) through the persona
 stage's pieces: the PromptBuilder's profile and grounding (rlsim.personas.grounding), the rating
 engine's gate to the cluster-wide limiter and budget (rlsim.personas.gate / limiter), the response
-cache, and the same JSON schema and validation as `rlsim personas rate`.
+cache, and the same JSON schema and validation as `rlsim personas rate`. The simulator is one job at
+the limiter with a stable id (``simulator_job``) and a spend ledger under the cache folder, so a rerun
+of the same simulator finds what it spent before: its budget does not start again at $0.
 
 - **Grouping.** The pairs of one call are grouped by (user, session): pairs with the same user and
   the same session so far share one prompt (a batch of up to ``personas.batch_size`` movies);
