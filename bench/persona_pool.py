@@ -10,9 +10,14 @@
 (e) tokens-per-minute utilisation: ~500-token requests (server-reported prompt + completion
     tokens) under a tokens/min limit, requests/min unlimited;
 (f) two concurrent `rlsim personas rate` processes joining one Ray cluster (--ray-address), one
-    endpoint, the same --rpm: their combined rate against the limit (one limiter per cluster).
+    endpoint, the same --rpm: their combined rate against the limit (one limiter per cluster);
+(g) hostile servers (tests/hostile.py: usage x3, no usage, reasoning tokens, completions to
+    max_tokens, 429 storms, slow drip), all six at once, each a run of > 60 s at 300 requests/min
+    with a budget it would cross: overrun of the budget (what the server billed), the busiest real
+    60 s window against the limit, lost and duplicated ratings.
 
-Run: python bench/persona_pool.py [--data-dir /work/shared/datasets] [--cache-dir /tmp/rlc]  (~4 minutes)
+Run: python bench/persona_pool.py [--data-dir /work/shared/datasets] [--cache-dir /tmp/rlc]  (~6 minutes)
+     python bench/persona_pool.py --only hostile  (~2 minutes: updates the `hostile` keys, keeps the others)
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from rlsim.personas.run import sample_users  # noqa: E402
 from rlsim.embeddings import item_text_vectors  # noqa: E402
 from rlsim.personas.source import prompt_builder  # noqa: E402
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating  # noqa: E402
+from tests.hostile import MODES, run_mode  # noqa: E402
 
 
 def build_units(data_dir: str, cache_dir: str, n_users: int, batch_size: int = 10):
@@ -252,20 +258,54 @@ def phase_two_jobs(data_dir: str, cache_dir: str, workdir: Path, gcs_address: st
                 "limiters": sorted({s["limits"]["limiter"] for s in summaries}), "wall_s": wall}
 
 
+def phase_hostile(units, workdir: Path, rpm: float = 300.0, seconds: float = 75.0, share: float = 0.85) -> dict:
+    """Every hostile mode at once (its own server and limiter), each a run of ~``seconds`` at ``rpm``
+    whose budget is ``share`` of what the whole run would be charged (measured on a short calibration
+    run without a budget), so the run crosses it near its end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = int(rpm / 60 * seconds)
+    units = units[:n]
+
+    def one(mode: str) -> tuple[str, dict]:
+        cal = run_mode(mode, units[:6], workdir / f"g-{mode}-cal", 1e6, None, 60.0)
+        per_request = cal["spent_usd_client"] / max(1, cal["answered"])
+        budget = share * per_request * len(units)
+        return mode, {**run_mode(mode, units, workdir / f"g-{mode}", rpm, budget, 60.0), "units": len(units)}
+
+    with ThreadPoolExecutor(len(MODES)) as ex:
+        res = dict(ex.map(one, sorted(MODES)))
+    keys = ("budget_overrun_usd", "max_60s_rpm_over_limit", "lost", "duplicated")
+    return {"summary": {m: {k: r[k] for k in keys} for m, r in res.items()}, "details": res,
+            "faults": MODES, "rpm": rpm, "budget_share": share}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=os.environ.get("RLSIM_DATA_DIR", "/work/shared/datasets"))
     ap.add_argument("--cache-dir", default="/tmp/rlc")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of the rate-limit phase")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "persona_pool.json"))
+    ap.add_argument("--only", choices=["hostile"], help="run this phase only and update its keys in --out")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
+    from rlsim.io import write_json
+
     t_all = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="rlsim-bench-personas-"))
     units = build_units(a.data_dir, a.cache_dir, n_users=200)
+    if a.only == "hostile":
+        g_res = phase_hostile(units, work)
+        result = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {"details": {}}
+        result["hostile"] = g_res["summary"]
+        result.setdefault("details", {})["hostile"] = g_res
+        write_json(a.out, result)
+        print(json.dumps(result["hostile"], indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+        return
     est = dry_run(units, BackendSpec("openai", "gpt-4o-mini"), PersonaConfig())
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-bench-", dir="/tmp"))
@@ -278,6 +318,7 @@ def main() -> None:
     finally:
         ray.shutdown()
     d_res = phase_kill_resume(a.data_dir, a.cache_dir, work, n_users=60, fault_rate=0.2)
+    g_res = phase_hostile(units, work)
     result = {
         "rate_limit_utilisation": a_res["rate_limit_utilisation"],
         "tpm_utilisation": e_res["tpm_utilisation"],
@@ -287,15 +328,14 @@ def main() -> None:
         "duplicated_ratings": d_res["duplicated_ratings"],
         "prompt_tokens_per_rating": b_res["prompt_tokens_per_rating_server"],
         "ratings_per_s": b_res["ratings_per_s"],
-        "details": {"rate_limit": a_res, "overhead": b_res, "kill_resume": d_res, "tokens_per_minute": e_res,
+        "hostile": g_res["summary"],
+        "details": {"hostile": g_res, "rate_limit": a_res, "overhead": b_res, "kill_resume": d_res, "tokens_per_minute": e_res,
                     "two_jobs": f_res,
                     "dry_run_estimate_gpt_4o_mini": est,
                     "setup": "ml-100k u1 prompts (structured profile, batch 10, k_similar 3); 2 Ray actors x 16 "
                              "concurrent requests; fake OpenAI server in-process (tests/fake_openai.py)",
                     "total_wall_s": time.monotonic() - t_all},
     }
-    from rlsim.io import write_json
-
     write_json(a.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "details"}, indent=1))
     shutil.rmtree(work, ignore_errors=True)

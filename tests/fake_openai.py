@@ -9,7 +9,10 @@ Faults (``FaultConfig``, set per server or at runtime via POST /control): latenc
 Retry-After, 5xx, timeouts (sleep past the client's timeout), truncated JSON, malformed JSON,
 wrong ids, out-of-scale values, missing items, each with a probability (seeded); plus a server
 side limiter (a token bucket at ``rpm_limit`` per minute, one second of burst) that answers 429.
-Every request is logged (``server.log``) for assertions.
+Hostile accounting (``tests.hostile`` runs each mode): usage a multiple of the client's estimate,
+no usage, hidden reasoning tokens, completions that run to max_tokens, 429 storms with Retry-After,
+answers that drip out slowly. Every request is logged (``server.log``, with the tokens it billed)
+for assertions.
 
 TinyTroupe: a request whose json_schema is one of TinyTroupe's cognitive action models (``actions``
 in 0.6, ``action`` in 0.5) is answered in that schema, like a model would: the ratings (of the
@@ -46,6 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 ITEM_LINE = re.compile(r"^(\d+): ", re.M)
+DRIP_PIECES = 10
 USER_TAG = re.compile(r"Profile of user (\d+)")
 
 
@@ -79,6 +83,15 @@ class FaultConfig:
     # Anchoring, as a model writing its JSON answer token by token: each movie's distribution after the
     # first moves one star toward the rating just written before it (so it depends on its neighbours).
     anchoring: bool = False
+    # Hostile accounting (issue 17): a server that disagrees with the client. The usage it reports is
+    # what it bills, and the log records what it billed (also when it reports nothing).
+    usage_factor: float = 1.0  # bills this many times its own count (chars/4, the client's estimate)
+    usage_missing: bool = False  # answers carry no usage
+    reasoning_tokens: int = 0  # hidden reasoning tokens per completion, billed as completion tokens
+    fill_max_tokens: bool = False  # every completion runs to max_tokens (the answer padded with spaces)
+    storm_period_s: float | None = None  # 429 storms: the first storm_s of every period (from the first
+    storm_s: float = 0.0  # request) answer 429 to everything, Retry-After: the rest of the storm
+    drip_s: float = 0.0  # a 200 answer's body goes out in DRIP_PIECES pieces spread over drip_s seconds
 
 
 @dataclass
@@ -92,7 +105,7 @@ class LoggedRequest:
     fault: str
     has_schema: bool
     prompt_tokens: int
-    completion_tokens: int = 0  # as reported in the answer's usage (0 for errors)
+    completion_tokens: int = 0  # as billed: the answer's usage, unless usage_missing hid it (0 for errors)
     schema_name: str = ""
     stimulus: str = ""  # TinyTroupe: the text of the latest stimulus the agent heard
     prompt_chars: int = 0
@@ -110,6 +123,7 @@ class FakeOpenAI:
         self.log: list[LoggedRequest] = []
         self.bucket: float | None = None
         self.bucket_t = time.monotonic()
+        self.t_first: float | None = None  # the first request (429 storms are timed from it)
         self.persona: ScriptedPersona | None = None  # set_persona(): answers from real ratings, biased
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
@@ -164,6 +178,9 @@ class FakeOpenAI:
         f = self.faults
         with self.lock:
             now = time.monotonic()
+            self.t_first = now if self.t_first is None else self.t_first
+            if f.storm_period_s and self.storm_left(now) > 0:
+                return "storm"
             if f.rpm_limit is not None:
                 rate = f.rpm_limit / 60.0
                 cap = f.burst if f.burst is not None else max(1.0, rate)
@@ -182,6 +199,41 @@ class FakeOpenAI:
                     return name
                 x -= p
         return ""
+
+    def storm_left(self, now: float) -> float:
+        """Seconds until the 429 storm in progress ends (0: none)."""
+        f = self.faults
+        if not f.storm_period_s or self.t_first is None:
+            return 0.0
+        into = (now - self.t_first) % f.storm_period_s
+        return max(0.0, f.storm_s - into)
+
+    def _bill(self, body: dict, resp: dict, info: dict) -> None:
+        """The hostile accounting modes: what this answer bills (resp's usage and info's p_tok/c_tok)."""
+        f = self.faults
+        choices = resp.get("choices") or []
+        cap = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+        p_tok = math.ceil(info["p_tok"] * f.usage_factor)
+        c_tok = math.ceil(info["c_tok"] * f.usage_factor)
+        reasoning = 0
+        if f.reasoning_tokens:
+            per = c_tok / max(1, len(choices))
+            reasoning = len(choices) * int(min(f.reasoning_tokens, max(0.0, cap - per) if cap else f.reasoning_tokens))
+            c_tok += reasoning
+        if f.fill_max_tokens and cap:
+            for ch in choices:
+                text = ch["message"]["content"]
+                ch["message"]["content"] = text + " " * max(0, cap - len(text))
+                ch["finish_reason"] = "length"
+            c_tok = cap * len(choices)
+        if cap:  # no server generates (or bills) past max_tokens
+            c_tok = min(c_tok, cap * max(1, len(choices)))
+        info["p_tok"], info["c_tok"] = p_tok, c_tok
+        if f.usage_missing:
+            resp.pop("usage", None)
+        else:
+            resp["usage"] = {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok,
+                             "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
     def _answer(self, body: dict, fault: str) -> tuple[int, dict, dict]:
         msgs = body.get("messages") or []
@@ -293,7 +345,7 @@ class FakeOpenAI:
             def log_message(self, *a):  # quiet
                 pass
 
-            def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
+            def _send(self, status: int, obj: dict, headers: dict | None = None, drip_s: float = 0.0) -> None:
                 data = json.dumps(obj).encode()
                 try:
                     self.send_response(status)
@@ -302,7 +354,14 @@ class FakeOpenAI:
                     for k, v in (headers or {}).items():
                         self.send_header(k, v)
                     self.end_headers()
-                    self.wfile.write(data)
+                    if drip_s <= 0:
+                        self.wfile.write(data)
+                        return
+                    step = max(1, math.ceil(len(data) / DRIP_PIECES))
+                    for k in range(0, len(data), step):  # a slow answer: pieces with pauses between them
+                        self.wfile.write(data[k:k + step])
+                        self.wfile.flush()
+                        time.sleep(drip_s / DRIP_PIECES)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
@@ -331,7 +390,7 @@ class FakeOpenAI:
                 fault = server._decide()
                 lat = server.faults.latency_s
                 status, resp, info = 200, {}, {"uid": 0, "ids": [], "p_tok": 0}
-                if fault == "rate_limited" or fault == "429":
+                if fault in ("rate_limited", "429", "storm"):
                     status = 429
                     resp = {"error": {"message": "rate limit exceeded", "type": "rate_limit_error"}}
                 elif fault == "500":
@@ -343,6 +402,7 @@ class FakeOpenAI:
                     if fault == "timeout":
                         time.sleep(server.faults.timeout_sleep_s)
                     status, resp, info = server._answer(body, fault)
+                    server._bill(body, resp, info)
                 rf = body.get("response_format") or {}
                 with server.lock:
                     server.log.append(LoggedRequest(time.monotonic(), path, body.get("model", ""), info["uid"],
@@ -356,8 +416,11 @@ class FakeOpenAI:
                                                     n_choices=len(resp.get("choices") or []) or 1,
                                                     logprobs=bool(((resp.get("choices") or [{}])[0] or {})
                                                                   .get("logprobs"))))
-                headers = {"Retry-After": f"{server.faults.retry_after_s:g}"} if status == 429 else {}
-                self._send(status, resp, headers)
+                retry = server.faults.retry_after_s
+                if fault == "storm":
+                    retry = math.ceil(server.storm_left(time.monotonic()) * 100) / 100 or 0.01
+                headers = {"Retry-After": f"{retry:g}"} if status == 429 else {}
+                self._send(status, resp, headers, server.faults.drip_s if status == 200 else 0.0)
 
         return Handler
 

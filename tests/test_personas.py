@@ -20,7 +20,7 @@ from rlsim.personas.calibrate import quantile_map
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
 from rlsim.personas.grounding import WorkUnit
-from rlsim.personas.limiter import LocalLimiter, RateLimiter
+from rlsim.personas.limiter import BUSY, REFUSED, LocalLimiter, RateLimiter
 from rlsim.personas.pool import RatingEngine, dry_run, rate_units_local, run_rating_job
 from rlsim.personas.validate import parse_ratings
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
@@ -216,11 +216,17 @@ def test_cache_key_depends_on_what_identifies_the_answer():
 
 # ---------------------------------------------------------------- budget, dry run, limiter
 
+def budget_for(units, share: float, prices: dict, **kw) -> float:
+    """A cap that lets about ``share`` of the units through: room for one request's worst case (what the
+    gate reserves) plus that share of their expected cost."""
+    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=prices, **kw))
+    return est["request_worst_case_usd"] + share * est["cost_usd"]
+
+
 def test_budget_is_a_hard_cap(server):
     cfg = cfg_for(max_concurrency=1, prices={"fake-model": {"prompt": 1000.0, "completion": 1000.0}})
     units = make_units(4, 10, 5)
-    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg)
-    budget = est["cost_usd"] * 0.5
+    budget = budget_for(units, 0.5, cfg.prices)
     eng = engine_for(server, cfg, budget=budget)
     rows, res = run_units(eng, units, concurrency=1)
     spent = sum(x["usage"]["cost_usd"] for x in res)
@@ -427,7 +433,8 @@ def test_limiter_state_is_restored_from_its_store():
     again = RateLimiter(clock=lambda: t[0], store=store)  # what a restarted actor does
     st = again.job_stats("j")
     assert st["restored"] and st["spent_usd"] == pytest.approx(0.3) and st["reserved_usd"] == pytest.approx(0.4)
-    assert again.reserve(1, 0.4, job="j") == -1.0  # 0.3 spent + 0.4 in flight + 0.4 > 1.0
+    assert again.reserve(1, 0.4, job="j") == BUSY  # 0.3 spent + 0.4 in flight + 0.4 > 1.0: wait for it
+    assert again.reserve(1, 0.8, job="j") == REFUSED  # 0.3 spent + 0.8 > 1.0 whatever settles
     assert again.reserve(1, 0.2, job="j") == pytest.approx(5.0)  # the pause and the bucket came back too
     # A job that rejoins (resumes) after dying counts its in-flight reservations as spent.
     assert again.register("j", rpm=60, tpm=1e6, budget_usd=1.0)["spent_usd"] == pytest.approx(0.9)
@@ -531,8 +538,7 @@ def test_limiter_state_and_budget_survive_a_restart(server, tmp_path, ray_local)
     ray = ray_local
     prices = {"fake-model": {"prompt": 1000.0, "completion": 1000.0}}
     units = make_units(6, 4, 1)  # 24 requests at 10 per second
-    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=prices))["cost_usd"]
-    budget = 0.5 * est
+    budget = budget_for(units, 0.5, prices)
     cfg = cfg_for(rpm=600, max_concurrency=2, n_workers=1, cache=False, prices=prices, budget_usd=budget)
     spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
     th, box = _run_in_thread(run_rating_job, units, tmp_path / "job", spec, cfg, None, use_ray=True, progress=False)
@@ -564,8 +570,7 @@ def _spent_at(server) -> float:
 
 def test_spend_of_a_killed_run_counts_on_resume(server, tmp_path, monkeypatch):
     units = make_units(2, 10, 1)  # 20 one-movie units in ONE shard: no shard finishes before the kill
-    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=PRICEY))["cost_usd"]
-    budget = 0.6 * est
+    budget = budget_for(units, 0.6, PRICEY)
     cfg = cfg_for(cache=False, shard_users=100, max_concurrency=1, prices=PRICEY, budget_usd=budget)
     spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
     run_until_killed(monkeypatch, 8, units, tmp_path / "job", spec, cfg)
@@ -579,8 +584,7 @@ def test_spend_of_a_killed_run_counts_on_resume(server, tmp_path, monkeypatch):
 
 def test_a_budget_stop_is_retried_on_resume(server, tmp_path):
     units = make_units(3, 6, 3)
-    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=PRICEY))["cost_usd"]
-    cfg = cfg_for(max_concurrency=1, prices=PRICEY, budget_usd=0.4 * est)
+    cfg = cfg_for(max_concurrency=1, prices=PRICEY, budget_usd=budget_for(units, 0.4, PRICEY))
     spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
     s1 = run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)
     stopped = s1["failure_reasons"]["budget"]
@@ -733,8 +737,7 @@ def test_a_gated_backend_spends_through_the_jobs_budget_ledger_and_journal(serve
 
     monkeypatch.setattr(pool, "build_backend", TwiceBackend)
     units = make_units(2, 10, 1)
-    est = dry_run(units, BackendSpec("openai", "fake-model"), cfg_for(prices=PRICEY))["cost_usd"]
-    budget = 0.5 * est  # a quarter of the units: each answer costs two requests
+    budget = budget_for(units, 0.5, PRICEY)  # about a quarter of the units: each answer costs two requests
     cfg = cfg_for(cache=False, max_concurrency=1, prices=PRICEY, budget_usd=budget)
     spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)
     s = run_rating_job(units, tmp_path / "job", spec, cfg, None, use_ray=False, progress=False)

@@ -10,13 +10,19 @@ endpoint share one limit instead of each getting the whole of it.
   sees more than the limit. The token bucket admits a request when it holds the request's tokens
   (or its whole capacity, when the request is larger) and then takes ALL of them, going into debt
   that later requests wait out: a 500-token request at 600 tokens/min is followed 50 s later by
-  the next one. After the answer, ``settle`` corrects the reservation with the usage the server
-  reported (prompt + completion tokens).
-- A 429 with Retry-After pauses every caller until it has passed.
+  the next one. Callers reserve a request's worst case (``gate.request_bound``); after the answer,
+  ``settle`` gives back what the server's reported usage did not use, so the server-counted
+  requests and tokens of any 60 s window stay within the limits (plus one request's worth).
+- A 429 with Retry-After pauses every caller until it has passed; reservations made during the
+  pause are paced from its end at the limit rate (no burst when it ends).
 - Several jobs: each ``register``s its own limits; the strictest limits of the jobs active now
   apply to everyone (a job is told when another job's limits are stricter than its own). A job
   that stops calling for ``lease_s`` seconds (its driver died) no longer counts.
-- Budgets are per job: a job's spend (settled) plus its reservations never exceed its cap.
+- Budgets are per job: a job's spend (settled) plus its reservations (worst cases) never exceed its
+  cap. A settlement above its reservation (a server reporting more than the worst case) is recorded
+  as spent anyway and counted (``overruns``); nothing more is granted once the cap is reached. A
+  request that fits only once the job's other requests in flight have settled waits for them.
+  A job with a cap or any spend is never forgotten, so an idle job cannot come back uncapped.
 - State (buckets, pause, every job's spend and reservations) is saved in Ray's GCS key-value
   store after each change, so a restarted actor (``max_restarts=-1``) picks up where it was and
   spend already made is not forgotten.
@@ -28,18 +34,53 @@ import asyncio
 import hashlib
 import json
 import time
+from urllib.parse import urlsplit
+
+from rlsim.errors import ConfigError
 
 LIMITER_NAMESPACE = "rlsim"
 LOCAL_JOB = "local"
 DEFAULT_LEASE_S = 120.0
-KEEP_JOBS = 500  # ledgers of finished jobs kept for a resume (the most recent ones)
+REFUSED, BUSY = -1.0, -2.0  # reserve(): the budget refuses the request / its in-flight reservations hold the rest
+BUSY_POLL_S, BUSY_WAIT_S = 0.05, 60.0
+TOKEN_HORIZON_S = 1.0  # how far ahead a send time is committed against the token bucket (try_reserve)
+LATER_MAX_S = 0.5  # the longest a request held back by the token bucket waits before asking again
+KEEP_JOBS = 500  # past this many jobs, finished ones with no cap and no spend are forgotten (oldest first)
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_endpoint(base_url: str | None) -> str:
+    """One spelling per endpoint: lowercase scheme and host, every loopback name as localhost, no
+    default port, no trailing '/' or '/v1' (the same server however a user writes its URL)."""
+    u = urlsplit((base_url or "https://api.openai.com/v1").strip())
+    try:
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid endpoint URL {base_url!r}: {exc}") from None
+    scheme = (u.scheme or "https").lower()
+    host = (u.hostname or "").lower()
+    host = "localhost" if host in LOOPBACK else (f"[{host}]" if ":" in host else host)
+    if port is not None and port != DEFAULT_PORTS.get(scheme):
+        host += f":{port}"
+    path = u.path.rstrip("/")
+    if path.lower().endswith("/v1"):
+        path = path[:-3].rstrip("/")
+    return f"{scheme}://{host}{path}"
 
 
 def limiter_name(base_url: str | None, model: str) -> str:
     """The cluster-wide limiter of one endpoint and model (Azure: endpoint and deployment)."""
-    endpoint = (base_url or "https://api.openai.com/v1").rstrip("/").lower()
-    h = hashlib.sha256(json.dumps([endpoint, model]).encode()).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([canonical_endpoint(base_url), model]).encode()).hexdigest()[:16]
     return f"rlsim_limiter_{h}"
+
+
+def _forgettable(j: dict) -> bool:
+    """A job with no cap, no spend and nothing reserved: forgetting it loses nothing (it would come back
+    as it was). Any other job stays, or its next reserve would start again uncapped at $0."""
+    return j.get("cap") is None and not j.get("spent") and not j.get("reserved")
 
 
 class TokenBucket:
@@ -174,13 +215,14 @@ class RateLimiter:
         """
         old = self.jobs.get(job)
         prior = max(float(spent_usd), (old["spent"] + old["reserved"]) if old else 0.0)
-        if len(self.jobs) > KEEP_JOBS:  # forget the oldest finished jobs (their folders keep their own ledgers)
-            done = sorted((v.get("seen", 0.0), k) for k, v in self.jobs.items() if v["active_until"] <= self.clock())
+        if len(self.jobs) > KEEP_JOBS:  # forget the oldest finished jobs that have nothing to remember
+            done = sorted((v.get("seen", 0.0), k) for k, v in self.jobs.items()
+                          if v["active_until"] <= self.clock() and _forgettable(v))
             for _, k in done[: len(self.jobs) - KEEP_JOBS]:
                 del self.jobs[k]
         lease = self.lease_s if lease_s is None else lease_s
         self.jobs[job] = {"rpm": float(rpm), "tpm": float(tpm), "cap": budget_usd, "spent": prior, "reserved": 0.0,
-                          "granted": old["granted"] if old else 0,
+                          "granted": old["granted"] if old else 0, "overruns": old.get("overruns", 0) if old else 0,
                           "active_until": float("inf") if lease == float("inf") else self.clock() + lease,
                           "min_rpm": float(rpm), "min_tpm": float(tpm), "ledger": ledger, "seen": self.clock()}
         self._recompute()
@@ -220,35 +262,69 @@ class RateLimiter:
     def job_stats(self, job: str = LOCAL_JOB) -> dict:
         j = self.jobs.get(job) or {}
         return {"spent_usd": j.get("spent", 0.0), "reserved_usd": j.get("reserved", 0.0),
-                "granted": j.get("granted", 0), "budget_usd": j.get("cap"), "effective_rpm": self.limits["rpm"],
+                "granted": j.get("granted", 0), "budget_usd": j.get("cap"), "overruns": j.get("overruns", 0),
+                "effective_rpm": self.limits["rpm"],
                 "effective_tpm": self.limits["tpm"], "min_rpm": j.get("min_rpm"), "min_tpm": j.get("min_tpm"),
                 "restored": self.restored}
 
     # ------------------------------------------------------------ pacing
     def reserve(self, tokens: int, est_usd: float = 0.0, job: str = LOCAL_JOB) -> float:
-        """Seconds to wait before sending, or -1.0 when the job's budget would be exceeded."""
+        """Seconds to wait before sending; REFUSED (-1.0) when the job's budget would be exceeded even
+        with nothing else in flight; BUSY (-2.0) when only the job's other reservations in flight stand
+        in the way (ask again once they have settled)."""
         j = self._job(job)
         self._recompute()
         if j["cap"] is not None and j["spent"] + j["reserved"] + est_usd > j["cap"] + 1e-12:
             self._save()
-            return -1.0
+            return REFUSED if j["spent"] + est_usd > j["cap"] + 1e-12 else BUSY
         j["reserved"] += est_usd
         if est_usd:
             self._write_ledger(j)
         self.fresh = False
         now = self.clock()
-        wait = max(self.req.take(1.0, now), self.tok.take(float(tokens), now), self.paused_until - now, 0.0)
+        # During a 429 pause the buckets are drawn from its end: requests reserved now are paced from
+        # there at the limit rate instead of all being sent the moment it ends.
+        start = max(now, self.paused_until)
+        wait = max(self.req.take(1.0, start), self.tok.take(float(tokens), start)) + (start - now)
         self.granted += 1
         j["granted"] += 1
         self._save()
         return wait
+
+    def try_reserve(self, tokens: int, est_usd: float = 0.0, job: str = LOCAL_JOB,
+                    horizon_s: float = TOKEN_HORIZON_S) -> tuple[str, float]:
+        """``reserve``, except that a request the TOKEN bucket alone would hold back more than
+        ``horizon_s`` takes nothing yet: ("later", seconds until it is worth asking again). Requests
+        reserve worst cases that mostly come back when they settle; committing a send time against
+        that debt far ahead would pace by the worst case instead of by the tokens really used.
+        Else ("ok", wait), ("refused", 0) or ("busy", 0) (see ``reserve``)."""
+        j = self._job(job)  # still alive: it keeps its lease and its share of the limits
+        if j["cap"] is not None and j["spent"] + j["reserved"] + est_usd > j["cap"] + 1e-12:
+            return ("refused" if j["spent"] + est_usd > j["cap"] + 1e-12 else "busy"), 0.0  # before any wait
+        now = self.clock()
+        start = max(now, self.paused_until)
+        self.tok.refill(start)
+        tok_wait = max(0.0, (min(float(tokens), self.tok.cap) - self.tok.level) / self.tok.rate)
+        self.req.refill(start)
+        req_wait = max(0.0, (1.0 - self.req.level) / self.req.rate)
+        if tok_wait > horizon_s and tok_wait > req_wait:
+            # Ask again soon: settlements give worst cases back, so the wait shrinks faster than it says.
+            return "later", min(LATER_MAX_S, max(BUSY_POLL_S, tok_wait - horizon_s))
+        wait = self.reserve(tokens, est_usd, job)
+        if wait == REFUSED:
+            return "refused", 0.0
+        if wait == BUSY:
+            return "busy", 0.0
+        return "ok", wait
 
     def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
                actual_tokens: int | None = None, job: str = LOCAL_JOB) -> None:
         """After the call: dollars actually spent, and tokens the server reported (None: keep the estimate)."""
         j = self._job(job, refresh=False)
         j["reserved"] = max(0.0, j["reserved"] - reserved_usd)
-        j["spent"] += actual_usd
+        j["spent"] += actual_usd  # what the server billed, even above the reservation: spend is never hidden
+        if actual_usd > reserved_usd + 1e-12:
+            j["overruns"] = j.get("overruns", 0) + 1
         if actual_tokens is not None:
             self.tok.give(float(reserved_tokens) - float(actual_tokens), self.clock())
         self._save()
@@ -303,6 +379,9 @@ class LocalLimiter:
     async def reserve(self, tokens: int, est_usd: float = 0.0) -> float:
         return self.limiter.reserve(tokens, est_usd, job=self.job)
 
+    async def try_reserve(self, tokens: int, est_usd: float = 0.0) -> tuple[str, float]:
+        return self.limiter.try_reserve(tokens, est_usd, job=self.job)
+
     async def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
                      actual_tokens: int | None = None) -> None:
         self.limiter.settle(reserved_usd, actual_usd, reserved_tokens, actual_tokens, job=self.job)
@@ -323,6 +402,9 @@ class RayLimiter:
 
     async def reserve(self, tokens: int, est_usd: float = 0.0) -> float:
         return await self.handle.reserve.remote(tokens, est_usd, self.job)
+
+    async def try_reserve(self, tokens: int, est_usd: float = 0.0) -> tuple[str, float]:
+        return tuple(await self.handle.try_reserve.remote(tokens, est_usd, self.job))
 
     async def settle(self, reserved_usd: float, actual_usd: float, reserved_tokens: int = 0,
                      actual_tokens: int | None = None) -> None:
@@ -367,11 +449,21 @@ def get_limiter(name: str):
     return ray.get_actor(name, namespace=LIMITER_NAMESPACE)
 
 
-async def sleep_until_allowed(limiter, tokens: int, est_usd: float = 0.0) -> bool:
-    """Reserve and wait; False when the budget refused the request."""
-    wait = await limiter.reserve(tokens, est_usd)
-    if wait < 0:
-        return False
+async def sleep_until_allowed(limiter, tokens: int, est_usd: float = 0.0, busy_wait_s: float = BUSY_WAIT_S) -> bool:
+    """Reserve and wait; False when the budget refused the request. While only other requests in flight
+    hold the rest of the budget (worst cases, mostly given back when they settle), ask again for up
+    to ``busy_wait_s`` (a reservation whose worker died is never settled) before giving up."""
+    busy = 0.0
+    while True:
+        status, wait = await limiter.try_reserve(tokens, est_usd)
+        if status == "ok":
+            break
+        if status == "refused" or (status == "busy" and busy >= busy_wait_s):
+            return False
+        if status == "busy":
+            busy += BUSY_POLL_S
+            wait = BUSY_POLL_S
+        await asyncio.sleep(wait)  # "later": the token bucket is worth asking again then
     if wait > 0:
         await asyncio.sleep(wait)
     return True

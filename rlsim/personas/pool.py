@@ -45,7 +45,7 @@ from rlsim.personas.backends import (BackendSpec, BudgetExceeded, ChatResult, Pe
 from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
-from rlsim.personas.gate import LimiterGate
+from rlsim.personas.gate import LimiterGate, request_bound
 from rlsim.personas.grounding import UnitSource, WorkUnit
 from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter
 from rlsim.personas.prompts import estimate_tokens, messages_tokens, rating_schema
@@ -54,12 +54,13 @@ from rlsim.personas.validate import parse_ratings
 log = logging.getLogger(__name__)
 
 ROW_COLUMNS = ["user_id", "item_id", "rating", "raw", "status", "reason", "attempts", "repaired", "source"]
-PROFILE_COMPLETION_ESTIMATE = 300  # tokens reserved for a psych profile or a Lusifer summary
+PROFILE_COMPLETION_ESTIMATE = 300  # expected tokens of a psych profile or a Lusifer summary (dry runs only)
 IDENTITY_ADDED = ("prompts_sha256", "text_model")  # identity keys later rlsim versions added
 JOB_FORMAT = 2  # bumped when the job folder's layout changes (older folders are refused)
 
 
 def completion_estimate(n_items: int) -> int:
+    """Expected completion tokens of a rating answer: for dry runs; reservations use ``gate.request_bound``."""
     return 4 + 7 * n_items  # '"1234": 4,' per item plus braces
 
 
@@ -136,21 +137,25 @@ class RatingEngine:
         delay = base * (0.5 + self.rng.random())  # jitter: callers do not retry in lockstep
         return max(delay, retry_after or 0.0)
 
-    async def _chat(self, gate: LimiterGate, messages: list[dict], response_format: dict | None, params: dict,
-                    completion_tokens: int) -> ChatResult:
+    async def _chat(self, gate: LimiterGate, messages: list[dict], response_format: dict | None,
+                    params: dict) -> ChatResult:
         """One answer. The gate reserves, settles and counts each HTTP request (``rlsim.personas.gate``):
         here around ``chat``, or inside a gated backend around each request it sends (TinyTroupe sends
-        several per answer). Raises BudgetExceeded when the budget refused a request before it was sent."""
+        several per answer). The reservation is the request's worst case, derived from the very
+        messages and params sent. Raises BudgetExceeded when the budget refused a request before it was sent."""
         backend = self._backend()
         if getattr(backend, "gated", False):
             return await backend.chat(messages, response_format, params, gate=gate)
-        reservation = await gate.acquire(messages_tokens(messages), completion_tokens)
+        reservation = await gate.acquire(*request_bound(messages, params, response_format))
         try:
             res = await backend.chat(messages, response_format, params)
         except Exception as exc:  # noqa: BLE001 - settled as failed (how it counts: gate.charged_on_failure)
             await gate.release(reservation, error=exc)
             raise
-        await gate.release(reservation, res.prompt_tokens, res.completion_tokens)
+        if res.usage_reported:
+            await gate.release(reservation, res.prompt_tokens, res.completion_tokens)
+        else:
+            await gate.release(reservation, None, None)
         return res
 
     async def complete(self, messages: list[dict], response_format: dict | None, usage: dict | None = None,
@@ -175,8 +180,7 @@ class RatingEngine:
             gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, empty_usage() if usage is None else usage)
             try:
                 res = await self._chat(gate, messages, response_format, {k: v for k, v in params.items()
-                                                                        if k != "response_format"},
-                                       PROFILE_COMPLETION_ESTIMATE)
+                                                                        if k != "response_format"})
             except TransientError as exc:
                 reason = exc.reason
                 if usage is not None:
@@ -238,8 +242,7 @@ class RatingEngine:
             else:
                 gate = LimiterGate(self.limiter, cfg.prices, self.spec.model, usage)  # counts into usage
                 try:
-                    res = await self._chat(gate, msgs, rf, {k: v for k, v in params.items() if k != "response_format"},
-                                           min(completion_estimate(len(pending)), cfg.max_output_tokens))
+                    res = await self._chat(gate, msgs, rf, {k: v for k, v in params.items() if k != "response_format"})
                 except BudgetExceeded:
                     budget_stop = True
                     for i in pending:
@@ -1059,9 +1062,10 @@ def finish_job(out_dir: Path, plan: JobPlan, manifest: dict, writer: ShardWriter
 
 def dry_run(units: "list[WorkUnit] | UnitSource", spec: BackendSpec, cfg: PersonaConfig) -> dict:
     """Tokens and dollars the job would use if every unit were answered on the first try (a
-    ``UnitSource`` is built and counted a thousand users at a time)."""
+    ``UnitSource`` is built and counted a thousand users at a time), and the worst case the budget
+    reserves for them (``gate.request_bound``: a cap below ``request_worst_case_usd`` sends nothing)."""
     offline = spec.kind == "offline"
-    n_units = n_items = p = c = 0
+    n_units = n_items = p = c = wp = wc = w_max = 0
     if offline and isinstance(units, UnitSource):
         for a in range(0, len(units.users), 1000):
             for _, n in units.unit_ids(units.users[a:a + 1000]):
@@ -1071,8 +1075,12 @@ def dry_run(units: "list[WorkUnit] | UnitSource", spec: BackendSpec, cfg: Person
             n_units += 1
             n_items += len(u.item_ids)
             if not offline:
-                p += messages_tokens(u.messages())
+                msgs = u.messages()
+                p += messages_tokens(msgs)
                 c += min(completion_estimate(len(u.item_ids)), cfg.max_output_tokens)
+                bp, bc = request_bound(msgs, {"max_tokens": cfg.max_output_tokens},
+                                       rating_schema(u.item_ids, u.rating_scale))
+                wp, wc, w_max = wp + bp, wc + bc, max(w_max, cost_usd(cfg.prices, spec.model, bp, bc))
     if offline:
         return {"backend": "offline", "requests": 0, "pairs": n_items, "prompt_tokens": 0, "completion_tokens": 0,
                 "cost_usd": 0.0, "budget_usd": cfg.budget_usd}
@@ -1082,6 +1090,7 @@ def dry_run(units: "list[WorkUnit] | UnitSource", spec: BackendSpec, cfg: Person
             "requests": n_units, "pairs": n_items, "prompt_tokens": p, "completion_tokens": c,
             "prompt_tokens_per_rating": p / max(1, n_items), "model": spec.model,
             "cost_usd": cost_usd(cfg.prices, spec.model, p, c), "budget_usd": cfg.budget_usd,
+            "worst_case_usd": cost_usd(cfg.prices, spec.model, wp, wc), "request_worst_case_usd": w_max,
             "token_counter": "tiktoken" if estimate_tokens("a b") != 1 else "chars/4 estimate"}
 
 

@@ -3,7 +3,9 @@
 ``LLMPersonaSimulator`` speaks the simulator contract (rlsim.simulators.base) through the persona
 stage's pieces: the PromptBuilder's profile and grounding (rlsim.personas.grounding), the rating
 engine's gate to the cluster-wide limiter and budget (rlsim.personas.gate / limiter), the response
-cache, and the same JSON schema and validation as `rlsim personas rate`.
+cache, and the same JSON schema and validation as `rlsim personas rate`. The simulator is one job at
+the limiter with a stable id (``simulator_job``) and a spend ledger under the cache folder, so a rerun
+of the same simulator finds what it spent before: its budget does not start again at $0.
 
 - **Grouping.** The pairs of one call are grouped by (user, session): pairs with the same user and
   the same session so far may share one prompt (up to ``llm_persona.movies_per_prompt`` movies,
@@ -59,11 +61,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import hashlib
 import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -254,7 +256,7 @@ class LLMPersonaSimulator(Simulator):
             params.update(temperature=self.cfg.sample_temperature, n=self.cfg.samples)
         return params
 
-    async def _once(self, msgs: list[dict], rf: dict | None, params: dict, completion_est: int, usage: dict,
+    async def _once(self, msgs: list[dict], rf: dict | None, params: dict, usage: dict,
                     answer: int) -> tuple[dict | None, Exception | None, bool]:
         """One answer to msgs: from the cache, else one request through the limiter (the gate).
         (answer, None, from_cache) or (None, error, False)."""
@@ -272,7 +274,7 @@ class LLMPersonaSimulator(Simulator):
         gate = LimiterGate(self.engine.limiter, self.pcfg.prices, self.spec.model, usage)
         async with self._sem:
             try:
-                res = await self.engine._chat(gate, msgs, rf, params, completion_est)
+                res = await self.engine._chat(gate, msgs, rf, params)
             except Exception as exc:  # noqa: BLE001 - classified by the caller
                 return None, exc, False
         now = time.monotonic()
@@ -323,14 +325,12 @@ class LLMPersonaSimulator(Simulator):
         method: logprobs | samples | noise (a distribution) or answer (the plain rating, for calibration).
         Items missing from an answer are asked again (alone) until max_retries; the n-th answer to the
         same prompt has its own cache key, so a rerun replays answers and their retries exactly."""
-        from rlsim.personas.pool import completion_estimate
         from rlsim.personas.prompts import rating_schema
         from rlsim.personas.validate import parse_ratings
 
         scale = self.scale
         req = "answer" if method in ("noise", "answer") else method
         params = self._params(req)
-        n_choices = params.get("n", 1)
         got: dict[int, tuple] = {}
         reason = {i: "not attempted" for i in unit.item_ids}
         pending = list(unit.item_ids)
@@ -340,8 +340,7 @@ class LLMPersonaSimulator(Simulator):
             sub = unit if len(pending) == len(unit.item_ids) else unit.subset(pending)
             msgs, rf = sub.messages(), rating_schema(sub.item_ids, scale)
             n_before = answers_seen.get(tuple(pending), 0)
-            est = min(completion_estimate(len(pending)), self.pcfg.max_output_tokens) * n_choices
-            res, exc, hit = await self._once(msgs, rf, params, est, usage, n_before + unit.answer_offset)
+            res, exc, hit = await self._once(msgs, rf, params, usage, n_before + unit.answer_offset)
             tries += 1
             if res is None:
                 why, final = await self._after_error(exc, usage, tries - 1)
@@ -437,14 +436,11 @@ class LLMPersonaSimulator(Simulator):
         p = self.pcfg
         # The same request (and cache key) as RatingEngine.complete.
         params = {"temperature": p.temperature, "max_tokens": max(p.max_output_tokens, 600), "seed": p.seed}
-        from rlsim.personas.pool import PROFILE_COMPLETION_ESTIMATE
-
         self.counts["summary_updates"] += 1
         why = "not attempted"
         answers = 0
         for attempt in range(p.max_retries + 1):
-            res, exc, _ = await self._once(msgs, SUMMARY_SCHEMA, params, PROFILE_COMPLETION_ESTIMATE,
-                                           self.summary_usage, answers)
+            res, exc, _ = await self._once(msgs, SUMMARY_SCHEMA, params, self.summary_usage, answers)
             if res is None:
                 why, final = await self._after_error(exc, self.summary_usage, attempt)
                 if final:
@@ -477,7 +473,6 @@ class LLMPersonaSimulator(Simulator):
 
     async def _probe(self) -> tuple[str | None, str]:
         """auto: one real rating request with logprobs; if they are missing, one with n completions."""
-        from rlsim.personas.pool import completion_estimate
         from rlsim.personas.prompts import rating_schema
 
         users = sorted(self.builder.history) or sorted(self.builder.profiles)
@@ -488,13 +483,12 @@ class LLMPersonaSimulator(Simulator):
         item = int(hist["item_id"].iloc[0]) if hist is not None and len(hist) else int(next(iter(self.builder.item_rows)))
         unit = self._unit(self.builder, u, [item], EMPTY, "")
         msgs, rf = unit.messages(), rating_schema([item], self.scale)
-        est = completion_estimate(1)
         tried = []
         for method in (["logprobs"] if is_integer_scale(self.scale) else []) + ["samples"]:
             params = self._params(method)
             res = exc = None
             for attempt in range(self.pcfg.max_retries + 1):
-                res, exc, _ = await self._once(msgs, rf, params, est * params.get("n", 1), self.setup_usage, 0)
+                res, exc, _ = await self._once(msgs, rf, params, self.setup_usage, 0)
                 if res is not None:
                     break
                 why, final = await self._after_error(exc, self.setup_usage, attempt)
@@ -750,11 +744,23 @@ def _builder(ds, pcfg, vectors, train: pd.DataFrame):
     return prompt_builder(ds, train, pcfg, vectors)
 
 
-def _limiter(pcfg, spec) -> tuple[object, dict, Callable | None]:
-    """The cluster's limiter of this endpoint and model when Ray is up (registered as its own job,
-    with the budget), else one for this process."""
-    from rlsim.personas.limiter import LocalLimiter, RateLimiter
+def simulator_job(spec, options: dict, seed: int, cache_dir: str) -> str:
+    """The simulator's job id at the limiter: stable across reruns of the same simulator (endpoint, model,
+    options, seed, cache), so a rerun finds its earlier spend instead of starting again at $0."""
+    ident = {"endpoint": spec.cache_identity(), "options": options, "seed": int(seed),
+             "cache_dir": str(Path(cache_dir).expanduser().resolve())}
+    return "llm-persona-" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
+def _limiter(pcfg, spec, job: str, ledger: Path) -> tuple[object, dict, Callable | None]:
+    """The cluster's limiter of this endpoint and model when Ray is up (registered as ``job``, with the
+    budget), else one for this process. ``ledger`` (the job's spend.json, rewritten at every change) holds
+    what earlier runs of the same simulator spent: it counts against the budget."""
+    from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter
+    from rlsim.personas.pool import SpendLedger
+
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    spent_before = SpendLedger(ledger).read()
     try:
         import ray
 
@@ -762,15 +768,18 @@ def _limiter(pcfg, spec) -> tuple[object, dict, Callable | None]:
     except ImportError:  # pragma: no cover - ray is a dependency
         up = False
     if not up:
-        return LocalLimiter(RateLimiter(pcfg.rpm, pcfg.tpm, pcfg.budget_usd)), {"scope": "this process"}, None
+        rl = RateLimiter(pcfg.rpm, pcfg.tpm, pcfg.budget_usd)
+        rl.register(LOCAL_JOB, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, spent_before, lease_s=float("inf"),
+                    ledger=str(ledger))
+        return LocalLimiter(rl), {"scope": "this process", "job": job, "spent_before_usd": spent_before}, None
     from rlsim.personas.limiter import RayLimiter, cluster_limiter, limiter_name
 
     name = limiter_name(spec.base_url, spec.model)
     handle = cluster_limiter(name)
-    job = f"llm-persona-{uuid.uuid4().hex[:12]}"
-    reg = ray.get(handle.register.remote(job, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, 0.0))
+    reg = ray.get(handle.register.remote(job, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, spent_before, None,
+                                         str(ledger.resolve())))
     info = {"scope": "cluster", "limiter": name, "job": job, "effective_rpm": reg["rpm"],
-            "effective_tpm": reg["tpm"], "other_jobs": reg["other_jobs"]}
+            "effective_tpm": reg["tpm"], "other_jobs": reg["other_jobs"], "spent_before_usd": reg["spent_usd"]}
 
     async def unregister():
         await handle.unregister.remote(job)
@@ -794,7 +803,9 @@ def build_llm_persona_simulator(ds, train: pd.DataFrame, pcfg, spec, options: di
     make_builder = functools.partial(_builder, ds, pcfg, vectors)
     info, on_close = {"scope": "given"}, None
     if limiter is None:
-        limiter, info, on_close = _limiter(pcfg, spec)
+        job = simulator_job(spec, asdict(cfg), seed, cache_dir)
+        ledger = Path(cache_dir).expanduser() / "personas" / "budgets" / f"{job}.json"
+        limiter, info, on_close = _limiter(pcfg, spec, job, ledger)
     engine = RatingEngine(spec, pcfg, limiter, ResponseCache(cache_path) if cache_path else None)
     return LLMPersonaSimulator(make_builder(train), engine, ds.scale, cfg, train=train, make_builder=make_builder,
                                seed=seed, limiter_info=info, on_close=on_close)

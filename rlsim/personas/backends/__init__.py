@@ -33,6 +33,7 @@ class ChatResult:
     # as [token, logprob, [[alternative, logprob], ...]] when logprobs were asked and returned.
     choices: list[str] | None = None
     logprobs: list[list] | None = None
+    usage_reported: bool = True  # False: the answer had no usage (the gate then charges the worst case)
 
 
 class BackendError(Exception):
@@ -66,13 +67,14 @@ class RequestGate(Protocol):
     """
 
     async def acquire(self, prompt_tokens: int, completion_tokens: int):
-        """Wait until the limiter allows the request (its tokens: prompt + completion estimate);
+        """Wait until the limiter allows the request (its worst case: ``gate.request_bound``/``body_bound``);
         returns the reservation to hand to ``release``. Raises BudgetExceeded (nothing may be sent)."""
 
-    async def release(self, reservation, prompt_tokens: int = 0, completion_tokens: int = 0,
+    async def release(self, reservation, prompt_tokens: int | None = 0, completion_tokens: int | None = 0,
                       error: BackendError | None = None) -> None:
-        """The request is over: settle with the usage the server reported, or (``error``: it failed)
-        without usage (a timeout counts at its estimate, a refused request costs nothing)."""
+        """The request is over: settle with the usage the server reported (None: it reported none, the
+        worst case counts), or (``error``: it failed) without usage (a timeout counts at its worst case,
+        a refused request costs nothing)."""
 
 
 @dataclass

@@ -85,9 +85,12 @@ class OpenAIBackend:
         usage = resp.usage
         choices = sorted(resp.choices, key=lambda c: getattr(c, "index", 0) or 0)
         texts = [c.message.content or "" for c in choices]
+        reported = usage is not None and getattr(usage, "prompt_tokens", None) is not None \
+            and getattr(usage, "completion_tokens", None) is not None
         return ChatResult(text=texts[0],
                           prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                           completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                          usage_reported=reported,
                           choices=texts, logprobs=[token_logprobs(c) for c in choices] if params.get("logprobs")
                           else None)
 

@@ -18,7 +18,7 @@ TinyTroupe is configured from code; no config.ini of the user's is read:
   ends the answer, so TinyTroupe never resends. ``_count_tokens``: characters / 4, no tiktoken
   download. That openai client's HTTP hooks pass each request through rlsim's gate (reserve
   before it is sent; settle with the server's usage after an answer, or as a failure: a timeout
-  at its estimate, a refusal at nothing), so limits, budget and usage see all the traffic.
+  at its worst case, a refusal at nothing), so limits, budget and usage see all the traffic.
 - One TinyPerson per user lives as long as the backend (a rating job, a Ray worker; the RL reward
   source builds one per ``score`` call), so it remembers the user's earlier batches; one user's
   batches run in order, different users in parallel. The lock guards only TinyTroupe's
@@ -48,15 +48,16 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from rlsim.errors import ConfigError
-from rlsim.personas.backends import BackendError, BackendSpec, ChatResult, RequestGate, TransientError
+from rlsim.personas.backends import (BackendError, BackendSpec, ChatResult, PermanentError, RequestGate,
+                                     TransientError)
 from rlsim.personas.backends.openai_backend import backend_error
+from rlsim.personas.gate import body_bound
 from rlsim.personas.prompts import chars_tokens
 
 INSTALL = "pip install git+https://github.com/microsoft/TinyTroupe.git@v0.6.0"
 # Room for TinyTroupe's actions and cognitive state around the answer (its default, 128k, is refused
-# by most models); reserved per request before the server's usage settles it.
+# by most models); each request reserves its worst case (this, and its body's bytes) until its usage settles it.
 MAX_COMPLETION_TOKENS = 2048
-COMPLETION_ESTIMATE = 256
 ANSWER_HOW = "Answer with one TALK action whose content is only the JSON object asked for above, then DONE."
 PROFILE_LINE = re.compile(r"Profile of user (\d+):[ \t]*([^\n]*)")
 
@@ -191,7 +192,11 @@ class _Call:
     def before_send(self, body: bytes) -> None:
         if self.gate is not None:
             try:
-                self.reserved = self._wait(self.gate.acquire(request_tokens(body), COMPLETION_ESTIMATE))
+                bound = body_bound(body)
+            except ValueError as exc:  # not JSON, or no max tokens: no worst case, so it is not sent
+                raise _Abort(PermanentError(f"unbounded_request: {str(exc)[:80]}")) from None
+            try:
+                self.reserved = self._wait(self.gate.acquire(*bound))
             except BackendError as exc:  # the budget: nothing is sent
                 raise _Abort(exc) from None
         self.requests += 1
@@ -199,12 +204,16 @@ class _Call:
     def after_response(self, response) -> None:
         if not response.is_success:  # settled as a failure once the openai client has classified it
             return
-        prompt_tokens, completion_tokens = response_usage(response)
+        usage = response_usage(response)
+        if usage is None and self.reserved is not None:  # no usage: the request counts at its worst case
+            usage = (self.reserved.prompt_tokens, self.reserved.completion_tokens)
+        prompt_tokens, completion_tokens = usage or (0, 0)
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.settle(prompt_tokens, completion_tokens)
 
-    def settle(self, prompt_tokens: int = 0, completion_tokens: int = 0, error: BackendError | None = None) -> None:
+    def settle(self, prompt_tokens: int | None = 0, completion_tokens: int | None = 0,
+               error: BackendError | None = None) -> None:
         """Release the pending reservation: with the server's usage, or as failed (``error``); idempotent."""
         reserved, self.reserved = self.reserved, None
         if reserved is not None and self.gate is not None:
@@ -238,30 +247,24 @@ def _on_response(response) -> None:
         call.after_response(response)
 
 
-def request_tokens(body: bytes) -> int:
-    """Prompt tokens of a chat-completions request body, estimated offline."""
-    try:
-        msgs = json.loads(body).get("messages") or []
-    except (ValueError, AttributeError):
-        return chars_tokens(body.decode("utf-8", "replace"))
-    return offline_tokens(msgs)
-
-
 def offline_tokens(messages: list[dict]) -> int:
     """Prompt tokens of chat messages from their length: no tokenizer file, so no download."""
     return sum(chars_tokens(str(m.get("content", ""))) + 4 for m in messages) + 2
 
 
-def response_usage(response) -> tuple[int, int]:
-    """(prompt, completion) tokens the server reported; (0, 0) for an error or a body without usage."""
+def response_usage(response) -> tuple[int, int] | None:
+    """(prompt, completion) tokens the server reported; (0, 0) for an error; None for an answer without
+    usage (it is charged its worst case)."""
     if not response.is_success:
         return 0, 0
     try:
         response.read()
         usage = json.loads(response.content).get("usage") or {}
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        if usage.get("prompt_tokens") is None or usage.get("completion_tokens") is None:
+            return None
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
     except (ValueError, AttributeError, TypeError):
-        return 0, 0
+        return None
 
 
 def error_of(exc: Exception) -> BackendError:
