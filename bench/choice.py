@@ -8,7 +8,7 @@ reason when it has none yet (it only rates). Choice models are fitted on the tra
 only; their settings are chosen on a validation slice of them. `session` replays ml-latest-small's
 temporal split: does what the user just watched help predict their next pick (AUC with and without)?
 
-    python bench/choice.py [--data-dir ../shared/datasets] [--cache-dir .cache]
+    python bench/choice.py [--data-dir ../shared/datasets] [--cache-dir .cache] [--train-reward | --reward-checkpoint CKPT]
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("RLSIM_DATA_DIR", str(REPO.parent / "shared" / "datasets")))
     p.add_argument("--cache-dir", default=os.environ.get("RLSIM_CACHE_DIR", str(REPO / ".cache")))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "choice.json"))
+    p.add_argument("--reward-checkpoint", help="a reward model trained with reward.choice_weight > 0 (its choice head)")
+    p.add_argument("--train-reward", action="store_true",
+                   help="train one first (library defaults + choice_weight 1.0) into .cache/bench-choice-reward")
     args = p.parse_args(argv)
     from rlsim.simulators import registry
     from rlsim.simulators.choice import PopularityChoice
@@ -55,8 +58,25 @@ def main(argv=None) -> int:
                                                                                           split.test, seed=dcfg.seed))},
            "sources": {}}
     print("reference popularity", out["reference"]["popularity"])
+    ckpt = args.reward_checkpoint
+    if args.train_reward and not ckpt:
+        from rlsim.reward.config import RewardConfig
+        from rlsim.reward.train import train_reward_model
+
+        work = Path(args.cache_dir) / "bench-choice-reward"
+        res = train_reward_model(dcfg, RewardConfig(choice_weight=1.0), work, dataset=ds, split=split)
+        ckpt = str(work / "checkpoint")
+        out["reward_model_training"] = {"config": "library defaults + choice_weight 1.0",
+                                        "test_rmse": res["model"]["rmse"], "best_epoch": res["best_epoch"]}
     for name in registry.names():
         e = registry.entry(name)
+        if name == "reward_model" and ckpt:
+            sim = local_simulator(SimulatorSpec(name, ckpt), ds, split.train, seed=dcfg.seed, cache_dir=args.cache_dir)
+            if sim.has_choice:
+                f = choice_fidelity(sim.choice, split.train, split.test, seed=dcfg.seed)
+                out["sources"][name] = {**summary(f), "choice_model": "head", "checkpoint": ckpt}
+                print(name, out["sources"][name])
+                continue
         if e.build is None or {"checkpoint", "endpoint"} & set(e.needs):
             # Sources whose choice is not built yet (or a running actor, which is one of the others).
             out["sources"][name] = None if name != "actor" else "a running actor: any of the others"
@@ -77,7 +97,8 @@ def main(argv=None) -> int:
         "popularity": choice_session_gain(PopularityChoice(seed=tcfg.seed).fit(tsplit.train).probability,
                                           tsplit.train, tsplit.test, seed=tcfg.seed)}, "sources": {}}
     for name, v in out["sources"].items():
-        if isinstance(v, dict):
+        # A checkpoint is trained on ML-100K: the reward model's session replay needs one of its own.
+        if isinstance(v, dict) and "checkpoint" not in registry.entry(name).needs:
             sim = local_simulator(SimulatorSpec(name), tds, tsplit.train, seed=tcfg.seed, cache_dir=args.cache_dir)
             sess["sources"][name] = choice_session_gain(sim.choice, tsplit.train, tsplit.test, seed=tcfg.seed)
             print("session", name, {k: sess["sources"][name][k] for k in ("auc_gain", "accuracy_gain", "trials")})

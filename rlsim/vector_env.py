@@ -90,11 +90,11 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             if self.mode != "sampled":
                 raise ConfigError(f"reward {self.reward} draws the user's choice: it needs reward_mode sampled")
             if not getattr(self.sim, "has_choice", False):
-                from rlsim.simulators.registry import choosing
+                from rlsim.simulators.registry import choosers_text
 
                 raise ConfigError(f"reward {self.reward} needs a simulated user that chooses what to watch; "
                                   f"{getattr(self.sim, 'name', 'this one')!r} only rates (these choose: "
-                                  f"{', '.join(choosing())})")
+                                  f"{choosers_text()})")
         self.scale = data.scale
         if self.mode == "static":
             self.table = data.rewards if data.rewards is not None else score_all(data, self.sim)

@@ -297,7 +297,9 @@ def _clustered_ml100k(data_root, dst):
     for u in range(1, 61):
         w = np.where(np.isin(np.arange(1, 81), groups[u % 4]), 8.0, 1.0) * pop
         for t, i in enumerate(rng.choice(np.arange(1, 81), 24, replace=False, p=w / w.sum())):
-            rows.append(f"{u}\t{i}\t{int(rng.integers(1, 6))}\t{880000000 + t}")
+            # Ratings follow taste too (so the rating validation keeps improving while the head learns).
+            r = int(np.clip((5 if i in groups[u % 4] else 2) + rng.integers(-1, 2), 1, 5))
+            rows.append(f"{u}\t{i}\t{r}\t{880000000 + t}")
     test = set(range(4, len(rows), 5))
     (dst / "ml-100k" / "u1.base").write_text("\n".join(r for k, r in enumerate(rows) if k not in test) + "\n")
     (dst / "ml-100k" / "u1.test").write_text("\n".join(rows[k] for k in sorted(test)) + "\n")

@@ -236,7 +236,7 @@ def test_users_leave_after_skips_in_a_row(parts):
 
 
 def test_engagement_needs_a_user_who_chooses(parts):
-    with pytest.raises(ConfigError, match=r"only rates \(these choose: bias, mf, offline_persona\)"):
+    with pytest.raises(ConfigError, match=r"only rates \(these choose: bias, mf, reward_model \(trained with"):
         make(parts, reward="engagement")
     with pytest.raises(ConfigError, match="needs reward_mode sampled"):
         make_choosing(parts, lambda i: 1.0, reward="liked", reward_mode="expected")

@@ -95,9 +95,9 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
 
     pcfg.validate()
     spec.validate()
-    if pcfg.reward != "rating" and spec.kind != "actor" and not registry.entry(spec.kind).choice:
+    if pcfg.reward != "rating" and not registry.chooses(spec):
         raise ConfigError(f"policy.reward {pcfg.reward} needs a simulated user that chooses what to watch; "
-                          f"{spec.kind} only rates (these choose: {', '.join(registry.choosing())})")
+                          f"{spec.kind} only rates (these choose: {registry.choosers_text()})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if dataset is None:

@@ -42,6 +42,10 @@ class RewardConfig:
     # Loss: cross-entropy over rating classes (+ label smoothing) + mse_weight * MSE of the expected rating.
     label_smoothing: float = 0.0
     mse_weight: float = 0.5
+    # Choice head (would the user pick the movie?): + choice_weight * BCE of the user's rated movies
+    # against choice_negatives sampled unrated ones per rating (0 = no head; the model only rates).
+    choice_weight: float = 0.0
+    choice_negatives: int = 3
     # Probability of replacing a training user/item id by the reserved unknown row (teaches it).
     unknown_prob: float = 0.02
     val_frac: float = 0.1
@@ -73,6 +77,8 @@ class RewardConfig:
         if self.workers > self.batch_size:
             raise ConfigError(f"reward.workers ({self.workers}) must not exceed reward.batch_size ({self.batch_size}): "
                               "each worker takes its share of every batch")
+        if self.choice_weight < 0 or self.choice_negatives < 1:
+            raise ConfigError("reward.choice_weight must be >= 0 and reward.choice_negatives >= 1")
         for name in ("layers", "heads", "batch_size", "epochs", "ensemble"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"reward.{name} must be >= 1")

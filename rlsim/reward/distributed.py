@@ -93,7 +93,7 @@ def _worker_loop(config: dict) -> None:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         model = VanillaTransformer(cfg, ft, scale.values).to(device)
-        tr = _tensors(ft, ray.get(config["shards"][rank]), scale, device)
+        tr = _tensors(ft, ray.get(config["shards"][rank]), scale, device, cfg.choice_weight > 0)
         va = _tensors(ft, ray.get(config["val_shards"][rank]), scale, device)
     # Buffers (feature tables, history matrices) are equal everywhere by construction: no broadcasts.
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})

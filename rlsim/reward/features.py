@@ -58,6 +58,16 @@ class FeatureTables:
         return {"user": u, "item": i, "text": self._lookup(self._t, items), "demo": self._lookup(self._d, users),
                 "self_r": self.own_rating(u, i)}
 
+    def in_history(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """1.0 where the pair is among the training ratings (a pick the choice head must not see), else 0."""
+        w = np.zeros(len(u), np.float32)
+        if len(self._hist_keys) == 0:
+            return w
+        keys = u.astype(np.int64) * self.n_items + i
+        pos = np.clip(np.searchsorted(self._hist_keys, keys), 0, len(self._hist_keys) - 1)
+        w[(self._hist_keys[pos] == keys) & (u > 0) & (i > 0)] = 1.0
+        return w
+
     def own_rating(self, u: np.ndarray, i: np.ndarray) -> np.ndarray:
         """The pair's own centred rating when it is in the rating history (else 0), so the model can
         leave it out of the history tokens: a rating never predicts itself."""

@@ -100,6 +100,10 @@ class VanillaTransformer(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(cfg.ff_dim, len(class_values)))
+        # Would the user pick this movie (rlsim.simulators.choice)? A logit from the same tokens, trained
+        # on the user's rated movies against sampled unrated ones (reward.choice_weight > 0).
+        self.choice_head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
+                                         nn.Linear(cfg.ff_dim, 1)) if cfg.choice_weight > 0 else None
         self.register_buffer("class_values", torch.as_tensor(np.asarray(class_values), dtype=torch.float32))
         self._hist_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # inference: name -> (weights' stamp, value)
         self._csr: dict[str, torch.Tensor] = {}  # CSR copies of the fixed history matrices (training)
@@ -164,14 +168,17 @@ class VanillaTransformer(nn.Module):
         return (h * n.sqrt().unsqueeze(-1) + extra) / (n + s).clamp(min=1.0).sqrt().unsqueeze(-1)
 
     def forward(self, user, item, text, demo, self_r=None, real_user=None, real_item=None,
-                session_items=None, session_r=None) -> torch.Tensor:
+                session_items=None, session_r=None, own_watch=None, head: str = "rating") -> torch.Tensor:
         """Logits [batch, n_classes] for index tensors from FeatureTables.encode.
 
         self_r: the pair's own centred rating when it is in the histories (it is taken out of them);
         real_user/real_item: the ids before training masked some to the unknown row.
         session_items [batch, S] (item rows, 0 = padding) and session_r [batch, S] (centred ratings):
         a session's ratings join the user's history tokens as if they were training ratings, which
-        makes the model a predictor of the next rating given the history (a world model)."""
+        makes the model a predictor of the next rating given the history (a world model).
+        own_watch [batch]: 1 where the pair's movie is among the user's rated movies (a training pick),
+        taken out of the implicit-history token, so a pick never announces itself to the choice head.
+        head: "rating" (logits [batch, n_classes]), "choice" (the pick logit [batch]) or "both"."""
         tokens = [self.user_emb(user), self.item_vectors(item, text)]
         if self.cfg.user_features:
             a, g, o = self.demo[demo].unbind(-1)
@@ -179,6 +186,11 @@ class VanillaTransformer(nn.Module):
         session = session_items is not None
         if self.cfg.history:
             h = self._sparse_product("hist", self.hist, self.hist_emb)[user]
+            if own_watch is not None:
+                ru = user if real_user is None else real_user
+                ri = item if real_item is None else real_item
+                own = own_watch * (user == ru) * self.user_count[ru].clamp(min=1.0).rsqrt()
+                h = h - own.unsqueeze(-1) * self.hist_emb(ri)
             if session:
                 h = self._with_session(h, user, self.hist_emb, session_items, torch.ones_like(session_r))
             tokens.append(h)
@@ -197,8 +209,14 @@ class VanillaTransformer(nn.Module):
                 hi = hi - own_i.unsqueeze(-1) * self.item_hist_r_emb(ru)
             tokens += [hu, hi]
         x = torch.stack(tokens, dim=1) + self.type_emb
-        x = self.norm(self.encoder(x))
-        return self.head(x.flatten(1))
+        x = self.norm(self.encoder(x)).flatten(1)
+        if head in ("choice", "both") and self.choice_head is None:
+            raise ValueError("this reward model has no choice head (reward.choice_weight was 0)")
+        if head == "choice":
+            return self.choice_head(x).squeeze(-1)
+        if head == "both":  # one forward for both losses (DDP wants every parameter used once per step)
+            return self.head(x), self.choice_head(x).squeeze(-1)
+        return self.head(x)
 
     def expected(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, -1) @ self.class_values

@@ -79,6 +79,29 @@ class RewardPredictor:
                 out[s:s + self.batch_size] += torch.softmax(m(**b), -1).cpu().numpy()
         return out / len(self.models)
 
+    @property
+    def has_choice(self) -> bool:
+        return all(m.choice_head is not None for m in self.models)
+
+    @torch.no_grad()
+    def choice_proba(self, user_ids, item_ids, sessions=None) -> np.ndarray:
+        """P(the user picks the movie when shown it) [n], from the choice head, averaged over the ensemble
+        (page odds of one watched movie to reward.choice_negatives unwatched ones)."""
+        if not self.has_choice:
+            raise RlsimError("this reward model has no choice head (train it with reward.choice_weight > 0)")
+        users, items = np.asarray(user_ids), np.asarray(item_ids)
+        idx = self.features.encode(users, items)
+        idx["own_watch"] = self.features.in_history(idx["user"], idx["item"])  # as in training
+        if sessions is not None and any(len(s) for s in sessions):
+            idx.update(self.session_arrays(sessions))
+        out = np.zeros(len(users), np.float64)
+        for m in self.models:
+            m.eval()
+            for s in range(0, len(users), self.batch_size):
+                b = {k: torch.as_tensor(v[s:s + self.batch_size], device=self.device) for k, v in idx.items()}
+                out[s:s + self.batch_size] += torch.sigmoid(m(**b, head="choice")).cpu().numpy()
+        return out / len(self.models)
+
     def predict(self, user_ids, item_ids, sessions=None) -> np.ndarray:
         """Expected rating on the dataset's scale (float, not snapped)."""
         return self.predict_proba(user_ids, item_ids, sessions).astype(np.float64) @ self.scale.values

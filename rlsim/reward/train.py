@@ -33,12 +33,40 @@ from rlsim.reward.predict import RewardPredictor
 log = logging.getLogger(__name__)
 
 
-def _tensors(ft: FeatureTables, df: pd.DataFrame, scale: RatingScale, device) -> dict[str, torch.Tensor]:
+def _tensors(ft: FeatureTables, df: pd.DataFrame, scale: RatingScale, device,
+             choice: bool = False) -> dict[str, torch.Tensor]:
     idx = ft.encode(df["user_id"].to_numpy(), df["item_id"].to_numpy())
     t = {k: torch.as_tensor(v, device=device) for k, v in idx.items()}
     t["y"] = torch.as_tensor(scale.to_class(df["rating"].to_numpy()), device=device)
     t["r"] = torch.as_tensor(df["rating"].to_numpy(np.float32), device=device)
+    if choice:  # what the choice loss draws its unrated movies from
+        t["own_watch"] = torch.as_tensor(ft.in_history(idx["user"], idx["item"]), device=device)
+        t["text_of_item"] = torch.as_tensor(np.r_[0, ft._lookup(ft._t, ft.item_ids)], device=device)
+        t["hist_keys"] = torch.as_tensor(ft._hist_keys, device=device)
     return t
+
+
+def _choice_batch(model, tr: dict, b: torch.Tensor, user, item, real_user, real_item, k: int,
+                  gen: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The batch's picks followed by k movies per pick drawn at random (the user never rated them):
+    model inputs, choice labels (1 pick, 0 passed over) and weights (0 for a draw that was in fact rated)."""
+    device = b.device
+    n_items = model.item_emb.num_embeddings
+    nu = real_user.repeat_interleave(k)
+    ni = torch.randint(1, n_items, (len(nu),), generator=gen).to(device)
+    keys, sorted_keys = nu * n_items + ni, tr["hist_keys"]
+    pos = torch.searchsorted(sorted_keys, keys).clamp(max=max(len(sorted_keys) - 1, 0))
+    rated = (sorted_keys[pos] == keys) if len(sorted_keys) else torch.zeros_like(keys, dtype=torch.bool)
+    n = len(b)
+    inputs = {"user": torch.cat([user, nu]), "item": torch.cat([item, ni]),
+              "text": torch.cat([tr["text"][b], tr["text_of_item"][ni]]),
+              "demo": torch.cat([tr["demo"][b], tr["demo"][b].repeat_interleave(k)]),
+              "self_r": torch.cat([tr["self_r"][b], torch.zeros(len(nu), device=device)]),
+              "real_user": torch.cat([real_user, nu]), "real_item": torch.cat([real_item, ni]),
+              "own_watch": torch.cat([tr["own_watch"][b], torch.zeros(len(nu), device=device)])}
+    labels = torch.cat([torch.ones(n, device=device), torch.zeros(len(nu), device=device)])
+    weights = torch.cat([torch.ones(n, device=device), (~rated).float()])
+    return inputs, labels, weights
 
 
 def _loss(model, logits, y, r, cfg: RewardConfig):
@@ -118,9 +146,16 @@ def train_step(net, opt, sched, tr: dict, b: torch.Tensor, cfg: RewardConfig, ge
     if cfg.unknown_prob > 0:  # teach the unknown rows by hiding a few ids
         user = user.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
         item = item.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
-    logits = net(user, item, tr["text"][b], tr["demo"][b], self_r=tr["self_r"][b],
-                 real_user=real_user, real_item=real_item)
-    loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg)
+    if model.choice_head is None:
+        logits = net(user, item, tr["text"][b], tr["demo"][b], self_r=tr["self_r"][b],
+                     real_user=real_user, real_item=real_item)
+        loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg)
+    else:  # rating the picks and choosing them over unrated movies, in one forward
+        inputs, labels, weights = _choice_batch(model, tr, b, user, item, real_user, real_item,
+                                                cfg.choice_negatives, gen)
+        logits, pick = net(**inputs, head="both")
+        loss = _loss(model, logits[:len(b)], tr["y"][b], tr["r"][b], cfg) + cfg.choice_weight * (
+            F.binary_cross_entropy_with_logits(pick, labels, weight=weights, reduction="sum") / len(b))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -196,7 +231,7 @@ def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale
     np.random.seed(seed % 2**32)
     device = torch.device(cfg.device)
     model = VanillaTransformer(cfg, ft, scale.values).to(device)
-    tr, va = _tensors(ft, fit_train, scale, device), _tensors(ft, val, scale, device)
+    tr, va = _tensors(ft, fit_train, scale, device, cfg.choice_weight > 0), _tensors(ft, val, scale, device)
     n = len(tr["y"])
     steps = steps_per_epoch(n, cfg)[1]
     gen = torch.Generator().manual_seed(seed)

@@ -76,8 +76,34 @@ def entry(name: str) -> Entry:
 
 
 def choosing() -> tuple[str, ...]:
-    """The simulated users that say whether they would pick a movie (the others only rate)."""
+    """The simulated users that can say whether they would pick a movie (the others only rate)."""
     return tuple(n for n, e in REGISTRY.items() if e.choice)
+
+
+def choosers_text() -> str:
+    """The choosing simulated users, for one-line errors."""
+    return ", ".join(n + (" (trained with reward.choice_weight > 0)" if n == "reward_model" else "") for n in choosing())
+
+
+def chooses(spec) -> bool:
+    """Whether the simulator a spec names will choose: its entry has a choice model, and a reward
+    model checkpoint was trained with a choice head. A running actor is asked when it is reached."""
+    e = entry(spec.kind)
+    if spec.kind == "actor":
+        return True
+    if not e.choice:
+        return False
+    if spec.kind == "reward_model":
+        import json
+        from pathlib import Path
+
+        folder = Path(spec.checkpoint)
+        meta = folder / "checkpoint" / "config.json" if (folder / "checkpoint").is_dir() else folder / "config.json"
+        try:
+            return float(json.loads(meta.read_text())["reward"].get("choice_weight", 0.0)) > 0
+        except (OSError, ValueError, KeyError):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------ builders
@@ -161,8 +187,9 @@ register(Entry("bias", "damped user+item bias, with calibrated ordinal noise per
                _baseline, choice="popularity"))
 register(Entry("mf", "matrix factorisation, with calibrated ordinal noise per user; picks by implicit MF (BPR)",
                _baseline, choice="bpr"))
-register(Entry("reward_model", "the reward model's softmax; the session joins its history tokens",
-               _reward_model, needs=("checkpoint",), aliases=("model",)))
+register(Entry("reward_model", "the reward model's softmax; the session joins its history tokens; picks by its "
+               "choice head when trained with reward.choice_weight > 0",
+               _reward_model, needs=("checkpoint",), aliases=("model",), choice="head"))
 register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias; picks what "
                "its nearest neighbours watched",
                _offline_persona, needs=("persona_config",), aliases=("personas",), choice="neighbours"))

@@ -21,6 +21,8 @@ class RewardModelSimulator(Simulator):
         self.scale = predictor.scale
         cfg = predictor.cfg
         self.conditions_on_session = bool(cfg.history or cfg.history_ratings)
+        if predictor.has_choice:  # a checkpoint trained with reward.choice_weight > 0 also chooses
+            self.choice_model = _ChoiceHead(predictor, self.conditions_on_session)
 
     @classmethod
     def load(cls, checkpoint_dir: str, device: str = "cpu") -> "RewardModelSimulator":
@@ -36,3 +38,20 @@ class RewardModelSimulator(Simulator):
 
     def describe(self) -> dict:
         return {**super().describe(), "ensemble": len(self.predictor.models)}
+
+
+class _ChoiceHead:
+    """The reward model's choice head behind the choice-model interface (rlsim.simulators.choice)."""
+
+    name = "head"
+
+    def __init__(self, predictor, use_session: bool):
+        self.predictor, self.use_session = predictor, use_session
+
+    def probability(self, users, items, sessions: Sessions = None) -> np.ndarray:
+        items = np.asarray(items)
+        p = self.predictor.choice_proba(np.asarray(users), items, sessions if self.use_session else None)
+        if sessions is not None:  # what this session already showed is not picked again
+            shown = np.fromiter((int(i) in s.items for i, s in zip(items, sessions)), bool, len(items))
+            p[shown] = 0.0
+        return p

@@ -51,15 +51,16 @@ def _setup(name, ckpt, srv, cache_root):
 LOCAL = [n for n in registry.names() if registry.entry(n).build is not None]
 
 
-# Sources that choose what to watch today (the others only rate, and say so).
-CHOOSING = set(registry.choosing())
+# Sources that choose what to watch here (the others only rate, and say so). The reward model chooses
+# only when trained with a choice head; the contract's tiny checkpoint has none.
+CHOOSING = set(registry.choosing()) - {"reward_model"}
 
 
 def test_every_registered_simulator_is_covered_here():
     assert set(registry.names()) == set(LOCAL) | {"actor"}, "a new simulator needs a setup in this test"
     # one name: aliases resolve to it, outputs say it
     assert registry.canonical("model") == "reward_model" and registry.canonical("personas") == "offline_persona"
-    assert {"bias", "mf", "offline_persona"} <= CHOOSING
+    assert {"bias", "mf", "offline_persona"} <= CHOOSING and "reward_model" in registry.choosing()
     assert SimulatorSpec("model", "x").kind == "reward_model"
     with pytest.raises(ConfigError, match="unknown simulated user 'nope'"):
         SimulatorSpec("nope").validate()
