@@ -5,10 +5,10 @@ simulator actor under the cluster limiter and budget, and PPO end to end."""
 from __future__ import annotations
 
 import asyncio
-import time
 import hashlib
 import json
 import math
+import time
 
 import numpy as np
 import pandas as pd
