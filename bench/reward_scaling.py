@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _child import measure_child  # noqa: E402 (bench/ is the script folder)
 
 
 def run_child(args) -> int:
@@ -116,14 +117,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--dataset", dataset, "--run-workers", str(workers),
                "--epochs", str(args.epochs), "--max-batches", str(args.max_batches),
                "--data-dir", args.data_dir, "--cache-dir", args.cache_dir]
-        t0 = time.perf_counter()
-        try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-            res = json.loads(line[7:]) if line else {"error": (r.stderr or r.stdout)[-1500:]}
-        except subprocess.TimeoutExpired:
-            res = {"error": f"timed out after {args.timeout} s"}
-        res["process_seconds"] = round(time.perf_counter() - t0, 1)
+        res = measure_child(cmd, env, args.timeout)
         res["command"] = "python bench/reward_scaling.py " + " ".join(sys.argv[1:])
         doc.setdefault(section, {})[key] = res
         print(f"{section}.{key}: {json.dumps(res)[:400]}", flush=True)

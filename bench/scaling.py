@@ -35,7 +35,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _child import measure_child  # noqa: E402 (bench/ is the script folder)
 
 STAGES = ["generate", "data", "baselines", "embeddings", "candidates", "env_build", "reward_epoch",
           "ppo_iteration", "persona_offline", "persona_server"]
@@ -393,14 +394,7 @@ def main(argv=None) -> int:
                    "--source", args.source, "--data-dir", args.data_dir, "--cache-dir", args.cache_dir,
                    "--work", args.work, "--reward-steps", str(args.reward_steps),
                    "--persona-users", str(args.persona_users), "--server-users", str(args.server_users)]
-            t0 = time.perf_counter()
-            try:
-                r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-                line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-                res = json.loads(line[7:]) if line else {"error": (r.stderr or r.stdout)[-1500:]}
-            except subprocess.TimeoutExpired:
-                res = {"error": f"timed out after {args.timeout} s"}
-            res["process_seconds"] = round(time.perf_counter() - t0, 1)
+            res = measure_child(cmd, env, args.timeout)
             results.setdefault(stage, {})[size] = res
             print(f"{size:>4} {stage:<16} " + json.dumps(res)[:400], flush=True)
             doc.update({"stages": results, "growth": growth(results)})
