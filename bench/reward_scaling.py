@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _child import measure_child  # noqa: E402 (bench/ is the script folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported from elsewhere
+from _child import measure_child  # noqa: E402
 
 
 def run_child(args) -> int:

@@ -43,7 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _child import measure_child  # noqa: E402 (bench/ is the script folder)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported from elsewhere
+from _child import measure_child  # noqa: E402
 
 STAGES = ["generate", "data", "baselines", "embeddings", "candidates", "env_build", "reward_epoch",
           "ppo_iteration", "persona_offline", "persona_server"]
