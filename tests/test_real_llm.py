@@ -259,9 +259,9 @@ def test_study_with_an_llm_persona_source(cache, tmp_path, proxy):
     # A few users: the study asks every source for its fidelity on all test ratings and for every
     # (user, candidate) pair, so the dataset is what keeps it short.
     root = tmp_path / "data"
-    write_ml100k(root, n_users=10, n_items=30)
-    write_overviews(root, n_items=30)
-    cfg = config(tmp_path, "smollm2", personas={"k_similar": 0, "backend": "openai"},
+    write_ml100k(root, n_users=6, n_items=24)
+    write_overviews(root, n_items=24)
+    cfg = config(tmp_path, "smollm2", personas={"k_similar": 0, "backend": "openai", "batch_size": 20},
                  data={"dataset": "ml-100k", "split": "u1", "data_dir": str(root), "cache_dir": str(cache),
                        "download": False},
                  candidates={"k": 5}, policy={**TINY_POLICY, "users_per_episode": 8},
@@ -274,8 +274,9 @@ def test_study_with_an_llm_persona_source(cache, tmp_path, proxy):
                                                               for row in r["matrix"].values())
     for n in r["sources"]:
         assert len(r["runs"][n]) == 1 and 0 <= r["real"][n]["hit_rate"]["mean"] <= 1
-    sim = r["runs"]["llm_persona"][0]["simulator"]
-    assert_simulator_accounted(sim, proxy.chats())
+    assert r["fidelity"]["llm_persona"]["method"] == "logprobs"
+    # The persona actor served the whole study: every request it sent is in study.json, with its cost.
+    assert_simulator_accounted(r["llm_persona"]["simulator"], proxy.chats())
     assert_no_secret(out)
 
 
@@ -312,19 +313,23 @@ def test_tinytroupe_backend(data_root, cache, tmp_path, local_llm):  # noqa: F81
 
     if importlib.util.find_spec("tinytroupe") is None:  # found, not imported (its import is noisy)
         pytest.skip("TinyTroupe is not installed (make install-tinytroupe)")
+    # One batch of three movies: TinyTroupe wraps it in its agent specification (~6,000 prompt tokens).
+    test = pd.read_csv(data_root / "ml-100k" / "u1.test", sep="\t", names=["user_id", "item_id", "rating", "ts"])
+    pairs = test[test["user_id"] == test["user_id"].iloc[0]].head(3)[["user_id", "item_id"]]
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
     with RecordingProxy(local_llm.base_url) as px:
         env = {**os.environ, "OPENAI_BASE_URL": px.base_url, "OPENAI_API_KEY": SECRET, "PYTHONPATH": str(REPO)}
         cfg = config(tmp_path, "smollm2")
         out = tmp_path / "tt"
         r = subprocess.run([sys.executable, "-m", "rlsim.cli", "personas", "rate", "--backend", "tinytroupe",
-                            *data_flags(data_root, cache), "--config", str(cfg), "--users", "1", "--batch-size", "3",
-                            "--no-ray", "--no-cache", "--quiet", "--out", str(out)],
+                            *data_flags(data_root, cache), "--config", str(cfg), "--pairs", str(tmp_path / "pairs.csv"),
+                            "--batch-size", "3", "--no-ray", "--no-cache", "--quiet", "--out", str(out)],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         chats = px.chats()
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     rows = pd.read_parquet(out / "ratings.parquet")
-    assert s["backend"] == "tinytroupe" and s["pairs"] == len(rows) == s["rated"] + s["failed"] > 0
+    assert s["backend"] == "tinytroupe" and s["pairs"] == len(rows) == s["rated"] + s["failed"] == 3
     assert not rows.duplicated(["user_id", "item_id"]).any()
     assert (rows.loc[rows["status"] != "ok", "reason"].str.len() > 0).all()
     assert rows.loc[rows["status"] == "ok", "predicted"].isin([1.0, 2.0, 3.0, 4.0, 5.0]).all()
