@@ -161,8 +161,6 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
             # record nothing of a simulator they did not start: its requests, usage and cost, once, here.
             import ray
 
-            from rlsim.io import write_json
-
             result["llm_persona"] = ray.get(actor.stats.remote())
             write_json(Path(out) / "study.json", result)
             return result
