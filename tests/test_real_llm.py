@@ -316,6 +316,7 @@ def test_personas_align(data_root, cache, tmp_path, proxy):
 
 # ---------------------------------------------------------------- the TinyTroupe backend
 
+@pytest.mark.slow  # TinyTroupe's ~6,000-token prompt and up to 2,048 answer tokens: minutes on 2 cores
 def test_tinytroupe_backend(data_root, cache, tmp_path, local_llm):  # noqa: F811
     import importlib.util
     import os
