@@ -269,11 +269,11 @@ def test_study_with_an_llm_persona_source(cache, tmp_path, proxy):
     out = tmp_path / "study"
     assert main(["study", "--config", str(cfg), "--out", str(out), "--quiet", "--num-cpus", "1"]) == 0
     r = json.loads((out / "study.json").read_text())
-    assert r["sources"] == ["bias", "llm_persona"] and r["seeds"] == 1
+    assert r["source_names"] == ["bias", "llm_persona"] and r["seeds"] == 1
     assert set(r["matrix"]) == {"bias", "llm_persona"} and all(set(row) == {"bias", "llm_persona"}
                                                               for row in r["matrix"].values())
     for n in r["sources"]:
-        assert len(r["runs"][n]) == 1 and 0 <= r["real"][n]["hit_rate"]["mean"] <= 1
+        assert len(r["runs"][n]) == 1 and 0 <= r["sources"][n]["hit_rate"]["mean"] <= 1
     assert r["fidelity"]["llm_persona"]["method"] == "logprobs"
     # The persona actor served the whole study: every request it sent is in study.json, with its cost.
     assert_simulator_accounted(r["llm_persona"]["simulator"], proxy.chats())
