@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         f = choice_fidelity(sim.choice, split.train, split.test, seed=dcfg.seed)
         out["sources"][name] = {**summary(f), "choice_model": sim.describe()["choice"]}
         print(name, out["sources"][name])
-    out["no_choice_yet"] = [n for n, v in out["sources"].items() if v is None]
+    out["no_choice_yet"] = [n for n in registry.names() if n not in registry.choosing() and n != "actor"]
+    out["not_measured_here"] = [n for n, v in out["sources"].items() if v is None and n not in out["no_choice_yet"]]
     # Sessions: ml-latest-small's temporal split replayed in time order (ML-100K u1 is not temporal).
     tcfg = DataConfig(dataset="ml-latest-small", split="temporal", data_dir=args.data_dir, cache_dir=args.cache_dir,
                       download=False)

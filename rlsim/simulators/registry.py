@@ -156,8 +156,10 @@ def _offline_persona(spec, ctx: BuildContext):
     return _choosing(_offline_factory(ctx), entry(spec.kind).choice, ctx)
 
 
-def _build_hybrid(checkpoint: str, options: dict, persona_factory):
+def _build_hybrid(checkpoint: str, options: dict, persona_factory, train: pd.DataFrame | None = None,
+                  seed: int = 0):
     from rlsim.config import from_dict
+    from rlsim.simulators.choice import LazyChoice
     from rlsim.simulators.hybrid import HybridConfig, HybridSimulator
 
     opts = dict(options)
@@ -168,11 +170,34 @@ def _build_hybrid(checkpoint: str, options: dict, persona_factory):
         persona = SimulatorClient(actor, opts.pop("persona_namespace", None))
     else:
         persona = persona_factory()
-    return HybridSimulator(_load_reward_model(checkpoint), persona, from_dict(HybridConfig, opts, "hybrid"))
+    model = _load_reward_model(checkpoint)
+    sim = HybridSimulator(model, persona, from_dict(HybridConfig, opts, "hybrid"))
+    # Its choice: the reward model's head when it has one, else the persona's (the offline persona
+    # picks what its neighbours watched).
+    if model.has_choice:
+        sim.choice_model = model.choice_model
+    elif actor and persona.has_choice:
+        sim.choice_model = _ClientChoice(persona)
+    elif train is not None:
+        sim.choice_model = LazyChoice("neighbours", train, seed)
+    return sim
+
+
+class _ClientChoice:
+    """A running simulator actor's choice behind the choice-model interface."""
+
+    name = "actor"
+
+    def __init__(self, client):
+        self.client = client
+
+    def probability(self, users, items, sessions=None):
+        return self.client.choice(users, items, sessions)
 
 
 def _hybrid(spec, ctx: BuildContext):
-    return functools.partial(_build_hybrid, spec.checkpoint, dict(spec.options), _offline_factory(ctx))
+    return functools.partial(_build_hybrid, spec.checkpoint, dict(spec.options), _offline_factory(ctx), ctx.train,
+                             ctx.seed)
 
 
 def _llm_persona(spec, ctx: BuildContext):
@@ -193,8 +218,9 @@ register(Entry("reward_model", "the reward model's softmax; the session joins it
 register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias; picks what "
                "its nearest neighbours watched",
                _offline_persona, needs=("persona_config",), aliases=("personas",), choice="neighbours"))
-register(Entry("hybrid", "the reward model, asking the persona where it is unsure and distilling the answer",
-               _hybrid, needs=("checkpoint", "persona_config")))
+register(Entry("hybrid", "the reward model, asking the persona where it is unsure and distilling the answer; "
+               "picks by the reward model's choice head, else the persona's choice",
+               _hybrid, needs=("checkpoint", "persona_config"), choice="head or persona"))
 register(Entry("llm_persona", "LLM personas through an OpenAI-compatible endpoint (cache, limiter, budget)",
                _llm_persona, needs=("persona_config", "endpoint")))
 register(Entry("actor", "a simulator already running as a named Ray actor (any of the above)", None,
