@@ -68,6 +68,12 @@ def main(argv=None) -> int:
         ckpt = str(work / "checkpoint")
         out["reward_model_training"] = {"config": "library defaults + choice_weight 1.0",
                                         "test_rmse": res["model"]["rmse"], "best_epoch": res["best_epoch"]}
+    if ckpt and "reward_model_training" not in out and (Path(ckpt).parent / "metrics.json").is_file():
+        import json
+
+        m = json.loads((Path(ckpt).parent / "metrics.json").read_text())
+        out["reward_model_training"] = {"config": f"choice_weight {m['reward'].get('choice_weight')}",
+                                        "test_rmse": m["model"]["rmse"], "best_epoch": m.get("best_epoch")}
     for name in registry.names():
         e = registry.entry(name)
         if name == "reward_model" and ckpt:
