@@ -51,6 +51,14 @@ def sample_negatives(picks: pd.DataFrame, rated: pd.DataFrame, negatives: int, s
     return pd.DataFrame({"user_id": u[keep], "item_id": i[keep]})
 
 
+def not_shown(p: np.ndarray, items, sessions: Sessions) -> np.ndarray:
+    """Every choice model's rule: what this session already showed is not picked again (p = 0)."""
+    if sessions is not None:
+        shown = np.fromiter((int(i) in s.items for i, s in zip(items, sessions)), bool, len(p))
+        p[shown] = 0.0
+    return p
+
+
 def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-4) -> np.ndarray:
     """Weights (bias last) of a logistic regression: a few features, so L-BFGS on the exact loss."""
     xb = np.hstack([x, np.ones((len(x), 1))])
@@ -116,10 +124,7 @@ class _LogisticChoice:
         check_sessions(sessions, len(users))
         x = self.features(users, items, sessions) if self.conditions_on_session else self.features(users, items)
         p = 1 / (1 + np.exp(-(x @ self.w[:-1] + self.w[-1])))
-        if sessions is not None:  # what this session already showed is not picked again
-            shown = np.fromiter((int(i) in s.items for i, s in zip(items, sessions)), bool, len(items))
-            p[shown] = 0.0
-        return p
+        return not_shown(p, items, sessions)
 
 
 class PopularityChoice(_LogisticChoice):

@@ -50,8 +50,7 @@ class _ChoiceHead:
 
     def probability(self, users, items, sessions: Sessions = None) -> np.ndarray:
         items = np.asarray(items)
+        from rlsim.simulators.choice import not_shown
+
         p = self.predictor.choice_proba(np.asarray(users), items, sessions if self.use_session else None)
-        if sessions is not None:  # what this session already showed is not picked again
-            shown = np.fromiter((int(i) in s.items for i, s in zip(items, sessions)), bool, len(items))
-            p[shown] = 0.0
-        return p
+        return not_shown(p, items, sessions)
