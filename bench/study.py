@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--work", help="folder for the study runs (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "study.json"))
+    ap.add_argument("--fresh", action="store_true", help="drop the datasets an earlier run left in --out")
     args = ap.parse_args(argv)
 
     from dataclasses import replace
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     from rlsim.commands.ray_session import ray_session
     from rlsim.config import DataConfig, from_dict, load_yaml, to_dict
     from rlsim.errors import ConfigError
-    from rlsim.io import write_json
+    from rlsim.io import read_json, write_json
     from rlsim.study import StudyConfig, run_study
 
     t0 = time.perf_counter()
@@ -75,21 +76,29 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         ap.error(str(exc))
     work = Path(args.work or tempfile.mkdtemp(prefix="rlsim-bench-study-"))
-    datasets = {}
+    command = "python bench/study.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    # Datasets run by earlier commands stay (each entry names its own command and wall time); the
+    # file is written after every dataset, so a long run keeps what it finished.
+    out = Path(args.out)
+    result = read_json(out) if out.is_file() and not args.fresh else {}
+    datasets = result.setdefault("datasets", {})
+    result.update({"config": {"study": to_dict(scfg), "file": args.config}, "work": str(work), "command": command,
+                   "cpus": args.num_cpus})
     with ray_session(num_cpus=args.num_cpus, include_dashboard=False,
                      _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")):
         for pair in pairs:
+            t1 = time.perf_counter()
             dataset, split = pair.split("/")
             dcfg = from_dict(DataConfig, {**(sections.get("data") or {}), "dataset": dataset, "split": split,
                                           "data_dir": args.data_dir, "cache_dir": args.cache_dir}, "data")
             r = run_study(dcfg, replace(scfg, sources=list(scfg.sources)), sections,
                           work / f"{dataset}-{split}", progress=False)
-            datasets[pair] = {k: r[k] for k in KEEP if k in r}
+            datasets[pair] = {**{k: r[k] for k in KEEP if k in r}, "command": command, "config_file": args.config,
+                              "policy": sections.get("policy"), "reward": sections.get("reward"),
+                              "wall_seconds": round(time.perf_counter() - t1, 1), "cpus": args.num_cpus}
+            result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            write_json(out, result)
             print(f"{pair}: {r['answer']}")
-    result = {"datasets": datasets, "config": {"study": to_dict(scfg), "file": args.config},
-              "work": str(work), "command": "python bench/study.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "wall_seconds": round(time.perf_counter() - t0, 1), "cpus": args.num_cpus}
-    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -104,13 +104,19 @@ def _pca(x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build_env_data(train: pd.DataFrame, items: pd.DataFrame, candidates: pd.DataFrame, item_emb: np.ndarray,
-                   scale, dims: int = 24, damping: float = 10.0) -> EnvData:
+                   scale, dims: int = 24, damping: float = 10.0, cowatch_dims: int | None = None,
+                   seed: int = 0) -> EnvData:
     """Feature tables for the env from training ratings, candidates and text embeddings (rows = items).
 
     user: taste vector in PCA space, (mean - global mean), log count, rating std.
     candidate: item PCA, user*item PCA product, damped mean - global mean, log count,
-    cosine(user taste, item), its offset from the user's candidate mean, the RankZero scores.
+    cosine(user taste, item), its offset from the user's candidate mean, the RankZero scores, and
+    the co-watch affinity (rlsim.cowatch: PureSVD of who watched what, ``cowatch_dims`` factors,
+    None = chosen on a validation slice of the training ratings) relative to the user's best
+    candidate and as a rank.
     """
+    from rlsim.cowatch import CoWatch, candidate_features, select_dims
+
     item_ids = items["item_id"].to_numpy()
     item_index = pd.Series(np.arange(len(item_ids)), index=item_ids)
     emb = np.asarray(item_emb, np.float64)
@@ -153,7 +159,10 @@ def build_env_data(train: pd.DataFrame, items: pd.DataFrame, candidates: pd.Data
     ci = item_index.reindex(cand_items.ravel()).fillna(0).to_numpy().astype(int).reshape(cand_items.shape)
     # Users in blocks, written into one float32 table: the float64 intermediates ([U, K, D] of the
     # text vectors above all) never exist for all users at once.
-    dc = 2 * item_p.shape[1] + item_stats.shape[1] + 5
+    if cowatch_dims is None:
+        cowatch_dims, _ = select_dims(train, seed=seed)
+    cw = candidate_features(CoWatch(cowatch_dims, seed).fit(train), users, cand_items, valid)
+    dc = 2 * item_p.shape[1] + item_stats.shape[1] + 5 + cw.shape[2]
     cand_feat = np.empty((len(users), K, dc), np.float32)
     block = max(1, 4_000_000 // max(K * emb.shape[1], 1))
     for s in range(0, len(users), block):
@@ -165,7 +174,7 @@ def build_env_data(train: pd.DataFrame, items: pd.DataFrame, candidates: pd.Data
         f = np.concatenate([
             ip, ip * user_p[sl][:, None, :] / np.sqrt(ip.shape[2]), item_stats[c],
             np.stack([cos * 5, cos_off * 10, pop_s[sl], blend_s[sl],
-                      np.broadcast_to(np.arange(K) / K, (len(c), K))], 2),
+                      np.broadcast_to(np.arange(K) / K, (len(c), K))], 2), cw[sl],
         ], 2)
         f[~v] = 0.0
         cand_feat[sl] = f

@@ -98,6 +98,10 @@ def summarize_outcomes(outcomes: dict[str, dict[str, np.ndarray]], coverage: dic
         for family, names in (("sources", sources), ("references", [r for r in refs if r != "popularity"])):
             for n, row in paired_vs(outcomes[key], "popularity", names, idx).items():
                 result[family][n][f"vs_popularity{suffix}"] = row
+    # The bar beside popularity: implicit MF's top-1 (BPR) on the same users; "ties" = its interval holds 0.
+    if "bpr_top1" in hit:
+        for n, row in paired_vs(hit, "bpr_top1", sources, idx).items():
+            result["sources"][n]["vs_bpr_top1"] = row
     result["fidelity_vs_real_spearman"] = {
         m: paired_spearman({n: sign * fidelity[n][m] for n in sources if fidelity.get(n, {}).get(m) is not None},
                            {n: hit[n] for n in sources}, idx) for m, sign in measures.items()}
@@ -129,6 +133,15 @@ def answer(summary: dict, sources: list[str], held: dict) -> str:
                if better else "No policy beats popularity-first after Holm correction. ")
     if worse:
         verdict += "Significantly worse: " + ", ".join(worse) + ". "
+    vs_bpr = {n: summary["sources"][n].get("vs_bpr_top1") for n in sources}
+    if any(vs_bpr.values()):
+        v = {n: r["verdict"] for n, r in vs_bpr.items() if r}
+        tie_or_better = [n for n in better if v.get(n) in ("better", "no detectable difference")]
+        verdict += ("Against implicit MF's top-1 (BPR, Holm over sources): "
+                    + "; ".join(f"{n} {r['mean']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+                                for n, r in vs_bpr.items() if r and r["mean"] is not None and r["ci95"])
+                    + (". Beat popularity-first and at least tie BPR: " + ", ".join(tie_or_better) + ". "
+                       if tie_or_better else ". No policy both beats popularity-first and ties BPR. "))
     c = summary["fidelity_vs_real_spearman"].get("nll") or {}
     if c.get("spearman") is None:
         corr = "Too few sources to correlate fidelity with real performance."

@@ -18,8 +18,10 @@ would otherwise vote for itself); then the histories are refitted on all trainin
 - :class:`BPRChoice`: implicit matrix factorisation (BPR) of the watched movies, plus popularity.
   MF's choice.
 - :class:`NeighbourChoice`: the user's ``k`` nearest neighbours by cosine over binary histories,
-  each voting with its similarity for the movies it watched, plus popularity. The offline
-  persona's choice: "people like me watched it".
+  each voting with its similarity for the movies it watched, the co-watch affinity of
+  rlsim.cowatch (PureSVD: "people who watched what I watched watched it"), plus popularity. The
+  offline persona's choice: "people like me watched it". The session's movies join the history
+  of both.
 
 Both are ``fit(train) -> self`` / ``probability(users, items, sessions) -> [n]``, as Surprise's
 algorithms are fit/predict.
@@ -148,9 +150,10 @@ class NeighbourChoice(_LogisticChoice):
     name = "neighbours"
     conditions_on_session = True
 
-    def __init__(self, k: int | None = None, block: int = 256, **kw):
+    def __init__(self, k: int | None = None, block: int = 256, cowatch_dims: int = 16, **kw):
         super().__init__(**kw)
         self.k, self.block = k, block  # k None: chosen among K_CHOICES on the validation slice
+        self.cowatch_dims = cowatch_dims
 
     K_CHOICES = (10, 25, 50, 100, 200)
 
@@ -167,6 +170,9 @@ class NeighbourChoice(_LogisticChoice):
         self.x = x
         self.count = np.asarray(x.sum(0)).ravel()
         self.xu = sparse.csr_matrix(x.multiply(1 / np.sqrt(np.maximum(np.asarray(x.sum(1)).ravel(), 1))[:, None]))
+        from rlsim.cowatch import CoWatch
+
+        self.cowatch = CoWatch(self.cowatch_dims, self.seed).fit(train)
 
     @staticmethod
     def _index(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,9 +231,11 @@ class NeighbourChoice(_LogisticChoice):
         ir, iok = self._index(items, self.item_ids)
         if sessions is not None and any(len(x) for x in sessions):
             s = self._session_votes(np.asarray(users), np.asarray(items), sessions)
+            cw = self.cowatch.score_with(users, items, [x.items for x in sessions])
         else:
             s = self.score(users, items)
-        return np.column_stack([np.log1p(s), np.log1p(np.where(iok, self.count[ir], 0))])
+            cw = self.cowatch.score(users, items)
+        return np.column_stack([np.log1p(s), np.log1p(np.where(iok, self.count[ir], 0)), cw])
 
 
 class BPRChoice(_LogisticChoice):
