@@ -201,7 +201,7 @@ def _hybrid(spec, ctx: BuildContext):
 
 
 def _llm_persona(spec, ctx: BuildContext):
-    from rlsim.simulators.llm import llm_persona_factory
+    from rlsim.simulators.llm_build import llm_persona_factory
 
     return llm_persona_factory(ctx.ds, ctx.train, ctx.persona_cfg, ctx.api_key, spec.options, seed=ctx.seed,
                                text_model=ctx.text_model, cache_dir=ctx.cache_dir)
