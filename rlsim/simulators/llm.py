@@ -68,6 +68,7 @@ import pandas as pd
 
 from rlsim.errors import ConfigError
 from rlsim.simulators.base import EMPTY, Session, Sessions, Simulator, check_sessions
+from rlsim.simulators.llm_choice import LLMPageChoice
 from rlsim.simulators.llm_config import LOGPROB_GAPS, METHOD_NAMES, LLMSimConfig
 from rlsim.simulators.llm_logprobs import is_integer_scale
 from rlsim.simulators.llm_probe import MethodProbe
@@ -124,8 +125,9 @@ class LLMPersonaSimulator(GatedRequests, SessionSummaries, MethodProbe, Simulato
         self._answers: collections.OrderedDict = collections.OrderedDict()
         self._loop = None
         self.t_first = self.t_last = None
+        # It chooses as Agent4Rec's users do: a page of movies, "would you watch it now" (llm_choice).
+        self.choice_model = LLMPageChoice(self)
 
-    # ------------------------------------------------------------------ per event loop state
     @property
     def method(self) -> str:  # what describe() and the contract report
         if self._method is None:
@@ -252,6 +254,13 @@ class LLMPersonaSimulator(GatedRequests, SessionSummaries, MethodProbe, Simulato
 
         return asyncio.run(run())
 
+    async def achoice_with_reasons(self, users, items, sessions: Sessions = None) -> tuple[np.ndarray, list[str]]:
+        """[n] P(watch it now) by page choice and each pair's failure reason (the simulator actor awaits it)."""
+        return await self.choice_model.aprobability_with_reasons(users, items, sessions)
+
+    def choice_with_reasons(self, users, items, sessions: Sessions = None) -> tuple[np.ndarray, list[str]]:
+        return self.choice_model.probability_with_reasons(users, items, check_sessions(sessions, len(users)))
+
     async def aclose(self) -> None:
         await self.engine.aclose()
         if self._on_close is not None:
@@ -264,13 +273,15 @@ class LLMPersonaSimulator(GatedRequests, SessionSummaries, MethodProbe, Simulato
     def stats(self) -> dict:
         from rlsim.personas.pool import merge_usage
 
-        total = merge_usage(merge_usage(self.usage, self.summary_usage), self.setup_usage)
+        total = merge_usage(merge_usage(merge_usage(self.usage, self.summary_usage), self.setup_usage),
+                            self.choice_model.usage)
         span = (self.t_last - self.t_first) if self.t_first and self.t_last else 0.0
         return {**self.counts, "failed_by_reason": dict(self.failed_by_reason),
                 "answered_by_method": dict(self.answered_by_method),
                 "summary_failures": dict(self.summary_failures),
+                "page_choice": self.choice_model.stats(),
                 "usage": {"ratings": self.usage, "summaries": self.summary_usage, "probe_and_calibration":
-                          self.setup_usage, "total": total},
+                          self.setup_usage, "choice": self.choice_model.usage, "total": total},
                 "requests_sent": int(total["requests"]), "cost_usd": float(total["cost_usd"]),
                 "sent_span_s": round(span, 3)}
 
@@ -279,7 +290,8 @@ class LLMPersonaSimulator(GatedRequests, SessionSummaries, MethodProbe, Simulato
              "backend": self.spec.kind, "model": self.spec.model, "base_url": self.spec.base_url,
              "summary_every": self.cfg.summary_every, "session_max": self.cfg.session_max,
              "movies_per_prompt": self.cfg.movies_per_prompt, "rpm": self.pcfg.rpm, "tpm": self.pcfg.tpm,
-             "budget_usd": self.pcfg.budget_usd, "limiter": self.limiter_info, **self.stats()}
+             "budget_usd": self.pcfg.budget_usd, "limiter": self.limiter_info, "choice_method":
+             self.choice_model.method, "page_size": self.cfg.page_size, **self.stats()}
         if self._method == "logprobs":
             d["top_logprobs"] = self.cfg.top_logprobs
         elif self._method == "samples":

@@ -38,7 +38,7 @@ class MethodProbe:
         msgs, rf = unit.messages(), rating_schema([item], self.scale)
         tried = []
         for method in (["logprobs"] if is_integer_scale(self.scale) else []) + ["samples"]:
-            params = self._params(method)
+            params = self.params_for(method)
             res = exc = None
             for attempt in range(self.pcfg.max_retries + 1):
                 res, exc, _ = await self.request(msgs, rf, params, self.setup_usage, 0)

@@ -27,7 +27,7 @@ class GatedRequests:
             self._inflight: dict = {}
         return self
 
-    def _params(self, method: str) -> dict:
+    def params_for(self, method: str) -> dict:
         p = self.pcfg
         params = {"temperature": p.temperature, "max_tokens": p.max_output_tokens, "seed": p.seed}
         if method == "logprobs":
@@ -42,6 +42,8 @@ class GatedRequests:
         (answer, None, from_cache) or (None, error, False)."""
         from rlsim.personas.cache import request_key
         from rlsim.personas.gate import LimiterGate
+
+        self._state()  # this event loop's semaphore
 
         key = request_key(self.spec.kind, self.spec.model, self.spec.base_url, {**params, "response_format": rf},
                           msgs) + f":{answer}"
@@ -110,7 +112,7 @@ class GatedRequests:
 
         scale = self.scale
         req = "answer" if method in ("noise", "answer") else method
-        params = self._params(req)
+        params = self.params_for(req)
         got: dict[int, tuple] = {}
         reason = {i: "not attempted" for i in unit.item_ids}
         pending = list(unit.item_ids)
