@@ -22,7 +22,9 @@ reward (what the policy is paid for):
 - "liked": 1 when the user watches it and rates it at least ``like_threshold``, else 0.
 engagement and liked need a simulator that chooses (``has_choice``) and sampled rewards. A skipped
 movie is masked like any shown one but does not join the session's ratings; the observation's
-history carries each shown movie with the reward it earned.
+history carries each shown movie with the reward it earned. A choice the simulator could not answer
+(NaN, e.g. an LLM persona out of budget) is a failed step: counted in ``failed_by_reason`` by its
+reason, a neutral reward, neither watched nor skipped.
 
 A user may leave early (as Agent4Rec's users do): with ``exit_threshold`` set, the session ends
 when the mean of the last ``exit_window`` ratings falls below it; with ``exit_after_skips``, after
@@ -213,8 +215,9 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         ratings = np.full(len(stepping), float(d.scale_min))  # an invalid pick earns the worst rating
         watched = np.ones(len(stepping), bool)
         rows = stepping[valid]
+        unanswered = np.zeros(len(stepping), bool)  # the user's choice failed (budget, ...): a failed step
         if len(rows) and self.reward != "rating":
-            watched[valid] = self._choose(rows, a[valid])
+            watched[valid], unanswered[valid] = self._choose(rows, a[valid])
         rated = valid & watched
         rows = stepping[rated]
         if len(rows):
@@ -227,7 +230,11 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             ratings[rated] = got
         for k, j in enumerate(stepping):
             u, r = self._u[j], ratings[k]
-            rewards[j] = self._reward(r, d.user_mean[u], bool(watched[k]))
+            # A failed choice earns a neutral reward (the user's mean: 0 when centred; 0 for liked), never a guess.
+            if unanswered[k]:
+                rewards[j] = 0.0 if self.reward == "liked" else self._reward(d.user_mean[u], d.user_mean[u], True)
+            else:
+                rewards[j] = self._reward(r, d.user_mean[u], bool(watched[k]))
             info_rating[j] = r if watched[k] else np.nan
             if valid[k]:
                 pick = a[k]
@@ -240,7 +247,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
                 if watched[k]:
                     self._sessions[j] = self._sessions[j].extend(d.cand_items[u, pick], r)
                     self._skips[j] = 0
-                else:
+                elif not unanswered[k]:
                     self._skips[j] += 1
             self._t[j] += 1
             done = self._t[j] >= self.horizon or not self._mask[j].any() or self._leaves(j)
@@ -262,16 +269,29 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             infos.update(watched=chose, _watched=~resetting)
         return self._obs(), rewards, terminated, truncated, infos
 
-    def _choose(self, rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
-        """Whether each user picks what was shown: one choice request for all, a seeded draw each."""
+    def _choose(self, rows: np.ndarray, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(watched, failed) per env in rows: one choice request for all, a seeded draw each. A choice the
+        simulator could not answer (NaN: budget, an endpoint error) is a failed step, counted by its
+        reason: neither watched nor skipped."""
         d = self.data
         users, items = d.user_ids[self._u[rows]], d.cand_items[self._u[rows], picks]
-        p = np.asarray(self.sim.choice(users, items, [self._sessions[j] for j in rows]), float)
+        sessions = [self._sessions[j] for j in rows]
+        if hasattr(self.sim, "choice_with_reasons"):
+            p, why = self.sim.choice_with_reasons(users, items, sessions)
+        else:
+            p = self.sim.choice(users, items, sessions)
+            why = ["unanswered"] * len(rows)
+        p = np.asarray(p, float)
         self.calls += 1
-        chosen = self.np_random.random(len(rows)) < np.nan_to_num(p, nan=0.0)
-        self.shown += len(rows)
-        self.skipped += int((~chosen).sum())
-        return chosen
+        failed = ~np.isfinite(p)
+        for w, f in zip(why, failed):
+            if f:
+                self.failed_by_reason[w or "unanswered"] = self.failed_by_reason.get(w or "unanswered", 0) + 1
+        self.failed += int(failed.sum())
+        chosen = (self.np_random.random(len(rows)) < np.nan_to_num(p, nan=0.0)) & ~failed
+        self.shown += int((~failed).sum())
+        self.skipped += int((~chosen & ~failed).sum())
+        return chosen, failed
 
     def _reward(self, rating: float, user_mean: float, watched: bool) -> float:
         if self.reward == "liked":
