@@ -46,10 +46,16 @@ of the same simulator finds what it spent before: its budget does not start agai
   is an answer, not a distribution: those movies are asked again by samples (NaN with reason
   ``point_mass_logprobs`` when the endpoint returns one completion), never a one-hot row.
   ``describe()`` reports the method actually used, what the probe saw, and ``answered_by_method``.
+- **It chooses by pages** (Agent4Rec): ``choice`` asks one page prompt per (user, session), "would you
+  watch each of these now: yes/no", through the same gate, cache and budget (``LLMPageChoice`` in
+  rlsim.simulators.llm_choice; its own usage line, ``usage.choice``). Then it rates as above.
 - **Failures are NaN rows, never a guess.** A pair the persona could not rate (budget, permanent
   errors, transient errors or unusable answers after all retries) comes back as a row of NaN;
   every requested pair is counted as answered or failed by reason (and how many came from the
   cache), so requested == answered + failed always.
+
+Its pieces: llm_config (settings), llm_logprobs, llm_requests (one request; a prompt's ratings),
+llm_summaries, llm_probe (probe and calibration), llm_choice, llm_build (building it anywhere).
 
 The API key travels only inside the ``BackendSpec`` (its repr hides it) handed to the factory at
 the CLI edge; it is never part of ``describe()``, the cache, run.json or any log. Library code here
