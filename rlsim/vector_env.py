@@ -134,6 +134,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self.failed = 0
         self.failed_by_reason: dict[str, int] = {}
         self.shown = 0  # picks shown to a user who chooses (reward engagement/liked)
+        self.choice_failed = 0  # of those, the choices the simulator could not answer (also in failed)
         self.skipped = 0
 
     # ------------------------------------------------------------------ users and observations
@@ -288,8 +289,9 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             if f:
                 self.failed_by_reason[w or "unanswered"] = self.failed_by_reason.get(w or "unanswered", 0) + 1
         self.failed += int(failed.sum())
+        self.choice_failed += int(failed.sum())
         chosen = (self.np_random.random(len(rows)) < np.nan_to_num(p, nan=0.0)) & ~failed
-        self.shown += int((~failed).sum())
+        self.shown += len(rows)
         self.skipped += int((~chosen & ~failed).sum())
         return chosen, failed
 
@@ -304,7 +306,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         """{asked, answered, failed, failed_by_reason} of the rewards this env asked for."""
         return reward_accounting([{"answered": self.answered, "failed": self.failed,
                                    "failed_by_reason": self.failed_by_reason, "shown": self.shown,
-                                   "skipped": self.skipped}])
+                                   "skipped": self.skipped, "choice_failed": self.choice_failed}])
 
     def _leaves(self, j: int) -> bool:
         if self.exit_after_skips is not None and self._skips[j] >= int(self.exit_after_skips):
@@ -328,7 +330,9 @@ def reward_accounting(parts: list[dict]) -> dict:
     out = {"asked": asked, "answered": answered, "failed": failed, "failed_by_reason": dict(sorted(by.items())),
            "failed_share": failed / asked if asked else 0.0}
     shown = sum(int(e.get("shown", 0)) for e in parts)
-    if shown:  # a user who chooses: of the picks shown, how many were watched (the rest skipped)
+    if shown:  # a user who chooses: of the picks shown and answered, how many were watched (the rest skipped)
         skipped = sum(int(e.get("skipped", 0)) for e in parts)
-        out.update(shown=shown, skipped=skipped, watch_rate=(shown - skipped) / shown)
+        cf = sum(int(e.get("choice_failed", 0)) for e in parts)  # shown, no choice: failed steps, not skips
+        out.update(shown=shown, skipped=skipped, choice_failed=cf,
+                   watch_rate=(shown - skipped - cf) / (shown - cf) if shown > cf else 0.0)
     return out

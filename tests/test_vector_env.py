@@ -256,7 +256,8 @@ def test_a_failed_choice_is_a_failed_step_counted_by_its_reason(parts):
     assert all(len(env._sessions[j]) == 0 for j in range(3)) and (env._skips[:3] == 0).all()
     acc = env.reward_accounting()
     assert acc["failed"] == 3 and acc["failed_by_reason"] == {"budget": 3} and acc["answered"] == 3
-    assert acc["shown"] == 3 and acc["skipped"] == 0  # failed choices are not counted as shown-and-skipped
+    # shown, but neither skipped nor watched: skipped + answered + failed == shown still holds
+    assert acc["shown"] == 6 and acc["skipped"] == 0 and acc["choice_failed"] == 3 and acc["watch_rate"] == 1.0
 
 
 def test_engagement_needs_a_user_who_chooses(parts):
