@@ -121,6 +121,16 @@ def test_a_movie_already_shown_in_the_session_is_not_picked_nor_asked(server):
     assert sim.stats()["page_choice"]["not_shown"] == 1
 
 
+def test_a_dynamic_users_page_carries_its_updated_summary(server):
+    sim = make_sim(server, summary_every=1)
+    sim.choice(np.array([1]), np.array([3]), [Session((5,), (2.0,))])
+    page = next(r for r in server.log if r.schema_name == "page_choice")
+    assert "Your tastes as they stand now, updated during this session: Summary " in page.messages_text
+    st = sim.stats()
+    assert st["summary_updates"] == 1 and st["usage"]["summaries"]["requests"] == 1
+    assert st["requests_sent"] == 2  # the summary and the page
+
+
 def test_the_budget_fails_choices_with_a_reason_never_a_guess(server):
     sim = make_sim(server, budget=1e-7)
     p, why = sim.choice_with_reasons(USERS, ITEMS)
