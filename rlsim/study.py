@@ -174,12 +174,12 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html).
 
     ``llm_persona``: {"persona_cfg", "api_key", "options"} to START the LLM persona simulator actor
-    named ``scfg.llm_persona_actor`` for this study (rlsim.simulators.llm.start_llm_persona_actor)
+    named ``scfg.llm_persona_actor`` for this study (rlsim.simulators.llm_build.start_llm_persona_actor)
     and stop it at the end; without it that actor must already be running."""
     if llm_persona is not None:
         from rlsim.data import load_split
         from rlsim.simulators.actor import stop_simulator_actor
-        from rlsim.simulators.llm import start_llm_persona_actor
+        from rlsim.simulators.llm_build import start_llm_persona_actor
 
         ds, split = load_split(dcfg)
         actor = start_llm_persona_actor(scfg.llm_persona_actor, ds, split.train, llm_persona["persona_cfg"],

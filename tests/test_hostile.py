@@ -221,7 +221,7 @@ def test_max_in_window():
 
 
 def test_a_rerun_of_the_llm_simulator_finds_its_earlier_spend(tmp_path):
-    from rlsim.simulators.llm import _limiter, simulator_job
+    from rlsim.simulators.llm_build import simulator_job, simulator_limiter
 
     spec = BackendSpec("openai", "fake-model", "http://localhost:9/v1", api_key=SECRET)
     pcfg = cfg_for_mode(600, 1e9, 1.0)
@@ -234,11 +234,11 @@ def test_a_rerun_of_the_llm_simulator_finds_its_earlier_spend(tmp_path):
         assert await lim.reserve(10, 0.7) >= 0
         await lim.settle(0.7, 0.6)
 
-    lim, info, on_close = _limiter(pcfg, spec, job, ledger)
+    lim, info, on_close = simulator_limiter(pcfg, spec, job, ledger)
     asyncio.run(spend(lim))
     if on_close is not None:
         asyncio.run(on_close())
-    again, info, _ = _limiter(pcfg, spec, job, ledger)  # the rerun: $0.6 of its $1 already spent
+    again, info, _ = simulator_limiter(pcfg, spec, job, ledger)  # the rerun: $0.6 of its $1 already spent
     assert info["job"] == job and info["spent_before_usd"] == pytest.approx(0.6)
     assert asyncio.run(again.reserve(10, 0.5)) == REFUSED
     assert SECRET not in ledger.read_text()

@@ -23,7 +23,9 @@ from rlsim.personas.limiter import LocalLimiter, RateLimiter
 from rlsim.personas.pool import RatingEngine
 from rlsim.personas.prompts import rating_messages
 from rlsim.simulators.base import Session
-from rlsim.simulators.llm import LLMPersonaSimulator, LLMSimConfig, logprob_distributions
+from rlsim.simulators.llm import LLMPersonaSimulator
+from rlsim.simulators.llm_config import LLMSimConfig
+from rlsim.simulators.llm_logprobs import logprob_distributions
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating, rating_distribution
 from tests.ray_local import barrier, private_ray
 
@@ -437,7 +439,7 @@ def test_simulator_actor_batches_callers_under_the_cluster_limiter(ray_local, sp
 
     from rlsim.personas.limiter import get_limiter, limiter_name
     from rlsim.simulators.actor import SimulatorClient, stop_simulator_actor
-    from rlsim.simulators.llm import start_llm_persona_actor
+    from rlsim.simulators.llm_build import start_llm_persona_actor
 
     ds, split = split_100k
     users = np.sort(split.train["user_id"].unique())[:8]
@@ -486,7 +488,7 @@ def test_the_budget_stops_the_simulator_cleanly(ray_local, split_100k, cache_roo
     import ray  # noqa: F401
 
     from rlsim.simulators.actor import SimulatorClient, stop_simulator_actor
-    from rlsim.simulators.llm import start_llm_persona_actor
+    from rlsim.simulators.llm_build import start_llm_persona_actor
 
     ds, split = split_100k
     users = np.sort(split.train["user_id"].unique())[:20]

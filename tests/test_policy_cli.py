@@ -159,4 +159,4 @@ def test_policy_trained_for_engagement_against_a_user_who_chooses(tmp_path, data
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert ("needs a simulated user that chooses what to watch; reward_model only rates (these choose: bias, mf, "
-            "reward_model (trained with reward.choice_weight > 0), offline_persona, hybrid)") in err[0]
+            "reward_model (trained with reward.choice_weight > 0), offline_persona, hybrid, llm_persona)") in err[0]

@@ -148,7 +148,7 @@ def reward_spec(args, file_cfg: dict | None = None) -> SimulatorSpec | None:
     options = dict((file_cfg or {}).get("hybrid") or {}) if args.reward == "hybrid" else {}
     if args.reward == "llm_persona":
         options = llm_options(args, file_cfg or {})
-        from rlsim.simulators.llm import llm_sim_config
+        from rlsim.simulators.llm_config import llm_sim_config
 
         llm_sim_config(options)  # a bad llm_persona: section is one line here, not an actor's traceback
     return SimulatorSpec(args.reward, args.reward_checkpoint, args.reward_actor, args.reward_namespace,
