@@ -228,6 +228,18 @@ def test_a_rerun_of_the_llm_simulator_finds_its_earlier_spend(tmp_path):
     job = simulator_job(spec, {"method": "logprobs"}, 0, str(tmp_path))
     assert job == simulator_job(spec, {"method": "logprobs"}, 0, str(tmp_path))  # before: a fresh id per run
     assert job != simulator_job(spec, {"method": "samples"}, 0, str(tmp_path))
+    # Options added later (the page choice's) name the same job at their defaults, another when changed:
+    # an upgrade keeps the spend an earlier run recorded.
+    from dataclasses import asdict
+
+    from rlsim.simulators.llm_build import LATER_OPTIONS
+    from rlsim.simulators.llm_config import LLMSimConfig
+
+    full = asdict(LLMSimConfig())
+    assert {k: full[k] for k in LATER_OPTIONS} == LATER_OPTIONS  # the table follows the config's defaults
+    before = {k: v for k, v in full.items() if k not in LATER_OPTIONS}
+    assert simulator_job(spec, full, 0, str(tmp_path)) == simulator_job(spec, before, 0, str(tmp_path))
+    assert simulator_job(spec, {**full, "page_size": 8}, 0, str(tmp_path)) != simulator_job(spec, before, 0, str(tmp_path))
     ledger = tmp_path / "personas" / "budgets" / f"{job}.json"
 
     async def spend(lim):

@@ -24,9 +24,16 @@ def _builder(ds, pcfg, vectors, train: pd.DataFrame):
     return prompt_builder(ds, train, pcfg, vectors)
 
 
+# The page choice's settings (added with it) and their defaults.
+LATER_OPTIONS = {"page_size": 4, "choice_method": "auto", "choice_epsilon": 0.05}
+
+
 def simulator_job(spec, options: dict, seed: int, cache_dir: str) -> str:
     """The simulator's job id at the limiter: stable across reruns of the same simulator (endpoint, model,
     options, seed, cache), so a rerun finds its earlier spend instead of starting again at $0."""
+    # Options added after ledgers existed name the same job while they keep their defaults, so an
+    # upgrade does not hand a simulator a fresh $0 budget.
+    options = {k: v for k, v in options.items() if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
     ident = {"endpoint": spec.cache_identity(), "options": options, "seed": int(seed),
              "cache_dir": str(Path(cache_dir).expanduser().resolve())}
     return "llm-persona-" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
