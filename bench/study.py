@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     # Datasets run by earlier commands stay (each entry names its own command and wall time); the
     # file is written after every dataset, so a long run keeps what it finished.
     out = Path(args.out)
-    result = read_json(out) if out.is_file() and not args.fresh else {}
-    datasets = result.setdefault("datasets", {})
+    result = {"datasets": read_json(out).get("datasets", {}) if out.is_file() and not args.fresh else {}}
+    datasets = result["datasets"]
     result.update({"config": {"study": to_dict(scfg), "file": args.config}, "work": str(work), "command": command,
                    "cpus": args.num_cpus})
     with ray_session(num_cpus=args.num_cpus, include_dashboard=False,
@@ -97,6 +97,10 @@ def main(argv=None) -> int:
                               "policy": sections.get("policy"), "reward": sections.get("reward"),
                               "wall_seconds": round(time.perf_counter() - t1, 1), "cpus": args.num_cpus}
             result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            # Another run may have written other datasets meanwhile: keep theirs, replace ours.
+            if out.is_file() and not args.fresh:
+                datasets.update({k: v for k, v in read_json(out).get("datasets", {}).items()
+                                 if k not in pairs or k not in datasets})
             write_json(out, result)
             print(f"{pair}: {r['answer']}")
     print(f"wrote {args.out}")
