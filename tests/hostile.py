@@ -20,7 +20,7 @@ import pandas as pd
 from rlsim.personas.backends import BackendSpec
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
-from rlsim.personas.pool import run_rating_job
+from rlsim.personas.job import run_rating_job
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 
 PRICES = {"fake-model": {"prompt": 1000.0, "completion": 1000.0}}  # $0.001 per token: budgets bite fast

@@ -34,7 +34,7 @@ class Parsed:
         return not self.missing and not self.invalid
 
 
-def _load_json(text: str) -> tuple[dict | None, str]:
+def load_json(text: str) -> tuple[dict | None, str]:
     t = text.strip()
     m = _FENCE.search(t)
     how = "json"
@@ -56,7 +56,7 @@ def _load_json(text: str) -> tuple[dict | None, str]:
 
 
 def parse_ratings(text: str, expected: list[int], scale: RatingScale) -> Parsed:
-    obj, how = _load_json(text or "")
+    obj, how = load_json(text or "")
     if obj is None:
         pairs = _PAIR.findall(text or "")
         obj = {k: v for k, v in pairs}

@@ -189,7 +189,7 @@ class LLMPersonaSimulator(Simulator):
     def __init__(self, builder, engine, scale, cfg: LLMSimConfig | None = None, *, train: pd.DataFrame | None = None,
                  make_builder: Callable[[pd.DataFrame], object] | None = None, seed: int = 0,
                  limiter_info: dict | None = None, on_close: Callable | None = None):
-        from rlsim.personas.pool import empty_usage
+        from rlsim.personas.usage import empty_usage
 
         self.builder = builder
         self.engine = engine
@@ -701,7 +701,7 @@ class LLMPersonaSimulator(Simulator):
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
-        from rlsim.personas.pool import merge_usage
+        from rlsim.personas.usage import merge_usage
 
         total = merge_usage(merge_usage(self.usage, self.summary_usage), self.setup_usage)
         span = (self.t_last - self.t_first) if self.t_first and self.t_last else 0.0
@@ -757,7 +757,7 @@ def _limiter(pcfg, spec, job: str, ledger: Path) -> tuple[object, dict, Callable
     budget), else one for this process. ``ledger`` (the job's spend.json, rewritten at every change) holds
     what earlier runs of the same simulator spent: it counts against the budget."""
     from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter
-    from rlsim.personas.pool import SpendLedger
+    from rlsim.personas.journal import SpendLedger
 
     ledger.parent.mkdir(parents=True, exist_ok=True)
     spent_before = SpendLedger(ledger).read()
@@ -772,7 +772,8 @@ def _limiter(pcfg, spec, job: str, ledger: Path) -> tuple[object, dict, Callable
         rl.register(LOCAL_JOB, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, spent_before, lease_s=float("inf"),
                     ledger=str(ledger))
         return LocalLimiter(rl), {"scope": "this process", "job": job, "spent_before_usd": spent_before}, None
-    from rlsim.personas.limiter import RayLimiter, cluster_limiter, limiter_name
+    from rlsim.personas.limiter import limiter_name
+    from rlsim.personas.limiter_actor import RayLimiter, cluster_limiter
 
     name = limiter_name(spec.base_url, spec.model)
     handle = cluster_limiter(name)
@@ -792,7 +793,7 @@ def build_llm_persona_simulator(ds, train: pd.DataFrame, pcfg, spec, options: di
                                 cache_dir: str = "~/.cache/rlsim", limiter=None) -> LLMPersonaSimulator:
     """Build the simulator where it will run (the simulator actor, or this process)."""
     from rlsim.personas.cache import ResponseCache
-    from rlsim.personas.pool import RatingEngine
+    from rlsim.personas.engine import RatingEngine
 
     cfg = llm_sim_config(options)
     vectors = None
@@ -817,8 +818,8 @@ def llm_persona_factory(ds, train: pd.DataFrame, persona_cfg, api_key: str | Non
     """A picklable zero-argument callable building the LLM persona simulator (checked here, at the edge).
 
     The key is in the BackendSpec only (repr hides it); it reaches the actor as its constructor's argument."""
-    from rlsim.personas.backends import check_backend
-    from rlsim.personas.run import backend_spec
+    from rlsim.personas.backends.factory import check_backend
+    from rlsim.personas.stages_common import backend_spec
 
     if persona_cfg is None:
         raise ConfigError("--reward llm_persona needs the personas: settings (endpoint, model, rpm)")
