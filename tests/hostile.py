@@ -1,6 +1,6 @@
 """The hostile server modes of issue 17 and the three properties checked against each of them.
 
-Shared by tests/test_hostile.py (short runs, windows of a few seconds) and bench/persona_pool.py
+Shared by tests/personas/test_hostile.py (short runs, windows of a few seconds) and bench/persona_pool.py
 (the ``hostile`` section: real 60 s windows). Each mode is a ``FaultConfig`` of tests/fake_openai.py
 that makes the server disagree with the client; each run has a budget the run would cross.
 

@@ -208,7 +208,7 @@ class RatingEngine:
 
 async def rate_units_local(engine: RatingEngine, units: list[WorkUnit], concurrency: int,
                            on_result: Callable[[WorkUnit, dict], None] | None = None) -> list[dict]:
-    """Rate units in this process with bounded concurrency (tests, small jobs, the reward source)."""
+    """Rate units in this process with bounded concurrency (tests, small jobs)."""
     sem = asyncio.Semaphore(max(1, concurrency))
 
     async def one(u):

@@ -35,6 +35,8 @@ class Parsed:
 
 
 def load_json(text: str) -> tuple[dict | None, str]:
+    """The JSON object of an answer (fences and prose around it stripped) and how it was read: json,
+    fenced or failed (None). A single nested object ({"ratings": {...}}) is unwrapped."""
     t = text.strip()
     m = _FENCE.search(t)
     how = "json"

@@ -19,10 +19,9 @@ TinyTroupe is configured from code; no config.ini of the user's is read:
   download. That openai client's HTTP hooks pass each request through rlsim's gate (reserve
   before it is sent; settle with the server's usage after an answer, or as a failure: a timeout
   at its worst case, a refusal at nothing), so limits, budget and usage see all the traffic.
-- One TinyPerson per user lives as long as the backend (a rating job, a Ray worker; the RL reward
-  source builds one per ``score`` call), so it remembers the user's earlier batches; one user's
-  batches run in order, different users in parallel. The lock guards only TinyTroupe's
-  process-wide state (import, configuration, the agent registry).
+- One TinyPerson per user lives as long as the backend (a rating job, a Ray worker), so it
+  remembers the user's earlier batches; one user's batches run in order, different users in parallel.
+  The lock guards only TinyTroupe's process-wide state (import, configuration, the agent registry).
 - The agent hears rlsim's instructions (system messages) and request verbatim and TALKs the JSON
   answer; an answer that fails is rolled back out of its memory.
 """

@@ -26,9 +26,9 @@ from rlsim.personas.limiter import LocalLimiter, RateLimiter
 from rlsim.personas.engine import RatingEngine, rate_units_local
 from rlsim.personas.prompts import SYSTEM
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
-from tests.test_personas import SECRET, assert_correct, cfg_for, make_units
+from tests.personas.test_personas import SECRET, assert_correct, cfg_for, make_units
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRICES = {"fake-model": {"prompt": 1.0, "completion": 1.0}}  # $ per 1M tokens
 
 
@@ -369,7 +369,7 @@ logging.getLogger().setLevel(logging.WARNING)
 before = (logging.getLogger().level, len(logging.getLogger().handlers), "." in sys.path)
 sys.path.insert(0, {str(REPO)!r})
 from tests.fake_openai import FakeOpenAI, FaultConfig
-from tests.test_personas import make_units, cfg_for
+from tests.personas.test_personas import make_units, cfg_for
 from rlsim.personas.backends import BackendSpec
 from rlsim.personas.limiter import LocalLimiter, RateLimiter
 from rlsim.personas.engine import RatingEngine, rate_units_local

@@ -26,7 +26,7 @@ from rlsim.personas.plan import plan_shards
 from rlsim.personas.workers import dispatch_window
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OFFLINE = BackendSpec("offline", "offline")
 
 
@@ -245,7 +245,7 @@ from pathlib import Path
 from rlsim.personas import shards
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.job import run_rating_job
-from tests.test_personas_scale import OFFLINE, Formula, offline_source
+from tests.personas.test_personas_scale import OFFLINE, Formula, offline_source
 
 shards.MANIFEST_EVERY_S = float(sys.argv[3])
 real_add = shards.ShardWriter.add

@@ -21,7 +21,7 @@ from rlsim.personas.job import dry_run
 from rlsim.personas.usage import empty_usage
 from tests.fake_openai import FakeOpenAI, FaultConfig
 from tests.hostile import MODES, PRICES, billed_usd, cfg_for_mode, max_in_window, run_mode
-from tests.test_personas import make_units
+from tests.personas.test_personas import make_units
 
 SECRET = "sk-hostile-do-not-leak-7"
 

@@ -17,7 +17,7 @@ from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 from tests.ray_local import private_ray
 
 SECRET = "sk-cli-secret-never-written"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def data_flags(data_root, cache_root):
