@@ -10,6 +10,8 @@ Ray, then calls them (the pipeline calls them inside its own Ray). With ``use_ra
 be running: the work goes to PersonaWorker actors in shards with a manifest and resume, paced by
 the cluster's limiter of the endpoint; the offline persona goes through the same actors (answers
 from the fitted model, no requests). ``use_ray=False`` runs the same engine in this process.
+What the verbs share with alignment (``rlsim.personas.align``) lives in ``stages_common`` and
+``pairs`` (``rate_pairs``), which import neither this module nor alignment.
 """
 
 from __future__ import annotations
