@@ -261,7 +261,7 @@ def stage_persona_offline(ctx: Ctx, info: dict):
 def stage_persona_server(ctx: Ctx, info: dict):
     from rlsim.personas.backends import BackendSpec
     from rlsim.personas.config import PersonaConfig
-    from rlsim.personas.pool import run_rating_job
+    from rlsim.personas.job import run_rating_job
     from rlsim.personas.source import prompt_builder
     from tests.fake_openai import FakeOpenAI
 

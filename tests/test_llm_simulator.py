@@ -20,7 +20,7 @@ from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.grounding import PromptBuilder, WorkUnit
 from rlsim.personas.limiter import LocalLimiter, RateLimiter
-from rlsim.personas.pool import RatingEngine
+from rlsim.personas.engine import RatingEngine
 from rlsim.personas.prompts import rating_messages
 from rlsim.simulators.base import Session
 from rlsim.simulators.llm import LLMPersonaSimulator
@@ -437,7 +437,8 @@ def split_100k(data_root, cache_root):
 def test_simulator_actor_batches_callers_under_the_cluster_limiter(ray_local, split_100k, cache_root):
     import ray
 
-    from rlsim.personas.limiter import get_limiter, limiter_name
+    from rlsim.personas.limiter import limiter_name
+    from rlsim.personas.limiter_actor import get_limiter
     from rlsim.simulators.actor import SimulatorClient, stop_simulator_actor
     from rlsim.simulators.llm_build import start_llm_persona_actor
 

@@ -188,8 +188,8 @@ def ray_for_personas(args, cfg: PersonaConfig):
     started for nothing and a traceback per actor (without Ray the stage checks it before embeddings).
     """
     if cfg.backend != "offline":
-        from rlsim.personas.backends import check_backend
-        from rlsim.personas.run import backend_spec
+        from rlsim.personas.backends.factory import check_backend
+        from rlsim.personas.stages_common import backend_spec
 
         check_backend(backend_spec(cfg))
     return cli_ray(args, num_cpus=max(2, cfg.n_workers))

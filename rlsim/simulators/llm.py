@@ -93,7 +93,7 @@ class LLMPersonaSimulator(GatedRequests, SessionSummaries, MethodProbe, Simulato
     def __init__(self, builder, engine, scale, cfg: LLMSimConfig | None = None, *, train: pd.DataFrame | None = None,
                  make_builder: Callable[[pd.DataFrame], object] | None = None, seed: int = 0,
                  limiter_info: dict | None = None, on_close: Callable | None = None):
-        from rlsim.personas.pool import empty_usage
+        from rlsim.personas.usage import empty_usage
 
         self.builder = builder
         self.engine = engine
@@ -277,7 +277,7 @@ class LLMPersonaSimulator(GatedRequests, SessionSummaries, MethodProbe, Simulato
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:
-        from rlsim.personas.pool import merge_usage
+        from rlsim.personas.usage import merge_usage
 
         total = merge_usage(merge_usage(merge_usage(self.usage, self.summary_usage), self.setup_usage),
                             self.choice_model.usage)

@@ -44,7 +44,7 @@ def simulator_limiter(pcfg, spec, job: str, ledger: Path) -> tuple[object, dict,
     budget), else one for this process. ``ledger`` (the job's spend.json, rewritten at every change) holds
     what earlier runs of the same simulator spent: it counts against the budget."""
     from rlsim.personas.limiter import LOCAL_JOB, LocalLimiter, RateLimiter
-    from rlsim.personas.pool import SpendLedger
+    from rlsim.personas.journal import SpendLedger
 
     ledger.parent.mkdir(parents=True, exist_ok=True)
     spent_before = SpendLedger(ledger).read()
@@ -59,7 +59,8 @@ def simulator_limiter(pcfg, spec, job: str, ledger: Path) -> tuple[object, dict,
         rl.register(LOCAL_JOB, pcfg.rpm, pcfg.tpm, pcfg.budget_usd, spent_before, lease_s=float("inf"),
                     ledger=str(ledger))
         return LocalLimiter(rl), {"scope": "this process", "job": job, "spent_before_usd": spent_before}, None
-    from rlsim.personas.limiter import RayLimiter, cluster_limiter, limiter_name
+    from rlsim.personas.limiter import limiter_name
+    from rlsim.personas.limiter_actor import RayLimiter, cluster_limiter
 
     name = limiter_name(spec.base_url, spec.model)
     handle = cluster_limiter(name)
@@ -79,7 +80,7 @@ def build_llm_persona_simulator(ds, train: pd.DataFrame, pcfg, spec, options: di
                                 cache_dir: str = "~/.cache/rlsim", limiter=None) -> LLMPersonaSimulator:
     """Build the simulator where it will run (the simulator actor, or this process)."""
     from rlsim.personas.cache import ResponseCache
-    from rlsim.personas.pool import RatingEngine
+    from rlsim.personas.engine import RatingEngine
 
     cfg = llm_sim_config(options)
     vectors = None
@@ -104,8 +105,8 @@ def llm_persona_factory(ds, train: pd.DataFrame, persona_cfg, api_key: str | Non
     """A picklable zero-argument callable building the LLM persona simulator (checked here, at the edge).
 
     The key is in the BackendSpec only (repr hides it); it reaches the actor as its constructor's argument."""
-    from rlsim.personas.backends import check_backend
-    from rlsim.personas.run import backend_spec
+    from rlsim.personas.backends.factory import check_backend
+    from rlsim.personas.stages_common import backend_spec
 
     if persona_cfg is None:
         raise ConfigError("--reward llm_persona needs the personas: settings (endpoint, model, rpm)")

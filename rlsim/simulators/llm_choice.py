@@ -54,7 +54,7 @@ class LLMPageChoice:
     conditions_on_session = True
 
     def __init__(self, sim):
-        from rlsim.personas.pool import empty_usage
+        from rlsim.personas.usage import empty_usage
 
         self.sim = sim
         self.cfg = sim.cfg

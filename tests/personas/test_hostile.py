@@ -16,10 +16,12 @@ from rlsim.personas.backends import BackendSpec, TransientError
 from rlsim.personas.cost import cost_usd
 from rlsim.personas.gate import LimiterGate, request_bound
 from rlsim.personas.limiter import BUSY, KEEP_JOBS, REFUSED, LocalLimiter, RateLimiter, limiter_name
-from rlsim.personas.pool import RatingEngine, dry_run, empty_usage
+from rlsim.personas.engine import RatingEngine
+from rlsim.personas.job import dry_run
+from rlsim.personas.usage import empty_usage
 from tests.fake_openai import FakeOpenAI, FaultConfig
 from tests.hostile import MODES, PRICES, billed_usd, cfg_for_mode, max_in_window, run_mode
-from tests.test_personas import make_units
+from tests.personas.test_personas import make_units
 
 SECRET = "sk-hostile-do-not-leak-7"
 

@@ -18,7 +18,7 @@ import pytest
 from rlsim.cli import main
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
