@@ -99,14 +99,14 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
 
 
 def test_config_section_and_flags(tmp_path, data_root, cache_root):
-    from rlsim.cli import build_parser, load_config_file
+    from rlsim.cli import build_parser, run_config
     from rlsim.commands.reward import reward_config
 
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("data:\n  dataset: ml-100k\nreward:\n  dim: 48\n  heads: 4\n  epochs: 7\n")
     args = build_parser().parse_args(["reward", "train", "--config", str(cfg_file), "--epochs", "3",
                                       "--out", str(tmp_path / "o")])
-    cfg = reward_config(args, load_config_file(args))
+    cfg = reward_config(run_config(args))
     assert (cfg.dim, cfg.epochs) == (48, 3)
     with pytest.raises(ConfigError):
         RewardConfig.from_dict({"dimm": 3})

@@ -97,18 +97,19 @@ def test_hybrid_curve_counts_persona_calls_against_persona_only(tmp_path, data_r
     import tempfile
 
     from rlsim.commands.ray_session import ray_session
-    from rlsim.config import DataConfig
     from rlsim.report_study import write_study_report
-    from rlsim.study import hybrid_curve
+    from rlsim.run_config import resolve
+    from rlsim.study_hybrid import hybrid_curve
 
-    dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=str(data_root), cache_dir=str(cache_root),
-                      download=False)
-    sections = {"candidates": {"k": 10}, "policy": {"train_batch_size": 250, "minibatch_size": 125, "num_epochs": 1,
+    sections = {"data": {"dataset": "ml-100k", "split": "u1", "data_dir": str(data_root), "cache_dir": str(cache_root),
+                         "download": False},
+                "candidates": {"k": 10}, "policy": {"train_batch_size": 250, "minibatch_size": 125, "num_epochs": 1,
                                                     "hidden": 16, "users_per_episode": 8,
-                                                    "num_envs_per_env_runner": 8}}
+                                                    "num_envs_per_env_runner": 8},
+                "study": {"hybrid_thresholds": [0, 0.9, 1.01], "seeds": 1, "env_steps": 250,
+                          "hybrid": {"distill_every": 0}}}
     with ray_session(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rlsh", dir="/tmp")):
-        r = hybrid_curve(dcfg, str(tiny_reward_checkpoint), [0, 0.9, 1.01], 1, 250, {"distill_every": 0}, sections,
-                         tmp_path / "h", progress=False)
+        r = hybrid_curve(resolve(sections, {}, {}), str(tiny_reward_checkpoint), tmp_path / "h", progress=False)
     by = {c["threshold"]: c for c in r["curve"]}
     assert by[0.0]["persona_calls"] > 0 and by[0.0]["calls_saved"] == 0.0
     assert by[1.01]["persona_calls"] == 0 and by[1.01]["calls_saved"] == 1.0
