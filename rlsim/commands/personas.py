@@ -1,8 +1,8 @@
 """`rlsim personas profile|rate|evaluate|align`: flags -> configs -> Ray -> rlsim.personas.run -> printed results.
 
-The API key and endpoint are read here from the environment (OPENAI_API_KEY / OPENAI_BASE_URL, or
-AZURE_OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT) and passed in; the key is never logged, cached or
-written. Ray: --ray-address joins a running cluster; inside `ray job submit` the job's cluster is
+The API key and endpoint come from the environment here, at the edge (OPENAI_API_KEY /
+OPENAI_BASE_URL, or AZURE_OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT, through rlsim.run_config) and are
+passed in; the key is never logged, cached or written. Ray: --ray-address joins a running cluster; inside `ray job submit` the job's cluster is
 joined; otherwise a private local Ray is started (own temp dir, no dashboard) and stopped after.
 --no-ray runs everything in this process. Each command takes only the flags it uses.
 """
