@@ -114,3 +114,15 @@ def test_verbose_from_flag_or_environment():
     assert resolve({}, {"RLSIM_VERBOSE": ""}, {}).verbose is False
     assert resolve({}, {}, {"verbose": True}).verbose is True
 
+
+
+def test_flags_not_given_leave_the_yaml_alone(tmp_path):
+    """argparse defaults are None: `personas profile` without --kind keeps the YAML's personas.profile."""
+    from rlsim.cli import run_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("personas:\n  profile: psych\n")
+    args = build_parser().parse_args(["personas", "profile", "--config", str(cfg), "--out", "o"])
+    assert run_config(args).personas.profile == "psych"
+    args = build_parser().parse_args(["personas", "profile", "--config", str(cfg), "--out", "o", "--kind", "lusifer"])
+    assert run_config(args).personas.profile == "lusifer"

@@ -81,7 +81,8 @@ def register(sub) -> None:
     p = ps.add_parser("profile", help="build structured / psych / lusifer profiles from training ratings")
     add_data_args(p)
     g = p.add_argument_group("profiles")
-    g.add_argument("--kind", choices=["structured", "psych", "lusifer"], default="structured")
+    g.add_argument("--kind", choices=["structured", "psych", "lusifer"],
+                   help="profile kind (personas.profile; default structured)")
     g.add_argument("--users", type=int, help="only this many users (seeded sample of the evaluable users, --seed)")
     _endpoint_args(g)
     _call_args(g, "profile requests in flight")
@@ -181,17 +182,17 @@ def cmd_profile(args) -> int:
 
     conf = run_config(args)
     dcfg, cfg = conf.data, personas_for(conf, "pool")
-    llm = args.kind != "structured"
+    llm = cfg.profile != "structured"
     key = api_key(cfg, os.environ) if llm and cfg.backend != "offline" else None
     with _ray(args, cfg, llm and not args.dry_run):
-        meta = run.build_profiles_stage(dcfg, cfg, args.kind, args.out, users=args.users, api_key=key,
+        meta = run.build_profiles_stage(dcfg, cfg, cfg.profile, args.out, users=args.users, api_key=key,
                                         use_ray=not args.no_ray, dry_run=args.dry_run, progress=not args.quiet)
     if args.dry_run:
         print(json.dumps(meta))
         print(f"wrote {Path(args.out) / 'dry_run.json'}")
         return 0
     _notes(meta)
-    print(f"wrote {meta['users']} {args.kind} profiles to {args.out}")
+    print(f"wrote {meta['users']} {cfg.profile} profiles to {args.out}")
     return 0
 
 
