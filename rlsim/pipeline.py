@@ -1,7 +1,8 @@
 """The end-to-end run: each stage writes OUT/<stage>/ (metrics.json last), and a rerun skips done stages.
 
 Stages are plain functions ``fn(ctx, stage_dir) -> metrics`` in STAGES; `rlsim pipeline`, the
-jobs/ entrypoints and the tests all call :func:`run_stage` / :func:`run_pipeline`. A stage
+jobs/ entrypoints, the study (its reward model and candidates) and the tests all call
+:func:`run_stage` / :func:`run_pipeline`. The context holds the typed RunConfig (rlsim.run_config). A stage
 counts as done when its metrics.json exists, which is written only after everything else.
 """
 

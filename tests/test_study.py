@@ -166,3 +166,35 @@ def test_the_study_report_says_coverage_and_failures(tmp_path):
                                                     "failed_by_reason": {"budget": 2, "http_500": 1}}}}
     html = write_study_report(result, tmp_path).read_text()
     assert "llm_persona (0.500)" in html and "budget: 2, http_500: 1" in html and "<th>coverage</th>" in html
+
+
+def test_the_study_trains_its_reward_model_and_candidates_with_the_pipelines_stages(tmp_path, monkeypatch):
+    """rlsim.study runs the pipeline's own reward and candidates stages (rlsim.pipeline.STAGES) into
+    OUT/reward and OUT/candidates: a kept checkpoint is not retrained; candidates are rewritten."""
+    from rlsim import pipeline
+    from rlsim.run_config import resolve
+    from rlsim.study import candidates_stage, reward_stage
+
+    calls = []
+
+    def fake_reward(ctx, d):
+        calls.append(("reward", ctx.run.reward.epochs, ctx.load()))
+        (d / "checkpoint").mkdir(parents=True)
+        (d / "checkpoint" / "model.pt").write_bytes(b"x")
+        return {"model": {}}
+
+    def fake_candidates(ctx, d):
+        calls.append(("candidates", ctx.run.candidates.k, ctx.load()))
+        pd.DataFrame({"user_id": [1], "item_id": [2]}).to_parquet(d / "candidates.parquet")
+        return {"candidates": {"blend": {"recall": 0.5}}}
+
+    monkeypatch.setitem(pipeline.STAGES, "reward", fake_reward)
+    monkeypatch.setitem(pipeline.STAGES, "candidates", fake_candidates)
+    run = resolve({"reward": {"epochs": 3}, "candidates": {"k": 7}}, {}, {})
+    loaded = ("ds", "split")
+    assert reward_stage(run, tmp_path, loaded, progress=False) == str(tmp_path / "reward" / "checkpoint")
+    assert reward_stage(run, tmp_path, loaded, progress=False) == str(tmp_path / "reward" / "checkpoint")
+    metrics, cands = candidates_stage(run, tmp_path, loaded)
+    candidates_stage(run, tmp_path, loaded)
+    assert calls == [("reward", 3, loaded), ("candidates", 7, loaded), ("candidates", 7, loaded)]
+    assert metrics["candidates"]["blend"]["recall"] == 0.5 and "stage_seconds" in metrics and len(cands) == 1
