@@ -14,17 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# The developer's data and cache folders, kept aside: the environment wins over a YAML's data_dir /
-# cache_dir (rlsim.run_config: YAML < environment < flags), and the tests say where their data is.
-# Only the real-data tests (real_data_dir) and warm-cache reads (WARM_CACHE_DIR) use them.
-REAL_DATA_DIR = os.environ.get("RLSIM_DATA_DIR")
-WARM_CACHE_DIR = os.environ.get("RLSIM_CACHE_DIR")
-
-
-@pytest.fixture(autouse=True)
-def _data_folders_from_the_tests_only(monkeypatch):
-    monkeypatch.delenv("RLSIM_DATA_DIR", raising=False)
-    monkeypatch.delenv("RLSIM_CACHE_DIR", raising=False)
+# The developer's data and cache folders, taken out of the environment of the whole session (its Ray
+# heads and subprocesses too): the environment wins over a YAML's data_dir / cache_dir
+# (rlsim.run_config: YAML < environment < flags), and the tests say where their data is. Only the
+# real-data tests (real_data_dir) and warm-cache reads (WARM_CACHE_DIR) use them.
+REAL_DATA_DIR = os.environ.pop("RLSIM_DATA_DIR", None)
+WARM_CACHE_DIR = os.environ.pop("RLSIM_CACHE_DIR", None)
 
 
 @pytest.fixture(scope="session")
