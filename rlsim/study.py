@@ -26,13 +26,17 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from rlsim.config import DataConfig, from_dict, to_dict
+from rlsim.config import to_dict
 from rlsim.errors import ConfigError, DataError
 from rlsim.io import write_json
+
+if TYPE_CHECKING:
+    from rlsim.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +173,40 @@ def held_out_rows(data, run_dir: Path) -> np.ndarray:
     return np.flatnonzero(np.isin(data.user_ids, ids))
 
 
-def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Path, progress: bool = True,
-              llm_persona: dict | None = None) -> dict:
-    """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html).
+def reward_stage(run: "RunConfig", out: Path, loaded: tuple, progress: bool) -> str:
+    """The pipeline's reward stage into OUT/reward (kept when its checkpoint exists); its checkpoint."""
+    from rlsim.pipeline import make_context, run_stage
+
+    ckpt = out / "reward" / "checkpoint"
+    if not (ckpt / "model.pt").is_file():
+        run_stage(make_context(run, out, progress=progress, loaded=loaded), "reward", force=True)
+    return str(ckpt)
+
+
+def candidates_stage(run: "RunConfig", out: Path, loaded: tuple) -> tuple[dict, pd.DataFrame]:
+    """The pipeline's candidates stage into OUT/candidates (always rewritten): (its metrics, the candidates)."""
+    from rlsim.pipeline import make_context, run_stage
+
+    metrics, _ = run_stage(make_context(run, out, progress=False, loaded=loaded), "candidates", force=True)
+    return metrics, pd.read_parquet(out / "candidates" / "candidates.parquet")
+
+
+def policy_base(run: "RunConfig", env_steps: int | None = None):
+    """The `policy:` section with as many iterations as reach env_steps (default study.env_steps)."""
+    base = run.policy
+    steps = run.study.env_steps if env_steps is None else env_steps
+    return replace(base, iterations=max(1, math.ceil(steps / base.train_batch_size))).validate()
+
+
+def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_persona: dict | None = None) -> dict:
+    """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html), with
+    run.study's sources and seeds; the reward model and candidates come from the pipeline's own stages
+    (rlsim.pipeline.STAGES: OUT/reward, OUT/candidates), trained with run's sections.
 
     ``llm_persona``: {"persona_cfg", "api_key", "options"} to START the LLM persona simulator actor
     named ``scfg.llm_persona_actor`` for this study (rlsim.simulators.llm_build.start_llm_persona_actor)
     and stop it at the end; without it that actor must already be running."""
+    dcfg, scfg = run.data, run.study
     if llm_persona is not None:
         from rlsim.data import load_split
         from rlsim.simulators.actor import stop_simulator_actor
@@ -187,7 +218,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
                                         namespace=scfg.llm_persona_namespace, seed=dcfg.seed,
                                         text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
         try:
-            result = run_study(dcfg, scfg, sections, out, progress)
+            result = run_study(run, out, progress)
             # The actor served the whole study (fidelity, every policy, the matrix) and the policy runs
             # record nothing of a simulator they did not start: its requests, usage and cost, once, here.
             import ray
@@ -197,12 +228,10 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
             return result
         finally:
             stop_simulator_actor(actor)
-    from rlsim.candidates import CandidatesConfig, write_candidates
     from rlsim.data import load_split
     from rlsim.env import EnvData, score_all
     from rlsim.errors import require_ray
-    from rlsim.personas.config import PersonaConfig
-    from rlsim.policy.config import PolicyConfig
+    from rlsim.pipeline import FIDELITY_KEYS
     from rlsim.policy.evaluate import held_out_ratings
     from rlsim.policy.run import held_out_eligible, train_policy
     from rlsim.policy.train import load_policy_module
@@ -221,21 +250,10 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
         sources.append("llm_persona")
     ckpt = scfg.reward_checkpoint
     if ckpt is None and {"reward_model", "hybrid"} & set(sources):
-        from rlsim.reward.config import RewardConfig
-        from rlsim.reward.train import train_reward_model
-
-        rcfg = RewardConfig.from_dict(sections.get("reward"))
-        rcfg.progress = progress
-        if not (out / "reward" / "checkpoint" / "model.pt").is_file():
-            train_reward_model(dcfg, rcfg, out / "reward", dataset=ds, split=split)
-        ckpt = str(out / "reward" / "checkpoint")
-    ccfg = from_dict(CandidatesConfig, sections.get("candidates"), "candidates").validate()
-    cand_metrics = write_candidates(dcfg, ccfg, out / "candidates", dataset=ds, split=split)
-    cands = pd.read_parquet(out / "candidates" / "candidates.parquet")
-    base = from_dict(PolicyConfig, sections.get("policy"), "policy")
-    base = replace(base, iterations=max(1, math.ceil(scfg.env_steps / base.train_batch_size))).validate()
-    pcfg_personas = from_dict(PersonaConfig, sections.get("personas"), "personas")
-    kw = dict(seed=dcfg.seed, persona_cfg=pcfg_personas, text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
+        ckpt = reward_stage(run, out, (ds, split), progress)
+    cand_metrics, cands = candidates_stage(run, out, (ds, split))
+    base = policy_base(run)
+    kw = dict(seed=dcfg.seed, persona_cfg=run.personas, text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
     specs = {n: _spec(n, ckpt, scfg) for n in sources}
 
     # 1. Fidelity of each source, and its expected rating of every candidate (the matrix's columns).
@@ -243,9 +261,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     fid = {}
     for n, sim in sims.items():
         f = fidelity(sim, split.train, split.test, seed=dcfg.seed)
-        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", "rmse", "nll", "tv_sampled",
-                  "five_star_share", "real_five_star_share", "like_acc_1to1", "like_acc_1to3", "like_acc_1to9",
-                  "session_nll_gain")}}
+        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", *FIDELITY_KEYS)}}
         log.info("fidelity %s: %s", n, fid[n])
     # 2. Policies.
     from tqdm.auto import tqdm
@@ -261,8 +277,8 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
         for n in sources:
             run_dir = out / "policies" / f"{n}-seed{seed}"
             pcfg = replace(base, seed=seed)
-            tm = train_policy(dcfg, pcfg, specs[n], run_dir, candidates=cands, ccfg=ccfg, sections=sections,
-                              dataset=ds, split=split, progress=False, source=n)
+            tm = train_policy(dcfg, pcfg, specs[n], run_dir, candidates=cands, ccfg=run.candidates,
+                              persona_cfg=run.personas, dataset=ds, split=split, progress=False, source=n)
             if data is None:  # the env tables are the same for every run (same candidates and training ratings)
                 data = EnvData.load(run_dir / "env_data")
                 tables = {m: score_all(data, sims[m]) for m in sources}
@@ -331,99 +347,11 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
     write_json(out / "study.json", result)
     hybrid = None
     if scfg.hybrid_thresholds:
-        hybrid = hybrid_curve(dcfg, ckpt, scfg.hybrid_thresholds, scfg.seeds, scfg.env_steps, scfg.hybrid, sections,
-                              out / "hybrid", dataset=ds, split=split, like_threshold=scfg.like_threshold,
-                              progress=progress, bootstrap=scfg.bootstrap)
+        from rlsim.study_hybrid import hybrid_curve
+
+        hybrid = hybrid_curve(run, ckpt, out / "hybrid", dataset=ds, split=split, progress=progress)
         write_json(out / "hybrid.json", hybrid)
     from rlsim.report_study import write_study_report
 
     write_study_report(result, out, hybrid=hybrid)
     return result
-
-
-def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps: int, hybrid: dict, sections: dict,
-                 out: str | Path, dataset=None, split=None, like_threshold: float = 4.0, progress: bool = True,
-                 bootstrap: int = 2000) -> dict:
-    """Persona calls saved against real quality, over the hybrid's entropy threshold.
-
-    For each threshold PPO is trained against the hybrid (same env steps, ``seeds`` seeds) and judged
-    on held-out users by their real held-out ratings; threshold 0 is persona-only (every answer from
-    the persona, through the same cache), so calls_saved = 1 - calls(threshold) / calls(0); a
-    threshold >= 1 never asks the persona (reward-model-only). A middle threshold counts as better
-    only when it beats both ends with paired intervals (``beats_both_ends``). The fidelity columns
-    are the judging copy's (it never distils) on the test split."""
-    from tqdm.auto import tqdm
-
-    from rlsim.candidates import CandidatesConfig, write_candidates
-    from rlsim.data import load_split
-    from rlsim.env import EnvData, score_all
-    from rlsim.errors import require_ray
-    from rlsim.policy.config import PolicyConfig
-    from rlsim.policy.run import train_policy
-    from rlsim.policy.train import load_policy_module
-    from rlsim.simulators.factory import SimulatorSpec, local_simulator
-    from rlsim.simulators.fidelity import micro
-
-    require_ray("the hybrid curve")
-    out = Path(out)
-    if dataset is None:
-        dataset, split = load_split(dcfg)
-    ccfg = from_dict(CandidatesConfig, sections.get("candidates"), "candidates").validate()
-    write_candidates(dcfg, ccfg, out / "candidates", dataset=dataset, split=split)
-    cands = pd.read_parquet(out / "candidates" / "candidates.parquet")
-    base = from_dict(PolicyConfig, sections.get("policy"), "policy")
-    base = replace(base, iterations=max(1, math.ceil(env_steps / base.train_batch_size))).validate()
-    model_table, curve, per_user, t0 = None, [], {}, time.perf_counter()
-    bar = tqdm(total=len(thresholds) * seeds, desc="hybrid curve", unit="policy", disable=not progress)
-    for th in [float(t) for t in thresholds]:
-        opts = {**hybrid, "threshold": th}
-        fid = micro(local_simulator(SimulatorSpec("hybrid", ckpt, options={**opts, "distill_every": 0}), dataset,
-                                    split.train), split.test)
-        hits, calls, requested, steps = [], [], [], []
-        for seed in range(seeds):
-            run = out / f"t{th:g}-seed{seed}"
-            pcfg = replace(base, seed=seed)
-            tm = train_policy(dcfg, pcfg, SimulatorSpec("hybrid", ckpt, options=opts), run, candidates=cands,
-                              ccfg=ccfg, sections=sections, dataset=dataset, split=split, progress=False)
-            data = EnvData.load(run / "env_data")
-            if model_table is None:  # only its mask matters here: every candidate the reward model rates
-                model_table = score_all(data, local_simulator(SimulatorSpec("model", ckpt), dataset, split.train))
-            held = held_out_rows(data, run)
-            res = judge_policy(data, held, load_policy_module(run / "checkpoint"), pcfg.env_history(), {}, model_table,
-                               split.test, like_threshold, 10)
-            per_user.setdefault(th, []).append(res["outcomes"]["hit"])
-            sim = tm["simulator"]["simulator"]
-            hits.append(res["real"]["policy"]["hit_rate"])
-            calls.append(sim["persona_calls"])
-            requested.append(sim["requested"])
-            steps.append(tm["env_steps"])
-            log.info("threshold %g seed %d: hit %.4f, persona calls %d of %d", th, seed, hits[-1], calls[-1],
-                     requested[-1])
-            bar.update(1)
-        h = mean_ci(hits)
-        curve.append({"threshold": th, "persona_calls": float(np.mean(calls)), "requested": float(np.mean(requested)),
-                      "real_hit_rate": h["mean"], "real_hit_rate_ci": h, "real_hit_rate_per_seed": hits,
-                      "env_steps": float(np.mean(steps)), "nll": fid["nll"], "rmse": fid["rmse"]})
-    bar.close()
-    persona_only = next((c for c in curve if c["threshold"] == 0), None)
-    for c in curve:
-        c["calls_saved"] = None if not persona_only or not persona_only["persona_calls"] else \
-            1 - c["persona_calls"] / persona_only["persona_calls"]
-        c["hit_rate_loss_vs_persona_only"] = None if not persona_only else \
-            persona_only["real_hit_rate"] - c["real_hit_rate"]
-    from rlsim.study_real import curve_ends, curve_vs_ends
-
-    ends = curve_ends(curve)
-    # The goal is only meaningful strictly between the ends: threshold >= 1 never asks the persona.
-    ok = [c["threshold"] for c in curve if c["calls_saved"] is not None and c["calls_saved"] >= 0.8
-          and c["hit_rate_loss_vs_persona_only"] <= 0.01 and c["threshold"] not in ends]
-    verdicts = curve_vs_ends(per_user, ends, bootstrap, dcfg.seed)
-    for c in curve:
-        c["beats_both_ends"] = verdicts.get(c["threshold"])
-    return {"dataset": f"{dcfg.dataset} {split.name}", "seeds": seeds, "env_steps_per_policy": env_steps,
-            "hybrid": dict(hybrid), "curve": curve, "meets_goal_at": ok,
-            "goal": ">= 80% fewer persona calls than persona-only at <= 0.01 loss in real held-out hit rate "
-                    "(thresholds strictly between persona-only and reward-model-only)",
-            "ends": {"persona_only": ends[0] if ends else None, "reward_model_only": ends[1] if ends else None},
-            "better_than_both_ends_at": [t for t, v in verdicts.items() if v and v.get("better")],
-            "seconds": round(time.perf_counter() - t0, 1)}

@@ -487,11 +487,11 @@ def test_every_flag_in_help_is_used(verb, tmp_path, monkeypatch, capsys):
 
 
 def test_seed_reaches_the_persona_config(monkeypatch):
-    from rlsim.cli import build_parser
-    from rlsim.commands.personas import persona_config
+    from rlsim.cli import build_parser, run_config
+    from rlsim.run_config import personas_for
 
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     args = build_parser().parse_args(["personas", "rate", "--seed", "7", "--out", "x"])
-    assert persona_config(args).seed == 7
+    assert personas_for(run_config(args), "pool").seed == 7
     args = build_parser().parse_args(["personas", "profile", "--seed", "3", "--out", "x"])
-    assert persona_config(args).seed == 3
+    assert personas_for(run_config(args), "pool").seed == 3

@@ -59,13 +59,13 @@ def test_workers_need_a_running_ray(data_cfg):
 
 
 def test_workers_flag():
-    from rlsim.cli import build_parser
+    from rlsim.cli import build_parser, run_config
     from rlsim.commands.reward import reward_config
 
     args = build_parser().parse_args(["reward", "train", "--workers", "2", "--num-cpus", "2", "--out", "o"])
-    assert reward_config(args, {}).workers == 2
+    assert reward_config(run_config(args, {})).workers == 2
     args = build_parser().parse_args(["reward", "train", "--out", "o"])
-    assert reward_config(args, {}).workers == 0
+    assert reward_config(run_config(args, {})).workers == 0
 
 
 def test_max_batches_caps_an_epoch(data_cfg):
