@@ -176,7 +176,7 @@ def stage_reward_epoch(ctx: Ctx, info: dict):
     from rlsim.data import holdout_validation
     from rlsim.reward.config import RewardConfig
     from rlsim.reward.features import build_features
-    from rlsim.reward.train import fit_one
+    from rlsim.reward.loop import fit_one
 
     ds, split = ctx.load()
     text = ctx.vectors()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsim.report import CSS, POLICY_NAMES, _fmt, html_table, plt, save_png
+from rlsim.report import CSS, POLICY_NAMES, fmt_cell, html_table, plt, save_png
 
 REFERENCE_LABELS = {"popularity": "popularity-first", "random": "random (expectation)", "real_oracle": "real oracle",
                     "mf_top1": "explicit MF top-1", "bpr_top1": "implicit BPR top-1",
@@ -104,11 +104,11 @@ def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None
     popularity-first, real metrics with denominators, fidelity, the matrix."""
     out = Path(out)
     held = result.get("held_out") or {}
-    parts = [f"<h1>rlsim study: {_fmt(result.get('dataset'))} / {_fmt(result.get('split'))}</h1>",
+    parts = [f"<h1>rlsim study: {fmt_cell(result.get('dataset'))} / {fmt_cell(result.get('split'))}</h1>",
              f"<h2>The answer</h2><p>{html.escape(str(result.get('answer', '')))}</p>",
-             f"<p class='note'>{_fmt(result.get('seeds'))} seeds, {_fmt(result.get('env_steps_per_policy'))} env "
-             f"steps per policy, judged on {_fmt(result.get('held_out_users'))} held-out users per seed, drawn among "
-             f"the {_fmt(held.get('eligible_users'))} of {_fmt(held.get('env_users'))} users with held-out "
+             f"<p class='note'>{fmt_cell(result.get('seeds'))} seeds, {fmt_cell(result.get('env_steps_per_policy'))} env "
+             f"steps per policy, judged on {fmt_cell(result.get('held_out_users'))} held-out users per seed, drawn among "
+             f"the {fmt_cell(held.get('eligible_users'))} of {fmt_cell(held.get('env_users'))} users with held-out "
              "behaviour; every oracle drawn from a simulator is labelled as such.</p>"]
     srcs = result.get("sources") if isinstance(result.get("sources"), dict) else {}
     refs = result.get("references") or {}
@@ -119,7 +119,7 @@ def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None
     if vs:
         boot = result.get("bootstrap") or {}
         parts.append("<h2>Real hit rate minus popularity-first's (paired, every source)</h2>"
-                     f"<p class='note'>Two-level paired bootstrap ({_fmt(boot.get('replicates'))} replicates: seeds, "
+                     f"<p class='note'>Two-level paired bootstrap ({fmt_cell(boot.get('replicates'))} replicates: seeds, "
                      "then held-out users within each; the same resamples for every strategy). p: "
                      f"{html.escape(str(boot.get('p_value', '')))}; p_holm: Holm over all sources (references are "
                      "their own family). n_users: held-out users per seed; n_seeds: seeds.</p>"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rlsim.study import candidates_stage, held_out_rows, judge_policy, mean_ci, policy_base
+from rlsim.study_steps import candidates_stage, held_out_rows, judge_policy, mean_ci, policy_base
 
 if TYPE_CHECKING:
     from rlsim.run_config import RunConfig

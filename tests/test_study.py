@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from rlsim.errors import ConfigError
-from rlsim.study import StudyConfig, mean_ci
+from rlsim.study import StudyConfig
+from rlsim.study_steps import mean_ci
 
 
 def test_mean_ci_by_hand():
@@ -173,7 +174,7 @@ def test_the_study_trains_its_reward_model_and_candidates_with_the_pipelines_sta
     OUT/reward and OUT/candidates: a kept checkpoint is not retrained; candidates are rewritten."""
     from rlsim import pipeline
     from rlsim.run_config import resolve
-    from rlsim.study import candidates_stage, reward_stage
+    from rlsim.study_steps import candidates_stage, reward_stage
 
     calls = []
 

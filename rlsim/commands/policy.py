@@ -52,7 +52,7 @@ def register(sub) -> None:
     t.add_argument("--num-envs", type=int, help="sessions stepped together per env runner")
     t.add_argument("--num-gpus-per-learner", type=float, help="GPUs for the PPO learner (0 = CPU)")
     t.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
-    _llm_args(t)
+    llm_args(t)
     add_ray_arg(t)
     add_quiet_arg(t)
     t.set_defaults(func=cmd_train)
@@ -66,7 +66,7 @@ def register(sub) -> None:
     e.add_argument("--like-threshold", dest="hit_threshold", type=float, default=4.0,
                    help="held-out rating counted as a hit")
     e.add_argument("--ndcg-k", type=int, default=10, help="cut-off of the candidate-ranking NDCG")
-    _llm_args(e)
+    llm_args(e)
     add_ray_arg(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -92,7 +92,7 @@ LLM_FLAGS = [
 ]
 
 
-def _llm_args(p) -> None:
+def llm_args(p) -> None:
     g = p.add_argument_group("LLM persona (--reward llm_persona; endpoint and key as `rlsim personas`: "
                              "OPENAI_BASE_URL, OPENAI_API_KEY or Azure's)")
     for flag, dest, typ, hlp in LLM_FLAGS:

@@ -26,9 +26,9 @@ def register(sub) -> None:
     p.add_argument("--env-steps", type=int, help="env steps per policy (study.env_steps)")
     p.add_argument("--reward-checkpoint", help="an existing reward model (default: train one)")
     p.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
-    from rlsim.commands.policy import _llm_args
+    from rlsim.commands.policy import llm_args
 
-    _llm_args(p)  # --base-url and --model add LLM personas to the study (source llm_persona)
+    llm_args(p)  # --base-url and --model add LLM personas to the study (source llm_persona)
     add_ray_arg(p)
     add_quiet_arg(p)
     p.set_defaults(func=cmd_study)

@@ -70,7 +70,8 @@ def test_workers_flag():
 
 def test_max_batches_caps_an_epoch(data_cfg):
     """The quick-measurement cap: an epoch runs max_batches batches, in process as on workers."""
-    from rlsim.reward.train import steps_per_epoch, train_reward_model
+    from rlsim.reward.loop import steps_per_epoch
+    from rlsim.reward.train import train_reward_model
 
     res = train_reward_model(data_cfg, RewardConfig(**{**TINY, "epochs": 2, "max_batches": 3}), None)
     full, run = steps_per_epoch(res["train_fit_pairs"], RewardConfig(**TINY, max_batches=3))
