@@ -327,7 +327,8 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
     personas = ctx.stage_metrics("personas")
     out = {"k": k, "models": models, "baselines": gate, "correlations": correlations,
            "histograms": histograms, "fidelity": {name: _fidelity_row(f) for name, f in fid.items()},
-           "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))}}
+           "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))},
+           "notes": sorted({f["session"]["note"] for f in fid.values() if f["session"].get("note")})}
     policy = ctx.stage_metrics("policy")
     if policy:
         out["policy"] = {k2: policy.get(k2) for k2 in (

@@ -184,9 +184,10 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
 
     # 1. Fidelity of each source, and its expected rating of every candidate (the matrix's columns).
     sims = {n: local_simulator(_spec(n, ckpt, scfg, judging=True), ds, split.train, **kw) for n in sources}
-    fid = {}
+    fid, notes = {}, set()
     for n, sim in sims.items():
         f = fidelity(sim, split.train, split.test, seed=dcfg.seed)
+        notes.update(x for x in [f["session"].get("note")] if x)
         fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", *FIDELITY_KEYS)}}
         log.info("fidelity %s: %s", n, fid[n])
     # 2. Policies.
@@ -269,7 +270,7 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
               "answer": answer(summary, sources, held),
               "candidates_recall": cand_metrics["candidates"]["blend"]["recall"],
               "reward_checkpoint": ckpt, "config": {"study": to_dict(scfg), "policy": asdict(base)},
-              "runs": runs, "seconds": round(time.perf_counter() - t0, 1)}
+              "runs": runs, "notes": sorted(notes), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "study.json", result)
     hybrid = None
     if scfg.hybrid_thresholds:

@@ -50,3 +50,38 @@ def test_session_replays_off_without_timestamps(ml100k):
     timed = make_split(ml100k, "random")
     assert np.isfinite(session_gain(local_simulator(SimulatorSpec("bias"), ml100k, timed.train, seed=0),
                                     timed.test)["session_nll_gain"])
+
+
+def _flat_ml100k(root):
+    """An ml-100k fixture folder whose ratings all carry timestamp 0."""
+    from tests.fixtures import write_ml100k
+
+    folder = write_ml100k(root, folds=False)
+    lines = (folder / "u.data").read_text().splitlines()
+    (folder / "u.data").write_text("".join("\t".join(x.split("\t")[:3] + ["0"]) + "\n" for x in lines))
+    return root
+
+
+def test_the_cli_says_it_in_one_line(tmp_path, capsys):
+    """End to end through `rlsim pipeline`: the temporal split is refused (exit 2, one line); on the
+    random split the run goes on, its fidelity has no session gain, and the CLI prints one note."""
+    import json
+
+    import yaml
+
+    from rlsim.cli import main
+
+    data = _flat_ml100k(tmp_path / "data")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"dataset": "ml-100k", "download": False},
+                                   "pipeline": {"stages": ["data", "baselines", "evaluate"], "fidelity": ["bias"]}}))
+    common = ["pipeline", "--config", str(cfg), "--data-dir", str(data), "--cache-dir", str(tmp_path / "cache"),
+              "--quiet"]
+    assert main(common + ["--split", "temporal", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split 'temporal' needs timestamps" in err[0]
+    assert main(common + ["--split", "random", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"note: {NO_TIMESTAMPS}") == 1
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["stages"]["evaluate"]["fidelity"]["bias"]["session_nll_gain"] is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, run_config
@@ -58,5 +59,7 @@ def cmd_pipeline(args) -> int:
     out = Path(args.out)
     ran = ", ".join(summary["ran"]) or "nothing (all stages were done)"
     print(f"ran: {ran}")
+    for note in (summary["stages"].get("evaluate") or {}).get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
     return 0

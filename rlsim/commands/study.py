@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, run_config
@@ -68,5 +69,7 @@ def cmd_study(args) -> int:
                       "vs_popularity": {n: {k: r["vs_popularity"][k] for k in ("mean", "ci95", "p_holm")}
                                         for n, r in result["sources"].items()},
                       "popularity_hit_rate": result["references"]["popularity"]["hit_rate"]["mean"]}))
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {Path(args.out) / 'study.json'} and {Path(args.out) / 'report.html'}")
     return 0
