@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # What bench/results/study.json keeps of each study.json (the rest stays in the study folder).
 KEEP = ("held_out_users", "held_out_users_with_behaviour", "held_out", "seeds", "env_steps_per_policy",
         "like_threshold", "ndcg_k", "sources", "references", "fidelity_vs_real_spearman", "hybrid_vs_ends",
-        "fidelity", "metric_denominators", "bootstrap", "reference_settings", "candidates_recall", "answer",
-        "seconds")
+        "fidelity", "choice_reference", "metric_denominators", "bootstrap", "reference_settings", "candidates_recall",
+        "answer", "notes", "seconds")
 
 
 def main(argv=None) -> int:

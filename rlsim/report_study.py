@@ -154,6 +154,14 @@ def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None
         [{"name": n, **f} for n, f in fid.items()],
         ["method", "coverage", "rmse", "nll", "tv_sampled", "five_star_share", "real_five_star_share",
          "like_acc_1to1", "like_acc_1to3", "like_acc_1to9", "session_nll_gain"]))
+    ref = (result.get("choice_reference") or {}).get("popularity")
+    rows = [{"name": n, **(f.get("choice") or {})} for n, f in fid.items() if f.get("choice")]
+    if ref and rows:
+        parts.append("<h3>Would they watch it? Choice fidelity</h3><p class='note'>A held-out watched movie among "
+                     "1, 3 or 9 never-rated ones: the share of trials where the source ranks it first, and AUC / F1 "
+                     "at 1:9, beside popularity's picks in the same trials (the reference to beat).</p>"
+                     + html_table(rows + [{"name": "popularity (reference)", **ref}],
+                                  ["auc", "acc_1to1", "acc_1to3", "acc_1to9", "f1_1to9", "trials_1to9"]))
     acc = result.get("reward_accounting") or {}
     if acc:
         parts.append("<h3>Training rewards asked of each source</h3><p class='note'>A failed reward (the source "

@@ -111,6 +111,24 @@ def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
                          options=hybrid if name == "hybrid" else {})
 
 
+def choice_summary(sim, train, test, seed: int) -> dict | None:
+    """Agent4Rec's trials of a source's choice (a held-out watched movie among 1/3/9 never-rated ones):
+    accuracy at each ratio, AUC and F1 at 1:9; None for a source that only rates."""
+    from rlsim.simulators.choice_fidelity import choice_fidelity
+
+    if not sim.has_choice:
+        return None
+    return choice_fidelity(lambda u, i: sim.choice(u, i), train, test, seed=seed)["summary"]
+
+
+def popularity_choice_summary(train, test, seed: int) -> dict:
+    from rlsim.simulators.choice import PopularityChoice
+    from rlsim.simulators.choice_fidelity import choice_fidelity
+
+    model = PopularityChoice(seed=seed).fit(train)
+    return choice_fidelity(model.probability, train, test, seed=seed)["summary"]
+
+
 def fidelity_for_correlation(fid: dict[str, dict], min_coverage: float) -> tuple[dict, dict]:
     """(the sources whose fidelity enters the correlation, {left-out source: its coverage})."""
     low = {n: f.get("coverage") for n, f in fid.items() if f.get("coverage") is not None and f["coverage"] < min_coverage}
@@ -188,8 +206,11 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
     for n, sim in sims.items():
         f = fidelity(sim, split.train, split.test, seed=dcfg.seed)
         notes.update(x for x in [f["session"].get("note")] if x)
-        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", *FIDELITY_KEYS)}}
+        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", *FIDELITY_KEYS)},
+                  "choice": choice_summary(sim, split.train, split.test, dcfg.seed)}
         log.info("fidelity %s: %s", n, fid[n])
+    # Choice fidelity's reference: popularity's picks in the same trials (rlsim.simulators.choice).
+    choice_reference = popularity_choice_summary(split.train, split.test, dcfg.seed)
     # 2. Policies.
     from tqdm.auto import tqdm
 
@@ -264,7 +285,7 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
               "held_out_users": held["users_per_seed"],
               "held_out_users_with_behaviour": min(held["with_held_out_behaviour_per_seed"]),
               "held_out": held, "like_threshold": scfg.like_threshold, "ndcg_k": scfg.ndcg_k,
-              "fidelity": fid, "reward_accounting": {n: source_accounting(runs[n]) for n in sources},
+              "fidelity": fid, "choice_reference": {"popularity": choice_reference}, "reward_accounting": {n: source_accounting(runs[n]) for n in sources},
               "matrix": matrix, **summary, "reference_settings": ref_info,
               "env_steps": {n: int(round(float(np.mean([r["env_steps"] for r in runs[n]])))) for n in sources},
               "answer": answer(summary, sources, held),

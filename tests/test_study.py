@@ -80,6 +80,16 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     assert set(r["fidelity_vs_real_spearman"]) == {"nll", "rmse", "tv_sampled", "like_acc_1to9"}
     # Every source answered every test pair and every training reward its policies asked for.
     assert all(r["fidelity"][n]["coverage"] == 1.0 for n in sources)
+    # Choice fidelity of every source that chooses, beside popularity's in the same trials.
+    ref = r["choice_reference"]["popularity"]
+    assert 0.5 < ref["auc"] <= 1 and ref["trials_1to9"] > 0
+    for n in sources:
+        c = r["fidelity"][n]["choice"]
+        if n == "reward_model":  # the tiny checkpoint has no choice head: it only rates
+            assert c is None
+            continue
+        assert {"auc", "acc_1to1", "acc_1to3", "acc_1to9", "f1_1to9"} <= set(c) and c["trials_1to9"] == ref["trials_1to9"]
+    assert "Choice fidelity" in (out / "report.html").read_text()
     assert all(r["reward_accounting"][n]["answered"] == r["reward_accounting"][n]["asked"] >= 1000 for n in sources)
     assert r["fidelity_vs_real_spearman"]["nll"]["excluded_low_coverage"] == {}
     assert r["fidelity_vs_real_spearman"]["nll"]["spearman"] is not None
