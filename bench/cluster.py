@@ -33,7 +33,7 @@ def rating_accounting(test, ratings, users: int | None, seed: int = 0) -> dict:
     """lost / duplicated ratings of the job against EVERY planned pair: the test pairs of the users
     the job was asked to rate (the same seeded sample `rlsim personas rate --users` draws), whether or
     not a user appears in the output (a user lost with a node has no row at all)."""
-    from rlsim.personas.run import sample_users
+    from rlsim.personas.stages_common import sample_users
 
     chosen = sample_users(test["user_id"], users, seed)
     planned_df = test[test["user_id"].isin(chosen)]

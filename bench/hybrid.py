@@ -44,14 +44,17 @@ def main(argv=None) -> int:
     from rlsim.commands.ray_session import ray_session
     from rlsim.config import DataConfig
     from rlsim.io import write_json
-    from rlsim.study import hybrid_curve
+    from rlsim.run_config import RunConfig
+    from rlsim.study import StudyConfig
+    from rlsim.study_hybrid import hybrid_curve
 
     dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=args.data_dir, cache_dir=args.cache_dir, download=False)
     hybrid = {"distill_every": args.distill_every, "max_persona_calls": args.max_persona_calls}
+    run = RunConfig(data=dcfg, study=StudyConfig(hybrid_thresholds=[float(t) for t in args.thresholds.split(",")],
+                                                 seeds=args.seeds, env_steps=args.env_steps, hybrid=hybrid))
     work = Path(args.work or tempfile.mkdtemp(prefix="rlsim-bench-hybrid-"))
     with ray_session(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")):
-        result = hybrid_curve(dcfg, args.reward_checkpoint, [float(t) for t in args.thresholds.split(",")],
-                              args.seeds, args.env_steps, hybrid, {}, work)
+        result = hybrid_curve(run, args.reward_checkpoint, work)
     result.update({"persona": "offline persona (not an LLM)",
                    "command": "python bench/hybrid.py --data-dir ../shared/datasets --reward-checkpoint CKPT"})
     write_json(args.out, result)

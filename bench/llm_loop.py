@@ -75,7 +75,7 @@ def run_loop(data_dir, cache_dir, work, *, rpm: float = 600.0, latency: float = 
     from rlsim.policy.run import _candidates, split_users
     from rlsim.policy.train import env_config, train_ppo
     from rlsim.simulators.actor import stop_simulator_actor
-    from rlsim.simulators.llm import start_llm_persona_actor
+    from rlsim.simulators.llm_build import start_llm_persona_actor
 
     work = Path(work)
     dcfg = DataConfig(dataset=dataset, split=split, data_dir=str(data_dir), cache_dir=str(cache_dir), download=False)

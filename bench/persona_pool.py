@@ -44,8 +44,8 @@ from rlsim.data import load_split  # noqa: E402
 from rlsim.personas.backends import BackendSpec  # noqa: E402
 from rlsim.personas.config import PersonaConfig  # noqa: E402
 from rlsim.personas.grounding import WorkUnit  # noqa: E402
-from rlsim.personas.pool import dry_run, run_rating_job  # noqa: E402
-from rlsim.personas.run import sample_users  # noqa: E402
+from rlsim.personas.job import dry_run, run_rating_job  # noqa: E402
+from rlsim.personas.stages_common import sample_users  # noqa: E402
 from rlsim.embeddings import item_text_vectors  # noqa: E402
 from rlsim.personas.source import prompt_builder  # noqa: E402
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating  # noqa: E402

@@ -208,7 +208,7 @@ def server_run(work: Path, name: str, units, rpm: float, n_workers: int, max_con
 
     from rlsim.personas.backends import BackendSpec
     from rlsim.personas.config import PersonaConfig
-    from rlsim.personas.pool import run_rating_job
+    from rlsim.personas.job import run_rating_job
     from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 
     cfg = PersonaConfig(backend="openai", model="fake-model", cache=False, max_retries=8, timeout_s=10.0,
@@ -261,7 +261,7 @@ def child(users: int, out: str, result: str) -> None:
 
     from rlsim.personas.backends import BackendSpec
     from rlsim.personas.config import PersonaConfig
-    from rlsim.personas.pool import run_rating_job
+    from rlsim.personas.job import run_rating_job
 
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="rlsim-ray-pscale-", dir="/tmp"))

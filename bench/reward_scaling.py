@@ -51,7 +51,8 @@ def run_child(args) -> int:
     from rlsim.commands.ray_session import ray_session
     from rlsim.config import DataConfig
     from rlsim.reward.config import RewardConfig
-    from rlsim.reward.train import steps_per_epoch, train_reward_model
+    from rlsim.reward.loop import steps_per_epoch
+    from rlsim.reward.train import train_reward_model
 
     u1 = args.dataset == "ml-100k"
     dcfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,

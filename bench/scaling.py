@@ -176,7 +176,7 @@ def stage_reward_epoch(ctx: Ctx, info: dict):
     from rlsim.data import holdout_validation
     from rlsim.reward.config import RewardConfig
     from rlsim.reward.features import build_features
-    from rlsim.reward.train import fit_one
+    from rlsim.reward.loop import fit_one
 
     ds, split = ctx.load()
     text = ctx.vectors()
@@ -261,7 +261,7 @@ def stage_persona_offline(ctx: Ctx, info: dict):
 def stage_persona_server(ctx: Ctx, info: dict):
     from rlsim.personas.backends import BackendSpec
     from rlsim.personas.config import PersonaConfig
-    from rlsim.personas.pool import run_rating_job
+    from rlsim.personas.job import run_rating_job
     from rlsim.personas.source import prompt_builder
     from tests.fake_openai import FakeOpenAI
 

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # What bench/results/study.json keeps of each study.json (the rest stays in the study folder).
 KEEP = ("held_out_users", "held_out_users_with_behaviour", "held_out", "seeds", "env_steps_per_policy",
         "like_threshold", "ndcg_k", "sources", "references", "fidelity_vs_real_spearman", "hybrid_vs_ends",
-        "fidelity", "metric_denominators", "bootstrap", "reference_settings", "candidates_recall", "answer",
-        "seconds")
+        "fidelity", "choice_reference", "metric_denominators", "bootstrap", "reference_settings", "candidates_recall",
+        "answer", "notes", "seconds")
 
 
 def main(argv=None) -> int:
@@ -53,19 +53,20 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     from rlsim.commands.ray_session import ray_session
-    from rlsim.config import DataConfig, from_dict, load_yaml, to_dict
+    from rlsim.config import to_dict
     from rlsim.errors import ConfigError
     from rlsim.io import read_json, write_json
-    from rlsim.study import StudyConfig, run_study
+    from rlsim.run_config import resolve
+    from rlsim.study import run_study
 
     t0 = time.perf_counter()
-    sections = load_yaml(args.config)
+    # The YAML alone (no environment): --data-dir / --cache-dir and the dataset/split pairs are set below.
+    base = resolve(args.config, {}, {"data_dir": args.data_dir, "cache_dir": args.cache_dir})
     pairs = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in pairs if d.count("/") != 1]
     if bad or not pairs:
         ap.error(f"--datasets: expected DATASET/SPLIT items, got {bad or args.datasets!r}")
-    scfg = from_dict(StudyConfig, sections.get("study"), "study")
-    scfg = replace(scfg, seeds=args.seeds, **{k: v for k, v in (("env_steps", args.env_steps),
+    scfg = replace(base.study, seeds=args.seeds, **{k: v for k, v in (("env_steps", args.env_steps),
                                                                    ("bootstrap", args.bootstrap),
                                                                    ("reward_checkpoint", args.reward_checkpoint))
                                               if v is not None})
@@ -89,12 +90,11 @@ def main(argv=None) -> int:
         for pair in pairs:
             t1 = time.perf_counter()
             dataset, split = pair.split("/")
-            dcfg = from_dict(DataConfig, {**(sections.get("data") or {}), "dataset": dataset, "split": split,
-                                          "data_dir": args.data_dir, "cache_dir": args.cache_dir}, "data")
-            r = run_study(dcfg, replace(scfg, sources=list(scfg.sources)), sections,
-                          work / f"{dataset}-{split}", progress=False)
+            run = replace(base, data=replace(base.data, dataset=dataset, split=split),
+                          study=replace(scfg, sources=list(scfg.sources)))
+            r = run_study(run, work / f"{dataset}-{split}", progress=False)
             datasets[pair] = {**{k: r[k] for k in KEEP if k in r}, "command": command, "config_file": args.config,
-                              "policy": sections.get("policy"), "reward": sections.get("reward"),
+                              "policy": to_dict(run.policy), "reward": to_dict(run.reward),
                               "wall_seconds": round(time.perf_counter() - t1, 1), "cpus": args.num_cpus}
             result["wall_seconds"] = round(time.perf_counter() - t0, 1)
             # Another run may have written other datasets meanwhile: keep theirs, replace ours.

@@ -30,7 +30,8 @@ def parse_args(stages: list[str], argv=None) -> argparse.Namespace:
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="join this Ray cluster (default $RAY_ADDRESS; inside `ray job submit`, the job's cluster; "
                         "else a private local Ray)")
-    p.add_argument("--verbose", action="store_true", default=bool(os.environ.get("RLSIM_VERBOSE")),
+    # default None: not given, so $RLSIM_VERBOSE decides (rlsim.run_config.resolve).
+    p.add_argument("--verbose", action="store_true", default=None,
                    help="library logs, Ray's worker logs included (default $RLSIM_VERBOSE)")
     return p.parse_args(argv)
 
@@ -62,31 +63,31 @@ def run_job(stages: list[str], argv=None) -> dict:
 
 
 def _run(stages: list[str], argv=None) -> dict:
-    from rlsim.cli import data_config
-    from rlsim.commands.personas import api_key, persona_config
     from rlsim.commands.ray_session import cli_ray
-    from rlsim.config import load_yaml
+    from rlsim.run_config import resolve
 
     args = parse_args(stages, argv)
-    sections = load_yaml(args.config)
-    cfg = data_config(argparse.Namespace(data_dir=args.data_dir, cache_dir=args.cache_dir), sections)
+    # A stage job runs just its stages, whatever the config's pipeline.stages says.
+    flags = {"data_dir": args.data_dir, "cache_dir": args.cache_dir, "verbose": args.verbose,
+             "stages": None if stages == ["pipeline"] else stages}
+    run = resolve(args.config, os.environ, flags)
+    args.verbose = run.verbose  # read by cli_ray
     local = Path(args.out) if is_local(args.out) else Path(args.work_dir or tempfile.mkdtemp(prefix="rlsim-job-"))
-    if stages != ["pipeline"]:
-        sections = {**sections, "pipeline": {**(sections.get("pipeline") or {}), "stages": stages}}
     with cli_ray(args):  # the one way rlsim starts or joins Ray, as the CLI does
-        result = _stages(args, stages, sections, cfg, local, persona_config, api_key)
+        result = _stages(args, stages, run, local)
     if not is_local(args.out):
         upload(local, args.out)
         print(f"uploaded {local} to {args.out}")
     return result
 
 
-def _stages(args, stages, sections, cfg, local: Path, persona_config, api_key) -> dict:
+def _stages(args, stages, run, local: Path) -> dict:
     from rlsim.pipeline import make_context, run_pipeline, run_stage
+    from rlsim.run_config import api_key, personas_for
 
     # The persona endpoint and key come from the job's environment (never written to OUT).
-    persona_cfg = persona_config(argparse.Namespace(), sections)
-    ctx = make_context(sections, cfg, local, progress=False, persona_cfg=persona_cfg, api_key=api_key(persona_cfg))
+    persona_cfg = personas_for(run, "pool")
+    ctx = make_context(run, local, progress=False, persona_cfg=persona_cfg, api_key=api_key(persona_cfg, os.environ))
     if stages == ["pipeline"]:
         result = run_pipeline(ctx, force=args.force)
     else:

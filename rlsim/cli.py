@@ -11,10 +11,9 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
-from rlsim.config import DataConfig, from_dict, load_yaml
 from rlsim.errors import RlsimError
+from rlsim.run_config import RunConfig, resolve, verbose_from
 
 # Modules exposing register(subparsers); each adds its own subcommands.
 COMMAND_MODULES = [
@@ -55,35 +54,10 @@ def add_ray_arg(p: argparse.ArgumentParser) -> None:
                                          "local Ray, or the job's cluster inside `ray job submit`)")
 
 
-def apply_flags(cfg, args, pairs):
-    """Copy each flag that was given onto its config field: flags win over the YAML file."""
-    for flag, attr in pairs:
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(cfg, attr, value)
-    return cfg
-
-
-def load_config_file(args) -> dict:
-    return load_yaml(args.config) if getattr(args, "config", None) else {}
-
-
-def data_config(args, file_cfg: dict | None = None) -> DataConfig:
-    """DataConfig from YAML, then environment defaults, then flags (flags win)."""
-    file_cfg = load_config_file(args) if file_cfg is None else file_cfg
-    cfg = from_dict(DataConfig, file_cfg.get("data"), "data")
-    if cfg.data_dir is None and os.environ.get("RLSIM_DATA_DIR"):
-        cfg.data_dir = os.environ["RLSIM_DATA_DIR"]
-    if os.environ.get("RLSIM_CACHE_DIR") and "cache_dir" not in (file_cfg.get("data") or {}):
-        cfg.cache_dir = os.environ["RLSIM_CACHE_DIR"]
-    apply_flags(cfg, args, [(f, f) for f in ("dataset", "split", "data_dir", "cache_dir", "overviews", "seed",
-                                              "text_model")])
-    if getattr(args, "no_download", False):
-        cfg.download = False
-    if cfg.data_dir is None:
-        # With no data folder, downloads land in (and are read from) the cache.
-        cfg.data_dir = str(Path(cfg.cache_dir).expanduser() / "downloads")
-    return cfg
+def run_config(args, yaml=None) -> RunConfig:
+    """The command's RunConfig: --config (or ``yaml``, a loaded mapping), then the environment, then the
+    flags given (rlsim.run_config.resolve)."""
+    return resolve(getattr(args, "config", None) if yaml is None else yaml, os.environ, vars(args))
 
 
 def configure_logging(verbose: bool) -> None:
@@ -91,6 +65,9 @@ def configure_logging(verbose: bool) -> None:
     sentence-transformers, the transformers weight-loading bar) only with --verbose."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # httpx logs every persona request at INFO; keep the console for progress and results.
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not verbose:
         # Read by huggingface_hub/transformers when they are imported (later, lazily).
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -99,7 +76,8 @@ def configure_logging(verbose: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlsim", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs (rlsim, Ray, faiss, ...)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show library logs (rlsim, Ray, faiss, ...; default $RLSIM_VERBOSE)")
     sub = parser.add_subparsers(dest="command", required=True)
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
@@ -109,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
     try:
+        args.verbose = verbose_from(os.environ, args.verbose)  # --verbose, else $RLSIM_VERBOSE
+        configure_logging(args.verbose)
         rc = args.func(args)
     except RlsimError as exc:
         print(f"rlsim: error: {exc}", file=sys.stderr)

@@ -1,28 +1,33 @@
 """The end-to-end run: each stage writes OUT/<stage>/ (metrics.json last), and a rerun skips done stages.
 
 Stages are plain functions ``fn(ctx, stage_dir) -> metrics`` in STAGES; `rlsim pipeline`, the
-jobs/ entrypoints and the tests all call :func:`run_stage` / :func:`run_pipeline`. A stage
+jobs/ entrypoints, the study (its reward model and candidates) and the tests all call
+:func:`run_stage` / :func:`run_pipeline`. The context holds the typed RunConfig (rlsim.run_config). A stage
 counts as done when its metrics.json exists, which is written only after everything else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from rlsim.baselines import baseline_predictions, evaluate_baselines, fit_baselines
-from rlsim.config import DataConfig, from_dict
+from rlsim.config import DataConfig
 from rlsim.errors import ConfigError
 from rlsim.io import read_json, write_json, write_parquet
 from rlsim.metrics import (ndcg_summary, pearson, per_user_accuracy, per_user_gini,
                            per_user_ndcg, rating_histogram, rating_metrics, spearman)
+
+if TYPE_CHECKING:
+    from rlsim.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +52,10 @@ class PipelineConfig:
 
 @dataclass
 class RunContext:
-    """What every stage sees: the data config, the whole YAML (each stage parses its section), OUT."""
+    """What every stage sees: the typed run config (each stage takes its section), OUT."""
 
-    data_cfg: DataConfig
-    sections: dict[str, Any]
+    run: "RunConfig"
     out: Path
-    cfg: PipelineConfig = field(default_factory=PipelineConfig)
     progress: bool = True
     # The persona stage's config as the edge resolved it (endpoint from the environment), and the
     # API key: held in memory only, never written (the effective config.yaml has no key).
@@ -60,18 +63,20 @@ class RunContext:
     api_key: str | None = field(default=None, repr=False)
     _loaded: tuple | None = None
 
+    @property
+    def data_cfg(self) -> DataConfig:
+        return self.run.data
+
+    @property
+    def cfg(self) -> PipelineConfig:
+        return self.run.pipeline
+
     def load(self):
         if self._loaded is None:
             from rlsim.data import load_split
 
             self._loaded = load_split(self.data_cfg)
         return self._loaded
-
-    def section(self, name: str) -> dict:
-        value = self.sections.get(name) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"config section '{name}' must be a mapping")
-        return value
 
     def stage_dir(self, name: str) -> Path:
         return self.out / name
@@ -85,16 +90,17 @@ class RunContext:
         return m if "stage_seconds" in m else None
 
 
-def make_context(sections: dict, data_cfg: DataConfig, out: str | Path, progress: bool = True,
-                 persona_cfg=None, api_key: str | None = None) -> RunContext:
-    cfg = from_dict(PipelineConfig, sections.get("pipeline"), "pipeline")
+def make_context(run: "RunConfig", out: str | Path, progress: bool = True, persona_cfg=None,
+                 api_key: str | None = None, loaded: tuple | None = None) -> RunContext:
+    """The stages' context; ``loaded`` = (dataset, split) when the caller has them already."""
+    cfg = run.pipeline
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown pipeline stage(s) {unknown} (known: {', '.join(STAGES)})")
     if "sweep" in cfg.stages and "reward" in cfg.stages and cfg.stages.index("sweep") > cfg.stages.index("reward"):
         raise ConfigError("pipeline.stages: 'sweep' must come before 'reward' (the reward stage trains with its best)")
-    return RunContext(data_cfg=data_cfg, sections=sections, out=Path(out), cfg=cfg, progress=progress,
-                      persona_cfg=persona_cfg, api_key=api_key)
+    return RunContext(run=run, out=Path(out), progress=progress, persona_cfg=persona_cfg, api_key=api_key,
+                      _loaded=loaded)
 
 
 def _need(module: str, stage: str):
@@ -123,13 +129,12 @@ def stage_baselines(ctx: RunContext, d: Path) -> dict:
 
 
 def _reward_cfg(ctx: RunContext):
-    return _need("rlsim.reward.config", "reward").RewardConfig.from_dict(ctx.section("reward"))
+    _need("rlsim.reward.config", "reward")
+    return dataclasses.replace(ctx.run.reward).validate()  # a copy: stage_reward sets progress on it
 
 
 def stage_reward(ctx: RunContext, d: Path) -> dict:
     """The reward model; when the sweep stage ran, with the sweep's best hyperparameters."""
-    import dataclasses
-
     train_mod = _need("rlsim.reward.train", "reward")
     cfg = _reward_cfg(ctx)
     sweep = ctx.stage_metrics("sweep") if "sweep" in ctx.cfg.stages else None
@@ -151,9 +156,9 @@ def stage_reward(ctx: RunContext, d: Path) -> dict:
 
 
 def stage_sweep(ctx: RunContext, d: Path) -> dict:
-    from rlsim.tune import TuneConfig, run_sweep
+    from rlsim.tune import run_sweep
 
-    tcfg = from_dict(TuneConfig, ctx.section("tune"), "tune")
+    tcfg = dataclasses.replace(ctx.run.tune)
     if tcfg.storage_path is None:
         tcfg.storage_path = str((d / "ray_results").resolve())
     ds, split = ctx.load()
@@ -161,8 +166,8 @@ def stage_sweep(ctx: RunContext, d: Path) -> dict:
 
 
 def _candidates_cfg(ctx: RunContext):
-    return from_dict(_need("rlsim.candidates", "candidates").CandidatesConfig, ctx.section("candidates"),
-                     "candidates").validate()
+    _need("rlsim.candidates", "candidates")
+    return ctx.run.candidates.validate()
 
 
 def stage_candidates(ctx: RunContext, d: Path) -> dict:
@@ -175,18 +180,18 @@ def stage_policy(ctx: RunContext, d: Path) -> dict:
     """PPO over the candidates against the reward model (MF when the reward stage has not run),
     judged on held-out users."""
     run = _need("rlsim.policy.run", "policy")
-    from rlsim.policy.config import PolicyConfig
     from rlsim.simulators.factory import SimulatorSpec
 
     ds, split = ctx.load()
-    pcfg = from_dict(PolicyConfig, ctx.section("policy"), "policy").validate()
+    pcfg = ctx.run.policy.validate()
     cpath = ctx.stage_dir("candidates") / "candidates.parquet"
     cands = pd.read_parquet(cpath) if cpath.is_file() else None
     ckpt = ctx.stage_dir("reward") / "checkpoint"
     spec = SimulatorSpec("reward_model", str(ckpt)) if ckpt.is_dir() else SimulatorSpec("mf")
     train = run.train_policy(ctx.data_cfg, pcfg, spec, d / "train", candidates=cands, ccfg=_candidates_cfg(ctx),
-                             sections=ctx.sections, dataset=ds, split=split, progress=ctx.progress)
-    metrics = run.evaluate_policy(ctx.data_cfg, d / "train", d, sections=ctx.sections, dataset=ds, split=split)
+                             persona_cfg=ctx.run.personas, dataset=ds, split=split, progress=ctx.progress)
+    metrics = run.evaluate_policy(ctx.data_cfg, d / "train", d, persona_cfg=ctx.run.personas, dataset=ds,
+                                  split=split)
     metrics["training"] = {k: train.get(k) for k in ("wall_seconds", "env_steps", "env_steps_per_s", "users")}
     return metrics
 
@@ -194,9 +199,7 @@ def stage_policy(ctx: RunContext, d: Path) -> dict:
 def _persona_cfg(ctx: RunContext):
     if ctx.persona_cfg is not None:
         return ctx.persona_cfg
-    from rlsim.personas.config import PersonaConfig
-
-    return from_dict(PersonaConfig, ctx.section("personas"), "personas").validate()
+    return ctx.run.personas.validate()
 
 
 def _ray_running() -> bool:
@@ -273,7 +276,7 @@ def simulator_fidelity(ctx: RunContext) -> dict[str, dict]:
     if bad:
         raise ConfigError(f"pipeline.fidelity: unknown simulator(s) {bad} (known: {', '.join(kinds)})")
     ckpt = ctx.stage_dir("reward") / "checkpoint"
-    pcfg = from_dict(PersonaConfig, ctx.section("personas"), "personas")
+    pcfg = ctx.run.personas
     if pcfg.backend != "offline":
         pcfg = PersonaConfig(offline=pcfg.offline)  # the fidelity table's persona row is the offline one
     out = {}
@@ -324,7 +327,8 @@ def stage_evaluate(ctx: RunContext, d: Path) -> dict:
     personas = ctx.stage_metrics("personas")
     out = {"k": k, "models": models, "baselines": gate, "correlations": correlations,
            "histograms": histograms, "fidelity": {name: _fidelity_row(f) for name, f in fid.items()},
-           "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))}}
+           "gini": {"mean": float(gini.mean()), "median": float(gini.median()), "n_users": int(len(gini))},
+           "notes": sorted({f["session"]["note"] for f in fid.values() if f["session"].get("note")})}
     policy = ctx.stage_metrics("policy")
     if policy:
         out["policy"] = {k2: policy.get(k2) for k2 in (

@@ -25,7 +25,7 @@ GATE_COLUMNS = ["rmse", "mae", "exact", "off_by_1", "within_1", "ndcg@10", "ndcg
 SIDE_COLORS = {"train": "#8da0cb", "test": "#fc8d62"}
 
 
-def _fmt(v: Any) -> str:
+def fmt_cell(v: Any) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -38,8 +38,8 @@ def html_table(rows: list[dict], columns: list[str], first: str = "name", highli
     body = []
     for r in rows:
         cls = ' class="model"' if highlight and r.get(first) in highlight else ""
-        cells = "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns)
-        body.append(f"<tr{cls}><td>{_fmt(r.get(first))}</td>{cells}</tr>")
+        cells = "".join(f"<td>{fmt_cell(r.get(c))}</td>" for c in columns)
+        body.append(f"<tr{cls}><td>{fmt_cell(r.get(first))}</td>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -197,7 +197,7 @@ def write_report(summary: dict, out: str | Path, per_user: pd.DataFrame | None =
     ev = stages.get("evaluate", {})
     k = int(ev.get("k", 10))
     gate = ev.get("baselines") or stages.get("baselines", {}).get("baselines", {})
-    parts = [f"<h1>rlsim report: {_fmt(summary.get('dataset'))} / {_fmt(summary.get('split'))}</h1>"]
+    parts = [f"<h1>rlsim report: {fmt_cell(summary.get('dataset'))} / {fmt_cell(summary.get('split'))}</h1>"]
 
     if "data" in stages:
         d = stages["data"]
@@ -254,7 +254,7 @@ def write_report(summary: dict, out: str | Path, per_user: pd.DataFrame | None =
     if policy:
         img = out / "policy.png"
         users = policy.get("held_out_users")
-        parts.append(f"<h2>Policy on held-out users</h2><p class='note'>{_fmt(users)} users (a seeded share) were "
+        parts.append(f"<h2>Policy on held-out users</h2><p class='note'>{fmt_cell(users)} users (a seeded share) were "
                      "never trained on. Left and first table: the independent check, the users' real held-out "
                      "ratings of the picks (a pick without one is a miss for the hit rate). Right: the simulator's "
                      "own view; its oracle is drawn from the simulator, not from real users.</p>")
@@ -268,15 +268,15 @@ def write_report(summary: dict, out: str | Path, per_user: pd.DataFrame | None =
                 for n in names]
         parts.append(html_table(rows, ["hit_rate", "mean_real_rating", "real_coverage", "mean_reward", "gap_closed",
                                        "ranking_ndcg"], highlight={"policy"}))
-        parts.append(f"<p class='note'>ranking_ndcg: NDCG@{_fmt(nd.get('k'))} of each strategy's ranking of the "
-                     f"candidates against the held-out ratings ({_fmt(nd.get('users'))} users with two or more); "
-                     f"floor (random ranking) {_fmt(nd.get('floor'))}. mean_reward is the simulated rating.</p>")
+        parts.append(f"<p class='note'>ranking_ndcg: NDCG@{fmt_cell(nd.get('k'))} of each strategy's ranking of the "
+                     f"candidates against the held-out ratings ({fmt_cell(nd.get('users'))} users with two or more); "
+                     f"floor (random ranking) {fmt_cell(nd.get('floor'))}. mean_reward is the simulated rating.</p>")
         parts.append(f"<p>Gap closed against the simulator oracle (simulated ratings, held-out users): "
-                     f"{_fmt(policy.get('gap_closed'))}.</p>")
+                     f"{fmt_cell(policy.get('gap_closed'))}.</p>")
         tu = policy.get("train_users")
         if isinstance(tu, dict):
-            parts.append(f"<p>On the {_fmt(tu.get('users'))} training users: gap closed {_fmt(tu.get('gap_closed'))}, "
-                         f"real hit rate {_fmt((tu.get('real_hit_rate') or {}).get('policy'))}.</p>")
+            parts.append(f"<p>On the {fmt_cell(tu.get('users'))} training users: gap closed {fmt_cell(tu.get('gap_closed'))}, "
+                         f"real hit rate {fmt_cell((tu.get('real_hit_rate') or {}).get('policy'))}.</p>")
 
     personas = ev.get("personas") or stages.get("personas")
     if personas:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsim.report import CSS, POLICY_NAMES, _fmt, html_table, plt, save_png
+from rlsim.report import CSS, POLICY_NAMES, fmt_cell, html_table, plt, save_png
 
 REFERENCE_LABELS = {"popularity": "popularity-first", "random": "random (expectation)", "real_oracle": "real oracle",
                     "mf_top1": "explicit MF top-1", "bpr_top1": "implicit BPR top-1",
@@ -104,11 +104,11 @@ def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None
     popularity-first, real metrics with denominators, fidelity, the matrix."""
     out = Path(out)
     held = result.get("held_out") or {}
-    parts = [f"<h1>rlsim study: {_fmt(result.get('dataset'))} / {_fmt(result.get('split'))}</h1>",
+    parts = [f"<h1>rlsim study: {fmt_cell(result.get('dataset'))} / {fmt_cell(result.get('split'))}</h1>",
              f"<h2>The answer</h2><p>{html.escape(str(result.get('answer', '')))}</p>",
-             f"<p class='note'>{_fmt(result.get('seeds'))} seeds, {_fmt(result.get('env_steps_per_policy'))} env "
-             f"steps per policy, judged on {_fmt(result.get('held_out_users'))} held-out users per seed, drawn among "
-             f"the {_fmt(held.get('eligible_users'))} of {_fmt(held.get('env_users'))} users with held-out "
+             f"<p class='note'>{fmt_cell(result.get('seeds'))} seeds, {fmt_cell(result.get('env_steps_per_policy'))} env "
+             f"steps per policy, judged on {fmt_cell(result.get('held_out_users'))} held-out users per seed, drawn among "
+             f"the {fmt_cell(held.get('eligible_users'))} of {fmt_cell(held.get('env_users'))} users with held-out "
              "behaviour; every oracle drawn from a simulator is labelled as such.</p>"]
     srcs = result.get("sources") if isinstance(result.get("sources"), dict) else {}
     refs = result.get("references") or {}
@@ -119,7 +119,7 @@ def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None
     if vs:
         boot = result.get("bootstrap") or {}
         parts.append("<h2>Real hit rate minus popularity-first's (paired, every source)</h2>"
-                     f"<p class='note'>Two-level paired bootstrap ({_fmt(boot.get('replicates'))} replicates: seeds, "
+                     f"<p class='note'>Two-level paired bootstrap ({fmt_cell(boot.get('replicates'))} replicates: seeds, "
                      "then held-out users within each; the same resamples for every strategy). p: "
                      f"{html.escape(str(boot.get('p_value', '')))}; p_holm: Holm over all sources (references are "
                      "their own family). n_users: held-out users per seed; n_seeds: seeds.</p>"
@@ -154,6 +154,14 @@ def write_study_report(result: dict, out: str | Path, hybrid: dict | None = None
         [{"name": n, **f} for n, f in fid.items()],
         ["method", "coverage", "rmse", "nll", "tv_sampled", "five_star_share", "real_five_star_share",
          "like_acc_1to1", "like_acc_1to3", "like_acc_1to9", "session_nll_gain"]))
+    ref = (result.get("choice_reference") or {}).get("popularity")
+    rows = [{"name": n, **(f.get("choice") or {})} for n, f in fid.items() if f.get("choice")]
+    if ref and rows:
+        parts.append("<h3>Would they watch it? Choice fidelity</h3><p class='note'>A held-out watched movie among "
+                     "1, 3 or 9 never-rated ones: the share of trials where the source ranks it first, and AUC / F1 "
+                     "at 1:9, beside popularity's picks in the same trials (the reference to beat).</p>"
+                     + html_table(rows + [{"name": "popularity (reference)", **ref}],
+                                  ["auc", "acc_1to1", "acc_1to3", "acc_1to9", "f1_1to9", "trials_1to9"]))
     acc = result.get("reward_accounting") or {}
     if acc:
         parts.append("<h3>Training rewards asked of each source</h3><p class='note'>A failed reward (the source "

@@ -22,17 +22,20 @@ Ray must be running (the CLI starts it): each policy's simulator lives in a name
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from rlsim.config import DataConfig, from_dict, to_dict
+from rlsim.config import to_dict
 from rlsim.errors import ConfigError, DataError
 from rlsim.io import write_json
+from rlsim.study_steps import candidates_stage, held_out_rows, judge_policy, mean_ci, policy_base, reward_stage
+
+if TYPE_CHECKING:
+    from rlsim.run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +98,6 @@ class StudyConfig:
         return self
 
 
-def mean_ci(xs) -> dict:
-    """Mean with a 95% t-interval over seeds (None when there is one seed)."""
-    from scipy import stats
-
-    a = np.asarray([x for x in xs if x is not None and np.isfinite(x)], float)
-    if not len(a):
-        return {"mean": None, "ci95": None, "n": 0}
-    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else None
-    return {"mean": float(a.mean()), "ci95": None if half is None else [float(a.mean() - half), float(a.mean() + half)],
-            "n": int(len(a))}
-
-
 def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
     """The source's SimulatorSpec. The judging copy of the hybrid never distils: the fidelity
     table and the matrix score every policy with the same, unchanging simulator."""
@@ -118,6 +109,24 @@ def _spec(name: str, ckpt: str, scfg: StudyConfig, judging: bool = False):
         return SimulatorSpec("actor", actor=scfg.llm_persona_actor, namespace=scfg.llm_persona_namespace)
     return SimulatorSpec(name, ckpt if "checkpoint" in entry(name).needs else None,
                          options=hybrid if name == "hybrid" else {})
+
+
+def choice_summary(sim, train, test, seed: int) -> dict | None:
+    """Agent4Rec's trials of a source's choice (a held-out watched movie among 1/3/9 never-rated ones):
+    accuracy at each ratio, AUC and F1 at 1:9; None for a source that only rates."""
+    from rlsim.simulators.choice_fidelity import choice_fidelity
+
+    if not sim.has_choice:
+        return None
+    return choice_fidelity(lambda u, i: sim.choice(u, i), train, test, seed=seed)["summary"]
+
+
+def popularity_choice_summary(train, test, seed: int) -> dict:
+    from rlsim.simulators.choice import PopularityChoice
+    from rlsim.simulators.choice_fidelity import choice_fidelity
+
+    model = PopularityChoice(seed=seed).fit(train)
+    return choice_fidelity(model.probability, train, test, seed=seed)["summary"]
 
 
 def fidelity_for_correlation(fid: dict[str, dict], min_coverage: float) -> tuple[dict, dict]:
@@ -133,53 +142,19 @@ def source_accounting(runs: list[dict]) -> dict:
     return reward_accounting([r["reward_accounting"] for r in runs if "answered" in r.get("reward_accounting", {})])
 
 
-def judge_policy(data, rows, module, history, tables: dict[str, np.ndarray], train_table: np.ndarray,
-                 test: pd.DataFrame, like: float, k: int) -> dict:
-    """One trained policy on one seed's held-out users: the mean rating every source gives its
-    picks, the real view (with random / popularity-first / real oracle on the same users), and the
-    per-user real outcomes (``outcomes``: hit, watched, slate NDCG; ``coverage``) for the bootstrap."""
-    from rlsim.policy.evaluate import available, held_out_ratings, initial_observations, module_logits
-    from rlsim.policy.run import judge_users
-    from rlsim.study_real import strategy_outcomes
-
-    metrics, _, picks = judge_users(data, rows, train_table, module, history, test, like, k)
-    sub = data.subset(rows)
-    idx = np.arange(len(rows))
-    by_source = {}
-    for name, t in tables.items():
-        v = t[rows][idx, picks]
-        ok = sub.cand_valid[idx, picks] & np.isfinite(v)
-        by_source[name] = float(v[ok].mean()) if ok.any() else None
-    # The policy's own ranking: its masked logits (what the env lets it pick), as judge_users' picks.
-    r = train_table[rows]
-    logits = module_logits(module, initial_observations(sub, r, history))
-    outcomes, cov = strategy_outcomes(sub, held_out_ratings(sub, test), logits, like, k, available(sub, r))
-    return {"by_source": by_source, "real": {n: {key: metrics[n].get(key) for key in
-                                                 ("hit_rate", "mean_real_rating", "real_coverage")}
-                                             for n in ("policy", "random", "popularity", "real_oracle")},
-            "ndcg": metrics["ndcg"], "gap_closed_own_simulator": metrics.get("gap_closed"),
-            "outcomes": outcomes, "coverage": cov}
-
-
-def held_out_rows(data, run_dir: Path) -> np.ndarray:
-    """The held-out rows of a trained run: run.json's ids are the truth (as in evaluate_policy)."""
-    from rlsim.policy.run import load_run
-
-    ids = np.asarray(load_run(run_dir).get("users", {}).get("held_out_user_ids", []), np.int64)
-    return np.flatnonzero(np.isin(data.user_ids, ids))
-
-
-def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Path, progress: bool = True,
-              llm_persona: dict | None = None) -> dict:
-    """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html).
+def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_persona: dict | None = None) -> dict:
+    """Run the whole study into OUT (one folder per policy, study.json, matrix.png, report.html), with
+    run.study's sources and seeds; the reward model and candidates come from the pipeline's own stages
+    (rlsim.pipeline.STAGES: OUT/reward, OUT/candidates), trained with run's sections.
 
     ``llm_persona``: {"persona_cfg", "api_key", "options"} to START the LLM persona simulator actor
-    named ``scfg.llm_persona_actor`` for this study (rlsim.simulators.llm.start_llm_persona_actor)
+    named ``scfg.llm_persona_actor`` for this study (rlsim.simulators.llm_build.start_llm_persona_actor)
     and stop it at the end; without it that actor must already be running."""
+    dcfg, scfg = run.data, run.study
     if llm_persona is not None:
         from rlsim.data import load_split
         from rlsim.simulators.actor import stop_simulator_actor
-        from rlsim.simulators.llm import start_llm_persona_actor
+        from rlsim.simulators.llm_build import start_llm_persona_actor
 
         ds, split = load_split(dcfg)
         actor = start_llm_persona_actor(scfg.llm_persona_actor, ds, split.train, llm_persona["persona_cfg"],
@@ -187,7 +162,7 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
                                         namespace=scfg.llm_persona_namespace, seed=dcfg.seed,
                                         text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
         try:
-            result = run_study(dcfg, scfg, sections, out, progress)
+            result = run_study(run, out, progress)
             # The actor served the whole study (fidelity, every policy, the matrix) and the policy runs
             # record nothing of a simulator they did not start: its requests, usage and cost, once, here.
             import ray
@@ -197,12 +172,10 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
             return result
         finally:
             stop_simulator_actor(actor)
-    from rlsim.candidates import CandidatesConfig, write_candidates
     from rlsim.data import load_split
     from rlsim.env import EnvData, score_all
     from rlsim.errors import require_ray
-    from rlsim.personas.config import PersonaConfig
-    from rlsim.policy.config import PolicyConfig
+    from rlsim.pipeline import FIDELITY_KEYS
     from rlsim.policy.evaluate import held_out_ratings
     from rlsim.policy.run import held_out_eligible, train_policy
     from rlsim.policy.train import load_policy_module
@@ -221,32 +194,23 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
         sources.append("llm_persona")
     ckpt = scfg.reward_checkpoint
     if ckpt is None and {"reward_model", "hybrid"} & set(sources):
-        from rlsim.reward.config import RewardConfig
-        from rlsim.reward.train import train_reward_model
-
-        rcfg = RewardConfig.from_dict(sections.get("reward"))
-        rcfg.progress = progress
-        if not (out / "reward" / "checkpoint" / "model.pt").is_file():
-            train_reward_model(dcfg, rcfg, out / "reward", dataset=ds, split=split)
-        ckpt = str(out / "reward" / "checkpoint")
-    ccfg = from_dict(CandidatesConfig, sections.get("candidates"), "candidates").validate()
-    cand_metrics = write_candidates(dcfg, ccfg, out / "candidates", dataset=ds, split=split)
-    cands = pd.read_parquet(out / "candidates" / "candidates.parquet")
-    base = from_dict(PolicyConfig, sections.get("policy"), "policy")
-    base = replace(base, iterations=max(1, math.ceil(scfg.env_steps / base.train_batch_size))).validate()
-    pcfg_personas = from_dict(PersonaConfig, sections.get("personas"), "personas")
-    kw = dict(seed=dcfg.seed, persona_cfg=pcfg_personas, text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
+        ckpt = reward_stage(run, out, (ds, split), progress)
+    cand_metrics, cands = candidates_stage(run, out, (ds, split))
+    base = policy_base(run)
+    kw = dict(seed=dcfg.seed, persona_cfg=run.personas, text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
     specs = {n: _spec(n, ckpt, scfg) for n in sources}
 
     # 1. Fidelity of each source, and its expected rating of every candidate (the matrix's columns).
     sims = {n: local_simulator(_spec(n, ckpt, scfg, judging=True), ds, split.train, **kw) for n in sources}
-    fid = {}
+    fid, notes = {}, set()
     for n, sim in sims.items():
         f = fidelity(sim, split.train, split.test, seed=dcfg.seed)
-        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", "rmse", "nll", "tv_sampled",
-                  "five_star_share", "real_five_star_share", "like_acc_1to1", "like_acc_1to3", "like_acc_1to9",
-                  "session_nll_gain")}}
+        notes.update(x for x in [f["session"].get("note")] if x)
+        fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", *FIDELITY_KEYS)},
+                  "choice": choice_summary(sim, split.train, split.test, dcfg.seed)}
         log.info("fidelity %s: %s", n, fid[n])
+    # Choice fidelity's reference: popularity's picks in the same trials (rlsim.simulators.choice).
+    choice_reference = popularity_choice_summary(split.train, split.test, dcfg.seed)
     # 2. Policies.
     from tqdm.auto import tqdm
 
@@ -261,8 +225,8 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
         for n in sources:
             run_dir = out / "policies" / f"{n}-seed{seed}"
             pcfg = replace(base, seed=seed)
-            tm = train_policy(dcfg, pcfg, specs[n], run_dir, candidates=cands, ccfg=ccfg, sections=sections,
-                              dataset=ds, split=split, progress=False, source=n)
+            tm = train_policy(dcfg, pcfg, specs[n], run_dir, candidates=cands, ccfg=run.candidates,
+                              persona_cfg=run.personas, dataset=ds, split=split, progress=False, source=n)
             if data is None:  # the env tables are the same for every run (same candidates and training ratings)
                 data = EnvData.load(run_dir / "env_data")
                 tables = {m: score_all(data, sims[m]) for m in sources}
@@ -321,109 +285,21 @@ def run_study(dcfg: DataConfig, scfg: StudyConfig, sections: dict, out: str | Pa
               "held_out_users": held["users_per_seed"],
               "held_out_users_with_behaviour": min(held["with_held_out_behaviour_per_seed"]),
               "held_out": held, "like_threshold": scfg.like_threshold, "ndcg_k": scfg.ndcg_k,
-              "fidelity": fid, "reward_accounting": {n: source_accounting(runs[n]) for n in sources},
+              "fidelity": fid, "choice_reference": {"popularity": choice_reference}, "reward_accounting": {n: source_accounting(runs[n]) for n in sources},
               "matrix": matrix, **summary, "reference_settings": ref_info,
               "env_steps": {n: int(round(float(np.mean([r["env_steps"] for r in runs[n]])))) for n in sources},
               "answer": answer(summary, sources, held),
               "candidates_recall": cand_metrics["candidates"]["blend"]["recall"],
               "reward_checkpoint": ckpt, "config": {"study": to_dict(scfg), "policy": asdict(base)},
-              "runs": runs, "seconds": round(time.perf_counter() - t0, 1)}
+              "runs": runs, "notes": sorted(notes), "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "study.json", result)
     hybrid = None
     if scfg.hybrid_thresholds:
-        hybrid = hybrid_curve(dcfg, ckpt, scfg.hybrid_thresholds, scfg.seeds, scfg.env_steps, scfg.hybrid, sections,
-                              out / "hybrid", dataset=ds, split=split, like_threshold=scfg.like_threshold,
-                              progress=progress, bootstrap=scfg.bootstrap)
+        from rlsim.study_hybrid import hybrid_curve
+
+        hybrid = hybrid_curve(run, ckpt, out / "hybrid", dataset=ds, split=split, progress=progress)
         write_json(out / "hybrid.json", hybrid)
     from rlsim.report_study import write_study_report
 
     write_study_report(result, out, hybrid=hybrid)
     return result
-
-
-def hybrid_curve(dcfg: DataConfig, ckpt: str, thresholds, seeds: int, env_steps: int, hybrid: dict, sections: dict,
-                 out: str | Path, dataset=None, split=None, like_threshold: float = 4.0, progress: bool = True,
-                 bootstrap: int = 2000) -> dict:
-    """Persona calls saved against real quality, over the hybrid's entropy threshold.
-
-    For each threshold PPO is trained against the hybrid (same env steps, ``seeds`` seeds) and judged
-    on held-out users by their real held-out ratings; threshold 0 is persona-only (every answer from
-    the persona, through the same cache), so calls_saved = 1 - calls(threshold) / calls(0); a
-    threshold >= 1 never asks the persona (reward-model-only). A middle threshold counts as better
-    only when it beats both ends with paired intervals (``beats_both_ends``). The fidelity columns
-    are the judging copy's (it never distils) on the test split."""
-    from tqdm.auto import tqdm
-
-    from rlsim.candidates import CandidatesConfig, write_candidates
-    from rlsim.data import load_split
-    from rlsim.env import EnvData, score_all
-    from rlsim.errors import require_ray
-    from rlsim.policy.config import PolicyConfig
-    from rlsim.policy.run import train_policy
-    from rlsim.policy.train import load_policy_module
-    from rlsim.simulators.factory import SimulatorSpec, local_simulator
-    from rlsim.simulators.fidelity import micro
-
-    require_ray("the hybrid curve")
-    out = Path(out)
-    if dataset is None:
-        dataset, split = load_split(dcfg)
-    ccfg = from_dict(CandidatesConfig, sections.get("candidates"), "candidates").validate()
-    write_candidates(dcfg, ccfg, out / "candidates", dataset=dataset, split=split)
-    cands = pd.read_parquet(out / "candidates" / "candidates.parquet")
-    base = from_dict(PolicyConfig, sections.get("policy"), "policy")
-    base = replace(base, iterations=max(1, math.ceil(env_steps / base.train_batch_size))).validate()
-    model_table, curve, per_user, t0 = None, [], {}, time.perf_counter()
-    bar = tqdm(total=len(thresholds) * seeds, desc="hybrid curve", unit="policy", disable=not progress)
-    for th in [float(t) for t in thresholds]:
-        opts = {**hybrid, "threshold": th}
-        fid = micro(local_simulator(SimulatorSpec("hybrid", ckpt, options={**opts, "distill_every": 0}), dataset,
-                                    split.train), split.test)
-        hits, calls, requested, steps = [], [], [], []
-        for seed in range(seeds):
-            run = out / f"t{th:g}-seed{seed}"
-            pcfg = replace(base, seed=seed)
-            tm = train_policy(dcfg, pcfg, SimulatorSpec("hybrid", ckpt, options=opts), run, candidates=cands,
-                              ccfg=ccfg, sections=sections, dataset=dataset, split=split, progress=False)
-            data = EnvData.load(run / "env_data")
-            if model_table is None:  # only its mask matters here: every candidate the reward model rates
-                model_table = score_all(data, local_simulator(SimulatorSpec("model", ckpt), dataset, split.train))
-            held = held_out_rows(data, run)
-            res = judge_policy(data, held, load_policy_module(run / "checkpoint"), pcfg.env_history(), {}, model_table,
-                               split.test, like_threshold, 10)
-            per_user.setdefault(th, []).append(res["outcomes"]["hit"])
-            sim = tm["simulator"]["simulator"]
-            hits.append(res["real"]["policy"]["hit_rate"])
-            calls.append(sim["persona_calls"])
-            requested.append(sim["requested"])
-            steps.append(tm["env_steps"])
-            log.info("threshold %g seed %d: hit %.4f, persona calls %d of %d", th, seed, hits[-1], calls[-1],
-                     requested[-1])
-            bar.update(1)
-        h = mean_ci(hits)
-        curve.append({"threshold": th, "persona_calls": float(np.mean(calls)), "requested": float(np.mean(requested)),
-                      "real_hit_rate": h["mean"], "real_hit_rate_ci": h, "real_hit_rate_per_seed": hits,
-                      "env_steps": float(np.mean(steps)), "nll": fid["nll"], "rmse": fid["rmse"]})
-    bar.close()
-    persona_only = next((c for c in curve if c["threshold"] == 0), None)
-    for c in curve:
-        c["calls_saved"] = None if not persona_only or not persona_only["persona_calls"] else \
-            1 - c["persona_calls"] / persona_only["persona_calls"]
-        c["hit_rate_loss_vs_persona_only"] = None if not persona_only else \
-            persona_only["real_hit_rate"] - c["real_hit_rate"]
-    from rlsim.study_real import curve_ends, curve_vs_ends
-
-    ends = curve_ends(curve)
-    # The goal is only meaningful strictly between the ends: threshold >= 1 never asks the persona.
-    ok = [c["threshold"] for c in curve if c["calls_saved"] is not None and c["calls_saved"] >= 0.8
-          and c["hit_rate_loss_vs_persona_only"] <= 0.01 and c["threshold"] not in ends]
-    verdicts = curve_vs_ends(per_user, ends, bootstrap, dcfg.seed)
-    for c in curve:
-        c["beats_both_ends"] = verdicts.get(c["threshold"])
-    return {"dataset": f"{dcfg.dataset} {split.name}", "seeds": seeds, "env_steps_per_policy": env_steps,
-            "hybrid": dict(hybrid), "curve": curve, "meets_goal_at": ok,
-            "goal": ">= 80% fewer persona calls than persona-only at <= 0.01 loss in real held-out hit rate "
-                    "(thresholds strictly between persona-only and reward-model-only)",
-            "ends": {"persona_only": ends[0] if ends else None, "reward_model_only": ends[1] if ends else None},
-            "better_than_both_ends_at": [t for t, v in verdicts.items() if v and v.get("better")],
-            "seconds": round(time.perf_counter() - t0, 1)}

@@ -22,7 +22,9 @@ reward (what the policy is paid for):
 - "liked": 1 when the user watches it and rates it at least ``like_threshold``, else 0.
 engagement and liked need a simulator that chooses (``has_choice``) and sampled rewards. A skipped
 movie is masked like any shown one but does not join the session's ratings; the observation's
-history carries each shown movie with the reward it earned.
+history carries each shown movie with the reward it earned. A choice the simulator could not answer
+(NaN, e.g. an LLM persona out of budget) is a failed step: counted in ``failed_by_reason`` by its
+reason, a neutral reward, neither watched nor skipped.
 
 A user may leave early (as Agent4Rec's users do): with ``exit_threshold`` set, the session ends
 when the mean of the last ``exit_window`` ratings falls below it; with ``exit_after_skips``, after
@@ -132,6 +134,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self.failed = 0
         self.failed_by_reason: dict[str, int] = {}
         self.shown = 0  # picks shown to a user who chooses (reward engagement/liked)
+        self.choice_failed = 0  # of those, the choices the simulator could not answer (also in failed)
         self.skipped = 0
 
     # ------------------------------------------------------------------ users and observations
@@ -213,8 +216,9 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         ratings = np.full(len(stepping), float(d.scale_min))  # an invalid pick earns the worst rating
         watched = np.ones(len(stepping), bool)
         rows = stepping[valid]
+        unanswered = np.zeros(len(stepping), bool)  # the user's choice failed (budget, ...): a failed step
         if len(rows) and self.reward != "rating":
-            watched[valid] = self._choose(rows, a[valid])
+            watched[valid], unanswered[valid] = self._choose(rows, a[valid])
         rated = valid & watched
         rows = stepping[rated]
         if len(rows):
@@ -227,7 +231,11 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             ratings[rated] = got
         for k, j in enumerate(stepping):
             u, r = self._u[j], ratings[k]
-            rewards[j] = self._reward(r, d.user_mean[u], bool(watched[k]))
+            # A failed choice earns a neutral reward (the user's mean: 0 when centred; 0 for liked), never a guess.
+            if unanswered[k]:
+                rewards[j] = 0.0 if self.reward == "liked" else self._reward(d.user_mean[u], d.user_mean[u], True)
+            else:
+                rewards[j] = self._reward(r, d.user_mean[u], bool(watched[k]))
             info_rating[j] = r if watched[k] else np.nan
             if valid[k]:
                 pick = a[k]
@@ -240,7 +248,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
                 if watched[k]:
                     self._sessions[j] = self._sessions[j].extend(d.cand_items[u, pick], r)
                     self._skips[j] = 0
-                else:
+                elif not unanswered[k]:
                     self._skips[j] += 1
             self._t[j] += 1
             done = self._t[j] >= self.horizon or not self._mask[j].any() or self._leaves(j)
@@ -262,16 +270,30 @@ class SessionVectorEnv(gym.vector.VectorEnv):
             infos.update(watched=chose, _watched=~resetting)
         return self._obs(), rewards, terminated, truncated, infos
 
-    def _choose(self, rows: np.ndarray, picks: np.ndarray) -> np.ndarray:
-        """Whether each user picks what was shown: one choice request for all, a seeded draw each."""
+    def _choose(self, rows: np.ndarray, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(watched, failed) per env in rows: one choice request for all, a seeded draw each. A choice the
+        simulator could not answer (NaN: budget, an endpoint error) is a failed step, counted by its
+        reason: neither watched nor skipped."""
         d = self.data
         users, items = d.user_ids[self._u[rows]], d.cand_items[self._u[rows], picks]
-        p = np.asarray(self.sim.choice(users, items, [self._sessions[j] for j in rows]), float)
+        sessions = [self._sessions[j] for j in rows]
+        if hasattr(self.sim, "choice_with_reasons"):
+            p, why = self.sim.choice_with_reasons(users, items, sessions)
+        else:
+            p = self.sim.choice(users, items, sessions)
+            why = ["unanswered"] * len(rows)
+        p = np.asarray(p, float)
         self.calls += 1
-        chosen = self.np_random.random(len(rows)) < np.nan_to_num(p, nan=0.0)
+        failed = ~np.isfinite(p)
+        for w, f in zip(why, failed):
+            if f:
+                self.failed_by_reason[w or "unanswered"] = self.failed_by_reason.get(w or "unanswered", 0) + 1
+        self.failed += int(failed.sum())
+        self.choice_failed += int(failed.sum())
+        chosen = (self.np_random.random(len(rows)) < np.nan_to_num(p, nan=0.0)) & ~failed
         self.shown += len(rows)
-        self.skipped += int((~chosen).sum())
-        return chosen
+        self.skipped += int((~chosen & ~failed).sum())
+        return chosen, failed
 
     def _reward(self, rating: float, user_mean: float, watched: bool) -> float:
         if self.reward == "liked":
@@ -284,7 +306,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         """{asked, answered, failed, failed_by_reason} of the rewards this env asked for."""
         return reward_accounting([{"answered": self.answered, "failed": self.failed,
                                    "failed_by_reason": self.failed_by_reason, "shown": self.shown,
-                                   "skipped": self.skipped}])
+                                   "skipped": self.skipped, "choice_failed": self.choice_failed}])
 
     def _leaves(self, j: int) -> bool:
         if self.exit_after_skips is not None and self._skips[j] >= int(self.exit_after_skips):
@@ -308,7 +330,9 @@ def reward_accounting(parts: list[dict]) -> dict:
     out = {"asked": asked, "answered": answered, "failed": failed, "failed_by_reason": dict(sorted(by.items())),
            "failed_share": failed / asked if asked else 0.0}
     shown = sum(int(e.get("shown", 0)) for e in parts)
-    if shown:  # a user who chooses: of the picks shown, how many were watched (the rest skipped)
+    if shown:  # a user who chooses: of the picks shown and answered, how many were watched (the rest skipped)
         skipped = sum(int(e.get("skipped", 0)) for e in parts)
-        out.update(shown=shown, skipped=skipped, watch_rate=(shown - skipped) / shown)
+        cf = sum(int(e.get("choice_failed", 0)) for e in parts)  # shown, no choice: failed steps, not skips
+        out.update(shown=shown, skipped=skipped, choice_failed=cf,
+                   watch_rate=(shown - skipped - cf) / (shown - cf) if shown > cf else 0.0)
     return out

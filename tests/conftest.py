@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The developer's data and cache folders, taken out of the environment of the whole session (its Ray
+# heads and subprocesses too): the environment wins over a YAML's data_dir / cache_dir
+# (rlsim.run_config: YAML < environment < flags), and the tests say where their data is. Only the
+# real-data tests (real_data_dir) and warm-cache reads (WARM_CACHE_DIR) use them.
+REAL_DATA_DIR = os.environ.pop("RLSIM_DATA_DIR", None)
+WARM_CACHE_DIR = os.environ.pop("RLSIM_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """A folder with ml-100k (with overviews), ml-latest-small and ml-1m fixtures."""
@@ -40,7 +48,7 @@ def ml100k(data_root, cache_root):
 
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    d = os.environ.get("RLSIM_DATA_DIR")
+    d = REAL_DATA_DIR
     if not d or not (Path(d) / "ml-100k" / "u.data").is_file():
         pytest.skip("real MovieLens data not available (set RLSIM_DATA_DIR)")
     return Path(d)

@@ -32,7 +32,9 @@ answer, the rating tokens with the rating values (and one non-rating token) as t
 alternatives; ``n`` returns n completions, sampled from the distribution when temperature > 0
 (seeded by user, item, choice and prompt); ``logprobs_supported``/``n_supported`` turn either off
 (the parameter is then ignored, as some servers do). A summary request (schema "summary") is
-answered with a deterministic summary of its new ratings. Every request's messages are logged.
+answered with a deterministic summary of its new ratings. A page choice (schema "page_choice") is
+answered yes/no per movie from ``watch_probability`` (or ``p_watch``), with logprobs and n alike.
+Every request's messages are logged.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ class FaultConfig:
     storm_period_s: float | None = None  # 429 storms: the first storm_s of every period (from the first
     storm_s: float = 0.0  # request) answer 429 to everything, Retry-After: the rest of the storm
     drip_s: float = 0.0  # a 200 answer's body goes out in DRIP_PIECES pieces spread over drip_s seconds
+    # Page choice (schema "page_choice"): every movie's P(watch); None: watch_probability(user, item).
+    p_watch: float | None = None
 
 
 @dataclass
@@ -247,6 +251,9 @@ class FakeOpenAI:
         ids = [int(x) for x in ITEM_LINE.findall(user_msg)]
         m = USER_TAG.search(all_text)
         uid = int(m.group(1)) if m else 0
+        if not action_schema and ((body.get("response_format") or {}).get("json_schema") or {}).get("name") \
+                == "page_choice" and self.faults.answer_text is None:
+            return self._page_answer(body, fault, msgs, ids, uid)
         scripted = self.persona.answer(user_msg, all_text, uid, ids) if self.persona is not None else None
         if scripted is None and not action_schema:
             extended = self._persona_sim_answer(body, fault, msgs, user_msg, ids, uid)
@@ -335,6 +342,45 @@ class FakeOpenAI:
                 "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
         info = {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok, "chars": len(text)}
         return 200, resp, info
+
+    def _page_answer(self, body: dict, fault: str, msgs: list[dict], ids: list[int], uid: int
+                     ) -> tuple[int, dict, dict]:
+        """A page choice ({"<id>": "yes"|"no"}): yes when P(watch) >= 0.5, or drawn from it at temperature
+        > 0 (seeded by user, item, completion and prompt); logprobs at each answer's token and n as for
+        ratings (``logprobs_supported``, ``n_supported``, ``logprobs_alternatives``)."""
+        f = self.faults
+        want_lp = bool(body.get("logprobs")) and f.logprobs_supported
+        n = max(1, int(body.get("n") or 1)) if f.n_supported else 1
+        text = "\n".join(str(mm.get("content", "")) for mm in msgs)
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        temperature = float(body.get("temperature") or 0.0)
+        choices = []
+        for c in range(n):
+            tokens: list = [('{"', None)]
+            for k, i in enumerate(ids):
+                p = watch_probability(uid, i) if f.p_watch is None else f.p_watch
+                if temperature > 0:
+                    u = random.Random(int(hashlib.sha256(f"{uid}:{i}:{c}:{body.get('seed')}:{sha}".encode())
+                                          .hexdigest()[:12], 16)).random()
+                    yes = u < p
+                else:
+                    yes = p >= 0.5
+                tokens += [(str(i), None), ('": "', None), ("yes" if yes else "no", p)]
+                tokens.append(('", "', None) if k < len(ids) - 1 else ('"}', None))
+            content = "".join(t for t, _ in tokens) if ids else "{}"
+            if fault == "malformed":
+                content, tokens = "Sure! " + content.replace('"', "'").replace(":", " ->"), [(content, None)]
+            choice = {"index": c, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            if want_lp:
+                choice["logprobs"] = {"content": watch_token_logprobs(tokens, int(body.get("top_logprobs") or 0),
+                                                                      f.logprobs_alternatives)}
+            choices.append(choice)
+        p_tok = sum(max(1, len(mm.get("content", "")) // 4) + 4 for mm in msgs) + 2
+        c_tok = sum(max(1, len(ch["message"]["content"]) // 4) for ch in choices)
+        resp = {"id": f"chatcmpl-{self.rng.randrange(1 << 30)}", "object": "chat.completion",
+                "created": int(time.time()), "model": body.get("model", "fake-model"), "choices": choices,
+                "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}}
+        return 200, resp, {"uid": uid, "ids": ids, "p_tok": p_tok, "c_tok": c_tok, "chars": len(text)}
 
     def _handler(self):
         server = self
@@ -565,6 +611,33 @@ def token_logprobs(content: str, tokens: list | None, k: int, alternatives: str 
         out.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
                     "top_logprobs": [{"token": t, "logprob": x, "bytes": list(t.encode())}
                                      for t, x in top[:max(0, k)]]})
+    return out
+
+
+WATCH_P = (0.1, 0.25, 0.4, 0.7, 0.9)
+
+
+def watch_probability(user_id: int, item_id: int) -> float:
+    """The server's P(the user would watch the movie now), answered to a page choice."""
+    return WATCH_P[(user_id * 3 + item_id) % 5]
+
+
+def watch_token_logprobs(tokens: list, k: int, alternatives: str = "ratings") -> list[dict]:
+    """logprobs.content of a page answer: an answer token's top alternatives are "yes" and "no" (with
+    P(watch) and 1 - P, times 1 - JUNK_P) and one other token; "token": the chosen token alone; "junk":
+    it and tokens that are neither."""
+    out = []
+    for text, p in tokens:
+        if p is None:
+            top, lp = [(text, 0.0)], 0.0
+        else:
+            alts = sorted([("yes", math.log(p * (1 - JUNK_P))), ("no", math.log((1 - p) * (1 - JUNK_P))),
+                           (" maybe", math.log(JUNK_P))], key=lambda a: -a[1])
+            lp = dict(alts)[text]
+            top = {"ratings": alts, "token": [(text, lp)],
+                   "junk": [(text, lp), ('"', math.log(JUNK_P)), (" maybe", math.log(JUNK_P / 2))]}[alternatives]
+        out.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
+                    "top_logprobs": [{"token": t, "logprob": x, "bytes": list(t.encode())} for t, x in top[:max(0, k)]]})
     return out
 
 

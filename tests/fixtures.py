@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlsim.data.movielens import ML100K_GENRES
+from rlsim.data.readers import ML100K_GENRES
 
 OCCUPATIONS = ["engineer", "student", "writer", "artist", "educator", "other"]
 WORDS = ["space", "love", "war", "detective", "robot", "family", "island", "crime", "music", "ghost",

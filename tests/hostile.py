@@ -1,6 +1,6 @@
 """The hostile server modes of issue 17 and the three properties checked against each of them.
 
-Shared by tests/test_hostile.py (short runs, windows of a few seconds) and bench/persona_pool.py
+Shared by tests/personas/test_hostile.py (short runs, windows of a few seconds) and bench/persona_pool.py
 (the ``hostile`` section: real 60 s windows). Each mode is a ``FaultConfig`` of tests/fake_openai.py
 that makes the server disagree with the client; each run has a budget the run would cross.
 
@@ -20,7 +20,7 @@ import pandas as pd
 from rlsim.personas.backends import BackendSpec
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
-from rlsim.personas.pool import run_rating_job
+from rlsim.personas.job import run_rating_job
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 
 PRICES = {"fake-model": {"prompt": 1000.0, "completion": 1000.0}}  # $0.001 per token: budgets bite fast

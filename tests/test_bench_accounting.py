@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bench.cluster import rating_accounting
-from rlsim.personas.run import sample_users
+from rlsim.personas.stages_common import sample_users
 
 
 def test_a_user_missing_from_the_output_is_lost():

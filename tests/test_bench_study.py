@@ -27,6 +27,7 @@ def test_bench_study_writes_every_key(tmp_path, data_root, cache_root, tiny_rewa
     argv = ["--data-dir", str(data_root), "--cache-dir", str(cache_root), "--config", str(p), "--datasets",
             "ml-100k/u1", "--seeds", "2", "--env-steps", "250", "--reward-checkpoint", str(tiny_reward_checkpoint),
             "--num-cpus", "1", "--work", str(tmp_path / "work"), "--out", str(out)]
+    out.write_text(json.dumps({"datasets": {"ml-100k/u2": {"kept": True}}, "command": "an earlier run"}))
     assert bench.main(argv) == 0
     r = json.loads(out.read_text())
     assert r["command"].startswith("python bench/study.py --data-dir") and "--seeds 2" in r["command"]
@@ -39,6 +40,18 @@ def test_bench_study_writes_every_key(tmp_path, data_root, cache_root, tiny_rewa
         assert {"mean", "ci95", "p_holm"} <= set(v) and len(v["ci95"]) == 2 and v["n_users"] == d["held_out_users"]
     assert {"popularity", "random", "real_oracle", "mf_top1", "bpr_top1", "reward_model_greedy"} == set(d["references"])
     assert "popularity-first" in d["answer"]
+    assert {"wall_seconds", "command", "policy", "reward"} <= set(d)
+    for s in d["sources"].values():
+        assert {"mean", "ci95", "p_holm"} <= set(s["vs_bpr_top1"])
+    # What an earlier run wrote for another dataset stays; --fresh drops it.
+    assert set(r["datasets"]) == {"ml-100k/u1", "ml-100k/u2"} and r["datasets"]["ml-100k/u2"] == {"kept": True}
+    assert bench.main(argv + ["--fresh"]) == 0
+    assert set(json.loads(out.read_text())["datasets"]) == {"ml-100k/u1"}
+    spec = importlib.util.spec_from_file_location("study_table", BENCH.parent / "study_table.py")
+    tab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tab)
+    text = tab.table("ml-100k/u1", json.loads(out.read_text())["datasets"]["ml-100k/u1"])
+    assert "| PPO on bias |" in text and "| bpr_top1 |" in text and "Holm p" in text
 
 
 def test_bench_study_refuses_bad_arguments_in_one_line(capsys):

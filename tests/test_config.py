@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from rlsim.cli import apply_flags, data_config
 from rlsim.config import DataConfig, from_dict
 from rlsim.errors import ConfigError
+from rlsim.run_config import resolve
 
 
 def test_from_dict_checks_keys_types_and_sections():
@@ -22,11 +20,7 @@ def test_from_dict_checks_keys_types_and_sections():
         from_dict(DataConfig, ["u1"], "data")
 
 
-def test_flags_win_over_file_and_absent_flags_do_not(monkeypatch):
-    monkeypatch.delenv("RLSIM_DATA_DIR", raising=False)
-    monkeypatch.delenv("RLSIM_CACHE_DIR", raising=False)
-    args = argparse.Namespace(split="u3", seed=None, data_dir="/d", cache_dir=None)
-    cfg = data_config(args, {"data": {"split": "u1", "seed": 7}})
-    assert (cfg.split, cfg.seed, cfg.data_dir) == ("u3", 7, "/d")
-    cfg2 = apply_flags(DataConfig(), argparse.Namespace(n=5), [("n", "seed"), ("missing", "split")])
-    assert cfg2.seed == 5 and cfg2.split == "u1"
+def test_flags_win_over_file_and_absent_flags_do_not():
+    run = resolve({"data": {"split": "u1", "seed": 7}}, {}, {"split": "u3", "seed": None, "data_dir": "/d",
+                                                             "cache_dir": None})
+    assert (run.data.split, run.data.seed, run.data.data_dir) == ("u3", 7, "/d")

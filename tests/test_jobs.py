@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -149,3 +150,29 @@ def test_jobs_start_or_join_ray_the_way_the_cli_does(tmp_path, data_root, cache_
     seen.clear()
     _common.run_job(["baselines"], [*argv, "--ray-address", "auto"])
     assert seen[0] == "auto"
+
+
+def test_a_job_resolves_its_config_at_the_edge(tmp_path, monkeypatch, capsys):
+    """jobs/ resolves the YAML, its flags and the environment as the CLI does (rlsim.run_config):
+    an unknown section is one line and exit 2; the job's stages replace pipeline.stages."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import _common
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rewrd:\n  epochs: 3\n")
+    with pytest.raises(SystemExit) as exc:
+        _common.run_job(["baselines"], [str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "unknown config section(s) ['rewrd']" in err
+
+    seen = {}
+    monkeypatch.setattr(_common, "_stages", lambda args, stages, run, local: seen.update(run=run, verbose=args.verbose))
+    monkeypatch.setattr("rlsim.commands.ray_session.cli_ray", lambda args, num_cpus=None: contextlib.nullcontext())
+    monkeypatch.setenv("RLSIM_VERBOSE", "1")
+    monkeypatch.setenv("RLSIM_CACHE_DIR", "/env/cache")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"data": {"cache_dir": "/yaml/cache"}, "pipeline": {"stages": ["data"]}}))
+    _common.run_job(["baselines", "reward"], [str(good), "--out", str(tmp_path / "o"), "--data-dir", "/flag/data"])
+    run = seen["run"]
+    assert run.pipeline.stages == ["baselines", "reward"] and seen["verbose"] is True
+    assert (run.data.cache_dir, run.data.data_dir) == ("/env/cache", "/flag/data")

@@ -20,10 +20,12 @@ from rlsim.personas.cache import ResponseCache, request_key
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.grounding import PromptBuilder, WorkUnit
 from rlsim.personas.limiter import LocalLimiter, RateLimiter
-from rlsim.personas.pool import RatingEngine
+from rlsim.personas.engine import RatingEngine
 from rlsim.personas.prompts import rating_messages
 from rlsim.simulators.base import Session
-from rlsim.simulators.llm import LLMPersonaSimulator, LLMSimConfig, logprob_distributions
+from rlsim.simulators.llm import LLMPersonaSimulator
+from rlsim.simulators.llm_config import LLMSimConfig
+from rlsim.simulators.llm_logprobs import logprob_distributions
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating, rating_distribution
 from tests.ray_local import barrier, private_ray
 
@@ -435,9 +437,10 @@ def split_100k(data_root, cache_root):
 def test_simulator_actor_batches_callers_under_the_cluster_limiter(ray_local, split_100k, cache_root):
     import ray
 
-    from rlsim.personas.limiter import get_limiter, limiter_name
+    from rlsim.personas.limiter import limiter_name
+    from rlsim.personas.limiter_actor import get_limiter
     from rlsim.simulators.actor import SimulatorClient, stop_simulator_actor
-    from rlsim.simulators.llm import start_llm_persona_actor
+    from rlsim.simulators.llm_build import start_llm_persona_actor
 
     ds, split = split_100k
     users = np.sort(split.train["user_id"].unique())[:8]
@@ -486,7 +489,7 @@ def test_the_budget_stops_the_simulator_cleanly(ray_local, split_100k, cache_roo
     import ray  # noqa: F401
 
     from rlsim.simulators.actor import SimulatorClient, stop_simulator_actor
-    from rlsim.simulators.llm import start_llm_persona_actor
+    from rlsim.simulators.llm_build import start_llm_persona_actor
 
     ds, split = split_100k
     users = np.sort(split.train["user_id"].unique())[:20]
@@ -556,32 +559,37 @@ def test_llm_persona_needs_an_endpoint(tmp_path, data_root, cache_root, monkeypa
 
 
 def test_the_study_starts_an_llm_persona_when_an_endpoint_is_configured(monkeypatch):
-    import argparse
+    import os
 
     from rlsim.commands.study import _llm_persona
-    from rlsim.study import StudyConfig
+    from rlsim.run_config import resolve
 
-    args = argparse.Namespace(seed=None)
+    def study_run(sections, **flags):  # as `rlsim study` resolves it: YAML, the environment, the flags given
+        return resolve(sections, os.environ, flags)
+
     for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "AZURE_OPENAI_API_KEY"):
         monkeypatch.delenv(k, raising=False)
-    scfg = StudyConfig()
-    assert _llm_persona(args, {"personas": {"backend": "openai"}}, scfg) is None  # no endpoint
-    assert _llm_persona(args, {}, scfg) is None and scfg.llm_persona_actor is None  # the offline persona
+    assert _llm_persona(study_run({"personas": {"backend": "openai"}})) is None  # no endpoint
+    run = study_run({})
+    assert _llm_persona(run) is None and run.study.llm_persona_actor is None  # the offline persona
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    got = _llm_persona(args, {"personas": {"backend": "openai"}, "llm_persona": {"summary_every": 3}}, scfg)
+    run = study_run({"personas": {"backend": "openai"}, "llm_persona": {"summary_every": 3}})
+    got = _llm_persona(run)
     assert got["api_key"] == SECRET and got["options"] == {"summary_every": 3}
-    assert scfg.llm_persona_actor.startswith("rlsim-llm-persona-")
-    scfg.validate()  # the source joins the study with the actor it will start
+    assert run.study.llm_persona_actor.startswith("rlsim-llm-persona-")
+    run.study.validate()  # the source joins the study with the actor it will start
     # An endpoint on the command line is enough: no personas: section, nothing in the environment
     # but the key; the flags' method and summaries reach the simulator's options.
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    flags = argparse.Namespace(seed=None, base_url="http://127.0.0.1:9/v1", model="my-model", llm_method="samples",
-                               summary_every=2)
-    scfg = StudyConfig()
-    got = _llm_persona(flags, {"personas": {"backend": "offline"}}, scfg)
+    run = study_run({"personas": {"backend": "offline"}}, base_url="http://127.0.0.1:9/v1", model="my-model",
+                    llm_method="samples", summary_every=2)
+    got = _llm_persona(run)
     assert got["persona_cfg"].backend == "openai" and got["persona_cfg"].base_url == "http://127.0.0.1:9/v1"
     assert got["persona_cfg"].model == "my-model" and got["options"] == {"method": "samples", "summary_every": 2}
-    assert scfg.llm_persona_actor.startswith("rlsim-llm-persona-")
+    assert run.study.llm_persona_actor.startswith("rlsim-llm-persona-")
+    # An endpoint in the environment alone does not: the YAML's offline persona stays the study's.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    assert _llm_persona(study_run({})) is None
 
 
 def test_study_help_lists_the_endpoint_flags():

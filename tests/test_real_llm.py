@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +221,40 @@ def test_probe_chooses_logprobs_when_served_and_samples_when_not(local_llm):  # 
     assert sampled and all(len(x.answer["choices"]) == N_PARALLEL and x.body["temperature"] == 1.0 for x in sampled)
     assert_rating_answers_follow_the_schema(chats)
     assert_usage(d["usage"]["total"], chats)
+
+
+def test_page_choice_gives_a_probability_per_movie_and_reruns_from_the_cache(local_llm, tmp_path):  # noqa: F811
+    """Agent4Rec's page against SmolLM2: one yes/no page per (user, session), P(watch) in [0, 1] for every
+    movie (from logprobs: llama.cpp serves them), counted in usage.choice; the rerun asks nothing."""
+    from rlsim.personas.cache import ResponseCache
+    from rlsim.simulators.base import Session
+    from tests.test_llm_simulator import low, make_sim, pcfg
+
+    persona = pcfg(timeout_s=300.0, max_concurrency=N_PARALLEL, n_workers=1)
+    users, items = np.array([1, 1, 1, 1, 2, 2]), np.array([10, 11, 12, 13, 14, 5])
+    sessions = [Session()] * 4 + [low(5, 6)] * 2  # user 2 was shown 5 already: p = 0, not asked
+    with RecordingProxy(local_llm.base_url) as px:
+        sim = make_sim(px, persona=persona, cache=ResponseCache(str(tmp_path / "c.sqlite")))
+        p, why = sim.choice_with_reasons(users, items, sessions)
+        d = sim.describe()
+        chats = px.chats()
+        # the rerun (same endpoint, hence the same cache keys): every page from the cache
+        again = make_sim(px, persona=persona, cache=ResponseCache(str(tmp_path / "c.sqlite")))
+        q = again.choice(users, items, sessions)
+        assert len(px.chats()) == len(chats)
+    assert why == [""] * 6 and np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all(), (p, why)
+    assert p[5] == 0.0 and d["page_choice"]["not_shown"] == 1
+    pages = [x for x in chats if x.body["response_format"]["json_schema"]["name"] == "page_choice"]
+    assert sorted(x.body["response_format"]["json_schema"]["schema"]["required"] for x in pages) == \
+        [["10", "11", "12", "13"], ["14"]]
+    assert d["choice_method"] == "logprobs" and d["page_choice"]["answered_by_method"] == {"logprobs": 5}
+    assert all(x.body["logprobs"] is True for x in pages)
+    assert "In this session you were shown" in next(x for x in pages if "14" in x.body["messages"][-1]["content"]
+                                                    .split("(id: title):")[1]).body["messages"][-1]["content"]
+    assert_usage(d["usage"]["choice"], pages)
+    assert d["requests_sent"] == len(chats)
+    np.testing.assert_array_equal(q, p)
+    assert again.stats()["page_choice"]["from_cache"] == 5
 
 
 # ---------------------------------------------------------------- PPO and the study against llm_persona

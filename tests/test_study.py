@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from rlsim.errors import ConfigError
-from rlsim.study import StudyConfig, mean_ci
+from rlsim.study import StudyConfig
+from rlsim.study_steps import mean_ci
 
 
 def test_mean_ci_by_hand():
@@ -79,6 +80,16 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     assert set(r["fidelity_vs_real_spearman"]) == {"nll", "rmse", "tv_sampled", "like_acc_1to9"}
     # Every source answered every test pair and every training reward its policies asked for.
     assert all(r["fidelity"][n]["coverage"] == 1.0 for n in sources)
+    # Choice fidelity of every source that chooses, beside popularity's in the same trials.
+    ref = r["choice_reference"]["popularity"]
+    assert 0.5 < ref["auc"] <= 1 and ref["trials_1to9"] > 0
+    for n in sources:
+        c = r["fidelity"][n]["choice"]
+        if n == "reward_model":  # the tiny checkpoint has no choice head: it only rates
+            assert c is None
+            continue
+        assert {"auc", "acc_1to1", "acc_1to3", "acc_1to9", "f1_1to9"} <= set(c) and c["trials_1to9"] == ref["trials_1to9"]
+    assert "Choice fidelity" in (out / "report.html").read_text()
     assert all(r["reward_accounting"][n]["answered"] == r["reward_accounting"][n]["asked"] >= 1000 for n in sources)
     assert r["fidelity_vs_real_spearman"]["nll"]["excluded_low_coverage"] == {}
     assert r["fidelity_vs_real_spearman"]["nll"]["spearman"] is not None
@@ -97,18 +108,19 @@ def test_hybrid_curve_counts_persona_calls_against_persona_only(tmp_path, data_r
     import tempfile
 
     from rlsim.commands.ray_session import ray_session
-    from rlsim.config import DataConfig
     from rlsim.report_study import write_study_report
-    from rlsim.study import hybrid_curve
+    from rlsim.run_config import resolve
+    from rlsim.study_hybrid import hybrid_curve
 
-    dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=str(data_root), cache_dir=str(cache_root),
-                      download=False)
-    sections = {"candidates": {"k": 10}, "policy": {"train_batch_size": 250, "minibatch_size": 125, "num_epochs": 1,
+    sections = {"data": {"dataset": "ml-100k", "split": "u1", "data_dir": str(data_root), "cache_dir": str(cache_root),
+                         "download": False},
+                "candidates": {"k": 10}, "policy": {"train_batch_size": 250, "minibatch_size": 125, "num_epochs": 1,
                                                     "hidden": 16, "users_per_episode": 8,
-                                                    "num_envs_per_env_runner": 8}}
+                                                    "num_envs_per_env_runner": 8},
+                "study": {"hybrid_thresholds": [0, 0.9, 1.01], "seeds": 1, "env_steps": 250,
+                          "hybrid": {"distill_every": 0}}}
     with ray_session(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="rlsh", dir="/tmp")):
-        r = hybrid_curve(dcfg, str(tiny_reward_checkpoint), [0, 0.9, 1.01], 1, 250, {"distill_every": 0}, sections,
-                         tmp_path / "h", progress=False)
+        r = hybrid_curve(resolve(sections, {}, {}), str(tiny_reward_checkpoint), tmp_path / "h", progress=False)
     by = {c["threshold"]: c for c in r["curve"]}
     assert by[0.0]["persona_calls"] > 0 and by[0.0]["calls_saved"] == 0.0
     assert by[1.01]["persona_calls"] == 0 and by[1.01]["calls_saved"] == 1.0
@@ -165,3 +177,35 @@ def test_the_study_report_says_coverage_and_failures(tmp_path):
                                                     "failed_by_reason": {"budget": 2, "http_500": 1}}}}
     html = write_study_report(result, tmp_path).read_text()
     assert "llm_persona (0.500)" in html and "budget: 2, http_500: 1" in html and "<th>coverage</th>" in html
+
+
+def test_the_study_trains_its_reward_model_and_candidates_with_the_pipelines_stages(tmp_path, monkeypatch):
+    """rlsim.study runs the pipeline's own reward and candidates stages (rlsim.pipeline.STAGES) into
+    OUT/reward and OUT/candidates: a kept checkpoint is not retrained; candidates are rewritten."""
+    from rlsim import pipeline
+    from rlsim.run_config import resolve
+    from rlsim.study_steps import candidates_stage, reward_stage
+
+    calls = []
+
+    def fake_reward(ctx, d):
+        calls.append(("reward", ctx.run.reward.epochs, ctx.load()))
+        (d / "checkpoint").mkdir(parents=True)
+        (d / "checkpoint" / "model.pt").write_bytes(b"x")
+        return {"model": {}}
+
+    def fake_candidates(ctx, d):
+        calls.append(("candidates", ctx.run.candidates.k, ctx.load()))
+        pd.DataFrame({"user_id": [1], "item_id": [2]}).to_parquet(d / "candidates.parquet")
+        return {"candidates": {"blend": {"recall": 0.5}}}
+
+    monkeypatch.setitem(pipeline.STAGES, "reward", fake_reward)
+    monkeypatch.setitem(pipeline.STAGES, "candidates", fake_candidates)
+    run = resolve({"reward": {"epochs": 3}, "candidates": {"k": 7}}, {}, {})
+    loaded = ("ds", "split")
+    assert reward_stage(run, tmp_path, loaded, progress=False) == str(tmp_path / "reward" / "checkpoint")
+    assert reward_stage(run, tmp_path, loaded, progress=False) == str(tmp_path / "reward" / "checkpoint")
+    metrics, cands = candidates_stage(run, tmp_path, loaded)
+    candidates_stage(run, tmp_path, loaded)
+    assert calls == [("reward", 3, loaded), ("candidates", 7, loaded), ("candidates", 7, loaded)]
+    assert metrics["candidates"]["blend"]["recall"] == 0.5 and "stage_seconds" in metrics and len(cands) == 1

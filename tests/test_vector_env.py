@@ -235,8 +235,35 @@ def test_users_leave_after_skips_in_a_row(parts):
     assert term.all()  # two skips: every user left before the horizon of 3
 
 
+def test_a_failed_choice_is_a_failed_step_counted_by_its_reason(parts):
+    """A choice the simulator could not answer (NaN: an LLM persona out of budget) is neither a skip nor a
+    watch: a neutral reward, counted as failed with the simulator's reason, nothing rated for it."""
+
+    class Broke(Choosing):
+        def choice_with_reasons(self, users, items, sessions=None):
+            p = self.choice(users, items, sessions)
+            p[: len(p) // 2] = np.nan  # the first half of each step's users: no answer
+            return p, ["budget" if np.isnan(x) else "" for x in p]
+
+    data, sim = parts
+    rec = Broke(sim, lambda i: 1.0)
+    env = SessionVectorEnv({"data": data, "source": rec, "num_envs": 6, "horizon": 2, "reward_mode": "sampled",
+                            "reward": "engagement", "skip_penalty": 0.5})
+    obs, _ = env.reset(seed=0)
+    obs, r, _, _, info = env.step(first_valid(obs))
+    assert (r[:3] == 0.0).all() and not info["watched"][:3].any() and np.isnan(info["rating"][:3]).all()
+    assert info["watched"][3:].all() and sum(len(x) for x, *_ in rec.requests) == 3  # only the answered rated
+    assert all(len(env._sessions[j]) == 0 for j in range(3)) and (env._skips[:3] == 0).all()
+    acc = env.reward_accounting()
+    assert acc["failed"] == 3 and acc["failed_by_reason"] == {"budget": 3} and acc["answered"] == 3
+    # shown, but neither skipped nor watched: skipped + answered + failed == shown still holds
+    assert acc["shown"] == 6 and acc["skipped"] == 0 and acc["choice_failed"] == 3 and acc["watch_rate"] == 1.0
+
+
 def test_engagement_needs_a_user_who_chooses(parts):
     with pytest.raises(ConfigError, match=r"only rates \(these choose: bias, mf, reward_model \(trained with"):
+        make(parts, reward="engagement")
+    with pytest.raises(ConfigError, match=r"these choose: .*llm_persona\)$"):  # the LLM persona chooses its page
         make(parts, reward="engagement")
     with pytest.raises(ConfigError, match="needs reward_mode sampled"):
         make_choosing(parts, lambda i: 1.0, reward="liked", reward_mode="expected")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rlsim.baselines import evaluate_baselines
-from rlsim.cli import add_data_args, data_config
+from rlsim.cli import add_data_args, run_config
 from rlsim.data import load_split
 from rlsim.io import write_json
 
@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 
 def cmd_baselines(args) -> int:
-    cfg = data_config(args)
+    cfg = run_config(args).data
     ds, split = load_split(cfg)
     result = {"dataset": cfg.dataset, "split": split.summary(), "baselines": evaluate_baselines(
         split.train, split.test, ds.scale, seed=cfg.seed)}

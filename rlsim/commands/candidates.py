@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlsim.candidates import CandidatesConfig, write_candidates
-from rlsim.cli import add_data_args, apply_flags, data_config, load_config_file
-from rlsim.config import from_dict
-from rlsim.errors import ConfigError
+from rlsim.candidates import write_candidates
+from rlsim.cli import add_data_args, run_config
 
 
 def register(sub) -> None:
@@ -24,22 +22,9 @@ def register(sub) -> None:
     b.set_defaults(func=cmd_build)
 
 
-def candidates_config(args, file_cfg: dict) -> CandidatesConfig:
-    cfg = from_dict(CandidatesConfig, file_cfg.get("candidates"), "candidates")
-    apply_flags(cfg, args, [("k", "k"), ("like_threshold", "like_threshold")])
-    if getattr(args, "weights", None):
-        try:
-            cfg.pop_weight, cfg.sim_weight = (float(x) for x in args.weights.split(","))
-            cfg.tune_weights = False
-        except ValueError:
-            raise ConfigError(f"--weights must be POP,SIM (two numbers), got {args.weights!r}") from None
-    return cfg.validate()
-
-
 def cmd_build(args) -> int:
-    file_cfg = load_config_file(args)
-    dcfg = data_config(args, file_cfg)
-    metrics = write_candidates(dcfg, candidates_config(args, file_cfg), args.out)
+    run = run_config(args)
+    metrics = write_candidates(run.data, run.candidates.validate(), args.out)
     c = metrics["candidates"]
     print(json.dumps({**{k: round(c[k]["recall"], 4) for k in ("popularity", "similarity", "blend")},
                       "weights": c["weights"], "weights_from": c["weights_from"]}))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlsim.cli import add_data_args, data_config
+from rlsim.cli import add_data_args, run_config
 from rlsim.data import get_spec, load_movielens, make_split, verify_members
 from rlsim.data.movielens import locate
 from rlsim.errors import DataError
@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def cmd_prepare(args) -> int:
-    cfg = data_config(args)
+    cfg = run_config(args).data
     ds = load_movielens(cfg.dataset, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, overviews=cfg.overviews,
                         download=cfg.download)
     split = make_split(ds, cfg.split, seed=cfg.seed, test_frac=cfg.test_frac)
@@ -60,7 +60,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    cfg = data_config(args)
+    cfg = run_config(args).data
     spec = get_spec(cfg.dataset)
     folder = locate(spec, Path(cfg.data_dir).expanduser())
     if folder is None:
@@ -76,7 +76,7 @@ def cmd_verify(args) -> int:
 def cmd_synth(args) -> int:
     from rlsim.data.synthetic import PRESETS, SynthConfig, default_counts, generate, parse_size, read_meta
 
-    cfg = data_config(args)
+    cfg = run_config(args).data
     source = args.source or (args.dataset if args.dataset and not args.dataset.startswith("synthetic") else None) \
         or "ml-latest-small"
     if args.size and args.ratings:

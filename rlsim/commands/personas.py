@@ -1,8 +1,8 @@
 """`rlsim personas profile|rate|evaluate|align`: flags -> configs -> Ray -> rlsim.personas.run -> printed results.
 
-The API key and endpoint are read here from the environment (OPENAI_API_KEY / OPENAI_BASE_URL, or
-AZURE_OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT) and passed in; the key is never logged, cached or
-written. Ray: --ray-address joins a running cluster; inside `ray job submit` the job's cluster is
+The API key and endpoint come from the environment here, at the edge (OPENAI_API_KEY /
+OPENAI_BASE_URL, or AZURE_OPENAI_API_KEY / AZURE_OPENAI_ENDPOINT, through rlsim.run_config) and are
+passed in; the key is never logged, cached or written. Ray: --ray-address joins a running cluster; inside `ray job submit` the job's cluster is
 joined; otherwise a private local Ray is started (own temp dir, no dashboard) and stopped after.
 --no-ray runs everything in this process. Each command takes only the flags it uses.
 """
@@ -18,21 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
+from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, run_config
 from rlsim.commands.ray_session import cli_ray
-from rlsim.config import from_dict
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.personas.config import PersonaConfig
+from rlsim.run_config import api_key, personas_for
 
 log = logging.getLogger("rlsim.personas")
-
-# flag dest -> PersonaConfig field
-ENDPOINT_FLAGS = [("model", "model"), ("base_url", "base_url"), ("api_version", "api_version")]
-CALL_FLAGS = [("concurrency", "max_concurrency"), ("rpm", "rpm"), ("tpm", "tpm"), ("max_retries", "max_retries"),
-              ("timeout", "timeout_s"), ("budget_usd", "budget_usd")]
-JOB_FLAGS = [("batch_size", "batch_size"), ("k_similar", "k_similar"), ("workers", "n_workers"),
-             ("shard_users", "shard_users")]
-
 
 def _endpoint_args(g) -> None:
     g.add_argument("--backend", choices=["auto", "offline", "openai", "tinytroupe"], default=None,
@@ -69,10 +61,6 @@ def _job_args(g) -> None:
 
 
 # flag dest -> AlignConfig field
-ALIGN_FLAGS = [("demos", "demos"), ("chunk", "chunk"), ("history", "history"), ("pair_questions", "pair_questions"),
-               ("whatif", "whatif"), ("max_lessons", "max_lessons"), ("validation_frac", "validation_frac")]
-
-
 def _align_args(g) -> None:
     g.add_argument("--demos", type=int, help="demonstrations per user: their most recent training ratings outside "
                                              "the validation slice (default 30)")
@@ -93,7 +81,8 @@ def register(sub) -> None:
     p = ps.add_parser("profile", help="build structured / psych / lusifer profiles from training ratings")
     add_data_args(p)
     g = p.add_argument_group("profiles")
-    g.add_argument("--kind", choices=["structured", "psych", "lusifer"], default="structured")
+    g.add_argument("--kind", choices=["structured", "psych", "lusifer"],
+                   help="profile kind (personas.profile; default structured)")
     g.add_argument("--users", type=int, help="only this many users (seeded sample of the evaluable users, --seed)")
     _endpoint_args(g)
     _call_args(g, "profile requests in flight")
@@ -145,42 +134,6 @@ def register(sub) -> None:
 
 # ---------------------------------------------------------------- config, key and Ray from the edge
 
-def persona_config(args, file_cfg: dict | None = None) -> PersonaConfig:
-    """PersonaConfig from YAML, then the environment (endpoint), then flags (flags win); validated."""
-    # httpx logs every request at INFO; keep the console for progress and results.
-    for name in ("httpx", "httpx2", "openai"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    file_cfg = load_config_file(args) if file_cfg is None else file_cfg
-    section = file_cfg.get("personas") or {}
-    cfg = from_dict(PersonaConfig, section, "personas")
-    env = os.environ
-    apply_flags(cfg, args, ENDPOINT_FLAGS + CALL_FLAGS + JOB_FLAGS + [("seed", "seed")])
-    if getattr(args, "calibrate", False):
-        cfg.calibrate = True
-    if getattr(args, "no_cache", False):
-        cfg.cache = False
-    if getattr(args, "kind", None) is not None:
-        cfg.profile = args.kind
-    if cfg.base_url is None:
-        cfg.base_url = env.get("OPENAI_BASE_URL") or env.get("AZURE_OPENAI_ENDPOINT")
-    if cfg.api_version is None and env.get("AZURE_OPENAI_ENDPOINT") and cfg.base_url == env.get("AZURE_OPENAI_ENDPOINT"):
-        cfg.api_version = env.get("OPENAI_API_VERSION") or env.get("AZURE_OPENAI_API_VERSION") or "2024-10-21"
-    backend = getattr(args, "backend", None) or ("auto" if "backend" not in section else cfg.backend)
-    if backend == "auto":
-        backend = "openai" if cfg.base_url else "offline"
-    cfg.backend = backend
-    return cfg.validate()
-
-
-def api_key(cfg: PersonaConfig) -> str | None:
-    env = os.environ
-    key = env.get("AZURE_OPENAI_API_KEY") if cfg.api_version else None
-    key = key or env.get("OPENAI_API_KEY")
-    if cfg.backend != "offline" and not cfg.base_url and not key:
-        raise ConfigError(f"the {cfg.backend} backend needs OPENAI_API_KEY (and OPENAI_BASE_URL for other endpoints)")
-    return key
-
-
 def ray_for_personas(args, cfg: PersonaConfig):
     """Join --ray-address (or the job's cluster inside `ray job submit`), else start a private local Ray.
 
@@ -188,8 +141,8 @@ def ray_for_personas(args, cfg: PersonaConfig):
     started for nothing and a traceback per actor (without Ray the stage checks it before embeddings).
     """
     if cfg.backend != "offline":
-        from rlsim.personas.backends import check_backend
-        from rlsim.personas.run import backend_spec
+        from rlsim.personas.backends.factory import check_backend
+        from rlsim.personas.stages_common import backend_spec
 
         check_backend(backend_spec(cfg))
     return cli_ray(args, num_cpus=max(2, cfg.n_workers))
@@ -227,26 +180,26 @@ def _crash_marker() -> str | None:
 def cmd_profile(args) -> int:
     from rlsim.personas import run
 
-    file_cfg = load_config_file(args)
-    dcfg, cfg = data_config(args, file_cfg), persona_config(args, file_cfg)
-    llm = args.kind != "structured"
-    key = api_key(cfg) if llm and cfg.backend != "offline" else None
+    conf = run_config(args)
+    dcfg, cfg = conf.data, personas_for(conf, "pool")
+    llm = cfg.profile != "structured"
+    key = api_key(cfg, os.environ) if llm and cfg.backend != "offline" else None
     with _ray(args, cfg, llm and not args.dry_run):
-        meta = run.build_profiles_stage(dcfg, cfg, args.kind, args.out, users=args.users, api_key=key,
+        meta = run.build_profiles_stage(dcfg, cfg, cfg.profile, args.out, users=args.users, api_key=key,
                                         use_ray=not args.no_ray, dry_run=args.dry_run, progress=not args.quiet)
     if args.dry_run:
         print(json.dumps(meta))
         print(f"wrote {Path(args.out) / 'dry_run.json'}")
         return 0
     _notes(meta)
-    print(f"wrote {meta['users']} {args.kind} profiles to {args.out}")
+    print(f"wrote {meta['users']} {cfg.profile} profiles to {args.out}")
     return 0
 
 
 def _common(args):
-    file_cfg = load_config_file(args)
-    dcfg, cfg = data_config(args, file_cfg), persona_config(args, file_cfg)
-    key = api_key(cfg) if cfg.backend != "offline" else None
+    conf = run_config(args)
+    dcfg, cfg = conf.data, personas_for(conf, "pool")
+    key = api_key(cfg, os.environ) if cfg.backend != "offline" else None
     return dcfg, cfg, key
 
 
@@ -291,25 +244,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def align_config(args, file_cfg: dict):
-    """AlignConfig from YAML (section ``align``), then flags (flags win); validated."""
-    from rlsim.personas.align import AlignConfig
-
-    cfg = from_dict(AlignConfig, file_cfg.get("align"), "align")
-    apply_flags(cfg, args, ALIGN_FLAGS)
-    return cfg.validate()
-
-
 def cmd_align(args) -> int:
     from rlsim.personas import run
     from rlsim.personas.align import OFFLINE_REFUSAL
 
-    file_cfg = load_config_file(args)
-    dcfg, cfg = data_config(args, file_cfg), persona_config(args, file_cfg)
-    acfg = align_config(args, file_cfg)
+    conf = run_config(args)
+    dcfg, cfg, acfg = conf.data, personas_for(conf, "pool"), conf.align.validate()
     if cfg.backend == "offline":  # before Ray or any data: the offline persona has no lessons
         raise ConfigError(OFFLINE_REFUSAL)
-    key = api_key(cfg)
+    key = api_key(cfg, os.environ)
     with _ray(args, cfg, not args.dry_run):
         result = run.align_stage(dcfg, cfg, acfg, args.out, users=args.users, profiles=args.profiles,
                                  lessons=args.lessons, api_key=key, use_ray=not args.no_ray, dry_run=args.dry_run,

@@ -7,21 +7,17 @@ the policy's simulator actor and env runners, the persona pool) runs in that one
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 
-from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, data_config, load_config_file
+from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, run_config
 from rlsim.commands.ray_session import cli_ray
+from rlsim.run_config import api_key, personas_for
 
 # Stages that run on Ray (the sweep's trials, the policy's simulator actor and env runners, the persona pool;
 # the reward stage too when reward.workers >= 1).
 RAY_STAGES = {"sweep", "policy", "personas"}
-
-
-def reward_on_ray(sections: dict) -> bool:
-    """The reward stage trains on Ray Train when reward.workers >= 1."""
-    from rlsim.reward.config import RewardConfig
-
-    return RewardConfig.from_dict(sections.get("reward")).workers >= 1
 
 
 def register(sub) -> None:
@@ -37,28 +33,33 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_pipeline)
 
 
+def persona_edge(run, env) -> tuple:
+    """(PersonaConfig, API key) when the run has a persona stage; the endpoint and key come from the
+    environment, here at the edge (never written to OUT)."""
+    if not {"personas", "profiles"} & set(run.pipeline.stages or ["personas"]):
+        return None, None
+    cfg = personas_for(run, "pool")
+    return cfg, api_key(cfg, env)
+
+
+def needs_ray(run) -> bool:
+    """The sweep, the policy and the persona pool run on Ray; the reward stage too when reward.workers >= 1."""
+    stages = set(run.pipeline.stages)
+    return bool(stages & RAY_STAGES) or ("reward" in stages and run.reward.validate().workers >= 1)
+
+
 def cmd_pipeline(args) -> int:
     from rlsim.pipeline import make_context, run_pipeline
 
-    sections = load_config_file(args)
-    cfg = data_config(args, sections)
-    if args.stages:
-        sections = {**sections, "pipeline": {**(sections.get("pipeline") or {}),
-                                             "stages": [s.strip() for s in args.stages.split(",") if s.strip()]}}
-    persona_cfg = key = None
-    stages = (sections.get("pipeline") or {}).get("stages") or []
-    if {"personas", "profiles"} & set(stages or ["personas"]):
-        # The endpoint and key come from the environment, here at the edge (never written to OUT).
-        from rlsim.commands.personas import api_key, persona_config
-
-        persona_cfg = persona_config(args, sections)
-        key = api_key(persona_cfg)
-    ctx = make_context(sections, cfg, args.out, progress=not args.quiet, persona_cfg=persona_cfg, api_key=key)
-    needs_ray = bool(set(ctx.cfg.stages) & RAY_STAGES) or ("reward" in ctx.cfg.stages and reward_on_ray(sections))
-    with cli_ray(args, args.num_cpus) if needs_ray else contextlib.nullcontext():
+    run = run_config(args)
+    persona_cfg, key = persona_edge(run, os.environ)
+    ctx = make_context(run, args.out, progress=not args.quiet, persona_cfg=persona_cfg, api_key=key)
+    with cli_ray(args, args.num_cpus) if needs_ray(run) else contextlib.nullcontext():
         summary = run_pipeline(ctx, force=args.force)
     out = Path(args.out)
     ran = ", ".join(summary["ran"]) or "nothing (all stages were done)"
     print(f"ran: {ran}")
+    for note in (summary["stages"].get("evaluate") or {}).get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
     return 0

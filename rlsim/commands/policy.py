@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
+from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, run_config
 from rlsim.commands.ray_session import cli_ray, quiet_ray
-from rlsim.config import from_dict
+from rlsim.config import load_yaml
 from rlsim.errors import ConfigError, DataError
-from rlsim.policy.config import PolicyConfig
+from rlsim.run_config import api_key, personas_for
 from rlsim.simulators import registry
 from rlsim.simulators.factory import SimulatorSpec
 
@@ -51,7 +52,7 @@ def register(sub) -> None:
     t.add_argument("--num-envs", type=int, help="sessions stepped together per env runner")
     t.add_argument("--num-gpus-per-learner", type=float, help="GPUs for the PPO learner (0 = CPU)")
     t.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
-    _llm_args(t)
+    llm_args(t)
     add_ray_arg(t)
     add_quiet_arg(t)
     t.set_defaults(func=cmd_train)
@@ -61,9 +62,11 @@ def register(sub) -> None:
     e.add_argument("--run", required=True, help="the `rlsim policy train` run folder")
     e.add_argument("--out", required=True, help="output folder (metrics.json, per_user.parquet, PNG)")
     _reward_args(e, required=False)
-    e.add_argument("--like-threshold", type=float, default=4.0, help="held-out rating counted as a hit")
+    # Not candidates.like_threshold (`candidates build --like-threshold`): this one only judges.
+    e.add_argument("--like-threshold", dest="hit_threshold", type=float, default=4.0,
+                   help="held-out rating counted as a hit")
     e.add_argument("--ndcg-k", type=int, default=10, help="cut-off of the candidate-ranking NDCG")
-    _llm_args(e)
+    llm_args(e)
     add_ray_arg(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -89,7 +92,7 @@ LLM_FLAGS = [
 ]
 
 
-def _llm_args(p) -> None:
+def llm_args(p) -> None:
     g = p.add_argument_group("LLM persona (--reward llm_persona; endpoint and key as `rlsim personas`: "
                              "OPENAI_BASE_URL, OPENAI_API_KEY or Azure's)")
     for flag, dest, typ, hlp in LLM_FLAGS:
@@ -98,28 +101,12 @@ def _llm_args(p) -> None:
                    help="do not read or write the persona response cache")
 
 
-def llm_persona_edge(args, file_cfg: dict):
-    """(PersonaConfig, API key) for --reward llm_persona: the `personas:` section, the environment and the
-    flags (flags win), as `rlsim personas` resolves them; an LLM persona is an LLM, so the backend is
+def llm_persona_edge(run):
+    """(PersonaConfig, API key) for an LLM persona simulator: the `personas:` section, the environment
+    and the flags as `rlsim personas` resolves them; an LLM persona is an LLM, so the backend is
     openai unless the section names another LLM backend."""
-    from rlsim.commands.personas import api_key, persona_config
-
-    section = dict(file_cfg.get("personas") or {})
-    if section.get("backend") in (None, "auto", "offline"):
-        section["backend"] = "openai"
-    cfg = persona_config(args, {**file_cfg, "personas": section})
-    return cfg, api_key(cfg)
-
-
-def llm_options(args, file_cfg: dict) -> dict:
-    """The LLM persona simulator's options: the `llm_persona:` section, then --llm-method and
-    --summary-every (flags win)."""
-    options = dict(file_cfg.get("llm_persona") or {})
-    if getattr(args, "llm_method", None) is not None:
-        options["method"] = args.llm_method
-    if getattr(args, "summary_every", None) is not None:
-        options["summary_every"] = args.summary_every
-    return options
+    cfg = personas_for(run, "llm")
+    return cfg, api_key(cfg, os.environ)
 
 
 def _simulator_name(value: str) -> str:
@@ -141,29 +128,19 @@ def _reward_args(p, required: bool = True) -> None:
     p.add_argument("--reward-namespace", help="Ray namespace of --reward-actor")
 
 
-def reward_spec(args, file_cfg: dict | None = None) -> SimulatorSpec | None:
-    """The simulator named by --reward; a hybrid takes its settings from the YAML's `hybrid:` section."""
+def reward_spec(args, run) -> SimulatorSpec | None:
+    """The simulator named by --reward; a hybrid takes its settings from the YAML's `hybrid:` section, an
+    LLM persona from `llm_persona:` (then --llm-method, --summary-every)."""
     if not getattr(args, "reward", None):
         return None
-    options = dict((file_cfg or {}).get("hybrid") or {}) if args.reward == "hybrid" else {}
+    options = dict(run.hybrid) if args.reward == "hybrid" else {}
     if args.reward == "llm_persona":
-        options = llm_options(args, file_cfg or {})
-        from rlsim.simulators.llm import llm_sim_config
+        options = dict(run.llm_persona)
+        from rlsim.simulators.llm_config import llm_sim_config
 
         llm_sim_config(options)  # a bad llm_persona: section is one line here, not an actor's traceback
     return SimulatorSpec(args.reward, args.reward_checkpoint, args.reward_actor, args.reward_namespace,
                          options=options).validate()
-
-
-def policy_config(args, file_cfg: dict) -> PolicyConfig:
-    cfg = from_dict(PolicyConfig, file_cfg.get("policy"), "policy")
-    apply_flags(cfg, args, [("iterations", "iterations"), ("horizon", "horizon"), ("reward_mode", "reward_mode"),
-                            ("policy_reward", "reward"), ("skip_penalty", "skip_penalty"),
-                            ("exit_after_skips", "exit_after_skips"),
-                            ("holdout_users", "holdout_users"), ("num_env_runners", "num_env_runners"),
-                            ("num_envs", "num_envs_per_env_runner"), ("num_gpus_per_learner", "num_gpus_per_learner"),
-                            ("seed", "seed")])
-    return cfg.validate()
 
 
 def load_candidates(path: str):
@@ -177,19 +154,16 @@ def load_candidates(path: str):
 
 
 def cmd_train(args) -> int:
-    from rlsim.candidates import CandidatesConfig
     from rlsim.policy.run import train_policy
 
-    file_cfg = load_config_file(args)
-    dcfg = data_config(args, file_cfg)
-    pcfg = policy_config(args, file_cfg)
-    spec = reward_spec(args, file_cfg)
+    run = run_config(args)
+    pcfg = run.policy.validate()
+    spec = reward_spec(args, run)
     cands = load_candidates(args.candidates) if args.candidates else None
-    ccfg = from_dict(CandidatesConfig, file_cfg.get("candidates"), "candidates")
     out = Path(args.out)
-    persona_cfg, key = llm_persona_edge(args, file_cfg) if spec.kind == "llm_persona" else (None, None)
+    persona_cfg, key = llm_persona_edge(run) if spec.kind == "llm_persona" else (run.personas, None)
     with cli_ray(args, args.num_cpus):
-        metrics = train_policy(dcfg, pcfg, spec, out, candidates=cands, ccfg=ccfg, sections=file_cfg,
+        metrics = train_policy(run.data, pcfg, spec, out, candidates=cands, ccfg=run.candidates,
                                progress=not args.quiet, persona_cfg=persona_cfg, api_key=key)
     last = metrics["iterations"][-1]
     print(json.dumps({"iterations": len(metrics["iterations"]), "reward_per_step": last["reward_per_step"],
@@ -202,20 +176,20 @@ def cmd_evaluate(args) -> int:
     from rlsim.policy.run import evaluate_policy, load_run
 
     meta = load_run(args.run)
-    file_cfg = load_config_file(args)
-    if "data" not in file_cfg:
-        file_cfg = {**file_cfg, "data": meta["data"]}
-    dcfg = data_config(args, file_cfg)
-    spec = reward_spec(args, file_cfg)
+    sections = load_yaml(args.config) if args.config else {}
+    if "data" not in sections:  # the training run's data, unless --config names one
+        sections = {**sections, "data": meta["data"]}
+    run = run_config(args, sections)
+    spec = reward_spec(args, run)
     kind = (spec.kind if spec else meta["reward"]["kind"])
     # Only a running simulator actor needs Ray; every other simulator is built in this process.
     import contextlib
 
     quiet_ray(args.verbose, rllib=True)  # loading the policy imports RLlib, which has notices of its own
-    persona_cfg, key = llm_persona_edge(args, file_cfg) if kind == "llm_persona" else (None, None)
+    persona_cfg, key = llm_persona_edge(run) if kind == "llm_persona" else (run.personas, None)
     with cli_ray(args) if kind == "actor" else contextlib.nullcontext():
-        m = evaluate_policy(dcfg, args.run, args.out, spec=spec, like_threshold=args.like_threshold,
-                            ndcg_k=args.ndcg_k, sections=file_cfg, persona_cfg=persona_cfg, api_key=key)
+        m = evaluate_policy(run.data, args.run, args.out, spec=spec, like_threshold=args.hit_threshold,
+                            ndcg_k=args.ndcg_k, persona_cfg=persona_cfg, api_key=key)
     show = {"held_out_users": m["held_out_users"],
             "real_hit_rate": {k: round(float(v), 4) for k, v in m["real_hit_rate"].items()},
             "gap_closed_vs_simulator_oracle": round(float(m["gap_closed"]), 4)}

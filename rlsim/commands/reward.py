@@ -6,16 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, apply_flags, data_config, load_config_file
-from rlsim.config import from_dict, to_dict
+from rlsim.cli import add_data_args, add_quiet_arg, add_ray_arg, run_config
+from rlsim.config import to_dict
 from rlsim.errors import ConfigError
+from rlsim.run_config import REWARD_FLAGS
 
-# flag -> RewardConfig field (flags override the `reward:` YAML section)
-FLAGS = {"epochs": int, "lr": float, "batch_size": int, "dim": int, "layers": int, "heads": int, "ff_dim": int,
-         "dropout": float, "weight_decay": float, "emb_weight_decay": float, "patience": int, "val_frac": float,
-         "mse_weight": float, "label_smoothing": float, "ensemble": int, "decay_epochs": int, "device": str,
-         "workers": int}
+if TYPE_CHECKING:
+    from rlsim.reward.config import RewardConfig
 
 
 def register(sub) -> None:
@@ -24,7 +23,7 @@ def register(sub) -> None:
     tr = rsub.add_parser("train", help="train v-tf on a split; writes checkpoint/, metrics.json, per_user.parquet")
     add_data_args(tr)
     g = tr.add_argument_group("reward model (override the `reward:` section of --config)")
-    for name, tp in FLAGS.items():
+    for name, tp in REWARD_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=tp, dest=f"reward_{name}", metavar=name.upper())
     g.add_argument("--no-history", action="store_true", help="drop the rated-items token")
     g.add_argument("--no-user-features", action="store_true", help="drop the demographics token")
@@ -53,20 +52,11 @@ def register(sub) -> None:
     tu.set_defaults(func=cmd_tune)
 
 
-def reward_config(args, file_cfg: dict):
-    from rlsim.reward.config import RewardConfig
+def reward_config(run) -> "RewardConfig":
+    """The `reward:` section with its flags, validated; a copy (the command sets progress on it)."""
+    import dataclasses
 
-    cfg = RewardConfig.from_dict(file_cfg.get("reward"))
-    apply_flags(cfg, args, [(f"reward_{name}", name) for name in FLAGS])
-    if getattr(args, "no_history", False):
-        cfg.history = False
-    if getattr(args, "no_history_ratings", False):
-        cfg.history_ratings = False
-    if getattr(args, "no_user_features", False):
-        cfg.user_features = False
-    if getattr(args, "seed", None) is not None:
-        cfg.seed = args.seed
-    return cfg.validate()
+    return dataclasses.replace(run.reward).validate()
 
 
 def _summary(result: dict) -> str:
@@ -80,9 +70,8 @@ def cmd_train(args) -> int:
     from rlsim.commands.ray_session import cli_ray
     from rlsim.reward.train import train_reward_model
 
-    file_cfg = load_config_file(args)
-    dcfg = data_config(args, file_cfg)
-    cfg = reward_config(args, file_cfg)
+    run = run_config(args)
+    dcfg, cfg = run.data, reward_config(run)
     cfg.progress = not args.quiet
     # --workers N: a Ray Train run, in the Ray started or joined here (the plain loop needs none).
     with cli_ray(args, args.num_cpus) if cfg.workers else contextlib.nullcontext():
@@ -98,8 +87,7 @@ def cmd_evaluate(args) -> int:
     from rlsim.reward.evaluate import evaluate_predictor, write_plots
     from rlsim.reward.predict import RewardPredictor
 
-    file_cfg = load_config_file(args)
-    dcfg = data_config(args, file_cfg)
+    dcfg = run_config(args).data
     predictor = RewardPredictor.load(args.checkpoint)
     ds, split = load_split(dcfg)
     if ds.scale != predictor.scale:
@@ -119,17 +107,10 @@ def cmd_evaluate(args) -> int:
 
 def cmd_tune(args) -> int:
     from rlsim.commands.ray_session import cli_ray
-    from rlsim.reward.config import RewardConfig
-    from rlsim.tune import TuneConfig, run_sweep
+    from rlsim.tune import run_sweep
 
-    file_cfg = load_config_file(args)
-    dcfg = data_config(args, file_cfg)
-    base = RewardConfig.from_dict(file_cfg.get("reward"))
-    if args.seed is not None:
-        base.seed = args.seed
-    tcfg = from_dict(TuneConfig, file_cfg.get("tune"), "tune")
-    apply_flags(tcfg, args, [(f, f) for f in ("num_samples", "max_concurrent", "max_epochs", "storage_path", "name",
-                                              "seed")])
+    run = run_config(args)
+    dcfg, base, tcfg = run.data, reward_config(run), run.tune
     if tcfg.storage_path is None:
         tcfg.storage_path = str((Path(args.out) / "ray_results").resolve())
     with cli_ray(args, args.num_cpus):

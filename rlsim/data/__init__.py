@@ -1,6 +1,7 @@
 """Datasets in one schema: ratings(user_id, item_id, rating, timestamp), items, users."""
 
-from rlsim.data.movielens import SPECS, get_spec, load_movielens, read_overviews, verify_members
+from rlsim.data.movielens import SPECS, get_spec, load_movielens, verify_members
+from rlsim.data.readers import read_overviews
 from rlsim.data.schema import Dataset, RatingScale, genre_list
 from rlsim.data.splits import Split, holdout_validation, make_split
 from rlsim.data.text import item_texts, user_texts

@@ -88,3 +88,15 @@ def normalise_ratings(df: pd.DataFrame) -> pd.DataFrame:
 
 def genre_list(genres: str) -> list[str]:
     return [g for g in str(genres).split("|") if g and g != "(no genres listed)"]
+
+
+def has_timestamps(ratings) -> bool:
+    """Whether the ratings carry an order in time: some user has two different timestamps. Without
+    one (a file of zeros or one constant) the temporal split and the session replays are off."""
+    if "timestamp" not in ratings or len(ratings) < 2:
+        return False
+    return bool((ratings.groupby("user_id")["timestamp"].nunique() > 1).any())
+
+
+NO_TIMESTAMPS = "no timestamps in the ratings (every user's are equal): the session replay is off"
+

@@ -61,6 +61,11 @@ def make_split(ds: Dataset, split: str, seed: int = 0, test_frac: float = 0.2) -
         train, test = ds.official_splits[split]
         return Split(split, train.reset_index(drop=True), test.reset_index(drop=True))
     if split == "temporal":
+        from rlsim.data.schema import has_timestamps
+
+        if not has_timestamps(ds.ratings):
+            raise DataError(f"split 'temporal' needs timestamps and {ds.name} has none (every user's are equal): "
+                            "use --split random")
         train, test = _per_user_holdout(ds.ratings, test_frac, seed, by_time=True)
     elif split == "random":
         train, test = _per_user_holdout(ds.ratings, test_frac, seed, by_time=False)

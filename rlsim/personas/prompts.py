@@ -316,3 +316,33 @@ def align_prompts_sha256() -> str:
                        reflection_messages(1, "p", ev, 3, sc, ["x"]), lessons_text(["x", "y"]),
                        named_rating_schema("next_ratings", [1], sc)], sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- page choice (rlsim.simulators.llm_choice)
+CHOICE_SYSTEM = ("You are a movie viewer described by the profile, browsing a page of recommended movies. For each "
+                 "movie on the page say whether you would watch it now. Answer only JSON mapping each movie id to "
+                 '"yes" or "no".')
+WATCH_VALUES = ("yes", "no")
+
+
+def page_choice_messages(user_id: int, profile_text: str, items: list[dict], session: list[tuple[str, float]],
+                         summary: str = "") -> list[dict]:
+    """Agent4Rec's page: the profile, the session so far (and the persona's updated summary), then a page
+    of movies (dicts with item_id,title,year,genres), each to be answered "would you watch it now"."""
+    lines = [f"Profile of user {int(user_id)}: {profile_text}"]
+    if summary:
+        lines.append("Your tastes as they stand now, updated during this session: " + " ".join(summary.split()))
+    if session:
+        lines.append(SESSION_INTRO + "; ".join(f"{' '.join(str(label).split())} — you rated {round(float(r), 1):g}"
+                                               for label, r in session) + ".")
+    lines.append("A page of recommended movies (id: title):")
+    lines += [f"{int(it['item_id'])}: {movie_label(it)}" for it in items]
+    lines.append("Would you watch each of them now? Answer yes or no for every movie.")
+    return [{"role": "system", "content": CHOICE_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def page_choice_schema(item_ids: list[int]) -> dict:
+    """response_format json_schema: one required property per movie id, "yes" or "no"."""
+    props = {str(int(i)): {"type": "string", "enum": list(WATCH_VALUES)} for i in item_ids}
+    return {"type": "json_schema", "json_schema": {"name": "page_choice", "strict": True, "schema": {
+        "type": "object", "properties": props, "required": list(props), "additionalProperties": False}}}

@@ -10,12 +10,13 @@ Ray, then calls them (the pipeline calls them inside its own Ray). With ``use_ra
 be running: the work goes to PersonaWorker actors in shards with a manifest and resume, paced by
 the cluster's limiter of the endpoint; the offline persona goes through the same actors (answers
 from the fitted model, no requests). ``use_ray=False`` runs the same engine in this process.
+What the verbs share with alignment (``rlsim.personas.align``) lives in ``stages_common`` and
+``pairs`` (``rate_pairs``), which import neither this module nor alignment.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Iterable
@@ -26,81 +27,22 @@ import pandas as pd
 from rlsim.config import DataConfig
 from rlsim.errors import ConfigError, RlsimError
 from rlsim.io import write_json, write_parquet
-from rlsim.personas.backends import BackendSpec, check_backend
+from rlsim.personas.backends import BackendSpec
+from rlsim.personas.backends.factory import check_backend
 from rlsim.personas.config import PersonaConfig
-from rlsim.personas.grounding import WorkUnit
+from rlsim.personas.pairs import rate_pairs
+from rlsim.personas.stages_common import (backend_spec, evaluable_users, need_ray, response_cache_path,
+                                          sample_users, split_fingerprint)
 
 log = logging.getLogger("rlsim.personas")
 
-OFFLINE_UNIT_ITEMS = 1000  # the offline persona answers a user's items in one unit (no prompt limit)
 
-
-# ---------------------------------------------------------------- helpers shared by the verbs
-
-def backend_spec(cfg: PersonaConfig, api_key: str | None = None) -> BackendSpec:
-    """How workers build the backend. The key travels in the spec only (never logged, cached or written)."""
-    return BackendSpec(kind=cfg.backend, model=cfg.model, base_url=cfg.base_url, api_version=cfg.api_version,
-                       timeout_s=cfg.timeout_s, api_key=api_key)
-
-
-def response_cache_path(data_cfg: DataConfig, cfg: PersonaConfig) -> str | None:
-    return str(Path(data_cfg.cache_dir).expanduser() / "personas" / "responses.sqlite") if cfg.cache else None
-
-
-def split_fingerprint(split) -> str:
-    """sha256 of the split's held-out (user, item) pairs: two splits with one name but other
-    seeds or test fractions differ here."""
-    t = split.test[["user_id", "item_id"]].astype("int64").sort_values(["user_id", "item_id"])
-    return hashlib.sha256(np.ascontiguousarray(t.to_numpy()).tobytes()).hexdigest()
-
-
-def job_context(data_cfg: DataConfig, split, cfg: PersonaConfig) -> dict:
-    """What identifies a rating job beside the backend (rlsim.personas.pool.job_identity): the data, and
-    the text model whose vectors choose each prompt's grounding movies (the offline persona's too)."""
-    context = {"dataset": data_cfg.dataset, "split": split.name, "split_fingerprint": split_fingerprint(split)}
-    if cfg.backend == "offline" or cfg.k_similar > 0:
-        context["text_model"] = data_cfg.text_model
-    return context
-
-
-def sample_users(ids: Iterable, n: int | Iterable[int] | None, seed: int) -> np.ndarray:
-    """All of ``ids`` (n=None), a seeded sample of n of them, or the given ids that are among them."""
-    ids = np.array(sorted(set(int(x) for x in ids)), dtype=np.int64)
-    if n is None:
-        return ids
-    if not isinstance(n, (int, np.integer)):
-        want = np.array(sorted(set(int(x) for x in n)), dtype=np.int64)
-        return want[np.isin(want, ids)]
-    if n <= 0:
-        raise ConfigError(f"users must be >= 1, got {n}")
-    if n >= len(ids):
-        return ids
-    return np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
-
-
-def evaluable_users(split) -> np.ndarray:
-    """Users with held-out ratings and training ratings (the ones a persona can be scored on)."""
-    return np.intersect1d(split.test["user_id"].unique(), split.train["user_id"].unique())
-
-
-def _vectors(ds, data_cfg: DataConfig):
-    from rlsim.embeddings import item_text_vectors
-
-    return item_text_vectors(ds.items, data_cfg.text_model, data_cfg.cache_dir)
-
-
-def _need_ray(use_ray: bool) -> None:
-    if use_ray:
-        import ray
-
-        if not ray.is_initialized():
-            raise ConfigError("use_ray=True needs a running Ray (the CLI starts or joins one; "
-                              "or pass use_ray=False)")
-
+# ---------------------------------------------------------------- helpers of the verbs
 
 def _limiter(cfg: PersonaConfig, spec: BackendSpec, use_ray: bool, job: str):
     """The cluster's limiter of this endpoint (registered for this job), or one for this process."""
-    from rlsim.personas.limiter import LocalLimiter, RateLimiter, RayLimiter, cluster_limiter, limiter_name
+    from rlsim.personas.limiter import LocalLimiter, RateLimiter, limiter_name
+    from rlsim.personas.limiter_actor import RayLimiter, cluster_limiter
 
     if not use_ray:
         return LocalLimiter(RateLimiter(cfg.rpm, cfg.tpm, cfg.budget_usd)), None
@@ -109,138 +51,6 @@ def _limiter(cfg: PersonaConfig, spec: BackendSpec, use_ray: bool, job: str):
     handle = cluster_limiter(limiter_name(spec.base_url, spec.model))
     reg = ray.get(handle.register.remote(job, cfg.rpm, cfg.tpm, cfg.budget_usd, 0.0))
     return RayLimiter(handle, job), reg
-
-
-def _profiles_for_job(path, data_cfg: DataConfig, split, users: np.ndarray, ds) -> tuple[dict[int, str], dict]:
-    """Profile texts for the job's users from a profiles folder, after checking they were built on this
-    dataset and split (another split's training ratings would leak held-out ratings into prompts)."""
-    from rlsim.personas.profiles import read_profiles, structured_profiles, structured_text
-
-    texts: dict[int, str] = {}
-    info: dict = {"source": "structured (built now)"}
-    if path is not None:
-        df, meta = read_profiles(path)
-        if meta.get("dataset") != data_cfg.dataset or meta.get("split") != split.name:
-            raise ConfigError(f"profiles in {path} were built on {meta.get('dataset')} split {meta.get('split')}, "
-                              f"this job uses {data_cfg.dataset} split {split.name}; build profiles on the same split")
-        fp = meta.get("split_fingerprint")
-        if fp is not None and fp != split_fingerprint(split):
-            raise ConfigError(f"profiles in {path} were built on another '{split.name}' split of {data_cfg.dataset} "
-                              "(other seed or test fraction); build profiles on the same split")
-        pr = Path(path) if Path(path).is_dir() else Path(path).parent
-        if (pr / "profile_ratings.parquet").is_file():
-            used = pd.read_parquet(pr / "profile_ratings.parquet", columns=["user_id", "item_id"])
-            leak = used.merge(split.test[["user_id", "item_id"]], on=["user_id", "item_id"])
-            if len(leak):
-                raise ConfigError(f"profiles in {path} were built from {len(leak)} ratings this split holds out; "
-                                  "build profiles on the same split")
-        have = df[df["user_id"].isin(users)]
-        texts = dict(zip(have["user_id"].astype(int), have["text"]))
-        kinds = have["kind"].value_counts().to_dict()
-        info = {"source": str(path), "asked_kind": meta.get("kind"), "kinds": {k: int(v) for k, v in kinds.items()}}
-    missing = [int(u) for u in users if int(u) not in texts]
-    if missing:
-        sub = split.train[split.train["user_id"].isin(missing)]
-        st = structured_profiles(sub, ds.items, ds.users, ds.scale)
-        texts.update({u: structured_text(p, ds.scale) for u, p in st.items()})
-        if path is not None:
-            info["structured_for_missing_users"] = len(missing)
-            info.setdefault("kinds", {})
-            info["kinds"]["structured"] = info["kinds"].get("structured", 0) + len(missing)
-    blob = json.dumps(sorted((int(u), texts.get(int(u), "")) for u in users))
-    info["sha256"] = hashlib.sha256(blob.encode("utf-8")).hexdigest()
-    return texts, info
-
-
-def offline_units(pairs: pd.DataFrame, scale, per_unit: int = OFFLINE_UNIT_ITEMS) -> list[WorkUnit]:
-    """Units for the offline persona: a user's items (no prompt, so no batching limit)."""
-    sc = (float(scale.min), float(scale.max), float(scale.step))
-    out = []
-    for u, g in pairs.groupby("user_id", sort=True):
-        ids = [int(i) for i in dict.fromkeys(g["item_id"].tolist())]
-        for s in range(0, len(ids), per_unit):
-            out.append(WorkUnit(int(u), ids[s:s + per_unit], "", [], {}, sc))
-    return out
-
-
-def offline_source(pairs: pd.DataFrame, scale, per_unit: int = OFFLINE_UNIT_ITEMS):
-    """``offline_units`` built a group of users at a time, when the job needs them (a ``UnitSource``)."""
-    from rlsim.personas.grounding import pairs_source
-
-    return pairs_source(pairs, lambda p: offline_units(p, scale, per_unit), per_unit)
-
-
-def _rate_pairs(ds, split, data_cfg: DataConfig, cfg: PersonaConfig, pairs: pd.DataFrame, job_dir: Path, *,
-                profiles, api_key, use_ray, dry_run, progress, crash_marker,
-                lessons: dict[int, list[str]] | None = None, lessons_info: dict | None = None
-                ) -> tuple[pd.DataFrame, dict]:
-    """(user_id, item_id, predicted, predicted_raw, status, reason) for pairs, and the job summary.
-
-    ``lessons`` (user -> lessons from ``personas align``) ride on each user's profile line; the offline
-    persona reads none (a ConfigError)."""
-    from rlsim.personas.pool import dry_run as estimate
-    from rlsim.personas.pool import run_rating_job
-
-    spec = backend_spec(cfg, api_key)
-    users = np.sort(pairs["user_id"].unique())
-    context = job_context(data_cfg, split, cfg)
-    if not dry_run:
-        check_backend(spec)  # before the embeddings: a broken install (TinyTroupe) is one ConfigError
-    vectors = None if dry_run and cfg.backend == "offline" else _vectors(ds, data_cfg)
-    offline_model = None
-    notes = []
-    if cfg.backend == "offline" and lessons is not None:
-        from rlsim.personas.align import OFFLINE_LESSONS
-
-        raise ConfigError(OFFLINE_LESSONS)
-    linfo = None
-    if cfg.backend == "offline":
-        units = offline_source(pairs, ds.scale)
-        if profiles is not None:
-            notes.append("the offline persona does not read profiles; --profiles was not used")
-        if not dry_run:
-            from rlsim.personas.source import offline_persona
-
-            offline_model = offline_persona(ds, split.train, cfg, vectors)
-    else:
-        from rlsim.personas.grounding import PromptBuilder
-
-        texts, pinfo = _profiles_for_job(profiles, data_cfg, split, users, ds)
-        context["profiles_sha256"] = pinfo["sha256"]
-        if lessons is not None:
-            from rlsim.personas.align import apply_lessons
-
-            texts, linfo = apply_lessons(texts, lessons)
-            linfo = {**(lessons_info or {}), **linfo}
-            context["lessons_sha256"] = linfo["sha256"]
-            if linfo["users_with_lessons"] < linfo["users"]:
-                notes.append(f"{linfo['users'] - linfo['users_with_lessons']} of {linfo['users']} users have no "
-                             "lessons; they are rated with their profile alone")
-        units = PromptBuilder(split.train, ds.items, ds.scale, texts, vectors, cfg.k_similar,
-                              cfg.batch_size).source(pairs)
-        if pinfo.get("structured_for_missing_users"):
-            notes.append(f"{pinfo['structured_for_missing_users']} users had no profile in {profiles}; they use the "
-                         "structured profile")
-    if dry_run:
-        est = estimate(units, spec, cfg)
-        return pd.DataFrame(), {**est, "notes": notes, **({"lessons": linfo} if linfo else {})}
-    summary = run_rating_job(units, job_dir, spec, cfg, response_cache_path(data_cfg, cfg), use_ray=use_ray,
-                             progress=progress, crash_marker=crash_marker, context=context,
-                             offline_model=offline_model)
-    if cfg.backend != "offline":
-        summary["profiles"] = pinfo
-    if linfo is not None:
-        summary["lessons"] = linfo
-    if summary.get("limits", {}).get("note"):
-        notes.append(summary["limits"]["note"])
-    if summary["retryable_failed"]:
-        notes.append(f"{summary['retryable_failed']} pairs failed for a transient reason "
-                     f"({', '.join(sorted(summary['failure_reasons']))}); run the same command again to retry them")
-    summary["notes"] = notes
-    res = pd.read_parquet(job_dir / "ratings.parquet")
-    df = pairs[["user_id", "item_id"]].merge(res, on=["user_id", "item_id"], how="left")
-    df = df.rename(columns={"rating": "predicted", "raw": "predicted_raw"})
-    return df[["user_id", "item_id", "predicted", "predicted_raw", "status", "reason", "attempts", "source"]], summary
 
 
 def _calibrate(df: pd.DataFrame, split, ds, cfg: PersonaConfig) -> pd.DataFrame:
@@ -276,7 +86,7 @@ def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind:
         raise ConfigError(f"unknown profile kind '{kind}' (known: {', '.join(KINDS)})")
     if kind != "structured" and cfg.backend == "offline":
         raise ConfigError(f"'{kind}' profiles need an LLM: set OPENAI_BASE_URL or pass --backend openai")
-    _need_ray(use_ray and kind != "structured" and not dry_run)
+    need_ray(use_ray and kind != "structured" and not dry_run)
     if kind != "structured" and not dry_run:
         check_backend(backend_spec(cfg))  # a broken install (TinyTroupe) is one ConfigError, before any work
     out = Path(out)
@@ -286,7 +96,7 @@ def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind:
     chosen = sample_users(pool, users, data_cfg.seed)
     train = split.train[split.train["user_id"].isin(chosen)]
     if dry_run:
-        from rlsim.personas.pool import PROFILE_COMPLETION_ESTIMATE
+        from rlsim.personas.usage import PROFILE_COMPLETION_ESTIMATE
 
         est = profiles_dry_run(kind, train, ds.items, ds.users, ds.scale, cfg.lusifer_last_n, cfg.lusifer_batch)
         c_tok = est["requests"] * PROFILE_COMPLETION_ESTIMATE
@@ -298,7 +108,7 @@ def build_profiles_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, kind:
     engine = reg = None
     if kind != "structured":
         from rlsim.personas.cache import ResponseCache
-        from rlsim.personas.pool import RatingEngine
+        from rlsim.personas.engine import RatingEngine
 
         spec = backend_spec(cfg, api_key)
         job = "profiles-" + hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]
@@ -355,7 +165,7 @@ def rate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | Path
     from rlsim.data import load_split
 
     cfg = persona_cfg.validate()
-    _need_ray(use_ray and not dry_run)
+    need_ray(use_ray and not dry_run)
     out = Path(out)
     ds, split = load_split(data_cfg)
     pairs = split.test[["user_id", "item_id"]] if pairs is None else \
@@ -363,7 +173,7 @@ def rate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | Path
     chosen = sample_users(pairs["user_id"], users, data_cfg.seed)
     pairs = pairs[pairs["user_id"].isin(chosen)].reset_index(drop=True)
     lessons_map, linfo = _lessons_for_job(lessons, data_cfg, split, cfg)
-    df, summary = _rate_pairs(ds, split, data_cfg, cfg, pairs, out / "job", profiles=profiles, api_key=api_key,
+    df, summary = rate_pairs(ds, split, data_cfg, cfg, pairs, out / "job", profiles=profiles, api_key=api_key,
                               use_ray=use_ray, dry_run=dry_run, progress=progress, crash_marker=crash_marker,
                               lessons=lessons_map, lessons_info=linfo)
     if dry_run:
@@ -398,7 +208,7 @@ def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | 
     cfg = persona_cfg.validate()
     if ndcg_k < 1:
         raise ConfigError(f"ndcg_k must be >= 1, got {ndcg_k}")
-    _need_ray(use_ray and not dry_run)
+    need_ray(use_ray and not dry_run)
     out = Path(out)
     ds, split = load_split(data_cfg)
     chosen = sample_users(evaluable_users(split), users, data_cfg.seed)
@@ -406,7 +216,7 @@ def evaluate_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, out: str | 
     if not len(test):
         raise ConfigError("no held-out ratings for the chosen users")
     lessons_map, linfo = _lessons_for_job(lessons, data_cfg, split, cfg)
-    df, summary = _rate_pairs(ds, split, data_cfg, cfg, test[["user_id", "item_id"]], out / "job",
+    df, summary = rate_pairs(ds, split, data_cfg, cfg, test[["user_id", "item_id"]], out / "job",
                               profiles=profiles, api_key=api_key, use_ray=use_ray, dry_run=dry_run,
                               progress=progress, crash_marker=crash_marker, lessons=lessons_map,
                               lessons_info=linfo)
@@ -444,7 +254,7 @@ def _lessons_for_job(lessons, data_cfg: DataConfig, split, cfg: PersonaConfig):
     """(user -> lessons, info) from an align OUT folder, checked against this dataset and split; (None, None)."""
     if lessons is None:
         return None, None
-    from rlsim.personas.align import OFFLINE_LESSONS, load_lessons
+    from rlsim.personas.lessons import OFFLINE_LESSONS, load_lessons
 
     if cfg.backend == "offline":
         raise ConfigError(OFFLINE_LESSONS)
@@ -469,6 +279,5 @@ def align_stage(data_cfg: DataConfig, persona_cfg: PersonaConfig, align_cfg, out
     offline backend is refused: it has no lessons.
     """
     from rlsim.personas.align import run_align
-
     return run_align(data_cfg, persona_cfg, align_cfg, out, users=users, profiles=profiles, lessons=lessons,
                      api_key=api_key, use_ray=use_ray, dry_run=dry_run, progress=progress)

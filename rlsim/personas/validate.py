@@ -34,7 +34,9 @@ class Parsed:
         return not self.missing and not self.invalid
 
 
-def _load_json(text: str) -> tuple[dict | None, str]:
+def load_json(text: str) -> tuple[dict | None, str]:
+    """The JSON object of an answer (fences and prose around it stripped) and how it was read: json,
+    fenced or failed (None). A single nested object ({"ratings": {...}}) is unwrapped."""
     t = text.strip()
     m = _FENCE.search(t)
     how = "json"
@@ -56,7 +58,7 @@ def _load_json(text: str) -> tuple[dict | None, str]:
 
 
 def parse_ratings(text: str, expected: list[int], scale: RatingScale) -> Parsed:
-    obj, how = _load_json(text or "")
+    obj, how = load_json(text or "")
     if obj is None:
         pairs = _PAIR.findall(text or "")
         obj = {k: v for k, v in pairs}

@@ -57,10 +57,10 @@ def held_out_eligible(data, test: pd.DataFrame) -> np.ndarray:
     return np.isin(data.user_ids, test["user_id"].unique())
 
 
-def _persona_cfg(sections: dict | None):
+def _persona_cfg(persona_cfg):
     from rlsim.personas.config import PersonaConfig
 
-    return from_dict(PersonaConfig, (sections or {}).get("personas"), "personas")
+    return persona_cfg or PersonaConfig()
 
 
 def _candidates(dcfg: DataConfig, ds, split, candidates, ccfg, out: Path) -> pd.DataFrame:
@@ -76,13 +76,12 @@ def _candidates(dcfg: DataConfig, ds, split, candidates, ccfg, out: Path) -> pd.
 
 
 def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out: str | Path, *,
-                 candidates: pd.DataFrame | None = None, ccfg=None, sections: dict | None = None,
-                 dataset=None, split=None, progress: bool = True, persona_cfg=None,
+                 candidates: pd.DataFrame | None = None, ccfg=None, dataset=None, split=None, progress: bool = True, persona_cfg=None,
                  api_key: str | None = None, source: str | None = None) -> dict:
     """Train PPO on the training users against the simulator ``spec``; writes OUT/{env_data/,
     checkpoint/, train_metrics.json, run.json} and returns the training metrics.
 
-    ``persona_cfg`` (default: the `personas:` section) and ``api_key`` reach an LLM persona
+    ``persona_cfg`` (the `personas:` section; default PersonaConfig()) and ``api_key`` reach an LLM persona
     simulator (``spec.kind == "llm_persona"``); the key is never written. ``source`` names the reward
     source in the reward accounting and its errors (default: the spec's label)."""
     import ray
@@ -122,7 +121,7 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
     else:
         name, namespace = f"rlsim-simulator-{uuid.uuid4().hex[:12]}", None
         factory = simulator_factory(spec, ds, split.train, seed=dcfg.seed,
-                                    persona_cfg=persona_cfg or _persona_cfg(sections),
+                                    persona_cfg=_persona_cfg(persona_cfg),
                                     text_model=dcfg.text_model, cache_dir=dcfg.cache_dir, api_key=api_key)
         # Keep the handle: a non-detached named actor ends with its creator's last handle.
         actor = start_simulator_actor(name, factory)
@@ -184,8 +183,7 @@ def judge_users(data, rows, rewards, module, history: int, test: pd.DataFrame, l
 
 
 def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec: SimulatorSpec | None = None,
-                    like_threshold: float = 4.0, ndcg_k: int = 10, sections: dict | None = None,
-                    dataset=None, split=None, persona_cfg=None, api_key: str | None = None) -> dict:
+                    like_threshold: float = 4.0, ndcg_k: int = 10, dataset=None, split=None, persona_cfg=None, api_key: str | None = None) -> dict:
     """Judge a trained policy on its held-out users; writes OUT/{metrics.json, per_user.parquet,
     reward_boxplot.png} and returns the metrics."""
     from rlsim.baselines import evaluate_baselines
@@ -206,7 +204,7 @@ def evaluate_policy(dcfg: DataConfig, run: str | Path, out: str | Path, *, spec:
     held_ids = np.asarray(meta.get("users", {}).get("held_out_user_ids", []), np.int64)
     is_held = np.isin(data.user_ids, held_ids)
     held_rows, train_rows = np.flatnonzero(is_held), np.flatnonzero(~is_held)
-    kw = dict(seed=dcfg.seed, persona_cfg=persona_cfg or _persona_cfg(sections), text_model=dcfg.text_model,
+    kw = dict(seed=dcfg.seed, persona_cfg=_persona_cfg(persona_cfg), text_model=dcfg.text_model,
               cache_dir=dcfg.cache_dir)
     sim = local_simulator(spec, ds, split.train, **kw, **({"api_key": api_key} if spec.kind == "llm_persona" else {}))
     rewards = score_all(data, sim)  # the simulator's expected rating of every candidate, no session

@@ -37,8 +37,8 @@ from rlsim.errors import ConfigError, RlsimError, require_ray
 from rlsim.reward.config import RewardConfig
 from rlsim.reward.features import FeatureTables
 from rlsim.reward.model import VanillaTransformer
-from rlsim.reward.train import (EpochHooks, _tensors, run_epochs, steps_per_epoch, validation_metrics,
-                                validation_sums)
+from rlsim.reward.loop import (EpochHooks, run_epochs, steps_per_epoch, tensors, validation_metrics,
+                               validation_sums)
 
 WEIGHTS = "weights.pt"
 
@@ -93,8 +93,8 @@ def _worker_loop(config: dict) -> None:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         model = VanillaTransformer(cfg, ft, scale.values).to(device)
-        tr = _tensors(ft, ray.get(config["shards"][rank]), scale, device, cfg.choice_weight > 0)
-        va = _tensors(ft, ray.get(config["val_shards"][rank]), scale, device)
+        tr = tensors(ft, ray.get(config["shards"][rank]), scale, device, cfg.choice_weight > 0)
+        va = tensors(ft, ray.get(config["val_shards"][rank]), scale, device)
     # Buffers (feature tables, history matrices) are equal everywhere by construction: no broadcasts.
     net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     full, steps = steps_per_epoch(config["n_train"], cfg)

@@ -122,6 +122,15 @@ class BatchingSimulator:
                 b[3].set_result((np.asarray(p[pos:pos + k]), list(why[pos:pos + k])))
             pos += k
 
+    async def choice_with_reasons(self, users, items, sessions=None) -> tuple[np.ndarray, list[str]]:
+        """P(pick) per pair and why it failed ("" when answered). Not gathered into batches: a choice
+        model is a numpy lookup, and an LLM persona's page choice is awaited (its requests overlap)."""
+        if hasattr(self.sim, "achoice_with_reasons"):
+            p, why = await self.sim.achoice_with_reasons(users, items, sessions)
+        else:
+            p, why = self.sim.choice_with_reasons(users, items, sessions)
+        return np.asarray(p, float), list(why)
+
     async def score(self, users, items, sessions=None) -> np.ndarray:
         """Expectations; without a session they are memoised by (user, item) (the static table path).
         A failed pair (NaN) is not memoised: a later request asks the simulator again, whose own retry
@@ -164,8 +173,10 @@ def _actor_class():
             return await self.body.score(users, items, sessions)
 
         async def choice(self, users, items, sessions=None):
-            # Choice models are cheap numpy lookups: answered here, not gathered into batches.
-            return self.body.sim.choice(users, items, sessions)
+            return (await self.body.choice_with_reasons(users, items, sessions))[0]
+
+        async def choice_with_reasons(self, users, items, sessions=None):
+            return await self.body.choice_with_reasons(users, items, sessions)
 
         async def get_scale(self):
             return self.body.scale
@@ -282,6 +293,14 @@ class SimulatorClient(Simulator):
         if not self.has_choice:  # one line, as a local simulator that only rates says it
             return super().choice(users, items, sessions)
         return np.asarray(ray.get(self.handle.choice.remote(np.asarray(users), np.asarray(items), sessions)), float)
+
+    def choice_with_reasons(self, users, items, sessions=None) -> tuple[np.ndarray, list[str]]:
+        import ray
+
+        if not self.has_choice:
+            return super().choice_with_reasons(users, items, sessions)
+        p, why = ray.get(self.handle.choice_with_reasons.remote(np.asarray(users), np.asarray(items), sessions))
+        return np.asarray(p, float), list(why)
 
     @property
     def has_choice(self) -> bool:

@@ -9,6 +9,7 @@ probability distribution over the dataset's rating scale, never a single number,
     score(users, items, sessions)        -> the expectation (the old point prediction)
     sample(users, items, sessions, rng)  -> one draw per pair, from a seeded numpy Generator
     choice(users, items, sessions)       -> [n] P(pick it now); has_choice says whether it can
+                                            (NaN where it failed; choice_with_reasons says why)
     outcome(users, items, sessions)      -> [n, 1 + C]: P(skip), then P(pick and rate r)
 
 ``sessions`` is ``None`` (no session: the user's training history alone) or one :class:`Session`
@@ -126,6 +127,12 @@ class Simulator:
         if self.choice_model is None:
             raise NoChoiceModel(f"simulated user {self.name!r} has no choice model: it only rates")
         return np.asarray(self.choice_model.probability(users, items, check_sessions(sessions, len(users))), float)
+
+    def choice_with_reasons(self, users, items, sessions: Sessions = None) -> tuple[np.ndarray, list[str]]:
+        """``choice`` and, per pair, why it is NaN ("" when answered): a simulator that knows why it failed
+        (the LLM persona: budget, http_500, ...) says so; here a NaN is "unanswered"."""
+        p = self.choice(users, items, sessions)
+        return p, ["" if np.isfinite(x) else "unanswered" for x in p]
 
     def outcome(self, users, items, sessions: Sessions = None) -> np.ndarray:
         """[n, 1 + C]: P(skip), then P(pick and rate r) for each r of scale.values (rows sum to 1)."""

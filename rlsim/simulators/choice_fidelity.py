@@ -92,8 +92,11 @@ def choice_session_gain(choose, train: pd.DataFrame, test: pd.DataFrame, n_negat
     (watched) and without any session. ``choose(users, items, sessions)``; a positive gain means the
     session helps. On a split whose test movies are not later than the training ones (ML-100K u1)
     expect no gain: replay a temporal split (ml-latest-small temporal)."""
+    from rlsim.data.schema import NO_TIMESTAMPS, has_timestamps
     from rlsim.simulators.base import Session
 
+    if not has_timestamps(test):
+        return {"trials": 0, "auc_gain": None, "note": NO_TIMESTAMPS}
     rng = np.random.default_rng(seed)
     catalogue = np.unique(train["item_id"].to_numpy())
     seen = pd.concat([train[["user_id", "item_id"]], test[["user_id", "item_id"]]])

@@ -126,7 +126,13 @@ def replay_sessions(test: pd.DataFrame, max_len: int = 20) -> tuple[pd.DataFrame
 
 
 def session_gain(sim, test: pd.DataFrame, max_len: int = 20) -> dict:
-    """Next-rating NLL with and without the session so far (positive gain = the session helps)."""
+    """Next-rating NLL with and without the session so far (positive gain = the session helps).
+    Ratings without timestamps have no order to replay: the gain is None, with a note."""
+    from rlsim.data.schema import NO_TIMESTAMPS, has_timestamps
+
+    if not has_timestamps(test):
+        return {"pairs": 0, "session_nll_gain": None, "note": NO_TIMESTAMPS,
+                "conditions_on_session": bool(sim.conditions_on_session)}
     df, sessions = replay_sessions(test, max_len)
     users, items, y = df["user_id"].to_numpy(), df["item_id"].to_numpy(), df["rating"].to_numpy(float)
     p_without, p_with = sim.distribution(users, items), sim.distribution(users, items, sessions)

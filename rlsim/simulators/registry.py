@@ -201,7 +201,7 @@ def _hybrid(spec, ctx: BuildContext):
 
 
 def _llm_persona(spec, ctx: BuildContext):
-    from rlsim.simulators.llm import llm_persona_factory
+    from rlsim.simulators.llm_build import llm_persona_factory
 
     return llm_persona_factory(ctx.ds, ctx.train, ctx.persona_cfg, ctx.api_key, spec.options, seed=ctx.seed,
                                text_model=ctx.text_model, cache_dir=ctx.cache_dir)
@@ -221,7 +221,8 @@ register(Entry("offline_persona", "the offline persona: neighbours' ratings and 
 register(Entry("hybrid", "the reward model, asking the persona where it is unsure and distilling the answer; "
                "picks by the reward model's choice head, else the persona's choice",
                _hybrid, needs=("checkpoint", "persona_config"), choice="head or persona"))
-register(Entry("llm_persona", "LLM personas through an OpenAI-compatible endpoint (cache, limiter, budget)",
-               _llm_persona, needs=("persona_config", "endpoint")))
+register(Entry("llm_persona", "LLM personas through an OpenAI-compatible endpoint (cache, limiter, budget); picks "
+               "as Agent4Rec's users: a page of movies, would you watch each now", _llm_persona,
+               needs=("persona_config", "endpoint"), choice="llm_page"))
 register(Entry("actor", "a simulator already running as a named Ray actor (any of the above)", None,
                needs=("actor",)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from rlsim.simulators.base import Session
 from rlsim.simulators.choice import LazyChoice, NeighbourChoice, PopularityChoice, sample_negatives

@@ -60,7 +60,7 @@ def test_every_registered_simulator_is_covered_here():
     assert set(registry.names()) == set(LOCAL) | {"actor"}, "a new simulator needs a setup in this test"
     # one name: aliases resolve to it, outputs say it
     assert registry.canonical("model") == "reward_model" and registry.canonical("personas") == "offline_persona"
-    assert {"bias", "mf", "offline_persona"} <= CHOOSING and "reward_model" in registry.choosing()
+    assert {"bias", "mf", "offline_persona", "llm_persona"} <= CHOOSING and "reward_model" in registry.choosing()
     assert SimulatorSpec("model", "x").kind == "reward_model"
     with pytest.raises(ConfigError, match="unknown simulated user 'nope'"):
         SimulatorSpec("nope").validate()

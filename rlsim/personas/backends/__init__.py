@@ -9,16 +9,14 @@ and raise ``TransientError`` (retry: 429, 5xx, timeouts, connection errors) or
 A backend that sends several HTTP requests per answer (TinyTroupe) sets ``gated = True``: the
 engine then passes ``gate=`` (a ``RequestGate``) and the backend calls it around every request
 it sends, so the limiter and the usage see the real traffic; otherwise the engine reserves one
-request per ``chat``. ``check_backend`` imports what a backend needs, so a broken install is a
-``ConfigError`` before any worker starts.
+request per ``chat``. ``factory.check_backend`` imports what a backend needs, so a broken install
+is a ``ConfigError`` before any worker starts; ``factory.build_backend`` builds one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
-
-from rlsim.errors import ConfigError
 
 BACKENDS = ("offline", "openai", "tinytroupe")
 
@@ -91,28 +89,3 @@ class BackendSpec:
     def cache_identity(self) -> dict:
         # What identifies answers: never the key.
         return {"backend": self.kind, "model": self.model, "base_url": (self.base_url or "").rstrip("/")}
-
-
-def keeps_memory(spec: BackendSpec) -> bool:
-    """Whether the backend remembers a user's earlier batches (then they should meet the same worker)."""
-    return spec.kind == "tinytroupe"
-
-
-def check_backend(spec: BackendSpec) -> None:
-    """Import what the backend needs, in this process; a ConfigError (one line) when it cannot."""
-    if spec.kind == "tinytroupe":
-        from rlsim.personas.backends.tinytroupe_backend import load_tinytroupe
-
-        load_tinytroupe()
-
-
-def build_backend(spec: BackendSpec):
-    if spec.kind == "openai":
-        from rlsim.personas.backends.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(spec)
-    if spec.kind == "tinytroupe":
-        from rlsim.personas.backends.tinytroupe_backend import TinyTroupeBackend
-
-        return TinyTroupeBackend(spec)
-    raise ConfigError(f"unknown LLM backend '{spec.kind}' (known: openai, tinytroupe; 'offline' needs no LLM)")

@@ -18,6 +18,7 @@ would hold, so the answers are those of the dense version (which needed 0.76 GB 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,9 @@ from scipy import sparse
 from rlsim.baselines import BiasBaseline, MatrixFactorization
 from rlsim.data.schema import RatingScale
 from rlsim.personas.config import OfflineConfig
+
+if TYPE_CHECKING:
+    from rlsim.personas.grounding import WorkUnit
 
 
 class OfflinePersona:
@@ -171,3 +175,19 @@ def _user_sample(df: pd.DataFrame, max_pairs: int, seed: int = 0) -> pd.DataFram
     sizes = df.groupby("user_id").size().reindex(users[order]).to_numpy()
     keep = users[order][np.cumsum(sizes) <= max_pairs]
     return df[df["user_id"].isin(keep)].reset_index(drop=True)
+
+
+class OfflineBackend:
+    """The offline persona behind the rating engine's interface: answers a unit from the fitted
+    ``OfflinePersona`` (snapped to the scale like an LLM's answer; the unsnapped value kept)."""
+
+    kind = "offline"
+
+    def __init__(self, model, snap: bool = True):
+        self.model = model
+        self.snap = snap
+
+    def answer(self, unit: WorkUnit) -> tuple[np.ndarray, np.ndarray]:
+        users = np.full(len(unit.item_ids), unit.user_id)
+        raw = np.asarray(self.model.predict_raw(users, np.asarray(unit.item_ids)), float)
+        return (unit.rating_scale.round(raw) if self.snap else raw), raw

@@ -12,17 +12,16 @@ TinyTroupe is configured from code; no config.ini of the user's is read:
   configuration dump swallowed and the root logger, sys.path and its own logger put back.
 - Its retries, waits, cache, concurrency cap, memory consolidation and semantic retrieval (which
   would call an embeddings endpoint on its own) are off: rlsim retries, limits and caches.
-- Every request goes through one registered client: TinyTroupe's ``OpenAIClient`` with three hooks
+- Every request goes through one registered client (``tinytroupe_calls``): TinyTroupe's ``OpenAIClient`` with three hooks
   overridden. ``_setup_from_config``: the calling backend's openai client (its endpoint, key and
   timeout, no retries). ``_raw_model_call``: this backend's model and sampling; the first failure
   ends the answer, so TinyTroupe never resends. ``_count_tokens``: characters / 4, no tiktoken
   download. That openai client's HTTP hooks pass each request through rlsim's gate (reserve
   before it is sent; settle with the server's usage after an answer, or as a failure: a timeout
   at its worst case, a refusal at nothing), so limits, budget and usage see all the traffic.
-- One TinyPerson per user lives as long as the backend (a rating job, a Ray worker; the RL reward
-  source builds one per ``score`` call), so it remembers the user's earlier batches; one user's
-  batches run in order, different users in parallel. The lock guards only TinyTroupe's
-  process-wide state (import, configuration, the agent registry).
+- One TinyPerson per user lives as long as the backend (a rating job, a Ray worker), so it
+  remembers the user's earlier batches; one user's batches run in order, different users in parallel.
+  The lock guards only TinyTroupe's process-wide state (import, configuration, the agent registry).
 - The agent hears rlsim's instructions (system messages) and request verbatim and TALKs the JSON
   answer; an answer that fails is rolled back out of its memory.
 """
@@ -31,11 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import importlib.util
 import io
 import itertools
-import json
 import logging
 import os
 import re
@@ -44,15 +41,11 @@ import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 from rlsim.errors import ConfigError
-from rlsim.personas.backends import (BackendError, BackendSpec, ChatResult, PermanentError, RequestGate,
-                                     TransientError)
-from rlsim.personas.backends.openai_backend import backend_error
-from rlsim.personas.gate import body_bound
-from rlsim.personas.prompts import chars_tokens
+from rlsim.personas.backends import BackendSpec, ChatResult, RequestGate, TransientError
+from rlsim.personas.backends.tinytroupe_calls import CURRENT_CALL, Abort, Call, client_class, openai_client
 
 INSTALL = "pip install git+https://github.com/microsoft/TinyTroupe.git@v0.6.0"
 # Room for TinyTroupe's actions and cognitive state around the answer (its default, 128k, is refused
@@ -72,7 +65,6 @@ SETTINGS = {"max_attempts": 1, "waiting_time": 0, "cache_api_calls": False, "max
 
 _LOCK = threading.Lock()  # TinyTroupe's import, configuration, client and agent registries are process-wide
 _TT: SimpleNamespace | None = None
-_CALL: contextvars.ContextVar["_Call | None"] = contextvars.ContextVar("rlsim_tinytroupe_call", default=None)
 _SERIAL = itertools.count()
 
 
@@ -122,7 +114,7 @@ def _configure(tt: SimpleNamespace) -> None:
     # field on every answer (harmless: the dict is complete).
     warnings.filterwarnings("ignore", message="Pydantic serializer warnings", category=UserWarning,
                             module="pydantic")
-    tt.clients.register_client("rlsim", _client_class(tt.clients.OpenAIClient)(cache_api_calls=False))
+    tt.clients.register_client("rlsim", client_class(tt.clients.OpenAIClient)(cache_api_calls=False))
     tt.clients.force_api_type("rlsim")
 
 
@@ -161,153 +153,6 @@ def _contained_side_effects():
         own.setLevel(logging.ERROR)
 
 
-# ---------------------------------------------------------------- one answer's requests
-
-class _Abort(BaseException):
-    """Carries an rlsim error out through TinyTroupe, which catches every Exception to retry it."""
-
-    def __init__(self, error: BackendError):
-        super().__init__(error.reason)
-        self.error = error
-
-
-@dataclass
-class _Call:
-    """One answer: where its requests go, with which settings, through which gate; read in TinyTroupe's
-    thread (a context variable), counted by the HTTP hooks of the backend's openai client."""
-
-    openai: object
-    model: str
-    settings: dict
-    gate: RequestGate | None
-    loop: asyncio.AbstractEventLoop
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reserved: object | None = None  # the gate's reservation of the request in flight
-
-    def request_params(self, chat_api_params: dict) -> dict:
-        return {**chat_api_params, "model": self.model, **self.settings}
-
-    def before_send(self, body: bytes) -> None:
-        if self.gate is not None:
-            try:
-                bound = body_bound(body)
-            except ValueError as exc:  # not JSON, or no max tokens: no worst case, so it is not sent
-                raise _Abort(PermanentError(f"unbounded_request: {str(exc)[:80]}")) from None
-            try:
-                self.reserved = self._wait(self.gate.acquire(*bound))
-            except BackendError as exc:  # the budget: nothing is sent
-                raise _Abort(exc) from None
-        self.requests += 1
-
-    def after_response(self, response) -> None:
-        if not response.is_success:  # settled as a failure once the openai client has classified it
-            return
-        usage = response_usage(response)
-        if usage is None and self.reserved is not None:  # no usage: the request counts at its worst case
-            usage = (self.reserved.prompt_tokens, self.reserved.completion_tokens)
-        prompt_tokens, completion_tokens = usage or (0, 0)
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.settle(prompt_tokens, completion_tokens)
-
-    def settle(self, prompt_tokens: int | None = 0, completion_tokens: int | None = 0,
-               error: BackendError | None = None) -> None:
-        """Release the pending reservation: with the server's usage, or as failed (``error``); idempotent."""
-        reserved, self.reserved = self.reserved, None
-        if reserved is not None and self.gate is not None:
-            self._wait(self.gate.release(reserved, prompt_tokens, completion_tokens, error))
-
-    def fail(self, error: BackendError) -> None:
-        """The request in flight (if any) got no usable answer."""
-        self.settle(error=error)
-
-    def _wait(self, coro):
-        # The gate is async and lives on the event loop that awaits this answer; we are in a worker thread.
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-
-def _current_call() -> _Call:
-    call = _CALL.get()
-    if call is None:
-        raise RuntimeError("a TinyTroupe request outside an rlsim call (rlsim's client is registered)")
-    return call
-
-
-def _on_request(request) -> None:
-    call = _CALL.get()
-    if call is not None:
-        call.before_send(request.content)
-
-
-def _on_response(response) -> None:
-    call = _CALL.get()
-    if call is not None:
-        call.after_response(response)
-
-
-def offline_tokens(messages: list[dict]) -> int:
-    """Prompt tokens of chat messages from their length: no tokenizer file, so no download."""
-    return sum(chars_tokens(str(m.get("content", ""))) + 4 for m in messages) + 2
-
-
-def response_usage(response) -> tuple[int, int] | None:
-    """(prompt, completion) tokens the server reported; (0, 0) for an error; None for an answer without
-    usage (it is charged its worst case)."""
-    if not response.is_success:
-        return 0, 0
-    try:
-        response.read()
-        usage = json.loads(response.content).get("usage") or {}
-        if usage.get("prompt_tokens") is None or usage.get("completion_tokens") is None:
-            return None
-        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    except (ValueError, AttributeError, TypeError):
-        return None
-
-
-def error_of(exc: Exception) -> BackendError:
-    """The rlsim error for what stopped one of TinyTroupe's requests."""
-    import openai
-    import pydantic
-
-    invalid = tuple(t for t in (getattr(openai, "LengthFinishReasonError", None),
-                                getattr(openai, "ContentFilterFinishReasonError", None),
-                                pydantic.ValidationError, json.JSONDecodeError) if t is not None)
-    if isinstance(exc, invalid):  # an answer that is not the action TinyTroupe asked for (or cut short)
-        return TransientError("tinytroupe_invalid_action")
-    if isinstance(exc, openai.OpenAIError):  # HTTP status, timeout, connection: as for the openai backend
-        return backend_error(exc)
-    return TransientError(f"tinytroupe_error: {type(exc).__name__}")
-
-
-def _client_class(base: type) -> type:
-    class RlsimClient(base):
-        """TinyTroupe's OpenAIClient, sending every request of the rlsim call of the current thread."""
-
-        @property
-        def client(self):  # what TinyTroupe's _raw_model_call sends with
-            return _current_call().openai
-
-        def _setup_from_config(self, *args, **kwargs):
-            pass  # the calling backend owns the openai client
-
-        def _count_tokens(self, messages, model):
-            return offline_tokens(messages)
-
-        def _raw_model_call(self, model, chat_api_params):
-            call = _current_call()
-            try:
-                return super()._raw_model_call(call.model, call.request_params(chat_api_params))
-            except Exception as exc:  # noqa: BLE001 - classified here; TinyTroupe would retry it
-                error = error_of(exc)
-                call.fail(error)  # a timeout counts at its estimate; a refused request costs nothing
-                raise _Abort(error) from None
-
-    return RlsimClient
-
-
 # ---------------------------------------------------------------- prompts and answers
 
 def talk_text(actions) -> str:
@@ -336,18 +181,6 @@ def stimulus_text(messages: list[dict]) -> str:
     return "\n\n".join(parts + [ANSWER_HOW])
 
 
-def _openai_client(spec: BackendSpec):
-    import openai
-
-    http = openai.DefaultHttpxClient(event_hooks={"request": [_on_request], "response": [_on_response]})
-    kw = dict(api_key=spec.api_key or "none", timeout=spec.timeout_s, max_retries=0, http_client=http)
-    if spec.api_version:
-        if not spec.base_url:
-            raise ConfigError("Azure OpenAI needs an endpoint (AZURE_OPENAI_ENDPOINT or --base-url)")
-        return openai.AzureOpenAI(azure_endpoint=spec.base_url, api_version=spec.api_version, **kw)
-    return openai.OpenAI(base_url=spec.base_url, **kw)
-
-
 # ---------------------------------------------------------------- the backend
 
 class TinyTroupeBackend:
@@ -356,7 +189,7 @@ class TinyTroupeBackend:
     def __init__(self, spec: BackendSpec):
         self.spec = spec
         self.tt = load_tinytroupe()
-        self.openai = _openai_client(spec)
+        self.openai = openai_client(spec)
         self.agents: dict[int, object] = {}  # user id -> TinyPerson
         self._turns: dict[int, asyncio.Lock] = {}
         self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rlsim-tinytroupe")
@@ -365,7 +198,7 @@ class TinyTroupeBackend:
                    gate: RequestGate | None = None) -> ChatResult:
         uid, profile = persona_of(messages)
         loop = asyncio.get_running_loop()
-        call = _Call(self.openai, self.spec.model, self._settings(params), gate, loop)
+        call = Call(self.openai, self.spec.model, self._settings(params), gate, loop)
         async with self._turn(uid):
             text = await loop.run_in_executor(self._threads, self._answer, call, uid, profile,
                                               stimulus_text(messages))
@@ -386,14 +219,14 @@ class TinyTroupeBackend:
             return contextlib.nullcontext()
         return self._turns.setdefault(uid, asyncio.Lock())
 
-    def _answer(self, call: _Call, uid: int | None, profile: str, stimulus: str) -> str:
-        token = _CALL.set(call)
+    def _answer(self, call: Call, uid: int | None, profile: str, stimulus: str) -> str:
+        token = CURRENT_CALL.set(call)
         try:
             person = self._person(uid, profile)
             before = person.encode_complete_state() if uid is not None else None
             try:
                 actions = person.listen_and_act(stimulus, return_actions=True)
-            except _Abort as abort:
+            except Abort as abort:
                 self._roll_back(person, before)
                 raise abort.error from None
             except Exception as exc:  # noqa: BLE001 - TinyTroupe failing on an answer it got
@@ -404,7 +237,7 @@ class TinyTroupeBackend:
             return talk_text(actions)
         finally:
             call.fail(TransientError("tinytroupe_no_answer"))  # a request still pending got no answer
-            _CALL.reset(token)
+            CURRENT_CALL.reset(token)
 
     @staticmethod
     def _roll_back(person, state) -> None:

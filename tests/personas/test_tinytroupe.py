@@ -23,12 +23,12 @@ import pytest
 
 from rlsim.personas.backends import BackendSpec
 from rlsim.personas.limiter import LocalLimiter, RateLimiter
-from rlsim.personas.pool import RatingEngine, rate_units_local
+from rlsim.personas.engine import RatingEngine, rate_units_local
 from rlsim.personas.prompts import SYSTEM
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
-from tests.test_personas import SECRET, assert_correct, cfg_for, make_units
+from tests.personas.test_personas import SECRET, assert_correct, cfg_for, make_units
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRICES = {"fake-model": {"prompt": 1.0, "completion": 1.0}}  # $ per 1M tokens
 
 
@@ -100,16 +100,16 @@ def test_prompt_becomes_persona_and_stimulus_and_talk_the_answer():
 
 
 def test_units_of_a_user_meet_one_worker_when_the_backend_remembers():
-    from rlsim.personas.pool import _worker_slots
+    from rlsim.personas.workers import worker_slots
 
     units = make_units(4, 6, 2)  # 3 units per user
-    slots = _worker_slots(units, 3, by_user=True)
+    slots = worker_slots(units, 3, by_user=True)
     per_user = {}
     for u, s in zip(units, slots):
         per_user.setdefault(u.user_id, set()).add(s)
     assert all(len(v) == 1 for v in per_user.values())
     assert sorted(s.pop() for s in per_user.values()) == [0, 0, 1, 2]  # users dealt in turn
-    assert _worker_slots(units, 3, by_user=False) == [j % 3 for j in range(len(units))]
+    assert worker_slots(units, 3, by_user=False) == [j % 3 for j in range(len(units))]
 
 
 def test_rlsims_own_token_count_tries_tiktoken_once(monkeypatch):
@@ -369,10 +369,10 @@ logging.getLogger().setLevel(logging.WARNING)
 before = (logging.getLogger().level, len(logging.getLogger().handlers), "." in sys.path)
 sys.path.insert(0, {str(REPO)!r})
 from tests.fake_openai import FakeOpenAI, FaultConfig
-from tests.test_personas import make_units, cfg_for
+from tests.personas.test_personas import make_units, cfg_for
 from rlsim.personas.backends import BackendSpec
 from rlsim.personas.limiter import LocalLimiter, RateLimiter
-from rlsim.personas.pool import RatingEngine, rate_units_local
+from rlsim.personas.engine import RatingEngine, rate_units_local
 with FakeOpenAI(FaultConfig()) as srv:
     cfg = cfg_for(backend="tinytroupe")
     eng = RatingEngine(BackendSpec("tinytroupe", "fake-model", srv.base_url, api_key="k"), cfg,

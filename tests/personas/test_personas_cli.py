@@ -17,7 +17,7 @@ from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 from tests.ray_local import private_ray
 
 SECRET = "sk-cli-secret-never-written"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def data_flags(data_root, cache_root):
@@ -118,30 +118,6 @@ def test_budget_needs_a_price(data_root, cache_root, tmp_path, server, monkeypat
     rc = main(["personas", "rate", *data_flags(data_root, cache_root), "--model", "unpriced-model",
                "--budget-usd", "1", "--no-ray", "--out", str(tmp_path / "b")])
     assert rc == 2 and "no price" in capsys.readouterr().err
-
-
-def test_reward_source_offline_and_llm(ml100k, cache_root, server):
-    from rlsim.data import make_split
-    from rlsim.personas.backends import BackendSpec
-    from rlsim.personas.config import PersonaConfig
-    from rlsim.embeddings import item_text_vectors
-    from rlsim.personas.source import persona_reward_source
-
-    split = make_split(ml100k, "u1")
-    vec = item_text_vectors(ml100k.items, "all-MiniLM-L6-v2", str(cache_root))
-    u, i = split.test["user_id"].to_numpy()[:20], split.test["item_id"].to_numpy()[:20]
-    off = persona_reward_source(ml100k, split.train, PersonaConfig(), vec)
-    assert off.scale == ml100k.scale
-    s = off.score(u, i)
-    assert s.shape == (20,) and np.isfinite(s).all() and ((s >= 1) & (s <= 5)).all()
-    cfg = PersonaConfig(backend="openai", model="fake-model", rpm=60000)
-    src = persona_reward_source(ml100k, split.train, cfg, vec, BackendSpec("openai", "fake-model", server.base_url,
-                                                                          api_key=SECRET))
-    s = src.score(u, i)
-    assert (s == [expected_rating(a, b) for a, b in zip(u, i)]).all()
-    server.set_faults(p_500=1.0)
-    cfg.max_retries = 1
-    assert np.isnan(src.score(u[:3], i[:3])).all()  # failures are NaN, never invented
 
 
 def test_cli_evaluate_through_fake_server_with_ray_pool(data_root, cache_root, tmp_path, server):
@@ -380,7 +356,8 @@ def test_evaluate_stage_runs_offline_through_the_ray_pool(data_root, cache_root,
 
 
 def test_cli_joins_a_running_cluster_and_its_limiter(data_root, cache_root, tmp_path, server, ray_local):
-    from rlsim.personas.limiter import get_limiter, limiter_name
+    from rlsim.personas.limiter import limiter_name
+    from rlsim.personas.limiter_actor import get_limiter
 
     ray = ray_local
     env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": SECRET, "PYTHONPATH": str(REPO)}
@@ -510,11 +487,11 @@ def test_every_flag_in_help_is_used(verb, tmp_path, monkeypatch, capsys):
 
 
 def test_seed_reaches_the_persona_config(monkeypatch):
-    from rlsim.cli import build_parser
-    from rlsim.commands.personas import persona_config
+    from rlsim.cli import build_parser, run_config
+    from rlsim.run_config import personas_for
 
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     args = build_parser().parse_args(["personas", "rate", "--seed", "7", "--out", "x"])
-    assert persona_config(args).seed == 7
+    assert personas_for(run_config(args), "pool").seed == 7
     args = build_parser().parse_args(["personas", "profile", "--seed", "3", "--out", "x"])
-    assert persona_config(args).seed == 3
+    assert personas_for(run_config(args), "pool").seed == 3

@@ -11,6 +11,7 @@ from rlsim.config import DataConfig
 from rlsim.errors import ConfigError
 from rlsim.io import read_json
 from rlsim.reward.config import RewardConfig
+from tests.conftest import WARM_CACHE_DIR
 
 SMALL = dict(dim=32, heads=2, ff_dim=64, text_hidden=64, layers=1, batch_size=64, epochs=12, patience=12,
              lr=3e-3, val_frac=0.1, seed=0, dropout=0.1, emb_weight_decay=0.05, decay_epochs=0)
@@ -99,14 +100,14 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
 
 
 def test_config_section_and_flags(tmp_path, data_root, cache_root):
-    from rlsim.cli import build_parser, load_config_file
+    from rlsim.cli import build_parser, run_config
     from rlsim.commands.reward import reward_config
 
     cfg_file = tmp_path / "exp.yaml"
     cfg_file.write_text("data:\n  dataset: ml-100k\nreward:\n  dim: 48\n  heads: 4\n  epochs: 7\n")
     args = build_parser().parse_args(["reward", "train", "--config", str(cfg_file), "--epochs", "3",
                                       "--out", str(tmp_path / "o")])
-    cfg = reward_config(args, load_config_file(args))
+    cfg = reward_config(run_config(args))
     assert (cfg.dim, cfg.epochs) == (48, 3)
     with pytest.raises(ConfigError):
         RewardConfig.from_dict({"dimm": 3})
@@ -158,9 +159,7 @@ def test_half_star_scale_uses_ten_classes(data_root, cache_root):
 def test_real_ml100k_u1_beats_user_mean(real_data_dir, tmp_path):
     from rlsim.reward.train import train_reward_model
 
-    import os
-
-    cache = os.environ.get("RLSIM_CACHE_DIR") or str(tmp_path / "cache")  # a warm cache skips MiniLM encoding
+    cache = WARM_CACHE_DIR or str(tmp_path / "cache")  # a warm cache skips MiniLM encoding
     dcfg = DataConfig(dataset="ml-100k", data_dir=str(real_data_dir), cache_dir=cache, split="u1", download=False)
     res = train_reward_model(dcfg, RewardConfig(epochs=2), tmp_path / "run")
     assert res["model"]["rmse"] < res["baselines"]["user_mean"]["rmse"]

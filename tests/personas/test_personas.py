@@ -21,7 +21,8 @@ from rlsim.personas.config import PersonaConfig
 from rlsim.personas.cost import cost_usd
 from rlsim.personas.grounding import WorkUnit
 from rlsim.personas.limiter import BUSY, REFUSED, LocalLimiter, RateLimiter
-from rlsim.personas.pool import RatingEngine, dry_run, rate_units_local, run_rating_job
+from rlsim.personas.engine import RatingEngine, rate_units_local
+from rlsim.personas.job import dry_run, run_rating_job
 from rlsim.personas.validate import parse_ratings
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 from tests.ray_local import private_ray
@@ -286,9 +287,9 @@ def test_limiter_holds_real_rate(server):
 def run_until_killed(monkeypatch, after: int, units, job_dir, spec, cfg) -> None:
     """Runs the job in this process until its ``after``-th result is recorded, then kills it there
     (a KeyboardInterrupt out of ShardWriter.add: the journal has that result, the rest is lost)."""
-    from rlsim.personas import pool
+    from rlsim.personas import shards
 
-    real_add = pool.ShardWriter.add
+    real_add = shards.ShardWriter.add
     calls = {"n": 0}
 
     def crashing_add(self, unit, res):
@@ -296,10 +297,10 @@ def run_until_killed(monkeypatch, after: int, units, job_dir, spec, cfg) -> None
         calls["n"] += 1
         if calls["n"] == after:
             raise KeyboardInterrupt
-    monkeypatch.setattr(pool.ShardWriter, "add", crashing_add)
+    monkeypatch.setattr(shards.ShardWriter, "add", crashing_add)
     with pytest.raises(KeyboardInterrupt):
         run_rating_job(units, job_dir, spec, cfg, None, use_ray=False, progress=False)
-    monkeypatch.setattr(pool.ShardWriter, "add", real_add)
+    monkeypatch.setattr(shards.ShardWriter, "add", real_add)
 
 
 def test_resume_after_partial_run_without_duplicates(server, tmp_path, monkeypatch):
@@ -480,7 +481,8 @@ def test_library_needs_a_running_ray_for_use_ray(data_root, cache_root, tmp_path
 
 
 def test_one_limiter_per_cluster_and_endpoint(ray_local):
-    from rlsim.personas.limiter import LIMITER_NAMESPACE, cluster_limiter, get_limiter, limiter_name
+    from rlsim.personas.limiter import LIMITER_NAMESPACE, limiter_name
+    from rlsim.personas.limiter_actor import cluster_limiter, get_limiter
 
     n = limiter_name("http://host:1/v1", "m")
     assert n == limiter_name("http://host:1/v1/", "m")
@@ -533,7 +535,8 @@ def test_two_jobs_on_one_cluster_share_one_limit(server, tmp_path, ray_local):
 
 
 def test_limiter_state_and_budget_survive_a_restart(server, tmp_path, ray_local):
-    from rlsim.personas.limiter import get_limiter, limiter_name
+    from rlsim.personas.limiter import limiter_name
+    from rlsim.personas.limiter_actor import get_limiter
 
     ray = ray_local
     prices = {"fake-model": {"prompt": 1000.0, "completion": 1000.0}}
@@ -668,7 +671,7 @@ def test_a_torn_journal_line_is_ignored(server, tmp_path):
 def test_the_gate_settles_with_reported_usage_and_charges_failures_like_the_engine():
     from rlsim.personas.backends import BudgetExceeded, TransientError
     from rlsim.personas.gate import LimiterGate
-    from rlsim.personas.pool import empty_usage
+    from rlsim.personas.usage import empty_usage
 
     t = [0.0]
     prices = {"m": {"prompt": 1e6, "completion": 1e6}}  # $1 per token
@@ -733,9 +736,9 @@ class TwiceBackend:
 
 
 def test_a_gated_backend_spends_through_the_jobs_budget_ledger_and_journal(server, tmp_path, monkeypatch):
-    from rlsim.personas import pool
+    from rlsim.personas import engine
 
-    monkeypatch.setattr(pool, "build_backend", TwiceBackend)
+    monkeypatch.setattr(engine, "build_backend", TwiceBackend)
     units = make_units(2, 10, 1)
     budget = budget_for(units, 0.5, PRICEY)  # about a quarter of the units: each answer costs two requests
     cfg = cfg_for(cache=False, max_concurrency=1, prices=PRICEY, budget_usd=budget)
@@ -770,7 +773,7 @@ def test_resume_identity_holds_the_prompt_templates(server, tmp_path, monkeypatc
 def test_resume_identity_holds_the_text_model(server, tmp_path):
     from rlsim.config import DataConfig
     from rlsim.errors import ConfigError
-    from rlsim.personas.run import job_context
+    from rlsim.personas.stages_common import job_context
 
     split = type("S", (), {"name": "u1", "test": pd.DataFrame({"user_id": [1], "item_id": [2]})})()
     spec = BackendSpec("openai", "fake-model", server.base_url, api_key=SECRET)

@@ -16,10 +16,12 @@ from rlsim.personas.backends import BackendSpec, TransientError
 from rlsim.personas.cost import cost_usd
 from rlsim.personas.gate import LimiterGate, request_bound
 from rlsim.personas.limiter import BUSY, KEEP_JOBS, REFUSED, LocalLimiter, RateLimiter, limiter_name
-from rlsim.personas.pool import RatingEngine, dry_run, empty_usage
+from rlsim.personas.engine import RatingEngine
+from rlsim.personas.job import dry_run
+from rlsim.personas.usage import empty_usage
 from tests.fake_openai import FakeOpenAI, FaultConfig
 from tests.hostile import MODES, PRICES, billed_usd, cfg_for_mode, max_in_window, run_mode
-from tests.test_personas import make_units
+from tests.personas.test_personas import make_units
 
 SECRET = "sk-hostile-do-not-leak-7"
 
@@ -221,24 +223,36 @@ def test_max_in_window():
 
 
 def test_a_rerun_of_the_llm_simulator_finds_its_earlier_spend(tmp_path):
-    from rlsim.simulators.llm import _limiter, simulator_job
+    from rlsim.simulators.llm_build import simulator_job, simulator_limiter
 
     spec = BackendSpec("openai", "fake-model", "http://localhost:9/v1", api_key=SECRET)
     pcfg = cfg_for_mode(600, 1e9, 1.0)
     job = simulator_job(spec, {"method": "logprobs"}, 0, str(tmp_path))
     assert job == simulator_job(spec, {"method": "logprobs"}, 0, str(tmp_path))  # before: a fresh id per run
     assert job != simulator_job(spec, {"method": "samples"}, 0, str(tmp_path))
+    # Options added later (the page choice's) name the same job at their defaults, another when changed:
+    # an upgrade keeps the spend an earlier run recorded.
+    from dataclasses import asdict
+
+    from rlsim.simulators.llm_build import LATER_OPTIONS
+    from rlsim.simulators.llm_config import LLMSimConfig
+
+    full = asdict(LLMSimConfig())
+    assert {k: full[k] for k in LATER_OPTIONS} == LATER_OPTIONS  # the table follows the config's defaults
+    before = {k: v for k, v in full.items() if k not in LATER_OPTIONS}
+    assert simulator_job(spec, full, 0, str(tmp_path)) == simulator_job(spec, before, 0, str(tmp_path))
+    assert simulator_job(spec, {**full, "page_size": 8}, 0, str(tmp_path)) != simulator_job(spec, before, 0, str(tmp_path))
     ledger = tmp_path / "personas" / "budgets" / f"{job}.json"
 
     async def spend(lim):
         assert await lim.reserve(10, 0.7) >= 0
         await lim.settle(0.7, 0.6)
 
-    lim, info, on_close = _limiter(pcfg, spec, job, ledger)
+    lim, info, on_close = simulator_limiter(pcfg, spec, job, ledger)
     asyncio.run(spend(lim))
     if on_close is not None:
         asyncio.run(on_close())
-    again, info, _ = _limiter(pcfg, spec, job, ledger)  # the rerun: $0.6 of its $1 already spent
+    again, info, _ = simulator_limiter(pcfg, spec, job, ledger)  # the rerun: $0.6 of its $1 already spent
     assert info["job"] == job and info["spent_before_usd"] == pytest.approx(0.6)
     assert asyncio.run(again.reserve(10, 0.5)) == REFUSED
     assert SECRET not in ledger.read_text()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlsim.cli import main
+from tests.conftest import WARM_CACHE_DIR
 
 
 def test_policy_evaluate_needs_a_run_folder(tmp_path, data_root, cache_root):
@@ -122,9 +123,7 @@ def test_policy_train_then_evaluate(tmp_path, data_root, cache_root):
 def test_real_ml100k_policy_closes_most_of_the_gap(real_data_dir, tmp_path):
     """Real data, default settings (sampled ratings from the MF simulator), judged on the 189 held-out
     users: 15 iterations measured gap closed 0.70 against the simulator oracle; 20 leave a margin."""
-    import os
-
-    cache = os.environ.get("RLSIM_CACHE_DIR", str(tmp_path / "cache"))
+    cache = WARM_CACHE_DIR or str(tmp_path / "cache")
     data = ["--dataset", "ml-100k", "--data-dir", str(real_data_dir), "--cache-dir", cache, "--no-download"]
     assert main(["policy", "train", *data, "--reward", "mf", "--out", str(tmp_path / "run"), "--num-cpus", "2",
                  "--iterations", "20"]) == 0
@@ -159,4 +158,4 @@ def test_policy_trained_for_engagement_against_a_user_who_chooses(tmp_path, data
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert ("needs a simulated user that chooses what to watch; reward_model only rates (these choose: bias, mf, "
-            "reward_model (trained with reward.choice_weight > 0), offline_persona, hybrid)") in err[0]
+            "reward_model (trained with reward.choice_weight > 0), offline_persona, hybrid, llm_persona)") in err[0]

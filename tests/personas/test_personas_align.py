@@ -289,7 +289,7 @@ def test_lessons_from_another_split_are_refused(data_root, cache, tmp_path, pers
     assert "another 'u1' split" in capsys.readouterr().err
     # Lessons learned from a rating this split holds out would leak it.
     from rlsim.data import load_movielens, make_split
-    from rlsim.personas.run import split_fingerprint
+    from rlsim.personas.stages_common import split_fingerprint
 
     ds = load_movielens("ml-100k", data_dir=data_root, cache_dir=cache, download=False)
     u1 = make_split(ds, "u1")
@@ -322,8 +322,8 @@ def test_unusable_answers_are_asked_again_and_counted():
     import asyncio
 
     from rlsim.data.schema import RatingScale
-    from rlsim.personas.align import _ask, _rating_parser
-    from rlsim.personas.pool import empty_usage
+    from rlsim.personas.align.user import ask_until_usable, rating_parser
+    from rlsim.personas.usage import empty_usage
 
     answers = iter(['{"1": 4}', '{"1": 4, "2": 3}'])
     seen = []
@@ -333,8 +333,8 @@ def test_unusable_answers_are_asked_again_and_counted():
             seen.append(answer_index)
             return next(answers), ""
 
-    got, why, kind, idx = asyncio.run(_ask(Engine(), [], None, _rating_parser([1, 2], RatingScale(1, 5, 1)),
-                                           empty_usage(), 0, 3))
+    parse = rating_parser([1, 2], RatingScale(1, 5, 1))
+    got, why, kind, idx = asyncio.run(ask_until_usable(Engine(), [], None, parse, empty_usage(), 0, 3))
     assert got == {1: 4.0, 2: 3.0} and why == "" and seen == [0, 1] and idx == 1
 
 

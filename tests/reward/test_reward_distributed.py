@@ -59,18 +59,19 @@ def test_workers_need_a_running_ray(data_cfg):
 
 
 def test_workers_flag():
-    from rlsim.cli import build_parser
+    from rlsim.cli import build_parser, run_config
     from rlsim.commands.reward import reward_config
 
     args = build_parser().parse_args(["reward", "train", "--workers", "2", "--num-cpus", "2", "--out", "o"])
-    assert reward_config(args, {}).workers == 2
+    assert reward_config(run_config(args, {})).workers == 2
     args = build_parser().parse_args(["reward", "train", "--out", "o"])
-    assert reward_config(args, {}).workers == 0
+    assert reward_config(run_config(args, {})).workers == 0
 
 
 def test_max_batches_caps_an_epoch(data_cfg):
     """The quick-measurement cap: an epoch runs max_batches batches, in process as on workers."""
-    from rlsim.reward.train import steps_per_epoch, train_reward_model
+    from rlsim.reward.loop import steps_per_epoch
+    from rlsim.reward.train import train_reward_model
 
     res = train_reward_model(data_cfg, RewardConfig(**{**TINY, "epochs": 2, "max_batches": 3}), None)
     full, run = steps_per_epoch(res["train_fit_pairs"], RewardConfig(**TINY, max_batches=3))

@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 
 from rlsim.cli import main
+from tests.conftest import WARM_CACHE_DIR
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_offline_fidelity_on_ml100k_u1(real_data_dir, tmp_path, monkeypatch):
     for k in ("OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT"):
         monkeypatch.delenv(k, raising=False)
-    cache = os.environ.get("RLSIM_CACHE_DIR", str(tmp_path / "cache"))
+    cache = WARM_CACHE_DIR or str(tmp_path / "cache")
     out = tmp_path / "off"
     assert main(["personas", "evaluate", "--backend", "offline", "--dataset", "ml-100k", "--split", "u1",
                  "--data-dir", str(real_data_dir), "--cache-dir", cache, "--no-download", "--out", str(out)]) == 0

@@ -16,14 +16,17 @@ import pandas as pd
 import pytest
 
 from rlsim.io import write_parquet
-from rlsim.personas import pool
+from rlsim.personas import shards
 from rlsim.personas.backends import BackendSpec
 from rlsim.personas.config import PersonaConfig
 from rlsim.personas.grounding import PromptBuilder, UnitSource, WorkUnit, pairs_source, unit_id_of
-from rlsim.personas.pool import ROW_COLUMNS, Journal, dispatch_window, is_final, run_rating_job
+from rlsim.personas.job import run_rating_job
+from rlsim.personas.journal import ROW_COLUMNS, Journal, is_final
+from rlsim.personas.plan import plan_shards
+from rlsim.personas.workers import dispatch_window
 from tests.fake_openai import FakeOpenAI, FaultConfig, expected_rating
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OFFLINE = BackendSpec("offline", "offline")
 
 
@@ -112,13 +115,13 @@ def test_units_are_built_a_shard_at_a_time_when_its_turn_comes(tmp_path, monkeyp
     added = {"n": 0}
     seen: list = []
     sizes: list = []
-    real_add = pool.ShardWriter.add
+    real_add = shards.ShardWriter.add
 
     def add(self, unit, res):
         real_add(self, unit, res)
         added["n"] += 1
 
-    monkeypatch.setattr(pool.ShardWriter, "add", add)
+    monkeypatch.setattr(shards.ShardWriter, "add", add)
     src = offline_source(60)
     real_build = src.build
 
@@ -176,7 +179,7 @@ def test_the_ray_loop_keeps_a_bounded_window_of_units_in_flight(tmp_path, monkey
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  _temp_dir=tempfile.mkdtemp(prefix="rls", dir="/tmp"))
-    real_todo, real_add = pool.ShardWriter.todo, pool.ShardWriter.add
+    real_todo, real_add = shards.ShardWriter.todo, shards.ShardWriter.add
     seen = {"taken": 0, "added": 0, "most": 0}
 
     def todo(self, skipped=None):
@@ -189,8 +192,8 @@ def test_the_ray_loop_keeps_a_bounded_window_of_units_in_flight(tmp_path, monkey
         seen["added"] += 1
         real_add(self, unit, res)
 
-    monkeypatch.setattr(pool.ShardWriter, "todo", todo)
-    monkeypatch.setattr(pool.ShardWriter, "add", add)
+    monkeypatch.setattr(shards.ShardWriter, "todo", todo)
+    monkeypatch.setattr(shards.ShardWriter, "add", add)
     try:
         with FakeOpenAI(FaultConfig(latency_s=0.02)) as srv:
             spec = BackendSpec("openai", "fake-model", srv.base_url, api_key="k")
@@ -239,12 +242,13 @@ def test_an_empty_job_writes_an_empty_typed_file(tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-from rlsim.personas import pool
+from rlsim.personas import shards
 from rlsim.personas.config import PersonaConfig
-from tests.test_personas_scale import OFFLINE, Formula, offline_source
+from rlsim.personas.job import run_rating_job
+from tests.personas.test_personas_scale import OFFLINE, Formula, offline_source
 
-pool.MANIFEST_EVERY_S = float(sys.argv[3])
-real_add = pool.ShardWriter.add
+shards.MANIFEST_EVERY_S = float(sys.argv[3])
+real_add = shards.ShardWriter.add
 n = {"k": 0}
 
 def add(self, unit, res):
@@ -253,10 +257,10 @@ def add(self, unit, res):
     if n["k"] == int(sys.argv[2]):
         os.kill(os.getpid(), signal.SIGKILL)
 
-pool.ShardWriter.add = add
+shards.ShardWriter.add = add
 cfg = PersonaConfig(backend="offline", shard_users=4, n_workers=1, max_concurrency=3)
-pool.run_rating_job(offline_source(400), Path(sys.argv[1]), OFFLINE, cfg, None, use_ray=False, progress=False,
-                    offline_model=Formula())
+run_rating_job(offline_source(400), Path(sys.argv[1]), OFFLINE, cfg, None, use_ray=False, progress=False,
+               offline_model=Formula())
 """
 
 
@@ -305,7 +309,7 @@ def test_a_job_folder_from_before_the_digests_resumes(tmp_path):
         s1 = run_rating_job(units, tmp_path / "job", spec, llm_cfg(), None, use_ray=False, progress=False)
         p = tmp_path / "job" / "manifest.json"
         m = json.loads(p.read_text())
-        m["plan"] = {s: sorted({u.unit_id for u in us}) for s, us in pool.plan_shards(units, 2).items()}
+        m["plan"] = {s: sorted({u.unit_id for u in us}) for s, us in plan_shards(units, 2).items()}
         for e in m["shards"].values():
             del e["journal_lines"]
         p.write_text(json.dumps(m))

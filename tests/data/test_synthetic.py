@@ -12,8 +12,8 @@ import pytest
 from rlsim.config import DataConfig
 from rlsim.data import load_movielens, load_split, make_split
 from rlsim.data.schema import Dataset, RatingScale
-from rlsim.data.synthetic import (PRESETS, SynthConfig, generate, parse_size, popularity_exponent, preset_config,
-                                  read_meta, read_synthetic, source_stats)
+from rlsim.data.synthetic import PRESETS, SynthConfig, generate, parse_size, preset_config, read_meta, read_synthetic
+from rlsim.data.synthetic_model import popularity_exponent, source_stats
 from rlsim.errors import DataError
 
 
