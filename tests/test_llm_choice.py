@@ -4,15 +4,13 @@ budget, the not-shown rule, failures as NaN with reasons, and PPO with reward en
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from rlsim.personas.cache import ResponseCache
 from rlsim.simulators.base import Session
 from tests.fake_openai import FakeOpenAI, FaultConfig, watch_probability
-from tests.test_llm_simulator import SECRET, make_sim
+from tests.test_llm_simulator import SECRET, make_sim, train_llm_policy
 
 USERS = np.array([1, 1, 1, 1, 1, 2])
 ITEMS = np.array([5, 3, 9, 7, 11, 4])
@@ -160,20 +158,9 @@ def test_outcome_is_the_page_choice_times_the_rating_distribution(server):
 def test_policy_train_with_reward_engagement_against_the_llm_persona(tmp_path, data_root, cache_root,
                                                                      monkeypatch):
     """One PPO iteration, the LLM persona hosted in the simulator actor choosing through its pages."""
-    from rlsim.cli import main
-
     with FakeOpenAI(FaultConfig()) as srv:
-        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-        data = ["--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download"]
-        cfg = tmp_path / "exp.yaml"
-        cfg.write_text("candidates:\n  k: 5\npolicy:\n  train_batch_size: 64\n  minibatch_size: 32\n  num_epochs: 1\n"
-                       "  hidden: 8\n  num_envs_per_env_runner: 8\n  reward: engagement\n  reward_mode: sampled\n"
-                       "personas:\n  model: fake-model\n  k_similar: 0\n  rpm: 60000\n")
-        run = tmp_path / "run"
-        assert main(["policy", "train", *data, "--config", str(cfg), "--reward", "llm_persona", "--horizon", "2",
-                     "--iterations", "1", "--num-cpus", "1", "--quiet", "--out", str(run)]) == 0
-        tm = json.loads((run / "train_metrics.json").read_text())
+        _, _, run, tm = train_llm_policy(tmp_path, data_root, cache_root, monkeypatch, srv,
+                                         policy={"reward": "engagement", "reward_mode": "sampled"})
         sim = tm["simulator"]["simulator"]
         pc = sim["page_choice"]
         assert sim["choice"] == "llm_page" and pc["method"] == "logprobs" and pc["failed"] == 0

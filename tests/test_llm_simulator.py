@@ -512,21 +512,37 @@ def test_the_budget_stops_the_simulator_cleanly(ray_local, split_100k, cache_roo
 
 # ---------------------------------------------------------------- PPO end to end and the CLI edge
 
+def train_llm_policy(tmp_path, data_root, cache_root, monkeypatch, srv, policy: dict | None = None,
+                     llm_persona: dict | None = None) -> tuple:
+    """One PPO iteration (horizon 2) against the LLM persona behind the fake server ``srv``, through the
+    CLI, with extra ``policy:`` / ``llm_persona:`` keys: (the data flags, the config file, the run
+    folder, its train_metrics.json)."""
+    import yaml
+
+    from rlsim.cli import main
+
+    monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    data = ["--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download"]
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "candidates": {"k": 5},
+        "policy": {"train_batch_size": 64, "minibatch_size": 32, "num_epochs": 1, "hidden": 8,
+                   "num_envs_per_env_runner": 8, **(policy or {})},
+        "personas": {"model": "fake-model", "k_similar": 0, "rpm": 60000},
+        **({"llm_persona": llm_persona} if llm_persona else {})}))
+    run = tmp_path / "run"
+    assert main(["policy", "train", *data, "--config", str(cfg), "--reward", "llm_persona", "--horizon", "2",
+                 "--iterations", "1", "--num-cpus", "1", "--quiet", "--out", str(run)]) == 0
+    return data, cfg, run, json.loads((run / "train_metrics.json").read_text())
+
+
 def test_policy_train_and_evaluate_with_reward_llm_persona(tmp_path, data_root, cache_root, monkeypatch):
     from rlsim.cli import main
 
     with FakeOpenAI(FaultConfig()) as srv:
-        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
-        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-        data = ["--dataset", "ml-100k", "--data-dir", str(data_root), "--cache-dir", str(cache_root), "--no-download"]
-        cfg = tmp_path / "exp.yaml"
-        cfg.write_text("candidates:\n  k: 5\npolicy:\n  train_batch_size: 64\n  minibatch_size: 32\n  num_epochs: 1\n"
-                       "  hidden: 8\n  num_envs_per_env_runner: 8\npersonas:\n  model: fake-model\n  k_similar: 0\n"
-                       "  rpm: 60000\nllm_persona:\n  summary_every: 1\n")
-        run = tmp_path / "run"
-        assert main(["policy", "train", *data, "--config", str(cfg), "--reward", "llm_persona", "--horizon", "2",
-                     "--iterations", "1", "--num-cpus", "1", "--quiet", "--out", str(run)]) == 0
-        tm = json.loads((run / "train_metrics.json").read_text())
+        data, cfg, run, tm = train_llm_policy(tmp_path, data_root, cache_root, monkeypatch, srv,
+                                              llm_persona={"summary_every": 1})
         sim = tm["simulator"]["simulator"]
         assert sim["method"] == "logprobs" and sim["name"] == "llm_persona"
         assert sim["requested"] == sim["answered"] >= 64 and sim["failed"] == 0
