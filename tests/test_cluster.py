@@ -139,9 +139,10 @@ def test_pipeline_job_runs_env_runners_on_both_nodes(two_nodes, tmp_path, data_r
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     train = json.loads((out / "policy" / "train" / "train_metrics.json").read_text())
     assert len(set(train["env_runner_nodes"])) == 2  # one runner on each node
-    sim = train["simulator"]
-    # Both runners stepped against the one simulator actor, one request per step each.
-    assert sim["requests"] >= 2 and sim["pairs"] >= 500
+    sim, acc = train["simulator"], train["reward_accounting"]
+    # Both runners stepped against the one simulator actor: every pick shown was a choice (the
+    # quickstart pays `liked`), and every watched one was rated there, one request per step each.
+    assert sim["requests"] >= 2 and acc["shown"] >= 500 and sim["pairs"] >= acc["asked"] > 0
     assert (out / "report.html").is_file()
 
 
