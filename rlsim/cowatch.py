@@ -30,18 +30,23 @@ class CoWatch:
     seed: int = 0
 
     def fit(self, train: pd.DataFrame) -> "CoWatch":
-        self.users_ = pd.Index(np.unique(train["user_id"].to_numpy()))
-        self.items_ = pd.Index(np.unique(train["item_id"].to_numpy()))
-        rows = self.users_.get_indexer(train["user_id"].to_numpy())
-        cols = self.items_.get_indexer(train["item_id"].to_numpy())
-        self.x_ = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), (len(self.users_), len(self.items_)))
-        self.x_.data[:] = 1.0  # a movie rated twice is still one watch
-        k = max(1, min(self.dims, min(self.x_.shape) - 1))
+        users = np.unique(train["user_id"].to_numpy())
+        items = np.unique(train["item_id"].to_numpy())
+        rows = np.searchsorted(users, train["user_id"].to_numpy())
+        cols = np.searchsorted(items, train["item_id"].to_numpy())
+        x = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), (len(users), len(items)))
+        x.data[:] = 1.0  # a movie rated twice is still one watch
+        return self.fit_matrix(x, users, items)
+
+    def fit_matrix(self, x: sparse.csr_matrix, users: np.ndarray, items: np.ndarray) -> "CoWatch":
+        """fit() from a binary user x movie matrix already built (rows ``users``, columns ``items``)."""
+        self.users_, self.items_, self.x_ = pd.Index(users), pd.Index(items), x
+        k = max(1, min(self.dims, min(x.shape) - 1))
         # ARPACK's start vector is random: a fixed one makes the factors reproducible.
-        v0 = np.random.default_rng(self.seed).standard_normal(min(self.x_.shape))
-        _, _, vt = svds(self.x_, k=k, v0=v0)
+        v0 = np.random.default_rng(self.seed).standard_normal(min(x.shape))
+        _, _, vt = svds(x, k=k, v0=v0)
         self.v_ = np.ascontiguousarray(vt.T)  # [items, k]
-        self.u_ = np.asarray(self.x_ @ self.v_)  # [users, k]: each history projected
+        self.u_ = np.asarray(x @ self.v_)  # [users, k]: each history projected
         return self
 
     def score(self, users, items) -> np.ndarray:

@@ -172,7 +172,7 @@ class NeighbourChoice(_LogisticChoice):
         self.xu = sparse.csr_matrix(x.multiply(1 / np.sqrt(np.maximum(np.asarray(x.sum(1)).ravel(), 1))[:, None]))
         from rlsim.cowatch import CoWatch
 
-        self.cowatch = CoWatch(self.cowatch_dims, self.seed).fit(train)
+        self.cowatch = CoWatch(self.cowatch_dims, self.seed).fit_matrix(x, self.user_ids, self.item_ids)
 
     @staticmethod
     def _index(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
