@@ -226,7 +226,8 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
             run_dir = out / "policies" / f"{n}-seed{seed}"
             pcfg = replace(base, seed=seed)
             tm = train_policy(dcfg, pcfg, specs[n], run_dir, candidates=cands, ccfg=run.candidates,
-                              persona_cfg=run.personas, dataset=ds, split=split, progress=False, source=n)
+                              persona_cfg=run.personas, dataset=ds, split=split, progress=False, source=n,
+                              env_data=data)
             if data is None:  # the env tables are the same for every run (same candidates and training ratings)
                 data = EnvData.load(run_dir / "env_data")
                 tables = {m: score_all(data, sims[m]) for m in sources}

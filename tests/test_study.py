@@ -32,10 +32,15 @@ def test_config_validation():
         StudyConfig(bootstrap=0).validate()
 
 
-def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_reward_checkpoint):
+def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_reward_checkpoint, monkeypatch):
     import yaml
 
+    import rlsim.env
     from rlsim.cli import main
+
+    builds = []
+    build = rlsim.env.build_env_data
+    monkeypatch.setattr(rlsim.env, "build_env_data", lambda *a, **k: builds.append(1) or build(*a, **k))
 
     cfg = {"data": {"dataset": "ml-100k", "split": "u1", "data_dir": str(data_root), "cache_dir": str(cache_root),
                     "download": False},
@@ -52,6 +57,7 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     assert main(["study", "--config", str(p), "--out", str(out), "--quiet", "--num-cpus", "1"]) == 0
     r = json.loads((out / "study.json").read_text())
     sources = ["bias", "mf", "reward_model", "hybrid"]
+    assert len(builds) == 1  # the env's tables are built once for the 8 policies (same split and candidates)
     assert r["source_names"] == sources and r["seeds"] == 2
     # The matrix: every policy judged by every source; the diagonal is each policy's own simulator.
     assert set(r["matrix"]) == set(sources) and all(set(row) == set(sources) for row in r["matrix"].values())

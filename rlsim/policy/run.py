@@ -77,13 +77,14 @@ def _candidates(dcfg: DataConfig, ds, split, candidates, ccfg, out: Path) -> pd.
 
 def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out: str | Path, *,
                  candidates: pd.DataFrame | None = None, ccfg=None, dataset=None, split=None, progress: bool = True, persona_cfg=None,
-                 api_key: str | None = None, source: str | None = None) -> dict:
+                 api_key: str | None = None, source: str | None = None, env_data=None) -> dict:
     """Train PPO on the training users against the simulator ``spec``; writes OUT/{env_data/,
     checkpoint/, train_metrics.json, run.json} and returns the training metrics.
 
     ``persona_cfg`` (the `personas:` section; default PersonaConfig()) and ``api_key`` reach an LLM persona
     simulator (``spec.kind == "llm_persona"``); the key is never written. ``source`` names the reward
-    source in the reward accounting and its errors (default: the spec's label)."""
+    source in the reward accounting and its errors (default: the spec's label). ``env_data``: the env's
+    feature tables when the caller already built them for these candidates and training ratings."""
     import ray
 
     from rlsim.data import load_split
@@ -103,8 +104,11 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
         dataset, split = load_split(dcfg)
     ds = dataset
     cands = _candidates(dcfg, ds, split, candidates, ccfg, out)
-    data = build_env_data(split.train, ds.items, cands, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir),
-                          ds.scale, dims=pcfg.feature_dims)
+    # A caller that trains many policies on the same split and candidates (the study) builds the
+    # env's feature tables once and passes them: they depend on neither the policy's seed nor its source.
+    data = env_data if env_data is not None else build_env_data(
+        split.train, ds.items, cands, item_text_vectors(ds.items, dcfg.text_model, dcfg.cache_dir), ds.scale,
+        dims=pcfg.feature_dims)
     data.save(out / "env_data")
     eligible = held_out_eligible(data, split.test)
     train_rows, held_rows = split_users(len(data.user_ids), pcfg.holdout_users, pcfg.seed, eligible)

@@ -150,12 +150,21 @@ class NeighbourChoice(_LogisticChoice):
     name = "neighbours"
     conditions_on_session = True
 
-    def __init__(self, k: int | None = None, block: int = 256, cowatch_dims: int = 16, **kw):
+    def __init__(self, k: int | None = None, block: int = 256, cowatch_dims: int | None = None, **kw):
         super().__init__(**kw)
         self.k, self.block = k, block  # k None: chosen among K_CHOICES on the validation slice
+        # None: rlsim.cowatch.select_dims on a validation slice of the training ratings, as the env's
+        # co-watch feature chooses its own (same procedure and seed, so both agree).
         self.cowatch_dims = cowatch_dims
 
     K_CHOICES = (10, 25, 50, 100, 200)
+
+    def fit(self, train: pd.DataFrame):
+        if self.cowatch_dims is None:
+            from rlsim.cowatch import select_dims
+
+            self.cowatch_dims, self.cowatch_validation = select_dims(train, seed=self.seed)
+        return super().fit(train)
 
     def candidates(self) -> list[dict]:
         return [{"k": self.k}] if self.k else [{"k": k} for k in self.K_CHOICES]

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.simulators.base import Session
+from rlsim.cowatch import select_dims
 from rlsim.simulators.choice import LazyChoice, NeighbourChoice, PopularityChoice, sample_negatives
 from rlsim.simulators.choice_fidelity import choice_fidelity, choice_trials
 
@@ -41,6 +42,10 @@ def test_neighbours_beat_popularity_where_taste_decides():
     nb_model = NeighbourChoice(seed=0).fit(train)
     nb = choice_fidelity(nb_model.probability, train, test)
     assert nb_model.chosen["k"] in NeighbourChoice.K_CHOICES  # chosen on the validation slice
+    # The co-watch factors too, by the env feature's own procedure (rlsim.cowatch.select_dims).
+    assert nb_model.cowatch_dims == select_dims(train, seed=0)[0] == max(nb_model.cowatch_validation,
+                                                                        key=nb_model.cowatch_validation.get)
+    assert NeighbourChoice(seed=0, cowatch_dims=32).fit(train).cowatch.dims == 32
     assert nb["summary"]["auc"] > pop["summary"]["auc"] + 0.05
     assert nb["1to9"]["accuracy"] > pop["1to9"]["accuracy"]
     assert pop["summary"]["auc"] > 0.55  # popularity still knows something here
