@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rlsim.study_stats import beats_both, bootstrap_indices, paired_spearman, paired_vs, summarize
+from rlsim.study_stats import (beats_both, bootstrap_indices, paired_spearman, paired_vs, point, replicate_means,
+                               summarize)
 
 METRICS = {"hit_rate": "hit", "watch_rate": "watched", "ndcg": "ndcg"}
 DENOMINATORS = {
@@ -105,6 +106,8 @@ def summarize_outcomes(outcomes: dict[str, dict[str, np.ndarray]], coverage: dic
     result["fidelity_vs_real_spearman"] = {
         m: paired_spearman({n: sign * fidelity[n][m] for n in sources if fidelity.get(n, {}).get(m) is not None},
                            {n: hit[n] for n in sources}, idx) for m, sign in measures.items()}
+    short = [n for n in sources if result["sources"][n]["vs_popularity"]["verdict"] != "better"]
+    result["shortfall"] = shortfall(outcomes, short, idx) if short and "popularity" in hit else None
     if "hybrid" in sources:
         result["hybrid_vs_ends"] = {"ends": ["offline_persona", "reward_model"], "metric": "hit_rate",
                                     **beats_both(hit, "hybrid", ["offline_persona", "reward_model"], idx)}
@@ -113,6 +116,53 @@ def summarize_outcomes(outcomes: dict[str, dict[str, np.ndarray]], coverage: dic
                            "p_value": "two-sided bootstrap: 2 x the smaller share of replicates on either side of 0",
                            "correction": "Holm over all sources (and separately over the references), per metric"}
     return result
+
+
+def shortfall(outcomes: dict[str, dict[str, np.ndarray]], names: list[str], idx) -> dict:
+    """Which question a policy that does not beat popularity-first gets wrong. hit = watched x liked
+    when watched, so its hit-rate gap to popularity (H - Hp) splits exactly into a choice part, watched
+    less often at popularity's like share ((W - Wp) Hp / Wp), and a rating part, liked less often when
+    watched (H - W Hp / Wp). Point values and paired bootstrap intervals (the same replicates as
+    every other interval); ``question`` names the part that costs the most over these policies."""
+    hit, watched = outcomes["hit"], outcomes["watched"]
+
+    def parts(h, w, hp, wp):
+        share = hp / np.where(wp > 0, wp, np.nan)
+        return (w - wp) * share, h - w * share
+
+    base = (replicate_means(hit["popularity"], idx), replicate_means(watched["popularity"], idx))
+    rows = {}
+    for n in names:
+        pc, pr = parts(point(hit[n]), point(watched[n]), point(hit["popularity"]), point(watched["popularity"]))
+        bc, br = parts(replicate_means(hit[n], idx), replicate_means(watched[n], idx), *base)
+        rows[n] = {"choice": _finite(pc), "rating": _finite(pr), "choice_ci95": _percentiles(bc),
+                   "rating_ci95": _percentiles(br)}
+    total = {k: sum(r[k] or 0.0 for r in rows.values()) for k in ("choice", "rating")}
+    return {"sources": rows, "question": "choice" if total["choice"] <= total["rating"] else "rating",
+            "definition": "hit-rate gap to popularity-first = choice part (W - Wp) Hp/Wp + rating part H - W Hp/Wp"}
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def _percentiles(boots: np.ndarray) -> list[float] | None:
+    ok = boots[np.isfinite(boots)]
+    return [float(np.percentile(ok, 2.5)), float(np.percentile(ok, 97.5))] if len(ok) else None
+
+
+QUESTIONS = {"choice": "which movie the user watches next (their picks are watched less often than "
+                       "popularity-first's)",
+             "rating": "whether the user likes what they watch (their watched picks are liked less often)"}
+
+
+def shortfall_text(short: dict | None) -> str:
+    if not short:
+        return ""
+    rows = "; ".join(f"{n} {r['choice']:+.3f} choice, {r['rating']:+.3f} rating" for n, r in short["sources"].items()
+                     if r["choice"] is not None and r["rating"] is not None)
+    return (f" Where a policy does not beat popularity-first, its hit-rate gap splits into a choice and a rating "
+            f"part ({rows}): the simulated users get wrong {QUESTIONS[short['question']]}.")
 
 
 def answer(summary: dict, sources: list[str], held: dict) -> str:
@@ -153,7 +203,7 @@ def answer(summary: dict, sources: list[str], held: dict) -> str:
     if hyb and hyb.get("better") is not None:
         corr += (" The hybrid " + ("beats" if hyb["better"] else "does not beat")
                  + " both persona-only and reward-model-only with paired intervals.")
-    return head + verdict + corr
+    return head + verdict + corr + shortfall_text(summary.get("shortfall"))
 
 
 def curve_ends(curve: list[dict]) -> tuple[float, float] | None:

@@ -103,6 +103,10 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     assert r["fidelity_vs_real_spearman"]["nll"]["replicates"] == 200
     assert r["hybrid_vs_ends"]["better"] is None and "offline_persona" in r["hybrid_vs_ends"]["note"]
     assert "popularity-first" in r["answer"] and all(n in r["answer"] for n in sources)
+    short = [n for n in sources if r["sources"][n]["vs_popularity"]["verdict"] != "better"]
+    if short:  # the question each such policy gets wrong: its gap split into choice and rating
+        assert set(r["shortfall"]["sources"]) == set(short) and r["shortfall"]["question"] in r["answer"] or \
+            "the simulated users get wrong" in r["answer"]
     assert (out / "matrix.png").stat().st_size > 5000
     html = (out / "report.html").read_text()
     assert "The answer" in html and "matrix.png" in html and "Real held-out behaviour" in html

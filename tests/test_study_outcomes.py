@@ -64,3 +64,37 @@ def test_hybrid_curve_ends_and_the_middle_judged_against_both():
     v = curve_vs_ends(per_user, (0.0, 1.01), 500, 0)
     assert set(v) == {0.9, 0.5} and v[0.9]["better"] is True and v[0.5]["better"] is False
     assert curve_vs_ends(per_user, None, 500, 0) == {}
+
+
+def test_a_shortfall_splits_into_its_choice_and_rating_parts():
+    from rlsim.study_real import shortfall, shortfall_text
+    from rlsim.study_stats import bootstrap_indices
+
+    rng = np.random.default_rng(0)
+    S, U = 3, 400
+    pop_w = (rng.random((S, U)) < 0.5).astype(float)
+    pop_h = pop_w * (rng.random((S, U)) < 0.8)
+    # "shy": watched half as often as popularity's picks, liked as often when watched (the choice question);
+    # "sour": watched as often, liked half as often when watched (the rating question).
+    shy_w = pop_w * (rng.random((S, U)) < 0.5)
+    shy_h = shy_w * (rng.random((S, U)) < 0.8)
+    sour_w = pop_w.copy()
+    sour_h = sour_w * (rng.random((S, U)) < 0.4)
+    outcomes = {"hit": {"popularity": pop_h, "shy": shy_h, "sour": sour_h},
+                "watched": {"popularity": pop_w, "shy": shy_w, "sour": sour_w}}
+    idx = bootstrap_indices(S, U, 300, seed=0)
+    r = shortfall(outcomes, ["shy", "sour"], idx)
+    for n in ("shy", "sour"):  # the two parts add up to the whole hit-rate gap
+        row = r["sources"][n]
+        gap = outcomes["hit"][n].mean() - pop_h.mean()
+        assert row["choice"] + row["rating"] == pytest.approx(gap)
+        for part in ("choice", "rating"):
+            lo, hi = row[f"{part}_ci95"]
+            assert lo <= row[part] <= hi
+    shy, sour = r["sources"]["shy"], r["sources"]["sour"]
+    assert shy["choice"] < -0.1 and abs(shy["rating"]) < 0.05 and shy["choice_ci95"][1] < 0
+    assert sour["rating"] < -0.1 and sour["choice"] == pytest.approx(0.0) and sour["rating_ci95"][1] < 0
+    assert shortfall(outcomes, ["shy"], idx)["question"] == "choice"
+    assert shortfall(outcomes, ["sour"], idx)["question"] == "rating"
+    assert "which movie the user watches next" in shortfall_text(shortfall(outcomes, ["shy"], idx))
+    assert shortfall_text(None) == ""
