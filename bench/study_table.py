@@ -32,7 +32,18 @@ def table(name: str, d: dict) -> str:
     for n, s in d["references"].items():
         rows.append(f"| {n} | {s['hit_rate']['mean']:.3f} | {s['watch_rate']['mean']:.3f} | {s['ndcg']['mean']:.3f} | "
                     f"{_ci(s.get('vs_popularity')) if n != 'popularity' else ''} | |")
+    short = d.get("shortfall")
+    if short:  # where a policy falls short of popularity-first: watched less often, or liked less when watched
+        rows += ["", f"Shortfall from popularity-first's hit rate (the question gets wrong: {short['question']}):", "",
+                 "| PPO on | choice part (95% CI) | rating part (95% CI) |", "|---|---|---|"]
+        for n, r in short["sources"].items():
+            rows.append(f"| {n} | {_part(r, 'choice')} | {_part(r, 'rating')} |")
     return "\n".join(rows)
+
+
+def _part(r: dict, k: str) -> str:
+    ci = r.get(f"{k}_ci95")
+    return "–" if r.get(k) is None else f"{r[k]:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
 
 
 def main(argv=None) -> int:
