@@ -11,7 +11,7 @@ import pytest
 
 from rlsim.data.schema import RatingScale
 from rlsim.errors import ConfigError
-from rlsim.simulators.actor import BatchingSimulator, SimulatorClient, start_simulator_actor
+from rlsim.simulators.actor import BatchingSimulator, LocalSimulator, SimulatorClient, start_simulator_actor
 from rlsim.simulators.base import Session, Simulator
 from tests.ray_local import barrier as make_barrier
 
@@ -143,3 +143,20 @@ def test_a_transient_llm_failure_is_asked_again(tmp_path):
     assert np.isnan(a).all() and abs(b[0] - expected_rating(1, 10)) < 1.0
     st = sim.stats()
     assert st["failed_by_reason"] == {"http_500": 1} and st["answered"] == 1 and st["requested"] == 2
+
+
+def test_local_simulator_answers_and_counts_as_the_actor_does():
+    """What the env holds when only the driver samples: the simulator's own answers, the actor's counts,
+    and one object however often RLlib deep-copies its env_config."""
+    import copy
+
+    local = LocalSimulator(Toy())
+    users, items, sessions = np.array([1, 2, 3]), np.array([0, 1, 2]), [Session(), Session((9,), (3.0,)), Session()]
+    p, why = local.distribution_with_reasons(users, items, sessions)
+    np.testing.assert_array_equal(p, Toy().distribution(users, items, sessions))
+    assert why == ["", "", ""] and local.scale == SCALE and local.conditions_on_session
+    np.testing.assert_allclose(local.score(users, items), Toy().score(users, items))
+    st = local.stats()
+    assert (st["requests"], st["batches"], st["pairs"]) == (2, 2, 6) and set(st) == set(BatchingSimulator(Toy()).stats())
+    cfg = copy.deepcopy({"source": local})
+    assert cfg["source"] is local

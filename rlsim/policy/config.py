@@ -48,12 +48,15 @@ class PolicyConfig:
     entropy_coeff: float = 0.0
     vf_loss_coeff: float = 0.5
     hidden: int = 64
-    # Sampling and learning. On 2 cores sampling in the driver (0 runners) is fastest: remote
-    # runners, the learner and the simulator actor compete for the same cores. With many cores,
-    # give each runner its own core (num_env_runners ~ cores - 2, 32-64 sessions each) so the
-    # simulator actor batches across runners; put the learner on a GPU with num_gpus_per_learner=1
-    # (num_learners=0 keeps it in the driver; 1+ makes learner actors).
-    num_env_runners: int = 0
+    # Sampling and learning. None (the default) picks the remote env runners from the CPUs Ray reports
+    # when training starts (rlsim.policy.train.auto_env_runners): 0 below 6 CPUs, where remote
+    # runners, the learner and the simulator actor compete for the same cores (2 runners on 2 cores
+    # ran 193-285 env steps/s against 1,620 in the driver); from 6 CPUs up, one runner per core
+    # beyond the driver and the simulator actor, few enough that each steps its sessions at least
+    # 8 times an iteration. An explicit number (0 = sample in the driver) is always used as given.
+    # Put the learner on a GPU with num_gpus_per_learner=1 (num_learners=0 keeps it in the driver;
+    # 1+ makes learner actors). docs/policy.md has the many-core settings.
+    num_env_runners: int | None = None
     num_envs_per_env_runner: int = 32
     num_learners: int = 0
     num_gpus_per_learner: float = 0.0
@@ -74,7 +77,7 @@ class PolicyConfig:
             raise ConfigError(f"policy.reward_mode must be one of {', '.join(REWARD_MODES)}, got {self.reward_mode!r}")
         if not 0.0 <= self.holdout_users < 1.0:
             raise ConfigError(f"policy.holdout_users must be in [0, 1), got {self.holdout_users}")
-        if self.num_learners < 0 or self.num_gpus_per_learner < 0 or self.num_env_runners < 0:
+        if self.num_learners < 0 or self.num_gpus_per_learner < 0 or (self.num_env_runners or 0) < 0:
             raise ConfigError("policy.num_env_runners, num_learners and num_gpus_per_learner must be >= 0")
         if self.exit_window < 1:
             raise ConfigError("policy.exit_window must be >= 1")

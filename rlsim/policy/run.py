@@ -90,8 +90,8 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
     from rlsim.data import load_split
     from rlsim.embeddings import item_text_vectors
     from rlsim.env import build_env_data
-    from rlsim.policy.train import env_config, train_ppo
-    from rlsim.simulators.actor import start_simulator_actor, stop_simulator_actor
+    from rlsim.policy.train import env_config, env_runners, train_ppo
+    from rlsim.simulators.actor import LocalSimulator, start_simulator_actor, stop_simulator_actor
 
     pcfg.validate()
     spec.validate()
@@ -119,7 +119,7 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
         "users": {"seed": pcfg.seed, "holdout": pcfg.holdout_users, "train": int(len(train_rows)),
                   "eligible_for_held_out": int(eligible.sum()), "eligible": "users with a test rating",
                   "held_out_user_ids": [int(u) for u in data.user_ids[held_rows]]}})
-    actor = None
+    actor = local = None
     if spec.kind == "actor":
         name, namespace = spec.actor, spec.namespace
     else:
@@ -127,20 +127,25 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
         factory = simulator_factory(spec, ds, split.train, seed=dcfg.seed,
                                     persona_cfg=_persona_cfg(persona_cfg),
                                     text_model=dcfg.text_model, cache_dir=dcfg.cache_dir, api_key=api_key)
-        # Keep the handle: a non-detached named actor ends with its creator's last handle.
-        actor = start_simulator_actor(name, factory)
+        if env_runners(pcfg) == 0 and registry.runs_in_driver(spec):
+            # Only the driver samples: the simulator lives there, no actor round trip per step.
+            name, local = None, LocalSimulator(factory())
+        else:
+            # Keep the handle: a non-detached named actor ends with its creator's last handle.
+            actor = start_simulator_actor(name, factory)
     try:
-        ecfg = env_config(data, pcfg, simulator_actor=name, namespace=namespace, user_rows=train_rows)
+        ecfg = env_config(data, pcfg, source=local, simulator_actor=name, namespace=namespace, user_rows=train_rows)
         try:
             metrics = train_ppo(data, pcfg, out, env_cfg=ecfg, progress=progress,
                                 source=source or spec.label())
         except RewardFailed as exc:  # recorded with the simulator's own view before it stops
-            if actor is not None:
-                exc.metrics["simulator"] = ray.get(actor.stats.remote())
+            if actor is not None or local is not None:
+                exc.metrics["simulator"] = local.stats() if local is not None else ray.get(actor.stats.remote())
                 write_json(out / "train_metrics.json", exc.metrics)
             raise
-        if actor is not None:
-            metrics["simulator"] = ray.get(actor.stats.remote())
+        if actor is not None or local is not None:
+            metrics["simulator"] = local.stats() if local is not None else ray.get(actor.stats.remote())
+        metrics["simulator_in"] = "driver" if local is not None else "actor"
     finally:
         if actor is not None:
             stop_simulator_actor(actor)  # in a shared cluster it would outlive this run

@@ -36,6 +36,34 @@ def chain_length(cfg: PolicyConfig) -> int:
     return max(1, cfg.users_per_episode) if cfg.horizon == 1 else 1
 
 
+# Below this many CPUs remote env runners are slower than sampling in the driver (bench/ppo_throughput.py:
+# 2 runners on 2 cores, 193-285 env steps/s against 1,620): they, the learner and the simulator actor
+# share the cores, and each runner ships its episodes back. From here up at least 4 runners get a core each.
+AUTO_RUNNERS_MIN_CPUS = 6
+# Cores kept for the driver (the learner with num_learners=0) and the simulator actor.
+AUTO_RUNNERS_RESERVED_CPUS = 2
+# Each auto runner steps its sessions at least this often per iteration (more runners only add overhead).
+AUTO_RUNNERS_MIN_STEPS = 8
+
+
+def auto_env_runners(cfg: PolicyConfig, cpus: float) -> int:
+    """The remote env runners for ``cpus`` CPUs when policy.num_env_runners is unset (None)."""
+    if cpus < AUTO_RUNNERS_MIN_CPUS:
+        return 0
+    by_batch = cfg.train_batch_size // (cfg.num_envs_per_env_runner * AUTO_RUNNERS_MIN_STEPS)
+    n = min(int(cpus) - AUTO_RUNNERS_RESERVED_CPUS, by_batch)
+    return n if n >= 2 else 0  # one remote runner samples no faster than the driver and adds a round trip
+
+
+def env_runners(cfg: PolicyConfig) -> int:
+    """policy.num_env_runners as given, or auto_env_runners for the CPUs the running Ray reports."""
+    if cfg.num_env_runners is not None:
+        return cfg.num_env_runners
+    import ray
+
+    return auto_env_runners(cfg, float(ray.cluster_resources().get("CPU", 1.0)))
+
+
 def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig):
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -47,7 +75,7 @@ def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig):
         PPOConfig()
         # The env is already vectorised: each runner's N sessions go to the simulator in one request.
         .environment(SessionVectorEnv, env_config=env_cfg)
-        .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+        .env_runners(num_env_runners=env_runners(cfg), num_envs_per_env_runner=cfg.num_envs_per_env_runner,
                      rollout_fragment_length="auto", gym_env_vectorize_mode="vector_entry_point")
         .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=SlateScorerRLModule, model_config=model_config))
@@ -141,6 +169,7 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
 
     # RLlib registers the same gymnasium id again on every build in a process (studies train many).
     warnings.filterwarnings("ignore", message=".*Overriding environment rllib-single-agent-env-v0")
+    runners = env_runners(cfg)
     algo = build_ppo_config(env_cfg, data, cfg).build_algo()
     runner_nodes = env_runner_nodes(algo)
     history = []
@@ -177,7 +206,8 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     steps = history[-1]["env_steps_sampled"] or 0
     metrics = {"config": vars(cfg), "iterations": history, "wall_seconds": round(wall, 3),
                "env_steps": steps, "env_steps_per_s": round(steps / wall, 1) if wall else None,
-               "checkpoint": str(out / "checkpoint"), "env_runner_nodes": runner_nodes, "reward_accounting": acc}
+               "checkpoint": str(out / "checkpoint"), "num_env_runners": runners, "env_runner_nodes": runner_nodes,
+               "reward_accounting": acc}
     write_json(out / "train_metrics.json", metrics)
     return metrics
 

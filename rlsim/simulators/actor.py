@@ -155,6 +155,52 @@ class BatchingSimulator:
                 "simulator": self.sim.describe() if hasattr(self.sim, "describe") else {}}
 
 
+class LocalSimulator:
+    """A simulator in this process with the actor's bookkeeping (requests, batches, pairs, busy_s): what
+    the env holds when the driver is the only one sampling, so no step pays an actor round trip.
+
+    RLlib deep-copies env_config; every copy is this one object (the counts stay in one place)."""
+
+    def __init__(self, sim):
+        self.sim = sim
+        self.requests = self.batches = self.pairs = 0
+        self.busy_s = 0.0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getattr__(self, name):  # scale, name, has_choice, conditions_on_session, describe, ...
+        if name == "sim":
+            raise AttributeError(name)
+        return getattr(self.sim, name)
+
+    def distribution_with_reasons(self, users, items, sessions=None) -> tuple[np.ndarray, list[str]]:
+        t0 = time.perf_counter()
+        try:
+            if hasattr(self.sim, "distribution_with_reasons"):
+                p, why = self.sim.distribution_with_reasons(users, items, sessions)
+            else:
+                p = self.sim.distribution(users, items, sessions)
+                why = unanswered_reasons(p)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+        self.requests += 1
+        self.batches += 1
+        self.pairs += len(users)
+        return np.asarray(p), list(why)
+
+    def distribution(self, users, items, sessions=None) -> np.ndarray:
+        return self.distribution_with_reasons(users, items, sessions)[0]
+
+    def score(self, users, items, sessions=None) -> np.ndarray:
+        return expectation(self.distribution(users, items, sessions), self.sim.scale)
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "batches": self.batches, "pairs": self.pairs,
+                "requests_per_batch": self.requests / max(self.batches, 1), "busy_s": round(self.busy_s, 3),
+                "simulator": self.sim.describe() if hasattr(self.sim, "describe") else {}}
+
+
 def _actor_class():
     import ray
 

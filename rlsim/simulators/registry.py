@@ -44,6 +44,9 @@ class Entry:
     needs: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     choice: str | None = None  # its choice model (rlsim.simulators.choice); None: it only rates
+    # Synchronous and local (numpy/torch, no endpoint): when only the driver samples, the policy stage
+    # builds it there instead of in an actor (a round trip per step cost ~40% of a sampled MF iteration).
+    in_driver: bool = False
 
 
 REGISTRY: dict[str, Entry] = {}
@@ -73,6 +76,11 @@ def canonical(name: str) -> str:
 
 def entry(name: str) -> Entry:
     return REGISTRY[canonical(name)]
+
+
+def runs_in_driver(spec) -> bool:
+    """Whether the simulator a spec names may be built in the driver when no remote env runner samples."""
+    return entry(spec.kind).in_driver
 
 
 def choosing() -> tuple[str, ...]:
@@ -209,12 +217,12 @@ def _llm_persona(spec, ctx: BuildContext):
 
 # The bias baseline picks by popularity and activity: the choice every source must beat.
 register(Entry("bias", "damped user+item bias, with calibrated ordinal noise per user; picks by popularity",
-               _baseline, choice="popularity"))
+               _baseline, choice="popularity", in_driver=True))
 register(Entry("mf", "matrix factorisation, with calibrated ordinal noise per user; picks by implicit MF (BPR)",
-               _baseline, choice="bpr"))
+               _baseline, choice="bpr", in_driver=True))
 register(Entry("reward_model", "the reward model's softmax; the session joins its history tokens; picks by its "
                "choice head when trained with reward.choice_weight > 0",
-               _reward_model, needs=("checkpoint",), aliases=("model",), choice="head"))
+               _reward_model, needs=("checkpoint",), aliases=("model",), choice="head", in_driver=True))
 register(Entry("offline_persona", "the offline persona: neighbours' ratings and the user's own bias; picks what "
                "its nearest neighbours watched",
                _offline_persona, needs=("persona_config",), aliases=("personas",), choice="neighbours"))

@@ -99,6 +99,7 @@ def test_short_ppo_beats_random(ml100k, tmp_path):
     finally:
         ray.shutdown()
     assert len(m["iterations"]) == 8 and (tmp_path / "train_metrics.json").is_file()
+    assert cfg.num_env_runners is None and m["num_env_runners"] == 0  # the default on 1 CPU: the driver samples
     module = load_policy_module(tmp_path / "checkpoint")
     picks = module_choices(module, initial_observations(data, rewards))
     res, _ = evaluate_strategies(data, rewards, {"policy": picks})
@@ -210,3 +211,20 @@ def test_max_failed_share_is_checked():
     assert check_failed_share(acc, 0.05, "llm_persona") is None  # at the limit: allowed
     msg = check_failed_share({**acc, "failed": 6, "failed_share": 0.06}, 0.05, "llm_persona")
     assert "\n" not in msg and "budget: 4, http_500: 1" in msg and "llm_persona" in msg
+
+
+def test_env_runners_default_follows_the_cpus_ray_reports():
+    """Unset, policy.num_env_runners is 0 where remote runners were measured slower (2 cores: 193-285
+    env steps/s against 1,620 in the driver) and one runner per spare core on many cores, no more than
+    the batch keeps busy; a number given is used as given (the two-node cluster job sets 2)."""
+    from rlsim.policy.config import PolicyConfig
+    from rlsim.policy.train import auto_env_runners, env_runners
+
+    cfg = PolicyConfig()
+    assert cfg.num_env_runners is None
+    assert [auto_env_runners(cfg, c) for c in (1, 2, 4, 5)] == [0, 0, 0, 0]
+    assert auto_env_runners(cfg, 6) == 4 and auto_env_runners(cfg, 8) == 6
+    # 2,000 steps a batch over 32 sessions a runner: 7 runners step each session 8+ times an iteration.
+    assert auto_env_runners(cfg, 64) == 7
+    assert auto_env_runners(PolicyConfig(train_batch_size=4000, num_envs_per_env_runner=16), 64) == 31
+    assert env_runners(PolicyConfig(num_env_runners=2)) == 2 and env_runners(PolicyConfig(num_env_runners=0)) == 0

@@ -82,6 +82,8 @@ def test_policy_train_then_evaluate_on_held_out_users(tmp_path, data_root, cache
     assert tm["config"]["reward_mode"] == "sampled"
     # One batched simulator request per env step (8 sessions each), never one per user.
     assert tm["simulator"]["pairs"] >= 1000 and tm["simulator"]["requests"] < tm["simulator"]["pairs"] / 4
+    # One CPU: no remote env runner by default, so the simulator lives in the driver (no actor round trip).
+    assert tm["num_env_runners"] == 0 and tm["simulator_in"] == "driver"
     meta = json.loads((run / "run.json").read_text())
     held = set(meta["users"]["held_out_user_ids"])
     assert held and meta["users"]["train"] > len(held)
