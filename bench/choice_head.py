@@ -79,7 +79,8 @@ def timing(ft, fit_train, scale, variants: dict, batches: int, rounds: int) -> d
     out = {}
     for name in cfgs:
         per_batch = sorted(state[name][-1])[len(state[name][-1]) // 2]  # the median round
-        out[name] = {"config": variants[name], "seconds_per_batch": per_batch,
+        choice = {k: v for k, v in vars(cfgs[name]).items() if k.startswith("choice_")}
+        out[name] = {"config": choice, "seconds_per_batch": per_batch,
                      "epoch_seconds": per_batch * n_batches, "rounds": state[name][-1]}
     for name in cfgs:
         out[name]["vs_no_head"] = out[name]["seconds_per_batch"] / out["no_head"]["seconds_per_batch"]
@@ -96,7 +97,7 @@ def validate_variant(ds, ft, fit_train, val, kw: dict) -> dict:
     best = min(history, key=lambda r: r["val_rmse"])
     pred = RewardPredictor([model], ft, ds.scale, cfg)
     s = choice_fidelity(pred.choice_proba, fit_train, val)["summary"]
-    return {"config": kw, "val_rmse": best["val_rmse"], "best_epoch": best["epoch"], "epochs_run": len(history),
+    return {"config": {k: v for k, v in vars(cfg).items() if k.startswith("choice_")}, "val_rmse": best["val_rmse"], "best_epoch": best["epoch"], "epochs_run": len(history),
             "train_seconds_per_epoch": sum(h["train_seconds"] for h in history) / len(history),
             "wall_seconds": time.perf_counter() - t0, "val_choice": s}
 
@@ -131,13 +132,26 @@ def main(argv=None) -> int:
                          "loadavg_after": list(os.getloadavg())}
         print({k: round(v["epoch_seconds"], 1) for k, v in out["timing"].items() if isinstance(v, dict)}, flush=True)
     val_out = out.setdefault("validation", {})
+    if args.train and "references" not in val_out:
+        from rlsim.simulators.choice import CHOICE_MODELS
+        from rlsim.simulators.choice_fidelity import choice_fidelity
+
+        # The same trials for models fitted on the same training part: the numbers to beat.
+        val_out["references"] = {name: choice_fidelity(CHOICE_MODELS[name](seed=0).fit(fit_train).probability,
+                                                       fit_train, val)["summary"] for name in ("popularity", "bpr")}
+        print("references", val_out["references"], flush=True)
     for name in args.train:
         val_out[name] = {**validate_variant(ds, ft, fit_train, val, variants[name]), "loadavg": list(os.getloadavg())}
         print(name, {k: val_out[name][k] for k in ("val_rmse", "train_seconds_per_epoch")},
               val_out[name]["val_choice"], flush=True)
-    out.update(command="python bench/choice_head.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               wall_seconds=round(time.perf_counter() - t0, 1), loadavg=list(os.getloadavg()),
-               machine=platform.machine(), cores=os.cpu_count(), torch_threads=torch.get_num_threads())
+    command = "python bench/choice_head.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    run = {"command": command, "wall_seconds": round(time.perf_counter() - t0, 1), "loadavg": list(os.getloadavg())}
+    # With --merge, every run that wrote a part of this file is listed.
+    earlier = out.get("runs") or ([{k: out[k] for k in ("command", "wall_seconds", "loadavg")}]
+                                  if "command" in out else [])
+    out.update(command=command, runs=earlier + [run], wall_seconds=run["wall_seconds"],
+               loadavg=run["loadavg"], machine=platform.machine(), cores=os.cpu_count(),
+               torch_threads=torch.get_num_threads())
     write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0

@@ -51,7 +51,7 @@ class RewardConfig:
     # vector, dotted with each movie's: each step scores its picks against a shared pool of
     # choice_pool random movies (weighted to choice_negatives per pick) for the cost of a matmul.
     choice_scorer: str = "dot"
-    choice_pool: int = 1024
+    choice_pool: int = 256
     choice_shared_pass: bool = False
     # Probability of replacing a training user/item id by the reserved unknown row (teaches it).
     unknown_prob: float = 0.02

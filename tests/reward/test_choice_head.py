@@ -1,6 +1,7 @@
-"""The reward model's "dot" choice head: its negatives (a seeded shared pool, rated movies never passed
-over, weighted to reward.choice_negatives per pick), its scoring (the user side never sees the movie
-being scored; a session moves it) and the loading of checkpoints saved with the "joint" head."""
+"""The reward model's "dot" choice head (its own pass over the user's tokens, or read off the rating
+pass): its negatives (a seeded shared pool, rated movies never passed over, weighted to
+reward.choice_negatives per pick), its scoring (the user side never sees the movie being scored; a
+session moves it) and the loading of checkpoints saved with the "joint" head."""
 
 from __future__ import annotations
 
@@ -68,10 +69,11 @@ def test_choice_loss_labels_picks_one_and_the_pool_zero():
     torch.testing.assert_close(choice_loss(pick, pool, w), expected)
 
 
-def test_dot_head_scores_the_user_side_without_the_movie_and_follows_the_session(tables):
+@pytest.mark.parametrize("shared", [False, True])
+def test_dot_head_scores_the_user_side_without_the_movie_and_follows_the_session(tables, shared):
     ft, train, scale = tables
     torch.manual_seed(0)
-    model = VanillaTransformer(RewardConfig(**CFG), ft, scale.values).eval()
+    model = VanillaTransformer(RewardConfig(**CFG, choice_shared_pass=shared), ft, scale.values).eval()
     assert model.has_choice and model.choice_head is None
     idx = {k: torch.as_tensor(v) for k, v in ft.encode(train["user_id"][:5], train["item_id"][:5]).items()}
     # Neither the pair's own rating nor its watch is taken out of the user's tokens here, so the
@@ -84,6 +86,7 @@ def test_dot_head_scores_the_user_side_without_the_movie_and_follows_the_session
         logits, pick, pool_logits = model(**idx, head="both", pool_item=pool, pool_text=text[pool])
         assert logits.shape == (5, scale.n_classes) and pick.shape == (5,) and pool_logits.shape == (5, 8)
         torch.testing.assert_close(choice, pick)
+        torch.testing.assert_close(model(**idx), logits)  # the rating head reads the same encoding
         # The same user scoring another movie through forward == its pool column: the user vector
         # does not depend on the movie scored (only on the user's tokens and session).
         other = {**idx, "item": pool[:5], "text": text[pool[:5]]}
