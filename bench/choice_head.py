@@ -97,7 +97,8 @@ def validate_variant(ds, ft, fit_train, val, kw: dict) -> dict:
     best = min(history, key=lambda r: r["val_rmse"])
     pred = RewardPredictor([model], ft, ds.scale, cfg)
     s = choice_fidelity(pred.choice_proba, fit_train, val)["summary"]
-    return {"config": {k: v for k, v in vars(cfg).items() if k.startswith("choice_")}, "val_rmse": best["val_rmse"], "best_epoch": best["epoch"], "epochs_run": len(history),
+    return {"config": {k: v for k, v in vars(cfg).items() if k.startswith("choice_")}, "val_rmse": best["val_rmse"],
+            "best_epoch": best["epoch"], "epochs_run": len(history),
             "train_seconds_per_epoch": sum(h["train_seconds"] for h in history) / len(history),
             "wall_seconds": time.perf_counter() - t0, "val_choice": s}
 
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
                          "loadavg_after": list(os.getloadavg())}
         print({k: round(v["epoch_seconds"], 1) for k, v in out["timing"].items() if isinstance(v, dict)}, flush=True)
     val_out = out.setdefault("validation", {})
-    if args.train and "references" not in val_out:
+    if (args.train or val_out) and "references" not in val_out:
         from rlsim.simulators.choice import CHOICE_MODELS
         from rlsim.simulators.choice_fidelity import choice_fidelity
 
