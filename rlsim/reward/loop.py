@@ -35,6 +35,9 @@ def tensors(ft: FeatureTables, df: pd.DataFrame, scale: RatingScale, device,
         t["own_watch"] = torch.as_tensor(ft.in_history(idx["user"], idx["item"]), device=device)
         t["text_of_item"] = torch.as_tensor(np.r_[0, ft._lookup(ft._t, ft.item_ids)], device=device)
         t["hist_keys"] = torch.as_tensor(ft._hist_keys, device=device)
+        # The same ratings as CSR rows (user -> rated items): the "dot" head masks its pool with them.
+        t["hist_rows"] = torch.searchsorted(t["hist_keys"], torch.arange(ft.n_users + 1, device=device) * ft.n_items)
+        t["hist_cols"] = t["hist_keys"] % ft.n_items
     return t
 
 
@@ -46,9 +49,7 @@ def _choice_batch(model, tr: dict, b: torch.Tensor, user, item, real_user, real_
     n_items = model.item_emb.num_embeddings
     nu = real_user.repeat_interleave(k)
     ni = torch.randint(1, n_items, (len(nu),), generator=gen).to(device)
-    keys, sorted_keys = nu * n_items + ni, tr["hist_keys"]
-    pos = torch.searchsorted(sorted_keys, keys).clamp(max=max(len(sorted_keys) - 1, 0))
-    rated = (sorted_keys[pos] == keys) if len(sorted_keys) else torch.zeros_like(keys, dtype=torch.bool)
+    rated = rated_mask(tr["hist_keys"], nu, ni, n_items)
     n = len(b)
     inputs = {"user": torch.cat([user, nu]), "item": torch.cat([item, ni]),
               "text": torch.cat([tr["text"][b], tr["text_of_item"][ni]]),
@@ -59,6 +60,41 @@ def _choice_batch(model, tr: dict, b: torch.Tensor, user, item, real_user, real_
     labels = torch.cat([torch.ones(n, device=device), torch.zeros(len(nu), device=device)])
     weights = torch.cat([torch.ones(n, device=device), (~rated).float()])
     return inputs, labels, weights
+
+
+def rated_mask(hist_keys: torch.Tensor, users: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
+    """Which (user, item) rows of the broadcast users x items are training ratings (hist_keys: the
+    sorted user * n_items + item keys of FeatureTables)."""
+    keys = users * n_items + items
+    if not len(hist_keys):
+        return torch.zeros_like(keys, dtype=torch.bool)
+    pos = torch.searchsorted(hist_keys, keys.contiguous()).clamp(max=len(hist_keys) - 1)
+    return hist_keys[pos] == keys
+
+
+def pool_batch(tr: dict, real_user: torch.Tensor, n_items: int, cfg: RewardConfig,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "dot" head's negatives: cfg.choice_pool movies drawn at random for the whole batch, and
+    weights [batch, pool] that make them cfg.choice_negatives unrated movies per pick (0 where the
+    user rated the movie: a rated movie is never passed over)."""
+    device = real_user.device
+    pool = torch.randint(1, n_items, (cfg.choice_pool,), generator=gen).to(device)
+    # The batch users' rated movies as a dense [batch, n_items] mask (their CSR rows scattered): a
+    # gather per (pick, pool movie), where a search of every pair's key costs 10x more.
+    starts, ends = tr["hist_rows"][real_user], tr["hist_rows"][real_user + 1]
+    lengths = ends - starts
+    row = torch.repeat_interleave(torch.arange(len(real_user), device=device), lengths)
+    first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    rated = torch.zeros(len(real_user), n_items, dtype=torch.bool, device=device)
+    rated[row, tr["hist_cols"][first + torch.arange(len(row), device=device)]] = True
+    return pool, (~rated[:, pool]).float() * (cfg.choice_negatives / cfg.choice_pool)
+
+
+def choice_loss(pick: torch.Tensor, pool_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy per pick: the pick against its weighted unrated movies (summed over the batch)."""
+    return (F.binary_cross_entropy_with_logits(pick, torch.ones_like(pick), reduction="sum")
+            + F.binary_cross_entropy_with_logits(pool_logits, torch.zeros_like(pool_logits), weight=weights,
+                                                 reduction="sum"))
 
 
 def _loss(model, logits, y, r, cfg: RewardConfig):
@@ -138,11 +174,18 @@ def train_step(net, opt, sched, tr: dict, b: torch.Tensor, cfg: RewardConfig, ge
     if cfg.unknown_prob > 0:  # teach the unknown rows by hiding a few ids
         user = user.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
         item = item.masked_fill(torch.rand(len(b), generator=gen).to(device) < cfg.unknown_prob, 0)
-    if model.choice_head is None:
+    if not model.has_choice:
         logits = net(user, item, tr["text"][b], tr["demo"][b], self_r=tr["self_r"][b],
                      real_user=real_user, real_item=real_item)
         loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg)
-    else:  # rating the picks and choosing them over unrated movies, in one forward
+    elif model.choice_user is not None:  # "dot": the picks against one shared pool of unrated movies
+        pool, weights = pool_batch(tr, real_user, model.item_emb.num_embeddings, cfg, gen)
+        logits, pick, pool_logits = net(user, item, tr["text"][b], tr["demo"][b], self_r=tr["self_r"][b],
+                                        real_user=real_user, real_item=real_item, own_watch=tr["own_watch"][b],
+                                        head="both", pool_item=pool, pool_text=tr["text_of_item"][pool])
+        loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg) + cfg.choice_weight * (
+            choice_loss(pick, pool_logits, weights) / len(b))
+    else:  # "joint": rating the picks and choosing them over unrated movies, in one forward
         inputs, labels, weights = _choice_batch(model, tr, b, user, item, real_user, real_item,
                                                 cfg.choice_negatives, gen)
         logits, pick = net(**inputs, head="both")

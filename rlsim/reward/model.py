@@ -100,10 +100,27 @@ class VanillaTransformer(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(cfg.ff_dim, len(class_values)))
-        # Would the user pick this movie (rlsim.simulators.choice)? A logit from the same tokens, trained
+        # Would the user pick this movie (rlsim.simulators.choice)? A logit from the same transformer, trained
         # on the user's rated movies against sampled unrated ones (reward.choice_weight > 0).
-        self.choice_head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
-                                         nn.Linear(cfg.ff_dim, 1)) if cfg.choice_weight > 0 else None
+        # "joint": an MLP over every token of the pair, so each negative costs a whole forward.
+        # "dot": the same encoder run over the user's tokens only (id, demographics, history, session)
+        # gives a user vector, scored against a projection of the movie's vector (+ a bias): the user
+        # side is encoded once per pick and any number of negatives costs a dot product each.
+        self.choice_head = self.choice_user = self.choice_item = None
+        self.user_tokens = [0] + list(range(2, n_tokens - (1 if cfg.history_ratings else 0)))
+        if cfg.choice_weight > 0 and cfg.choice_scorer == "joint":
+            self.choice_head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
+                                             nn.Linear(cfg.ff_dim, 1))
+        elif cfg.choice_weight > 0:
+            self.choice_user = nn.Sequential(nn.Linear(len(self.user_tokens) * d, cfg.ff_dim), nn.GELU(),
+                                             nn.Dropout(cfg.dropout), nn.Linear(cfg.ff_dim, d))
+            self.choice_item = nn.Linear(d, d + 1)
+            if cfg.choice_shared_pass:
+                # The user's tokens attend to each other only (the movie's attend to all): their
+                # encodings are the user-only pass's, read off the rating forward for free.
+                side = torch.ones(n_tokens, dtype=torch.bool)
+                side[self.user_tokens] = False
+                self.register_buffer("attn_mask", (~side)[:, None] & side[None, :], persistent=False)
         self.register_buffer("class_values", torch.as_tensor(np.asarray(class_values), dtype=torch.float32))
         self._hist_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # inference: name -> (weights' stamp, value)
         self._csr: dict[str, torch.Tensor] = {}  # CSR copies of the fixed history matrices (training)
@@ -168,7 +185,8 @@ class VanillaTransformer(nn.Module):
         return (h * n.sqrt().unsqueeze(-1) + extra) / (n + s).clamp(min=1.0).sqrt().unsqueeze(-1)
 
     def forward(self, user, item, text, demo, self_r=None, real_user=None, real_item=None,
-                session_items=None, session_r=None, own_watch=None, head: str = "rating") -> torch.Tensor:
+                session_items=None, session_r=None, own_watch=None, head: str = "rating", pool_item=None,
+                pool_text=None):
         """Logits [batch, n_classes] for index tensors from FeatureTables.encode.
 
         self_r: the pair's own centred rating when it is in the histories (it is taken out of them);
@@ -178,7 +196,9 @@ class VanillaTransformer(nn.Module):
         makes the model a predictor of the next rating given the history (a world model).
         own_watch [batch]: 1 where the pair's movie is among the user's rated movies (a training pick),
         taken out of the implicit-history token, so a pick never announces itself to the choice head.
-        head: "rating" (logits [batch, n_classes]), "choice" (the pick logit [batch]) or "both"."""
+        head: "rating" (logits [batch, n_classes]), "choice" (the pick logit [batch]) or "both"; with the
+        "dot" scorer, "both" also scores every row's user against the pool_item movies (rows of the item
+        and text tables): (rating logits, pick logits [batch], pool logits [batch, pool])."""
         tokens = [self.user_emb(user), self.item_vectors(item, text)]
         if self.cfg.user_features:
             a, g, o = self.demo[demo].unbind(-1)
@@ -209,14 +229,47 @@ class VanillaTransformer(nn.Module):
                 hi = hi - own_i.unsqueeze(-1) * self.item_hist_r_emb(ru)
             tokens += [hu, hi]
         x = torch.stack(tokens, dim=1) + self.type_emb
-        x = self.norm(self.encoder(x)).flatten(1)
-        if head in ("choice", "both") and self.choice_head is None:
+        if head in ("choice", "both") and not self.has_choice:
             raise ValueError("this reward model has no choice head (reward.choice_weight was 0)")
+        if self.choice_user is not None and self.cfg.choice_shared_pass:
+            enc = self.norm(self.encoder(x, mask=self.attn_mask))
+            if head == "rating":
+                return self.head(enc.flatten(1))
+            user_vec = self.choice_user(enc[:, self.user_tokens].flatten(1))
+            pick = self.pick_logits(user_vec, tokens[1])
+            if head == "choice":
+                return pick
+            return self.head(enc.flatten(1)), pick, self.pool_logits(user_vec, self.item_vectors(pool_item, pool_text))
+        if self.choice_user is not None and head != "rating":
+            user_vec = self.choice_user(self._encode(x[:, self.user_tokens]))
+            pick = self.pick_logits(user_vec, tokens[1])
+            if head == "choice":
+                return pick
+            # One forward for both losses (DDP wants every parameter used once per step).
+            return self.head(self._encode(x)), pick, self.pool_logits(user_vec, self.item_vectors(pool_item, pool_text))
+        x = self._encode(x)
         if head == "choice":
             return self.choice_head(x).squeeze(-1)
-        if head == "both":  # one forward for both losses (DDP wants every parameter used once per step)
+        if head == "both":
             return self.head(x), self.choice_head(x).squeeze(-1)
         return self.head(x)
+
+    @property
+    def has_choice(self) -> bool:
+        return self.choice_head is not None or self.choice_user is not None
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.encoder(x)).flatten(1)
+
+    def pick_logits(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
+        """The "dot" choice head, row by row: user_vec [B, d], item_vec [B, d] (item_vectors) -> [B]."""
+        v = self.choice_item(item_vec)
+        return (user_vec * v[:, :-1]).sum(-1) + v[:, -1]
+
+    def pool_logits(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
+        """The "dot" choice head, every user against every movie: [B, d] x [M, d] -> [B, M]."""
+        v = self.choice_item(item_vec)
+        return user_vec @ v[:, :-1].T + v[:, -1]
 
     def expected(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, -1) @ self.class_values

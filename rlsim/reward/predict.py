@@ -81,7 +81,7 @@ class RewardPredictor:
 
     @property
     def has_choice(self) -> bool:
-        return all(m.choice_head is not None for m in self.models)
+        return all(m.has_choice for m in self.models)
 
     @torch.no_grad()
     def choice_proba(self, user_ids, item_ids, sessions=None) -> np.ndarray:
@@ -140,6 +140,8 @@ class RewardPredictor:
         state = torch.load(folder / "model.pt", map_location=device, weights_only=True)
         ft = FeatureTables.from_state({k: (v.numpy() if torch.is_tensor(v) else v)
                                        for k, v in state["features"].items()})
+        if meta["reward"].get("choice_weight", 0) > 0:  # saved before reward.choice_scorer existed: joint
+            meta["reward"].setdefault("choice_scorer", "joint")
         cfg = RewardConfig(**meta["reward"])
         scale = RatingScale(**meta["scale"])
         models = []
