@@ -98,8 +98,8 @@ class TreeSampler(threading.Thread):
             self.stop_ev.wait(self.every_s)
 
 
-def _numbers(d: dict, depth: int = 2) -> dict:
-    """The numeric leaves of a metrics dict, two levels deep (lists and deeper tables left out)."""
+def _numbers(d: dict, depth: int = 3) -> dict:
+    """The numeric leaves of a metrics dict, three levels deep (lists and deeper tables left out)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, bool) or v is None:
