@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
+from pathlib import Path
 
 
 def measure_child(cmd: list[str], env: dict, timeout: float) -> dict:
@@ -18,3 +20,43 @@ def measure_child(cmd: list[str], env: dict, timeout: float) -> dict:
         res = {"error": f"timed out after {timeout} s"}
     res["process_seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+# ---------------------------------------------------------------- /proc sampling of a process tree
+
+def proc_status(pid: int) -> dict:
+    """VmRSS and VmHWM (MB) of one process; {} once it has gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def descendants(root: int) -> list[int]:
+    """Every process under ``root`` (children, grandchildren, ...), from /proc's parent links."""
+    kids: dict[int, list[int]] = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(p))
+    out, todo = [], list(kids.get(root, []))
+    while todo:
+        x = todo.pop()
+        out.append(x)
+        todo.extend(kids.get(x, []))
+    return out
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+    except OSError:
+        return ""

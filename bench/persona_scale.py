@@ -45,6 +45,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for _child
+from _child import descendants, proc_cmdline, proc_status  # noqa: E402
 
 PAIRS_PER_USER = 20
 N_ITEMS = 10_000
@@ -102,42 +104,6 @@ def llm_units(n_units: int, first_user: int = 1):
 
 # ---------------------------------------------------------------- /proc sampling
 
-def _status(pid: int) -> dict:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return out
-
-
-def descendants(root: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{p}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(int(p))
-    out, todo = [], list(kids.get(root, []))
-    while todo:
-        x = todo.pop()
-        out.append(x)
-        todo.extend(kids.get(x, []))
-    return out
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
-    except OSError:
-        return ""
-
-
 class Sampler(threading.Thread):
     """VmRSS / VmHWM of a driver and of the PersonaWorker processes under it, every ``every_s``."""
 
@@ -153,16 +119,16 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         n = 0
         while not self.stop_ev.is_set():
-            st = _status(self.pid)
+            st = proc_status(self.pid)
             if not st:
                 break
             self.driver_peak = max(self.driver_peak, st.get("VmRSS", 0.0))
             self.driver_hwm = max(self.driver_hwm, st.get("VmHWM", 0.0))
             wsum = 0.0
             for p in descendants(self.pid):
-                if "PersonaWorker" not in _cmd(p):
+                if "PersonaWorker" not in proc_cmdline(p):
                     continue
-                w = _status(p)
+                w = proc_status(p)
                 d = self.workers.setdefault(p, {"peak": 0.0, "hwm": 0.0})
                 d["peak"] = max(d["peak"], w.get("VmRSS", 0.0))
                 d["hwm"] = max(d["hwm"], w.get("VmHWM", 0.0))

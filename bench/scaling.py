@@ -128,7 +128,8 @@ def stage_embeddings(ctx: Ctx, info: dict):
 
     ds, _ = ctx.load()
     fresh = Path(tempfile.mkdtemp(prefix="rlsim-emb-", dir=ctx.work))
-    enc = TextEncoder(ctx.dcfg().text_model, fresh)
+    # In this process (not the default child process), so ru_maxrss still counts the encoding.
+    enc = TextEncoder(ctx.dcfg().text_model, fresh, in_child=False)
     _mark_setup(info)
     item_embeddings(ds.items, enc)
     info["stage_done"] = time.perf_counter()

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from rlsim.errors import ConfigError
+from rlsim.text_export import ExportedRunner, model_slug
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ BACKENDS = ("auto", "torch", "torch-bf16", "openvino", "onnx-int8")
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _model_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def resolve_model_path(name: str) -> str:
@@ -97,12 +94,6 @@ def resolve_backend(backend: str | None, device: str = "cpu") -> str:
     return "openvino" if _installed("openvino") else "torch"
 
 
-def _threads() -> int:
-    import torch
-
-    return max(1, int(torch.get_num_threads()))
-
-
 class TextEncoder:
     """Encode texts with a sentence-transformers model; vectors are L2-normalised float32.
 
@@ -112,7 +103,8 @@ class TextEncoder:
 
     def __init__(self, model_name: str = "all-MiniLM-L6-v2", cache_dir: str | Path | None = None,
                  batch_size: int | None = None, device: str = "cpu", progress: bool | None = False,
-                 backend: str | None = None, max_seq_length: int | None = None, chunk_size: int = 2048):
+                 backend: str | None = None, max_seq_length: int | None = None, chunk_size: int = 2048,
+                 in_child: bool = True):
         base, suffix = split_model_name(model_name)
         self.model_name = base
         self.device = device
@@ -125,6 +117,10 @@ class TextEncoder:
         # smaller activations per batch, measured with MiniLM in float32 and bf16).
         self.batch_size = batch_size or (16 if device == "cpu" else 64)
         self.chunk_size = chunk_size
+        # Missing texts are encoded in a short-lived child process: the model, its imports and the
+        # allocator's leftovers (about 0.5 GB on ml-latest-small, of which gc + malloc_trim give
+        # back less than half) leave with it instead of staying in this process for its lifetime.
+        self.in_child = in_child
         # None: a bar only on a terminal (tqdm's rule).
         self.progress = progress
         self._model = None
@@ -134,7 +130,7 @@ class TextEncoder:
 
     @property
     def cache_key(self) -> str:
-        key = _model_slug(self.model_name)
+        key = model_slug(self.model_name)
         if self.backend != "torch":
             key += f"+{self.backend}"
         if self.max_seq_length:
@@ -205,10 +201,14 @@ class TextEncoder:
         bar = tqdm(total=len(items), unit="text", desc=f"encode {self.model_name} ({self.backend})",
                    disable=(None if self.progress is None else not self.progress), leave=False)
         last_save = time.monotonic()
+        # A model set on this encoder (loaded already, or a stand-in) is used where it is.
+        pool = _child_pool() if self.in_child and self._model is None and self._runner is None else None
         try:
             for s in range(0, len(items), self.chunk_size):
                 part = items[s:s + self.chunk_size]
-                vecs = self._encode_batch([t for _, t in part])
+                texts = [t for _, t in part]
+                vecs = (pool.submit(encode_in_child, self._child_spec(), texts).result() if pool is not None
+                        else self._encode_batch(texts))
                 for (h, _), v in zip(part, vecs):
                     cache[h] = np.asarray(v, np.float32)
                 self.encoded += len(part)
@@ -217,14 +217,26 @@ class TextEncoder:
                     self._save_cache()
                     last_save = time.monotonic()
         finally:
+            if pool is not None:
+                pool.shutdown()
             bar.close()
             self._save_cache()
+
+    def _child_spec(self) -> tuple:
+        """What the child needs to build the same encoder (same backend, batches and thread count,
+        so its vectors are those this process would compute)."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        threads = int(torch.get_num_threads()) if torch is not None else None
+        return (self.model_name, self.backend, self.max_seq_length, self.batch_size, self.device,
+                str(self.cache_root) if self.cache_root is not None else None, threads)
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         if self.backend in ("torch", "torch-bf16"):
             return self._encode_torch(texts)
         if self._runner is None:
-            self._runner = _ExportedRunner(self)
+            self._runner = ExportedRunner(self)
         return self._runner.encode(texts)
 
     def _encode_torch(self, texts: list[str]) -> np.ndarray:
@@ -247,128 +259,29 @@ class TextEncoder:
         return int(self.model.get_sentence_embedding_dimension())
 
 
-class _ExportedRunner:
-    """The sentence-transformers model with its transformer exported to OpenVINO or ONNX Runtime.
+def _child_pool():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    Tokenisation and the modules after the transformer (pooling, normalisation) stay those of
-    the sentence-transformers model, so only the transformer's arithmetic changes."""
+    # spawn: a fresh interpreter (no fork of a process holding Ray or torch threads).
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
 
-    def __init__(self, enc: TextEncoder):
-        self.enc = enc
-        st = enc.model
-        self.st = st
-        self.tokenizer = st.tokenizer
-        self.max_len = int(st.max_seq_length or 512)
-        sample = self.tokenizer(["a short text", "a slightly longer text to export"], padding=True,
-                                truncation=True, max_length=self.max_len, return_tensors="pt")
-        self.input_names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample]
-        folder = None
-        if enc.cache_root is not None:
-            folder = enc.cache_root / "models" / f"{_model_slug(enc.model_name)}-{enc.backend}"
-            folder.mkdir(parents=True, exist_ok=True)
-        if enc.backend == "openvino":
-            self._run = self._openvino(sample, folder)
-        elif enc.backend == "onnx-int8":
-            self._run = self._onnx_int8(sample, folder)
-        else:
-            raise ConfigError(f"backend {enc.backend} is not an exported one")
 
-    def _transformer(self):
-        import torch
+_CHILD_ENCODERS: dict[tuple, TextEncoder] = {}
 
-        mod = self.st[0]
-        hf = getattr(mod, "model", None) or getattr(mod, "auto_model", None)
-        names = self.input_names
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+def encode_in_child(spec: tuple, texts: list[str]) -> np.ndarray:
+    """One chunk's vectors, in the child process (its encoder and model are kept for the next chunk)."""
+    enc = _CHILD_ENCODERS.get(spec)
+    if enc is None:
+        model_name, backend, max_len, batch_size, device, cache_root, threads = spec
+        if threads:
+            import torch
 
-            def forward(self, input_ids, attention_mask, token_type_ids=None):
-                kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-                if "token_type_ids" in names:
-                    kw["token_type_ids"] = token_type_ids
-                return self.m(**kw).last_hidden_state
-
-        return Wrapper(hf).eval()
-
-    def _openvino(self, sample, folder: Path | None):
-        try:
-            import openvino as ov
-        except ImportError:
-            raise ConfigError("the openvino text backend needs OpenVINO: pip install 'rlsim[openvino]'") from None
-        import torch
-
-        xml = folder / "model.xml" if folder is not None else None
-        core = ov.Core()
-        if xml is not None and xml.is_file():
-            model = core.read_model(xml)
-        else:
-            with torch.no_grad():
-                model = ov.convert_model(self._transformer(), example_input=tuple(sample[k] for k in self.input_names))
-            if xml is not None:
-                ov.save_model(model, xml)
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": _threads()})
-        self.precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-
-        def run(feed: dict) -> np.ndarray:
-            return compiled([feed[k] for k in self.input_names])[0]
-
-        return run
-
-    def _onnx_int8(self, sample, folder: Path | None):
-        try:
-            import onnxruntime as ort
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-        except ImportError:
-            raise ConfigError("the onnx-int8 text backend needs ONNX Runtime: pip install 'rlsim[onnx]'") from None
-        import tempfile
-
-        import torch
-
-        work = folder or Path(tempfile.mkdtemp(prefix="rlsim-onnx-"))
-        fp32, q8 = work / "model.onnx", work / "model_qint8.onnx"
-        if not q8.is_file():
-            if not fp32.is_file():
-                axes = {k: {0: "batch", 1: "tokens"} for k in self.input_names + ["last_hidden_state"]}
-                with torch.no_grad():
-                    torch.onnx.export(self._transformer(), tuple(sample[k] for k in self.input_names), str(fp32),
-                                      input_names=self.input_names, output_names=["last_hidden_state"],
-                                      dynamic_axes=axes, opset_version=17, dynamo=False)
-            logging.getLogger("root").setLevel(logging.ERROR)  # quantize_dynamic's pre-processing hint
-            quantize_dynamic(str(fp32), str(q8), weight_type=QuantType.QInt8, per_channel=True)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = _threads()
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(q8), so, providers=["CPUExecutionProvider"])
-        self.precision = "int8"
-
-        def run(feed: dict) -> np.ndarray:
-            return sess.run(None, feed)[0]
-
-        return run
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        out = np.zeros((len(texts), 0), np.float32)
-        parts = []
-        for s in range(0, len(texts), self.enc.batch_size):
-            batch = texts[s:s + self.enc.batch_size]
-            tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_len, return_tensors="np")
-            feed = {k: np.asarray(tok[k], np.int64) for k in self.input_names}
-            hidden = self._run(feed)
-            features = {k: torch.as_tensor(v) for k, v in feed.items()}
-            features["token_embeddings"] = torch.as_tensor(np.asarray(hidden, np.float32))
-            with torch.no_grad():
-                for module in list(self.st)[1:]:
-                    features = module(features)
-            parts.append(features["sentence_embedding"].float().numpy())
-        if parts:
-            out = np.concatenate(parts).astype(np.float32)
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            torch.set_num_threads(threads)
+        enc = _CHILD_ENCODERS[spec] = TextEncoder(model_name, cache_root, batch_size=batch_size, device=device,
+                                                  backend=backend, max_seq_length=max_len, in_child=False)
+    return enc._encode_batch(texts)
 
 
 def item_text_vectors(items: pd.DataFrame, model_name: str, cache_dir: str | Path | None,

@@ -120,3 +120,16 @@ def test_onnx_int8_agrees_with_float32(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     assert _agreement("onnx-int8", tmp_path) > 0.97
+
+
+def test_missing_texts_are_encoded_in_a_child_process(tmp_path):
+    """The model runs in a child (its ~0.5 GB leaves with it): the same vectors as in this process,
+    chunk by chunk, and this process never loads it."""
+    texts = ["A heist film.", "A love story in Paris.", "Space pirates.", "A heist film.", "Dinosaurs escape."]
+    child = TextEncoder(cache_dir=tmp_path / "child", backend="torch", chunk_size=2)
+    here = TextEncoder(cache_dir=tmp_path / "here", backend="torch", chunk_size=2, in_child=False)
+    v = child.encode(texts)
+    assert child._model is None and child.encoded == 4
+    assert np.array_equal(v, here.encode(texts)) and here._model is not None
+    # The child's vectors went to the cache like any others.
+    assert np.array_equal(TextEncoder(cache_dir=tmp_path / "child", backend="torch").encode(texts), v)

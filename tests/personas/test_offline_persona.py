@@ -90,6 +90,32 @@ def test_memory_grows_with_ratings_not_items_squared():
     assert not big
 
 
+def test_repeated_pairs_get_one_similarity_row_in_bounded_blocks(ml100k):
+    """The session replay asks each held-out movie up to 20 times per user: one similarity row per
+    (user, movie), in blocks of at most block_cells (target x history) cells, the same answers."""
+    split = make_split(ml100k, "u1")
+    ids, vec = ml100k.items["item_id"].to_numpy(), _vectors(ml100k.items)
+    m = OfflinePersona(OfflineConfig(stack=False, mf_weight=0.0)).fit(split.train, ml100k.scale, ids, vec)
+    test = split.test[split.test["user_id"].isin([13, 405, 655])]  # ML-100K's longest histories
+    u, i = np.repeat(test["user_id"].to_numpy(), 20), np.repeat(test["item_id"].to_numpy(), 20)
+    S = dense_similarity(m, split.train, ids, vec)
+    calls = []
+
+    def recorded(t, h):
+        calls.append((np.asarray(t).copy(), len(h)))
+        return S[np.ix_(t, h)]
+
+    m.similarity = recorded
+    m.block_cells = 20_000
+    got = m.predict_raw(u, i)
+    assert calls and all(len(np.unique(t)) == len(t) for t, _ in calls)
+    assert all(len(t) * n <= m.block_cells or len(t) == 1 for t, n in calls)
+    assert sum(len(t) for t, _ in calls) == len(test)  # each (user, movie) once, not 20 times
+    # The same answers as one pair at a time (every row from the dense matrix).
+    one = np.concatenate([m.predict_raw([a], [b]) for a, b in zip(test["user_id"], test["item_id"])])
+    np.testing.assert_array_equal(got, np.repeat(one, 20))
+
+
 def test_stacking_holdout_is_capped(ml100k):
     split = make_split(ml100k, "u1")
     small = dataclasses.replace(OfflineConfig())
