@@ -7,6 +7,7 @@ import logging
 from contextlib import contextmanager
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+PRIVATE_RAY_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
 def quiet_ray(verbose: bool, rllib: bool = False) -> int:
@@ -62,4 +63,7 @@ def cli_ray(args, num_cpus: int | None = None):
     if address:
         return ray_session(address, verbose=verbose)
     tmp = os.environ.get("RLSIM_RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")
-    return ray_session(None, verbose=verbose, num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp)
+    # No dashboard and no prestarted idle workers: a private Ray takes no jobs, and its tasks and
+    # actors start their own workers; the two idle ones Ray keeps per CPU held ~170 MB for nothing.
+    return ray_session(None, verbose=verbose, num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp,
+                       _system_config=PRIVATE_RAY_SYSTEM_CONFIG)
