@@ -39,15 +39,16 @@ def cmd_serve(args) -> int:
         value = getattr(args, flag, None)
         if value is not None:
             setattr(cfg, attr, value)
+    # llama.cpp serves from its own threads; this one waits for Ctrl-C or SIGTERM (explicit handlers:
+    # a shell's background job inherits SIGINT ignored) and then leaves the block, which stops it.
+    # The handlers come before the URL is printed: a supervisor may stop the server as soon as it reads it.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with LocalLLMServer(cfg) as srv:
         print(json.dumps({"base_url": srv.base_url, "model": srv.model, "model_path": str(srv.model_path),
                           "n_parallel": cfg.n_parallel}), flush=True)
         print(f"serving; use OPENAI_BASE_URL={srv.base_url} with --model {srv.model}; Ctrl-C stops", flush=True)
-        # llama.cpp serves from its own threads; this one waits for Ctrl-C or SIGTERM (explicit handlers:
-        # a shell's background job inherits SIGINT ignored) and then leaves the block, which stops it.
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             pass
         print("stopped", file=sys.stderr)

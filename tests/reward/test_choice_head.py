@@ -19,8 +19,8 @@ from rlsim.reward.features import build_features
 from rlsim.reward.loop import choice_loss, pool_batch, rated_mask, tensors, train_step
 from rlsim.reward.model import VanillaTransformer
 
-CFG = dict(dim=16, heads=2, ff_dim=32, text_hidden=16, dropout=0.0, choice_weight=1.0, choice_pool=64,
-           batch_size=32)
+CFG = dict(dim=16, heads=2, ff_dim=32, text_hidden=16, dropout=0.0, choice_weight=1.0, choice_scorer="dot",
+           choice_pool=64, batch_size=32)
 
 
 @pytest.fixture(scope="module")
