@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from rlsim.reward.config import RewardConfig
 from rlsim.reward.features import build_features
 from rlsim.reward.loop import choice_loss, pool_batch, rated_mask, tensors, train_step
 from rlsim.reward.model import VanillaTransformer
+from tests.reward.tiny import tiny_ratings
 
 CFG = dict(dim=16, heads=2, ff_dim=32, text_hidden=16, dropout=0.0, choice_weight=1.0, choice_scorer="dot",
            choice_pool=64, batch_size=32)
@@ -25,14 +25,7 @@ CFG = dict(dim=16, heads=2, ff_dim=32, text_hidden=16, dropout=0.0, choice_weigh
 
 @pytest.fixture(scope="module")
 def tables():
-    rng = np.random.default_rng(0)
-    n = 400
-    train = pd.DataFrame({"user_id": rng.integers(1, 20, n), "item_id": rng.integers(1, 40, n),
-                          "rating": rng.integers(1, 6, n).astype(float)}).drop_duplicates(["user_id", "item_id"])
-    items = pd.DataFrame({"item_id": np.arange(1, 40)})
-    users = pd.DataFrame({"user_id": np.arange(1, 20), "age": pd.array([30] * 19, dtype="Int64"),
-                          "gender": "M", "occupation": "writer"})
-    text = {"genre": rng.normal(size=(39, 8)).astype(np.float32), "plot": rng.normal(size=(39, 8)).astype(np.float32)}
+    train, items, users, text = tiny_ratings(400, 40)
     ft = build_features(items, users, train.reset_index(drop=True), text)
     return ft, train.reset_index(drop=True), RatingScale(1, 5, 1)
 

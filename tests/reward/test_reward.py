@@ -169,21 +169,15 @@ def test_real_ml100k_u1_beats_user_mean(real_data_dir, tmp_path):
 
 def test_rating_history_never_sees_the_pairs_own_rating():
     """With the rated-history tokens, a training pair's prediction must not depend on its own rating."""
-    import pandas as pd
     import torch
 
     from rlsim.data.schema import RatingScale
     from rlsim.reward.features import build_features
     from rlsim.reward.model import VanillaTransformer
 
-    rng = np.random.default_rng(0)
-    n = 300
-    train = pd.DataFrame({"user_id": rng.integers(1, 20, n), "item_id": rng.integers(1, 30, n),
-                          "rating": rng.integers(1, 6, n).astype(float)}).drop_duplicates(["user_id", "item_id"])
-    items = pd.DataFrame({"item_id": np.arange(1, 30)})
-    users = pd.DataFrame({"user_id": np.arange(1, 20), "age": pd.array([30] * 19, dtype="Int64"),
-                          "gender": "M", "occupation": "writer"})
-    text = {"genre": rng.normal(size=(29, 8)).astype(np.float32), "plot": rng.normal(size=(29, 8)).astype(np.float32)}
+    from tests.reward.tiny import tiny_ratings
+
+    train, items, users, text = tiny_ratings(300, 30)
     cfg = RewardConfig(dim=16, heads=2, ff_dim=32, text_hidden=16, history_ratings=True, dropout=0.0)
     scale = RatingScale(1, 5, 1)
     row = train.index[0]
