@@ -64,7 +64,7 @@ def env_runners(cfg: PolicyConfig) -> int:
     return auto_env_runners(cfg, float(ray.cluster_resources().get("CPU", 1.0)))
 
 
-def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig):
+def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig, runners: int | None = None):
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -75,7 +75,9 @@ def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig):
         PPOConfig()
         # The env is already vectorised: each runner's N sessions go to the simulator in one request.
         .environment(SessionVectorEnv, env_config=env_cfg)
-        .env_runners(num_env_runners=env_runners(cfg), num_envs_per_env_runner=cfg.num_envs_per_env_runner,
+        # runners: the count train_ppo already resolved (and records); None resolves it here.
+        .env_runners(num_env_runners=env_runners(cfg) if runners is None else runners,
+                     num_envs_per_env_runner=cfg.num_envs_per_env_runner,
                      rollout_fragment_length="auto", gym_env_vectorize_mode="vector_entry_point")
         .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=SlateScorerRLModule, model_config=model_config))
@@ -170,7 +172,7 @@ def train_ppo(data: EnvData, cfg: PolicyConfig, out_dir: str | Path, env_cfg: di
     # RLlib registers the same gymnasium id again on every build in a process (studies train many).
     warnings.filterwarnings("ignore", message=".*Overriding environment rllib-single-agent-env-v0")
     runners = env_runners(cfg)
-    algo = build_ppo_config(env_cfg, data, cfg).build_algo()
+    algo = build_ppo_config(env_cfg, data, cfg, runners).build_algo()
     runner_nodes = env_runner_nodes(algo)
     history = []
     acc = {"source": source}

@@ -23,6 +23,13 @@ from rlsim.errors import ConfigError, RlsimError
 from rlsim.simulators.base import Simulator, expectation, unanswered_reasons
 
 
+def simulator_stats(holder) -> dict:
+    """The request counts of a simulator holder (BatchingSimulator or LocalSimulator) and its simulator's description."""
+    return {"requests": holder.requests, "batches": holder.batches, "pairs": holder.pairs,
+            "requests_per_batch": holder.requests / max(holder.batches, 1), "busy_s": round(holder.busy_s, 3),
+            "simulator": holder.sim.describe() if hasattr(holder.sim, "describe") else {}}
+
+
 class BatchingSimulator:
     """The actor's body, usable without Ray (tests): gathers concurrent requests into one call."""
 
@@ -150,9 +157,7 @@ class BatchingSimulator:
         return out
 
     def stats(self) -> dict:
-        return {"requests": self.requests, "batches": self.batches, "pairs": self.pairs,
-                "requests_per_batch": self.requests / max(self.batches, 1), "busy_s": round(self.busy_s, 3),
-                "simulator": self.sim.describe() if hasattr(self.sim, "describe") else {}}
+        return simulator_stats(self)
 
 
 class LocalSimulator:
@@ -196,9 +201,7 @@ class LocalSimulator:
         return expectation(self.distribution(users, items, sessions), self.sim.scale)
 
     def stats(self) -> dict:
-        return {"requests": self.requests, "batches": self.batches, "pairs": self.pairs,
-                "requests_per_batch": self.requests / max(self.batches, 1), "busy_s": round(self.busy_s, 3),
-                "simulator": self.sim.describe() if hasattr(self.sim, "describe") else {}}
+        return simulator_stats(self)
 
 
 def _actor_class():
