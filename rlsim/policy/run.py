@@ -133,6 +133,9 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
         else:
             # Keep the handle: a non-detached named actor ends with its creator's last handle.
             actor = start_simulator_actor(name, factory)
+    def holder_stats() -> dict:  # the simulator's own counts, wherever it ran
+        return local.stats() if local is not None else ray.get(actor.stats.remote())
+
     try:
         ecfg = env_config(data, pcfg, source=local, simulator_actor=name, namespace=namespace, user_rows=train_rows)
         try:
@@ -140,11 +143,11 @@ def train_policy(dcfg: DataConfig, pcfg: PolicyConfig, spec: SimulatorSpec, out:
                                 source=source or spec.label())
         except RewardFailed as exc:  # recorded with the simulator's own view before it stops
             if actor is not None or local is not None:
-                exc.metrics["simulator"] = local.stats() if local is not None else ray.get(actor.stats.remote())
+                exc.metrics["simulator"] = holder_stats()
                 write_json(out / "train_metrics.json", exc.metrics)
             raise
         if actor is not None or local is not None:
-            metrics["simulator"] = local.stats() if local is not None else ray.get(actor.stats.remote())
+            metrics["simulator"] = holder_stats()
         metrics["simulator_in"] = "driver" if local is not None else "actor"
     finally:
         if actor is not None:
