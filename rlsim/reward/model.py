@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from rlsim.reward.config import RewardConfig
 from rlsim.reward.features import AGE_EDGES, FeatureTables
+from rlsim.reward.layers import Dropout, EncoderLayer
 
 
 class _SparseRows:
@@ -52,7 +53,7 @@ class VanillaTransformer(nn.Module):
         self.register_buffer("plot", torch.as_tensor(ft.plot))
         d_text = ft.genre.shape[1]
         self.text_mlp = nn.Sequential(nn.Linear(2 * d_text, cfg.text_hidden), nn.GELU(),
-                                      nn.Dropout(cfg.dropout), nn.Linear(cfg.text_hidden, d))
+                                      Dropout(cfg.dropout), nn.Linear(cfg.text_hidden, d))
         n_tokens = 2
         if cfg.user_features:
             self.register_buffer("demo", torch.as_tensor(ft.demo))
@@ -94,11 +95,11 @@ class VanillaTransformer(nn.Module):
                                                               minlength=ft.n_users).float())
         self.n_tokens = n_tokens
         self.type_emb = nn.Parameter(torch.zeros(n_tokens, d))
-        layer = nn.TransformerEncoderLayer(d, cfg.heads, cfg.ff_dim, cfg.dropout, batch_first=True,
+        layer = EncoderLayer(d, cfg.heads, cfg.ff_dim, cfg.dropout, batch_first=True,
                                            activation="gelu", norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
-        self.head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
+        self.head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), Dropout(cfg.dropout),
                                   nn.Linear(cfg.ff_dim, len(class_values)))
         # Would the user pick this movie (rlsim.simulators.choice)? A logit from the same transformer, trained
         # on the user's rated movies against sampled unrated ones (reward.choice_weight > 0).
@@ -109,11 +110,11 @@ class VanillaTransformer(nn.Module):
         self.choice_head = self.choice_user = self.choice_item = None
         self.user_tokens = [0] + list(range(2, n_tokens - (1 if cfg.history_ratings else 0)))
         if cfg.choice_weight > 0 and cfg.choice_scorer == "joint":
-            self.choice_head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout),
+            self.choice_head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), Dropout(cfg.dropout),
                                              nn.Linear(cfg.ff_dim, 1))
         elif cfg.choice_weight > 0:
             self.choice_user = nn.Sequential(nn.Linear(len(self.user_tokens) * d, cfg.ff_dim), nn.GELU(),
-                                             nn.Dropout(cfg.dropout), nn.Linear(cfg.ff_dim, d))
+                                             Dropout(cfg.dropout), nn.Linear(cfg.ff_dim, d))
             self.choice_item = nn.Linear(d, d + 1)
             if cfg.choice_shared_pass:
                 # The user's tokens attend to each other only (the movie's attend to all): their
