@@ -1,6 +1,6 @@
 """Reward-model training on Ray Train: ratings/s and peak memory per worker, 1 and 2 workers.
 
-    python bench/reward_scaling.py [--sizes 1m 10m] [--workers 1 2] [--max-batches K] [--epochs N]
+    python bench/reward_scaling.py [--sizes 1m 10m] [--workers 1 2] [--max-batches K] [--epochs N] [--set KEY=VALUE ...]
                                    [--compare-u1] [--data-dir DIR] [--cache-dir DIR]
                                    [--out bench/results/reward_scaling.json] [--merge]
 
@@ -43,6 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when im
 from _child import measure_child  # noqa: E402
 
 
+def parse_sets(items: list[str]) -> dict:
+    """KEY=VALUE -> {KEY: VALUE} typed as RewardConfig's field."""
+    from rlsim.reward.config import RewardConfig
+
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        out[key] = type(getattr(RewardConfig(), key))(value)
+    return out
+
+
 def run_child(args) -> int:
     """One (dataset, workers) training in this process, under a private Ray; prints RESULT {...}."""
     import torch
@@ -59,7 +70,8 @@ def run_child(args) -> int:
                       split="u1" if u1 else "temporal", download=False)
     overrides = {"workers": args.run_workers}
     if not u1:  # the u1 comparison is the library default, unchanged
-        overrides.update(epochs=args.epochs, patience=args.epochs, max_batches=args.max_batches)
+        overrides.update(epochs=args.epochs, patience=args.epochs, max_batches=args.max_batches,
+                         **parse_sets(args.set))
     cfg = RewardConfig(**overrides).validate()
     tmp = tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")
     t0 = time.perf_counter()
@@ -81,7 +93,7 @@ def run_child(args) -> int:
            "batches_per_epoch": run, "full_batches_per_epoch": full, "extrapolated": run < full,
            "partial_epochs": run < full, "epoch_seconds": round(n_fit / rate, 1),
            "train_seconds": round(res["train_seconds"], 1), "wall_seconds": round(wall, 1),
-           "driver_peak_rss_mb": round(driver_rss),
+           "driver_peak_rss_mb": round(driver_rss), "reward_settings": {} if u1 else parse_sets(args.set),
            "load_avg_1m": round(os.getloadavg()[0], 2)}
     print("RESULT " + json.dumps(out), flush=True)
     return 0
@@ -94,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="epochs per synthetic run (reward.epochs)")
     p.add_argument("--max-batches", type=int, default=0,
                    help="batches per epoch at most (0: whole epochs); epoch_seconds is then extrapolated")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="reward settings of the synthetic runs (e.g. history_sample=128 batch_size=2048)")
     p.add_argument("--compare-u1", action="store_true", help="also ML-100K u1, library default config, per --workers")
     p.add_argument("--source", default="ml-latest-small", help="the synthetic data's source dataset")
     p.add_argument("--data-dir", default=os.environ.get("RLSIM_DATA_DIR", "/work/shared/datasets"))
@@ -117,7 +131,7 @@ def main(argv=None) -> int:
         jobs += [(f"{w}w", "ml-100k", w, "ml100k_u1") for w in args.workers]
     for key, dataset, workers, section in jobs:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--dataset", dataset, "--run-workers", str(workers),
-               "--epochs", str(args.epochs), "--max-batches", str(args.max_batches),
+               "--epochs", str(args.epochs), "--max-batches", str(args.max_batches), "--set", *args.set,
                "--data-dir", args.data_dir, "--cache-dir", args.cache_dir]
         res = measure_child(cmd, env, args.timeout)
         res["command"] = "python bench/reward_scaling.py " + " ".join(sys.argv[1:])
@@ -142,8 +156,8 @@ def _write(out: Path, doc: dict, args) -> None:
         "commands": commands + [command] if command not in commands else commands,
         "data": f"synthetic presets from {args.source} (rlsim.data.synthetic), temporal split; "
                 "ml100k_u1: real ML-100K u1 with the library default RewardConfig",
-        "reward": f"library default RewardConfig, epochs={args.epochs}, max_batches={args.max_batches} "
-                  "(0 = whole epochs), reward.workers per run",
+        "reward": "library default RewardConfig but epochs, max_batches (0 = whole epochs), reward.workers and "
+                  "each run's reward_settings (--set)",
         "ratings_per_s": "training pairs per second of the epochs' batches, all workers together (validation excluded)",
         "peak_rss_mb": "per Ray Train worker: the largest worker's ru_maxrss (Ray and torch imports included)",
         "test_rmse": "of the run's model; with max_batches it saw only part of each epoch (partial_epochs)",

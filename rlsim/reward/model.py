@@ -20,19 +20,47 @@ from rlsim.reward.layers import Dropout, EncoderLayer
 
 class _SparseRows:
     """rows -> (matrix @ table.weight)[rows], computed for those rows only (an embedding_bag over their
-    nonzeros): the same numbers as the full sparse product, at the cost of the batch's own histories."""
+    nonzeros): the same numbers as the full sparse product, at the cost of the batch's own histories.
 
-    def __init__(self, csr: torch.Tensor, table: nn.Embedding):
+    sample > 0 (training only): a row with more nonzeros than that is represented by `sample` of them
+    drawn uniformly with replacement and weighted by length / sample, an unbiased estimate of its sum
+    (like dropout, its noise is the price of a bounded cost: a popular movie's history at 10M
+    ratings holds thousands of users). Repeated rows (a pick and its negatives share the user) are
+    gathered once. Matrices of the same sparsity (the user's implicit and rated histories) share
+    one `positions` memo, so one draw serves both."""
+
+    def __init__(self, csr: torch.Tensor, table: nn.Embedding, sample: int = 0, memo: dict | None = None):
         self.crow, self.col, self.val, self.table = csr.crow_indices(), csr.col_indices(), csr.values(), table
+        self.sample, self.memo = sample, memo if memo is not None else {}
+
+    def positions(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(nonzero positions, bag offsets, weight per position, row -> bag) for the unique rows."""
+        hit = self.memo.get("last")
+        if hit is not None and hit[0] is rows:
+            return hit[1]
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        starts = self.crow[uniq]
+        lengths = self.crow[uniq + 1] - starts
+        take = lengths.clamp(max=self.sample) if self.sample else lengths
+        offsets = torch.cumsum(take, 0) - take
+        total = int(take.sum())
+        within = torch.arange(total, device=rows.device) - torch.repeat_interleave(offsets, take)
+        if self.sample and bool((lengths > self.sample).any()):
+            n = torch.repeat_interleave(lengths, take)
+            big = n > self.sample
+            drawn = (torch.rand(total, device=rows.device) * n).long().clamp(max=n - 1)
+            within = torch.where(big, drawn, within)
+            weight = torch.where(big, n / self.sample, 1.0)
+        else:
+            weight = torch.ones(total, device=rows.device)
+        out = (torch.repeat_interleave(starts, take) + within, offsets, weight, inverse)
+        self.memo["last"] = (rows, out)
+        return out
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-        starts = self.crow[rows]
-        lengths = self.crow[rows + 1] - starts
-        offsets = torch.cumsum(lengths, 0) - lengths
-        idx = torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()),
-                                                                                device=rows.device)
-        return F.embedding_bag(self.col[idx], self.table.weight, offsets, mode="sum",
-                               per_sample_weights=self.val[idx].to(self.table.weight.dtype))
+        idx, offsets, weight, inverse = self.positions(rows)
+        w = (self.val[idx] * weight).to(self.table.weight.dtype)
+        return F.embedding_bag(self.col[idx], self.table.weight, offsets, mode="sum", per_sample_weights=w)[inverse]
 
 
 class VanillaTransformer(nn.Module):
@@ -125,6 +153,7 @@ class VanillaTransformer(nn.Module):
         self.register_buffer("class_values", torch.as_tensor(np.asarray(class_values), dtype=torch.float32))
         self._hist_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # inference: name -> (weights' stamp, value)
         self._csr: dict[str, torch.Tensor] = {}  # CSR copies of the fixed history matrices (training)
+        self._csr_memo: dict[str, dict] = {}  # per sparsity pattern: the last rows' positions (training)
 
     def id_parameters(self) -> list[nn.Parameter]:
         """The embedding tables (decayed harder than the rest)."""
@@ -161,8 +190,13 @@ class VanillaTransformer(nn.Module):
         # matrix or the table changes.
         if self.training:
             if name not in self._csr:
-                self._csr[name] = matrix.coalesce().to_sparse_csr()
-            return _SparseRows(self._csr[name], table)
+                csr = self._csr[name] = matrix.coalesce().to_sparse_csr()
+                # Matrices over the same (row, column) pattern share their draw of positions.
+                same = next((k for k, m in self._csr.items() if k != name and m.shape == csr.shape
+                             and torch.equal(m.crow_indices(), csr.crow_indices())
+                             and torch.equal(m.col_indices(), csr.col_indices())), None)
+                self._csr_memo[name] = self._csr_memo[same] if same else {}
+            return _SparseRows(self._csr[name], table, self.cfg.history_sample, self._csr_memo[name])
         deps = (matrix, table.weight)
         cached = self._cached(name, deps)
         if cached is None:
@@ -173,7 +207,7 @@ class VanillaTransformer(nn.Module):
         # The inference cache outlives eval()/train() switches (the predictor calls eval() on every
         # request); each entry is checked against its weights' versions, so it is recomputed exactly
         # when they change (training, distillation, loading), never on every call.
-        self._csr = {}
+        self._csr, self._csr_memo = {}, {}
         return super().train(mode)
 
     def _with_session(self, h: torch.Tensor, user, table: nn.Embedding, session_items, weights) -> torch.Tensor:

@@ -228,6 +228,40 @@ def test_training_history_rows_equal_the_full_sparse_product(data_cfg):
     assert m._sparse_product("hist", m.hist, m.hist_emb).shape == (m.hist.shape[0], m.hist_emb.weight.shape[1])
 
 
+def test_sampled_history_rows_are_an_unbiased_bounded_estimate():
+    """reward.history_sample: a row longer than the sample is `sample` draws reweighted; averaged over
+    draws it is the full row; a sample as long as every row is the full product itself."""
+    import torch
+    from torch import nn
+
+    from rlsim.reward.model import _SparseRows
+
+    gen = np.random.default_rng(0)
+    n_rows, n_cols = 6, 40
+    lengths = [0, 1, 3, 12, 40, 25]
+    r = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)])
+    c = np.concatenate([gen.choice(n_cols, n, replace=False) for n in lengths])
+    matrix = torch.sparse_coo_tensor(torch.as_tensor(np.stack([r, c])), torch.as_tensor(gen.normal(size=len(r)),
+                                                                                    dtype=torch.float32),
+                                     (n_rows, n_cols)).coalesce()
+    table = nn.Embedding(n_cols, 4)
+    rows = torch.tensor([5, 0, 3, 4, 1, 4, 2])
+    full = torch.sparse.mm(matrix, table.weight)[rows].detach()
+    csr = matrix.to_sparse_csr()
+    torch.testing.assert_close(_SparseRows(csr, table, sample=40)[rows].detach(), full)
+    torch.manual_seed(0)
+    sampled = _SparseRows(csr, table, sample=5)
+    draws = torch.stack([sampled[rows.clone()].detach() for _ in range(4000)])
+    short = torch.tensor([lengths[i] <= 5 for i in rows.tolist()])
+    torch.testing.assert_close(draws[:, short], full[short].expand(len(draws), -1, -1))  # short rows: exact
+    assert (draws[:, ~short].std(0) > 0).all()  # long rows: noisy ...
+    se = draws.std(0) / len(draws) ** 0.5  # ... and unbiased: the mean of the draws within 5 standard errors
+    assert ((draws.mean(0) - full).abs() <= 5 * se + 1e-6).all()
+    idx, offsets, weight, inverse = sampled.positions(rows.clone())
+    assert len(idx) == sum(min(lengths[i], 5) for i in rows.unique().tolist())  # unique rows, bounded
+    assert torch.equal(rows.unique()[inverse], rows)
+
+
 def test_inference_cache_survives_calls_and_follows_weight_changes(trained, monkeypatch):
     """predict_proba twice: the history products and the text MLP run once, not per call; a weight
     change (distillation) recomputes them, and the answers equal a freshly loaded model's."""
