@@ -85,8 +85,9 @@ def run_child(args) -> int:
     n_fit = res["train_fit_pairs"]
     full, run = steps_per_epoch(n_fit, cfg)
     rate = sum(h["ratings_per_s"] for h in hist) / len(hist)
+    cpu_rate = sum(h.get("ratings_per_cpu_s", 0.0) for h in hist) / len(hist)
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"ratings_per_s": round(rate, 1),
+    out = {"ratings_per_s": round(rate, 1), "ratings_per_cpu_s": round(cpu_rate, 1),
            "peak_rss_mb": round(max(h.get("worker_peak_rss_mb", driver_rss) for h in hist)),
            "test_rmse": round(res["model"]["rmse"], 5), "val_rmse": round(res["val_rmse"], 5),
            "workers": args.run_workers, "train_pairs": n_fit, "epochs_run": len(hist),
@@ -159,6 +160,7 @@ def _write(out: Path, doc: dict, args) -> None:
         "reward": "library default RewardConfig but epochs, max_batches (0 = whole epochs), reward.workers and "
                   "each run's reward_settings (--set)",
         "ratings_per_s": "training pairs per second of the epochs' batches, all workers together (validation excluded)",
+        "ratings_per_cpu_s": "the same pairs per CPU second of one worker (rank 0): the rate with a core per worker",
         "peak_rss_mb": "per Ray Train worker: the largest worker's ru_maxrss (Ray and torch imports included)",
         "test_rmse": "of the run's model; with max_batches it saw only part of each epoch (partial_epochs)",
         "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),

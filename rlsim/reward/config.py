@@ -57,6 +57,9 @@ class RewardConfig:
     # joint stays the default: the study's published results rest on it, and one quickstart run with
     # dot trained a worse policy (real hit rate 0.360 vs 0.439, one seed each; docs/reward.md).
     choice_scorer: str = "joint"
+    # joint only: unrated movies actually drawn per pick, weighted to stand for choice_negatives (0 = as
+    # many as choice_negatives). Each draw costs a whole forward: 1 makes an epoch ~2x a no-head one, not ~4x.
+    choice_draws: int = 0
     choice_pool: int = 256
     # dot only: read the user vector off the rating forward (the user's tokens attend to each other
     # only there) instead of a second pass over them: 1.12x a no-head epoch rather than 1.35x, but
@@ -93,8 +96,9 @@ class RewardConfig:
         if self.workers > self.batch_size:
             raise ConfigError(f"reward.workers ({self.workers}) must not exceed reward.batch_size ({self.batch_size}): "
                               "each worker takes its share of every batch")
-        if self.choice_weight < 0 or self.choice_negatives < 1 or self.choice_pool < 1:
-            raise ConfigError("reward.choice_weight must be >= 0, reward.choice_negatives and choice_pool >= 1")
+        if self.choice_weight < 0 or self.choice_negatives < 1 or self.choice_pool < 1 or self.choice_draws < 0:
+            raise ConfigError("reward.choice_weight and choice_draws must be >= 0, reward.choice_negatives and "
+                              "choice_pool >= 1")
         if self.choice_scorer not in ("joint", "dot"):
             raise ConfigError(f"reward.choice_scorer must be joint or dot, got {self.choice_scorer!r}")
         for name in ("layers", "heads", "batch_size", "epochs", "ensemble"):

@@ -42,9 +42,10 @@ def tensors(ft: FeatureTables, df: pd.DataFrame, scale: RatingScale, device,
 
 
 def _choice_batch(model, tr: dict, b: torch.Tensor, user, item, real_user, real_item, k: int,
-                  gen: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                  gen: torch.Generator, odds: int | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """The batch's picks followed by k movies per pick drawn at random (the user never rated them):
-    model inputs, choice labels (1 pick, 0 passed over) and weights (0 for a draw that was in fact rated)."""
+    model inputs, choice labels (1 pick, 0 passed over) and weights (0 for a draw that was in fact rated;
+    odds / k otherwise, so k draws stand for `odds` unrated movies per pick)."""
     device = b.device
     n_items = model.item_emb.num_embeddings
     nu = real_user.repeat_interleave(k)
@@ -58,7 +59,7 @@ def _choice_batch(model, tr: dict, b: torch.Tensor, user, item, real_user, real_
               "real_user": torch.cat([real_user, nu]), "real_item": torch.cat([real_item, ni]),
               "own_watch": torch.cat([tr["own_watch"][b], torch.zeros(len(nu), device=device)])}
     labels = torch.cat([torch.ones(n, device=device), torch.zeros(len(nu), device=device)])
-    weights = torch.cat([torch.ones(n, device=device), (~rated).float()])
+    weights = torch.cat([torch.ones(n, device=device), (~rated).float() * ((odds or k) / k)])
     return inputs, labels, weights
 
 
@@ -187,7 +188,8 @@ def train_step(net, opt, sched, tr: dict, b: torch.Tensor, cfg: RewardConfig, ge
             choice_loss(pick, pool_logits, weights) / len(b))
     else:  # "joint": rating the picks and choosing them over unrated movies, in one forward
         inputs, labels, weights = _choice_batch(model, tr, b, user, item, real_user, real_item,
-                                                cfg.choice_negatives, gen)
+                                                cfg.choice_draws or cfg.choice_negatives, gen,
+                                                cfg.choice_negatives)
         logits, pick = net(**inputs, head="both")
         loss = _loss(model, logits[:len(b)], tr["y"][b], tr["r"][b], cfg) + cfg.choice_weight * (
             F.binary_cross_entropy_with_logits(pick, labels, weight=weights, reduction="sum") / len(b))
@@ -223,17 +225,19 @@ def run_epochs(net, tr: dict, cfg: RewardConfig, steps: int, gen: torch.Generato
     bar = tqdm(total=n_epochs, desc=f"reward model{f' (member {member + 1})' if cfg.ensemble > 1 else ''}",
                unit="epoch", disable=not cfg.progress)
     for epoch in range(1, n_epochs + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         net.train()
         total_loss, seen = 0.0, 0
         for b in hooks.batches():
             total_loss += train_step(net, opt, sched, tr, b, cfg, gen)
             seen += len(b)
-        train_seconds = time.perf_counter() - t0
+        train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         total_loss, seen = hooks.total(total_loss, seen)
         row = {"epoch": epoch, "train_loss": total_loss / seen, **hooks.validate(),
                "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-               "ratings_per_s": seen / max(train_seconds, 1e-9)}
+               "ratings_per_s": seen / max(train_seconds, 1e-9),
+               # this process's CPU time: what the rate would be with a core each, on a shared machine
+               "ratings_per_cpu_s": seen / max(cpu_seconds, 1e-9)}
         if member:
             row["member"] = member
         history.append(row)

@@ -15,7 +15,7 @@ from rlsim.data.schema import RatingScale
 from rlsim.errors import ConfigError
 from rlsim.reward.config import RewardConfig
 from rlsim.reward.features import build_features
-from rlsim.reward.loop import choice_loss, pool_batch, rated_mask, tensors, train_step
+from rlsim.reward.loop import _choice_batch, choice_loss, pool_batch, rated_mask, tensors, train_step
 from rlsim.reward.model import VanillaTransformer
 from tests.reward.tiny import tiny_ratings
 
@@ -53,6 +53,23 @@ def test_pool_negatives_are_seeded_weighted_and_never_rated(tables):
     assert not torch.equal(pool, other)
     # The picks themselves are rated: a pick drawn into the pool is no negative of its own row.
     assert rated_mask(tr["hist_keys"], tr["user"][b], tr["item"][b], n_items).all()
+
+
+def test_joint_draws_stand_for_the_configured_odds(tables):
+    """reward.choice_draws: fewer rows drawn per pick (each a whole forward), weighted to the same odds."""
+    ft, train, scale = tables
+    tr = tensors(ft, train, scale, "cpu", choice=True)
+    model = VanillaTransformer(RewardConfig(**{**CFG, "choice_scorer": "joint"}), ft, scale.values)
+    b = torch.arange(32)
+    u, i = tr["user"][b], tr["item"][b]
+    for k, odds in ((3, 3), (1, 3), (2, 6)):
+        inputs, labels, weights = _choice_batch(model, tr, b, u, i, u, i, k, torch.Generator().manual_seed(0), odds)
+        assert len(labels) == 32 * (k + 1) and labels[:32].eq(1).all() and labels[32:].eq(0).all()
+        rated = rated_mask(tr["hist_keys"], inputs["real_user"][32:], inputs["real_item"][32:], ft.n_items)
+        assert torch.equal(weights[32:], (~rated).float() * (odds / k)) and weights[:32].eq(1).all()
+        assert torch.equal(inputs["real_user"][32:], u.repeat_interleave(k))
+    with pytest.raises(ConfigError):
+        RewardConfig(choice_draws=-1).validate()
 
 
 def test_choice_loss_labels_picks_one_and_the_pool_zero():
