@@ -222,6 +222,7 @@ def run_epochs(net, tr: dict, cfg: RewardConfig, steps: int, gen: torch.Generato
     best, best_state, bad, history = math.inf, None, 0, []
     from tqdm.auto import tqdm
 
+    model.training_cache(keep=True)
     bar = tqdm(total=n_epochs, desc=f"reward model{f' (member {member + 1})' if cfg.ensemble > 1 else ''}",
                unit="epoch", disable=not cfg.progress)
     for epoch in range(1, n_epochs + 1):
@@ -258,6 +259,7 @@ def run_epochs(net, tr: dict, cfg: RewardConfig, steps: int, gen: torch.Generato
         if last:
             break
     bar.close()
+    model.training_cache(keep=False)
     return history, best_state
 
 

@@ -152,7 +152,7 @@ class VanillaTransformer(nn.Module):
                 self.register_buffer("attn_mask", (~side)[:, None] & side[None, :], persistent=False)
         self.register_buffer("class_values", torch.as_tensor(np.asarray(class_values), dtype=torch.float32))
         self._hist_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # inference: name -> (weights' stamp, value)
-        self._csr: dict[str, torch.Tensor] = {}  # CSR copies of the fixed history matrices (training)
+        self._csr: dict[str, tuple] = {}  # training: name -> (the matrix's stamp, its CSR copy)
         self._csr_memo: dict[str, dict] = {}  # per sparsity pattern: the last rows' positions (training)
 
     def id_parameters(self) -> list[nn.Parameter]:
@@ -189,26 +189,36 @@ class VanillaTransformer(nn.Module):
         # so an epoch would grow as ratings squared). Inference: every row once, cached until the
         # matrix or the table changes.
         if self.training:
-            if name not in self._csr:
-                csr = self._csr[name] = matrix.coalesce().to_sparse_csr()
-                # Matrices over the same (row, column) pattern share their draw of positions.
-                same = next((k for k, m in self._csr.items() if k != name and m.shape == csr.shape
-                             and torch.equal(m.crow_indices(), csr.crow_indices())
-                             and torch.equal(m.col_indices(), csr.col_indices())), None)
-                self._csr_memo[name] = self._csr_memo[same] if same else {}
-            return _SparseRows(self._csr[name], table, self.cfg.history_sample, self._csr_memo[name])
+            return _SparseRows(self._training_csr(name, matrix), table, self.cfg.history_sample, self._csr_memo[name])
         deps = (matrix, table.weight)
         cached = self._cached(name, deps)
         if cached is None:
             cached = self._store(name, deps, torch.sparse.mm(matrix, table.weight).detach())
         return cached
 
-    def train(self, mode: bool = True):
-        # The inference cache outlives eval()/train() switches (the predictor calls eval() on every
-        # request); each entry is checked against its weights' versions, so it is recomputed exactly
-        # when they change (training, distillation, loading), never on every call.
-        self._csr, self._csr_memo = {}, {}
-        return super().train(mode)
+    def _training_csr(self, name: str, matrix: torch.Tensor) -> torch.Tensor:
+        # A CSR copy per history matrix, kept across epochs and eval()/train() switches (at 10M ratings a
+        # copy takes seconds), rebuilt only if the matrix itself changes (loading other weights).
+        stamp = self._stamp((matrix,))
+        hit = self._csr.get(name)
+        if hit is None or hit[0] != stamp:
+            csr = matrix.coalesce().to_sparse_csr()
+            # Matrices over the same (row, column) pattern share their draw of positions.
+            same = next((k for k, (_, m) in self._csr.items() if k != name and m.shape == csr.shape
+                         and torch.equal(m.crow_indices(), csr.crow_indices())
+                         and torch.equal(m.col_indices(), csr.col_indices())), None)
+            self._csr[name] = (stamp, csr)
+            self._csr_memo[name] = self._csr_memo[same] if same else {}
+        return self._csr[name][1]
+
+    def training_cache(self, keep: bool) -> None:
+        """Build the CSR copies of the history matrices before the first timed batch (keep=True), or free
+        them once training is over (keep=False)."""
+        self._csr, self._csr_memo = ({}, {}) if not keep else (self._csr, self._csr_memo)
+        if keep:
+            for name in ("hist", "hist_r", "item_hist_r"):
+                if hasattr(self, name):
+                    self._training_csr(name, getattr(self, name))
 
     def _with_session(self, h: torch.Tensor, user, table: nn.Embedding, session_items, weights) -> torch.Tensor:
         """A user's history vector (sum over n rated items / sqrt(n)) with the session's items added:

@@ -224,6 +224,18 @@ def test_training_history_rows_equal_the_full_sparse_product(data_cfg):
         torch.testing.assert_close(g_part.to_dense() if g_part.is_sparse else g_part, g_full)
     m.train()
     assert isinstance(m._sparse_product("hist", m.hist, m.hist_emb), _SparseRows)
+    # The CSR copies are built once (training_cache), kept across eval()/train(), rebuilt when a matrix changes.
+    m.training_cache(keep=True)
+    csr = m._training_csr("hist", m.hist)
+    m.eval()
+    m.train()
+    assert m._training_csr("hist", m.hist) is csr
+    assert m._csr_memo["hist"] is m._csr_memo["hist_r"]  # one pattern, one draw of positions
+    assert m._csr_memo["hist"] is not m._csr_memo["item_hist_r"]
+    m.hist._values().mul_(2.0)
+    assert m._training_csr("hist", m.hist) is not csr
+    m.training_cache(keep=False)
+    assert not m._csr
     m.eval()
     assert m._sparse_product("hist", m.hist, m.hist_emb).shape == (m.hist.shape[0], m.hist_emb.weight.shape[1])
 
