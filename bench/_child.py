@@ -1,4 +1,5 @@
-"""Benchmarks measure each case in a fresh process (its own peak memory): run one, read its RESULT line."""
+"""Benchmarks measure each case in a fresh process (its own peak memory): run one, read its RESULT line.
+Also what the benchmarks share to read settings from their command line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import os
 import subprocess
 import time
 from pathlib import Path
+
+
+def reward_settings(items: list[str]) -> dict[str, dict]:
+    """["NAME:KEY=VALUE" or "KEY=VALUE" (NAME "")] -> {NAME: {KEY: VALUE}}, typed as RewardConfig's field."""
+    from rlsim.reward.config import RewardConfig
+
+    out: dict[str, dict] = {}
+    for item in items:
+        name, kv = item.split(":", 1) if ":" in item.split("=", 1)[0] else ("", item)
+        key, value = kv.split("=", 1)
+        kind = type(getattr(RewardConfig(), key))
+        out.setdefault(name, {})[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    return out
 
 
 def measure_child(cmd: list[str], env: dict, timeout: float) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/
 
 import torch  # noqa: E402
 
@@ -33,39 +34,23 @@ from rlsim.data import holdout_validation  # noqa: E402
 from rlsim.io import read_json, write_json  # noqa: E402
 from rlsim.reward.config import RewardConfig  # noqa: E402
 from rlsim.reward.features import build_features  # noqa: E402
-from rlsim.reward.loop import fit_one, steps_per_epoch, tensors, train_step  # noqa: E402
-from rlsim.reward.model import VanillaTransformer  # noqa: E402
+from rlsim.reward.loop import fit_one, steps_per_epoch, train_step  # noqa: E402
 from rlsim.reward.train import prepare  # noqa: E402
+from _child import reward_settings  # noqa: E402
+from reward_step import build  # noqa: E402
 
 VARIANTS = {"no_head": {}, "joint": {"choice_weight": 1.0, "choice_scorer": "joint"},
             "dot": {"choice_weight": 1.0, "choice_scorer": "dot"}}
 
 
-def parse_sets(items: list[str]) -> dict[str, dict]:
-    """NAME:KEY=VALUE -> {NAME: {KEY: VALUE}} (a new variant NAME starts from "dot")."""
-    out: dict[str, dict] = {}
-    for s in items:
-        name, kv = s.split(":", 1)
-        key, value = kv.split("=", 1)
-        out.setdefault(name, {})[key] = type(getattr(RewardConfig(), key))(value)
-    return out
-
-
 def timing(ft, fit_train, scale, variants: dict, batches: int, rounds: int) -> dict:
     cfgs = {n: RewardConfig(**kw) for n, kw in variants.items()}
     state = {}
-    for name, cfg in cfgs.items():
-        torch.manual_seed(0)
-        model = VanillaTransformer(cfg, ft, scale.values).train()
-        tr = tensors(ft, fit_train, scale, "cpu", cfg.choice_weight > 0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-        gen = torch.Generator().manual_seed(0)
-        perm = torch.randperm(len(tr["y"]), generator=gen)
-        rows = [perm[s:s + cfg.batch_size] for s in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size)]
-        state[name] = (model, tr, opt, sched, gen, rows, [])
-        for b in rows[:3]:  # warm-up: the CSR history copies, allocator
-            train_step(model, opt, sched, tr, b, cfg, gen)
+    for name, kw in variants.items():
+        s = build(name, kw, ft, fit_train, scale)
+        state[name] = (s["model"], s["tr"], s["opt"], s["sched"], s["gen"], s["rows"], [])
+        for b in s["rows"][:3]:  # warm-up: allocator, first-step costs
+            train_step(s["model"], s["opt"], s["sched"], s["tr"], b, s["cfg"], s["gen"])
     pos = 3
     for _ in range(rounds):
         for name, cfg in cfgs.items():
@@ -119,7 +104,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     variants = {k: dict(v) for k, v in VARIANTS.items()}
-    for name, kw in parse_sets(args.set).items():
+    for name, kw in reward_settings(args.set).items():
         variants[name] = {**variants.get(name, VARIANTS["dot"]), **kw}
     dcfg = DataConfig(dataset="ml-100k", split="u1", data_dir=args.data_dir, cache_dir=args.cache_dir, download=False)
     ds, split, text = prepare(dcfg)

@@ -40,18 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported from elsewhere
-from _child import measure_child  # noqa: E402
-
-
-def parse_sets(items: list[str]) -> dict:
-    """KEY=VALUE -> {KEY: VALUE} typed as RewardConfig's field."""
-    from rlsim.reward.config import RewardConfig
-
-    out = {}
-    for item in items:
-        key, value = item.split("=", 1)
-        out[key] = type(getattr(RewardConfig(), key))(value)
-    return out
+from _child import measure_child, reward_settings  # noqa: E402
 
 
 def run_child(args) -> int:
@@ -71,7 +60,7 @@ def run_child(args) -> int:
     overrides = {"workers": args.run_workers}
     if not u1:  # the u1 comparison is the library default, unchanged
         overrides.update(epochs=args.epochs, patience=args.epochs, max_batches=args.max_batches,
-                         **parse_sets(args.set))
+                         **reward_settings(args.set).get("", {}))
     cfg = RewardConfig(**overrides).validate()
     tmp = tempfile.mkdtemp(prefix="rlsim-ray-", dir="/tmp")
     t0 = time.perf_counter()
@@ -94,7 +83,7 @@ def run_child(args) -> int:
            "batches_per_epoch": run, "full_batches_per_epoch": full, "extrapolated": run < full,
            "partial_epochs": run < full, "epoch_seconds": round(n_fit / rate, 1),
            "train_seconds": round(res["train_seconds"], 1), "wall_seconds": round(wall, 1),
-           "driver_peak_rss_mb": round(driver_rss), "reward_settings": {} if u1 else parse_sets(args.set),
+           "driver_peak_rss_mb": round(driver_rss), "reward_settings": {} if u1 else reward_settings(args.set).get("", {}),
            "load_avg_1m": round(os.getloadavg()[0], 2)}
     print("RESULT " + json.dumps(out), flush=True)
     return 0

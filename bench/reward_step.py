@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when imported from elsewhere
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -36,22 +37,13 @@ from rlsim.reward.config import RewardConfig  # noqa: E402
 from rlsim.reward.features import build_features  # noqa: E402
 from rlsim.reward.loop import tensors, train_step  # noqa: E402
 from rlsim.reward.train import prepare  # noqa: E402
+from _child import reward_settings  # noqa: E402
 
 VARIANTS = {"default": {}, "torch_layers": {}, "joint": {"choice_weight": 1.0}}
 
 
-def parse_sets(items: list[str]) -> dict[str, dict]:
-    """NAME:KEY=VALUE -> {NAME: {KEY: VALUE}} (typed as RewardConfig's field)."""
-    out: dict[str, dict] = {}
-    for s in items:
-        name, kv = s.split(":", 1)
-        key, value = kv.split("=", 1)
-        kind = type(getattr(RewardConfig(), key))
-        out.setdefault(name, {})[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
-    return out
-
-
-def build(name: str, kw: dict, ft, fit_train, scale):
+def build(name: str, kw: dict, ft, fit_train, scale) -> dict:
+    """A model of these settings in training mode, its tensors, optimiser and the epoch's batches."""
     cfg = RewardConfig(**kw).validate()
     saved = reward_model.EncoderLayer, reward_model.Dropout
     if name == "torch_layers":
@@ -85,7 +77,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    variants = {**VARIANTS, **parse_sets(args.set)}
+    variants = {**VARIANTS, **reward_settings(args.set)}
     names = args.variants or list(variants)
     u1 = args.dataset == "ml-100k"
     dcfg = DataConfig(dataset=args.dataset, split="u1" if u1 else "temporal", data_dir=args.data_dir,
