@@ -74,7 +74,8 @@ def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig, runners: i
     return (
         PPOConfig()
         # The env is already vectorised: each runner's N sessions go to the simulator in one request.
-        .environment(SessionVectorEnv, env_config=env_cfg)
+        # Discrete actions: nothing to unsquash or clip (RLlib's default would deep-copy every action to do nothing).
+        .environment(SessionVectorEnv, env_config=env_cfg, normalize_actions=False, clip_actions=False)
         # runners: the count train_ppo already resolved (and records); None resolves it here.
         .env_runners(num_env_runners=env_runners(cfg) if runners is None else runners,
                      num_envs_per_env_runner=cfg.num_envs_per_env_runner,

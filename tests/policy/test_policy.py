@@ -66,8 +66,11 @@ def test_initial_observations_and_held_out():
     data = _hand_data()
     rewards = np.array([[2.0, np.nan, 3.0], [4.0, 1.0, np.nan]])
     obs = initial_observations(data, rewards, history=1)
-    assert obs["observations"].shape == (2, 2 + 3 * 4 + 5)
-    np.testing.assert_array_equal(obs["action_mask"], [[1, 0, 1], [1, 1, 0]])
+    assert obs.shape == (2, 2 + 3 * 4 + 5 + 3)
+    np.testing.assert_array_equal(obs[:, :2], data.user_feat)
+    np.testing.assert_array_equal(obs[:, 2:14], data.cand_feat.reshape(2, -1))
+    assert not obs[:, 14:19].any()  # no history yet
+    np.testing.assert_array_equal(obs[:, 19:], [[1, 0, 1], [1, 1, 0]])
     real = held_out_ratings(data, pd.DataFrame({"user_id": [8], "item_id": [5], "rating": [2.0]}))
     assert real[1, 1] == 2.0 and np.isnan(real).sum() == 5
 
@@ -129,7 +132,7 @@ def test_torch_ppo_learns(ml100k):
     assert 8 * 1000 * 0.85 < out["env_steps"] <= 8 * 1000 and len(out["history"]) == 8
     obs = initial_observations(data, rewards)
     with torch.no_grad():
-        logits, _ = out["net"](torch.from_numpy(obs["observations"]), torch.from_numpy(obs["action_mask"]))
+        logits, _ = out["net"](torch.from_numpy(obs))
     res, _ = evaluate_strategies(data, rewards, {"policy": logits.argmax(-1).numpy()})
     assert res["gap_closed"] > 0.3, res
 
@@ -139,7 +142,7 @@ def test_evaluate_sessions_hand_built():
 
     data = _hand_data()
     rewards = np.array([[2.0, 5.0, 3.0], [4.0, 1.0, np.nan]])
-    first_available = lambda o: np.argmax(o["action_mask"], axis=1)  # noqa: E731
+    first_available = lambda o: np.argmax(o[:, -3:], axis=1)  # noqa: E731  (the mask ends the observation)
     s = evaluate_sessions(data, rewards, first_available, horizon=2, history=1)
     # user 7 is shown items 0 then 1 (2, 5); user 8 items 0 then 1 (4, 1).
     assert s["policy"]["mean_reward"] == pytest.approx(((2 + 5) / 2 + (4 + 1) / 2) / 2)
