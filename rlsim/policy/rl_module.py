@@ -84,18 +84,38 @@ class SlateScorerRLModule(TorchRLModule, ValueFunctionAPI):
         logits, _ = self.net(batch[Columns.OBS], values=False)
         return {Columns.ACTION_DIST_INPUTS: logits}
 
+    def _forward_exploration(self, batch, **kwargs):
+        # Sampling for training: the value of each observation comes with its logits (the pooled
+        # embedding is at hand), into the episodes as VF_PREDS, so GAE need not run the network over
+        # the train batch again (compute_values).
+        logits, emb = self.net(batch[Columns.OBS])
+        return {Columns.ACTION_DIST_INPUTS: logits, Columns.VF_PREDS: self.net.values(emb)}
+
     def _forward_train(self, batch, **kwargs):
         logits, emb = self.net(batch[Columns.OBS])
         return {Columns.ACTION_DIST_INPUTS: logits, Columns.EMBEDDINGS: emb}
 
     def compute_values(self, batch: dict[str, Any], embeddings: Any | None = None):
-        if embeddings is None:
-            # Without embeddings this is RLlib's GAE pass over the whole train batch (PPO's loss passes
-            # forward_train's): its values become numpy targets, so no autograd graph is built, and the
-            # rows go through in chunks (each row's value is its own; one [4000, K, hidden] pass spilled
-            # out of the CPU caches and cost ~2.7x per row what a minibatch does).
-            obs = batch[Columns.OBS]
-            with torch.no_grad():
-                return torch.cat([self.net.values(self.net(obs[s:s + VALUE_CHUNK])[1])
-                                  for s in range(0, len(obs), VALUE_CHUNK)]) if len(obs) else obs.new_zeros(0)
-        return self.net.values(embeddings)
+        if embeddings is not None:  # PPO's loss: forward_train's embeddings
+            return self.net.values(embeddings)
+        # Without embeddings: RLlib's GAE pass over a whole train batch. Its values become numpy targets,
+        # so no autograd graph is built. The rows sampled with these weights carry their value from the
+        # sampling pass (VF_PREDS, _forward_exploration); only the rows without one are run: the bootstrap
+        # step RLlib appends to each episode chunk (LOSS_MASK False).
+        obs = batch[Columns.OBS]
+        with torch.no_grad():
+            vf, keep = batch.get(Columns.VF_PREDS), batch.get(Columns.LOSS_MASK)
+            if vf is None or keep is None or len(vf) != len(obs):
+                return self._values(obs)
+            out = torch.as_tensor(vf, dtype=torch.float32).clone()
+            fresh = ~torch.as_tensor(keep, dtype=torch.bool)
+            if fresh.any():
+                out[fresh] = self._values(obs[fresh])
+            return out
+
+    def _values(self, obs: torch.Tensor) -> torch.Tensor:
+        """Values of observations in chunks of VALUE_CHUNK rows (each row's value is its own; one
+        [4000, K, hidden] pass spilled out of the CPU caches and cost ~2.7x per row what a minibatch does)."""
+        if not len(obs):
+            return obs.new_zeros(0)
+        return torch.cat([self.net.values(self.net(obs[s:s + VALUE_CHUNK])[1]) for s in range(0, len(obs), VALUE_CHUNK)])
