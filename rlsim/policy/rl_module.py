@@ -88,8 +88,19 @@ class SlateScorerRLModule(TorchRLModule, ValueFunctionAPI):
         # Sampling for training: the value of each observation comes with its logits (the pooled
         # embedding is at hand), into the episodes as VF_PREDS, so GAE need not run the network over
         # the train batch again (compute_values).
-        logits, emb = self.net(batch[Columns.OBS])
-        return {Columns.ACTION_DIST_INPUTS: logits, Columns.VF_PREDS: self.net.values(emb)}
+        with torch.no_grad():
+            logits, emb = self.net(batch[Columns.OBS])
+            return {Columns.ACTION_DIST_INPUTS: logits, Columns.VF_PREDS: self.net.values(emb)}
+
+    def train(self, mode: bool = True):
+        # Nothing in this network depends on the mode (no dropout, no batch norm), yet RLlib switches
+        # the env runner's copy to eval and back around every forward, and the learner's to train before
+        # every minibatch: each switch walks all submodules. The env runner's copy (inference_only) stays
+        # in eval mode; a switch to the mode already set does nothing.
+        mode = bool(mode) and not self.inference_only
+        if mode == self.training:
+            return self
+        return super().train(mode)
 
     def _forward_train(self, batch, **kwargs):
         logits, emb = self.net(batch[Columns.OBS])
