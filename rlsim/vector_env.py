@@ -7,6 +7,9 @@ given the session so far (rlsim.simulators.base: ``distribution(users, items, se
 envs' picks go to the simulator in ONE batched request per step, whether it lives in this process
 or in a Ray actor shared by every env runner (rlsim.simulators.actor).
 
+The observation of each session is one float32 vector (user, candidates, history, action mask), laid
+out by rlsim.env.ObsLayout (``env.layout``), not a Dict.
+
 reward_mode:
 - "sampled": the rating is drawn from the simulator's distribution (seeded per env runner);
 - "expected": the distribution's expectation (deterministic, still session-conditioned);
