@@ -7,7 +7,9 @@ named actor (rlsim.simulators.actor) that every env runner sends one batched req
 "_actor" runs keep the actor with 0 runners to show what its round trip costs. The static run
 scores a table once instead. Same network, same batch settings. Writes
 bench/results/ppo_throughput.json, with its command line, wall time and load average; the ratios
-static_over_torch and sampled_over_static come from runs of the same process.
+static_over_torch and sampled_over_static come from runs of the same process, and the compact torch PPO
+runs right after RLlib's static run (on a shared machine the load drifts over the benchmark's minutes;
+it ran last until this round).
 
     python bench/ppo_throughput.py --data-dir ../shared/datasets [--reward-checkpoint runs/reward/checkpoint]
 
@@ -227,6 +229,22 @@ def torch_setup(ds, split, data, iterations: int):
     return table, env_config(None, base), tcfg
 
 
+def torch_run(ds, split, data, iterations: int) -> dict:
+    """The compact torch PPO on RLlib's static run's table, timed as rllib_run times RLlib."""
+    from rlsim.policy.torch_ppo import train_torch_ppo
+
+    table, tenv, tcfg = torch_setup(ds, split, data, iterations + 1)
+    marks = []  # (wall, session CPU) at the end of each iteration
+    t = train_torch_ppo(table, tenv, tcfg, log=lambda row: marks.append((time.perf_counter(), session_cpu_s())))
+    hist = t["history"]  # the first iteration warms up, as with RLlib
+    iters = [(hist[i]["env_steps"] - hist[i - 1]["env_steps"], marks[i][0] - marks[i - 1][0],
+              marks[i][1] - marks[i - 1][1]) for i in range(1, len(hist))]
+    out = {**timing(iters), "settings": {"num_envs": 32, "reward_mode": "static"},
+           "reward_per_step_last": hist[-1]["reward_per_step"], "load_avg_1m_after": round(os.getloadavg()[0], 2)}
+    print("torch_ppo", json.dumps(out), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--iterations", type=int, default=5)
@@ -238,7 +256,6 @@ def main(argv=None) -> int:
     import ray
 
     from rlsim.policy.config import PolicyConfig
-    from rlsim.policy.torch_ppo import train_torch_ppo
 
     ds, split, data, ckpt = prepare(args)
     ppo = PPO
@@ -252,6 +269,8 @@ def main(argv=None) -> int:
     try:
         sims = start_simulators(ds, split, ckpt)
         for name, sim, kw in VARIANTS:
+            if name == VARIANTS[1][0]:  # the compact torch PPO right after RLlib's static run, the ratio's two sides
+                results["runs"]["torch_ppo_static_mf_h1"] = torch_run(ds, split, data, args.iterations)
             pcfg = PolicyConfig(**ppo, **kw).validate()
             ecfg, stats = run_env_config(data, pcfg, name, sim, sims)
             before = stats()
@@ -266,17 +285,6 @@ def main(argv=None) -> int:
             r["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
             results["runs"][name] = r
             print(name, json.dumps(r), flush=True)
-        table, tenv, tcfg = torch_setup(ds, split, data, args.iterations + 1)
-        marks = []  # (wall, session CPU) at the end of each iteration
-        t = train_torch_ppo(table, tenv, tcfg, log=lambda row: marks.append((time.perf_counter(), session_cpu_s())))
-        hist = t["history"]  # the first iteration warms up, as with RLlib
-        iters = [(hist[i]["env_steps"] - hist[i - 1]["env_steps"], marks[i][0] - marks[i - 1][0],
-                  marks[i][1] - marks[i - 1][1]) for i in range(1, len(hist))]
-        results["runs"]["torch_ppo_static_mf_h1"] = {**timing(iters),
-                                                     "settings": {"num_envs": 32, "reward_mode": "static"},
-                                                     "reward_per_step_last": hist[-1]["reward_per_step"],
-                                                     "load_avg_1m_after": round(os.getloadavg()[0], 2)}
-        print("torch_ppo", json.dumps(results["runs"]["torch_ppo_static_mf_h1"]), flush=True)
     finally:
         ray.shutdown()
     runs = results["runs"]

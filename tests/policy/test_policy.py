@@ -231,3 +231,37 @@ def test_env_runners_default_follows_the_cpus_ray_reports():
     assert auto_env_runners(cfg, 64) == 7
     assert auto_env_runners(PolicyConfig(train_batch_size=4000, num_envs_per_env_runner=16), 64) == 31
     assert env_runners(PolicyConfig(num_env_runners=2)) == 2 and env_runners(PolicyConfig(num_env_runners=0)) == 0
+
+
+def test_gae_reads_the_sampling_pass_values_and_runs_only_the_bootstrap_rows():
+    """RLlib's GAE asks compute_values for the whole train batch: the rows sampled carry their value from
+    forward_exploration (VF_PREDS), the bootstrap rows (LOSS_MASK False) are run afresh."""
+    import gymnasium as gym
+    import torch
+
+    from ray.rllib.core.columns import Columns
+
+    from rlsim.env import ObsLayout
+    from rlsim.policy.rl_module import SlateScorerRLModule
+
+    lay = ObsLayout(user_dim=3, cand_dim=4, k=5, history=1)
+    torch.manual_seed(0)
+    module = SlateScorerRLModule(observation_space=lay.space(), action_space=gym.spaces.Discrete(5),
+                                 model_config={**lay.config(), "hidden": 8})
+    obs = torch.randn(64, lay.size)
+    obs[:, lay.features:] = (torch.rand(64, 5) > 0.2).float()
+    sampled = module.forward_exploration({Columns.OBS: obs})
+    fresh = module.compute_values({Columns.OBS: obs})  # no VF_PREDS: the network over every row
+    assert torch.equal(sampled[Columns.VF_PREDS], fresh) and not fresh.requires_grad
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[::7] = False
+    vf = sampled[Columns.VF_PREDS].clone()
+    vf[~keep] = 99.0  # what a bootstrap row carries is never read
+    got = module.compute_values({Columns.OBS: obs, Columns.VF_PREDS: vf, Columns.LOSS_MASK: keep})
+    assert torch.equal(got[keep], fresh[keep])
+    torch.testing.assert_close(got[~keep], fresh[~keep])
+    # The loss's values (forward_train's embeddings) are the same numbers, with autograd.
+    train = module.forward_train({Columns.OBS: obs})
+    loss_values = module.compute_values({Columns.OBS: obs}, embeddings=train[Columns.EMBEDDINGS])
+    assert loss_values.requires_grad and torch.equal(loss_values.detach(), fresh)
+    assert torch.equal(sampled[Columns.ACTION_DIST_INPUTS], train[Columns.ACTION_DIST_INPUTS].detach())
