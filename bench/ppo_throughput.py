@@ -32,7 +32,7 @@ Profiling notes (ML-100K, K=25, 2 shared cores; bench/ppo_profile.py writes the 
 - The observation was a Dict (features, action mask) that RLlib's connectors walked with dm-tree on every
   step and batch; it is one flat float32 Box now (rlsim.env.ObsLayout). Measured per part (CPU seconds of
   a static iteration, no profiler): RLlib's GAE pass ran the network over the whole 4,000-row batch with
-  autograd on, ~2.7x per row what a minibatch costs (out of the CPU caches): the values now come with the
+  autograd on, 1.2-2.7x per row what a minibatch costs (out of the CPU caches): the values now come with the
   sampling pass (VF_PREDS) and only the bootstrap rows are run. The env runner's default connector
   pipelines (5 + 6 pieces a step) are one piece each way (rlsim.policy.connectors). What is left is
   RLlib's learner (34 minibatches of 500 rows where the compact PPO has 32, of 500 and 380 rows: the

@@ -126,7 +126,7 @@ class SlateScorerRLModule(TorchRLModule, ValueFunctionAPI):
 
     def _values(self, obs: torch.Tensor) -> torch.Tensor:
         """Values of observations in chunks of VALUE_CHUNK rows (each row's value is its own; one
-        [4000, K, hidden] pass spilled out of the CPU caches and cost ~2.7x per row what a minibatch does)."""
+        [4000, K, hidden] pass falls out of the CPU caches: 1.2-2.7x per row what a minibatch costs)."""
         if not len(obs):
             return obs.new_zeros(0)
         return torch.cat([self.net.values(self.net(obs[s:s + VALUE_CHUNK])[1]) for s in range(0, len(obs), VALUE_CHUNK)])
