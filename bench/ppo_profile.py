@@ -39,9 +39,12 @@ AREAS = [("rlsim/vector_env", "rlsim.vector_env"), ("rlsim/simulators", "rlsim.s
          ("ray/", "ray core"), ("asyncio/", "asyncio"), ("threading", "threading")]
 
 
+ROOT = str(Path(__file__).resolve().parents[1]) + "/"  # this checkout: its files show as rlsim/...
+
+
 def short(func: tuple) -> str:
     path, line, name = func
-    for marker in ("site-packages/", "wt-ppospeed/", "lib/python3.11/"):
+    for marker in ("site-packages/", ROOT, "lib/python3.11/"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break

@@ -7,7 +7,9 @@ named actor (rlsim.simulators.actor) that every env runner sends one batched req
 "_actor" runs keep the actor with 0 runners to show what its round trip costs. The static run
 scores a table once instead. Same network, same batch settings. Writes
 bench/results/ppo_throughput.json, with its command line, wall time and load average; the ratios
-static_over_torch and sampled_over_static come from runs of the same process.
+static_over_torch and sampled_over_static come from runs of the same process, and the compact torch PPO
+runs right after RLlib's static run (on a shared machine the load drifts over the benchmark's minutes;
+it ran last until this round).
 
     python bench/ppo_throughput.py --data-dir ../shared/datasets [--reward-checkpoint runs/reward/checkpoint]
 
@@ -27,6 +29,14 @@ Profiling notes (ML-100K, K=25, 2 shared cores; bench/ppo_profile.py writes the 
 - SessionVectorEnv.step ran a Python loop over its envs; it is array operations now (same draws).
 - With 2 cores, 2 remote env runners are not faster than sampling in the driver: the learner, the
   runners and the simulator actor compete for the same cores (policy.num_env_runners unset picks 0 there).
+- The observation was a Dict (features, action mask) that RLlib's connectors walked with dm-tree on every
+  step and batch; it is one flat float32 Box now (rlsim.env.ObsLayout). Measured per part (CPU seconds of
+  a static iteration, no profiler): RLlib's GAE pass ran the network over the whole 4,000-row batch with
+  autograd on, 1.2-2.7x per row what a minibatch costs (out of the CPU caches): the values now come with the
+  sampling pass (VF_PREDS) and only the bootstrap rows are run. The env runner's default connector
+  pipelines (5 + 6 pieces a step) are one piece each way (rlsim.policy.connectors). What is left is
+  RLlib's learner (34 minibatches of 500 rows where the compact PPO has 32, of 500 and 380 rows: the
+  bootstrap row of each episode chunk) and its per-step episode bookkeeping.
 """
 
 from __future__ import annotations
@@ -219,6 +229,22 @@ def torch_setup(ds, split, data, iterations: int):
     return table, env_config(None, base), tcfg
 
 
+def torch_run(ds, split, data, iterations: int) -> dict:
+    """The compact torch PPO on RLlib's static run's table, timed as rllib_run times RLlib."""
+    from rlsim.policy.torch_ppo import train_torch_ppo
+
+    table, tenv, tcfg = torch_setup(ds, split, data, iterations + 1)
+    marks = []  # (wall, session CPU) at the end of each iteration
+    t = train_torch_ppo(table, tenv, tcfg, log=lambda row: marks.append((time.perf_counter(), session_cpu_s())))
+    hist = t["history"]  # the first iteration warms up, as with RLlib
+    iters = [(hist[i]["env_steps"] - hist[i - 1]["env_steps"], marks[i][0] - marks[i - 1][0],
+              marks[i][1] - marks[i - 1][1]) for i in range(1, len(hist))]
+    out = {**timing(iters), "settings": {"num_envs": 32, "reward_mode": "static"},
+           "reward_per_step_last": hist[-1]["reward_per_step"], "load_avg_1m_after": round(os.getloadavg()[0], 2)}
+    print("torch_ppo", json.dumps(out), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--iterations", type=int, default=5)
@@ -230,18 +256,21 @@ def main(argv=None) -> int:
     import ray
 
     from rlsim.policy.config import PolicyConfig
-    from rlsim.policy.torch_ppo import train_torch_ppo
 
     ds, split, data, ckpt = prepare(args)
     ppo = PPO
     results: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                      "dataset": args.dataset, "split": args.split, "users": int(len(data.user_ids)), "k": data.k,
-                     "obs_dim": int(data.user_dim + data.k * data.cand_dim), "cpus": args.num_cpus,
+                     "obs_dim": int(data.user_dim + data.k * data.cand_dim),
+                     # The flat observation of a horizon-1 session: obs_dim's features, then the K-wide action mask.
+                     "obs_size": int(data.user_dim + data.k * data.cand_dim + data.k), "cpus": args.num_cpus,
                      "machine": platform.processor() or platform.machine(), "iterations_timed": args.iterations,
                      **ppo, "runs": {}}
     try:
         sims = start_simulators(ds, split, ckpt)
         for name, sim, kw in VARIANTS:
+            if name == VARIANTS[1][0]:  # the compact torch PPO right after RLlib's static run, the ratio's two sides
+                results["runs"]["torch_ppo_static_mf_h1"] = torch_run(ds, split, data, args.iterations)
             pcfg = PolicyConfig(**ppo, **kw).validate()
             ecfg, stats = run_env_config(data, pcfg, name, sim, sims)
             before = stats()
@@ -256,17 +285,6 @@ def main(argv=None) -> int:
             r["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
             results["runs"][name] = r
             print(name, json.dumps(r), flush=True)
-        table, tenv, tcfg = torch_setup(ds, split, data, args.iterations + 1)
-        marks = []  # (wall, session CPU) at the end of each iteration
-        t = train_torch_ppo(table, tenv, tcfg, log=lambda row: marks.append((time.perf_counter(), session_cpu_s())))
-        hist = t["history"]  # the first iteration warms up, as with RLlib
-        iters = [(hist[i]["env_steps"] - hist[i - 1]["env_steps"], marks[i][0] - marks[i - 1][0],
-                  marks[i][1] - marks[i - 1][1]) for i in range(1, len(hist))]
-        results["runs"]["torch_ppo_static_mf_h1"] = {**timing(iters),
-                                                     "settings": {"num_envs": 32, "reward_mode": "static"},
-                                                     "reward_per_step_last": hist[-1]["reward_per_step"],
-                                                     "load_avg_1m_after": round(os.getloadavg()[0], 2)}
-        print("torch_ppo", json.dumps(results["runs"]["torch_ppo_static_mf_h1"]), flush=True)
     finally:
         ray.shutdown()
     runs = results["runs"]

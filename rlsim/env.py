@@ -192,9 +192,96 @@ def score_all(data: EnvData, source) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class ObsLayout:
+    """The observation of one session: ONE float32 vector (a gymnasium Box), in this order:
+
+    ========  ===================================  =========================================
+    user      ``user_dim``                         the user's features (EnvData.user_feat)
+    cands     ``k * cand_dim``                     each candidate's features, candidate-major
+                                                   (EnvData.cand_feat[u].ravel())
+    history   ``history * (cand_dim + 1)``         the last picks, newest first: the pick's
+                                                   features and the reward it earned (zeros
+                                                   before the first pick)
+    mask      ``k``                                1.0 where a candidate can still be picked
+    ========  ===================================  =========================================
+
+    ``features`` (user, cands, history) is what the policy's network reads; ``mask`` its action
+    mask. One flat vector instead of a Dict: RLlib's env runner and learner connectors walk a Dict
+    observation with dm-tree on every step and every batch. The slices work on numpy arrays and torch
+    tensors alike, over the last axis."""
+
+    user_dim: int
+    cand_dim: int
+    k: int
+    history: int = 0
+
+    @classmethod
+    def of(cls, data: EnvData, history: int) -> "ObsLayout":
+        return cls(data.user_dim, data.cand_dim, data.k, history)
+
+    @property
+    def hist_dim(self) -> int:
+        return self.cand_dim + 1
+
+    @property
+    def features(self) -> int:
+        """Length of user + cands + history: the mask starts here."""
+        return self.user_dim + self.k * self.cand_dim + self.history * self.hist_dim
+
+    @property
+    def size(self) -> int:
+        return self.features + self.k
+
+    def config(self) -> dict:
+        """The sizes as a plain dict (the RLModule's model_config)."""
+        return {"user_dim": self.user_dim, "cand_dim": self.cand_dim, "k": self.k, "history": self.history}
+
+    def space(self):
+        """The gymnasium Box of one observation: features unbounded, the mask in [0, 1]."""
+        import gymnasium as gym
+
+        low = np.concatenate([np.full(self.features, -np.inf, np.float32), np.zeros(self.k, np.float32)])
+        high = np.concatenate([np.full(self.features, np.inf, np.float32), np.ones(self.k, np.float32)])
+        return gym.spaces.Box(low, high, (self.size,), np.float32)
+
+    def build(self, user_feat, cand_feat, hist, mask) -> np.ndarray:
+        """[N, size] float32 observations from [N, user_dim], [N, k, cand_dim], [N, history, cand_dim + 1]
+        (or None when history is 0) and [N, k]."""
+        n, du, dk = len(user_feat), self.user_dim, self.k * self.cand_dim
+        obs = np.empty((n, self.size), np.float32)
+        obs[:, :du] = user_feat
+        obs[:, du:du + dk] = cand_feat.reshape(n, dk)
+        if self.history:
+            obs[:, du + dk:self.features] = hist.reshape(n, -1)
+        obs[:, self.features:] = mask
+        return obs
+
+    # Views of a batch of observations ([..., size]) by part.
+    def user(self, obs):
+        return obs[..., :self.user_dim]
+
+    def cands(self, obs):
+        """[..., k, cand_dim]."""
+        du = self.user_dim
+        return obs[..., du:du + self.k * self.cand_dim].reshape(*obs.shape[:-1], self.k, self.cand_dim)
+
+    def hist(self, obs):
+        """[..., history * (cand_dim + 1)], flat (newest pick first)."""
+        return obs[..., self.user_dim + self.k * self.cand_dim:self.features]
+
+    def feats(self, obs):
+        """[..., features]: user, cands and history."""
+        return obs[..., :self.features]
+
+    def mask(self, obs):
+        """[..., k]."""
+        return obs[..., self.features:]
+
+
 def obs_layout(data: EnvData, history: int) -> dict:
-    """Sizes the RLModule needs to split the flat observation back into parts."""
-    return {"user_dim": data.user_dim, "cand_dim": data.cand_dim, "k": data.k, "history": history}
+    """Sizes the RLModule needs to split the flat observation back into parts (ObsLayout.config)."""
+    return ObsLayout.of(data, history).config()
 
 
 def make_source(cfg: dict):

@@ -7,6 +7,9 @@ given the session so far (rlsim.simulators.base: ``distribution(users, items, se
 envs' picks go to the simulator in ONE batched request per step, whether it lives in this process
 or in a Ray actor shared by every env runner (rlsim.simulators.actor).
 
+The observation of each session is one float32 vector (user, candidates, history, action mask), laid
+out by rlsim.env.ObsLayout (``env.layout``), not a Dict.
+
 reward_mode:
 - "sampled": the rating is drawn from the simulator's distribution (seeded per env runner);
 - "expected": the distribution's expectation (deterministic, still session-conditioned);
@@ -36,7 +39,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from rlsim.env import EnvData, make_source, score_all
+from rlsim.env import EnvData, ObsLayout, make_source, score_all
 from rlsim.errors import ConfigError
 from rlsim.simulators.base import EMPTY, answered_rows, expectation, sample_from, unanswered_reasons
 
@@ -108,13 +111,12 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         if len(self.user_rows) == 0:
             raise ConfigError("SessionVectorEnv has no users to train on")
 
-        K, Du, Dc = data.k, data.user_dim, data.cand_dim
-        self._hist_dim = Dc + 1
-        self.obs_dim = Du + K * Dc + self.history * self._hist_dim
-        self.single_observation_space = gym.spaces.Dict({
-            "observations": gym.spaces.Box(-np.inf, np.inf, (self.obs_dim,), np.float32),
-            "action_mask": gym.spaces.Box(0.0, 1.0, (K,), np.float32),
-        })
+        K = data.k
+        # One flat float32 vector per session (rlsim.env.ObsLayout: user, candidates, history, mask).
+        self.layout = ObsLayout.of(data, self.history)
+        self._hist_dim = self.layout.hist_dim
+        self.obs_dim = self.layout.size
+        self.single_observation_space = self.layout.space()
         self.single_action_space = gym.spaces.Discrete(K)
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
@@ -175,16 +177,10 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         for j in envs:
             self._sessions[j] = EMPTY
 
-    def _obs(self) -> dict:
-        d = self.data
+    def _obs(self) -> np.ndarray:
         # A new array every step (RLlib keeps views of each row), filled in place: one copy, not three.
-        N, Du, Dk = self.num_envs, d.user_dim, d.k * d.cand_dim
-        obs = np.empty((N, self.obs_dim), np.float32)
-        obs[:, :Du] = d.user_feat[self._u]
-        obs[:, Du:Du + Dk] = d.cand_feat[self._u].reshape(N, Dk)
-        if self.history:
-            obs[:, Du + Dk:] = self._hist.reshape(N, -1)
-        return {"observations": obs, "action_mask": self._mask.copy()}
+        d = self.data
+        return self.layout.build(d.user_feat[self._u], d.cand_feat[self._u], self._hist, self._mask)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """options={"user_rows": [N rows of data]} starts env j on that user (evaluation);

@@ -55,17 +55,18 @@ def test_session_masks_shown_items_and_records_history(env_parts):
     env = SessionVectorEnv({"data": data, "source": sim, "horizon": 3, "history": 2, "center": False,
                             "reward_mode": "expected", "num_envs": 1})
     obs, _ = env.reset(seed=0, options={"user_rows": [0]})
+    lay = env.layout
     base = data.user_dim + data.k * data.cand_dim
-    assert obs["observations"].shape == (1, base + 2 * (data.cand_dim + 1))
-    assert not obs["observations"][0, base:].any()
+    assert lay.features == base + 2 * (data.cand_dim + 1) and obs.shape == (1, lay.features + data.k)
+    assert not lay.hist(obs).any()
     obs, r, term, _, _ = env.step([1])
-    assert obs["action_mask"][0, 1] == 0 and obs["action_mask"][0].sum() == data.k - 1 and not term[0]
-    np.testing.assert_allclose(obs["observations"][0, base:base + data.cand_dim], data.cand_feat[0, 1])
-    assert obs["observations"][0, base + data.cand_dim] == pytest.approx(r[0] - data.user_mean[0])
+    assert lay.mask(obs)[0, 1] == 0 and lay.mask(obs)[0].sum() == data.k - 1 and not term[0]
+    np.testing.assert_allclose(obs[0, base:base + data.cand_dim], data.cand_feat[0, 1])
+    assert obs[0, base + data.cand_dim] == pytest.approx(r[0] - data.user_mean[0])
     obs, _, term, _, _ = env.step([4])
     # Most recent first: item 4's features now lead the history block, item 1's follow.
-    np.testing.assert_allclose(obs["observations"][0, base:base + data.cand_dim], data.cand_feat[0, 4])
-    np.testing.assert_allclose(obs["observations"][0, base + data.cand_dim + 1:base + 2 * data.cand_dim + 1],
+    np.testing.assert_allclose(obs[0, base:base + data.cand_dim], data.cand_feat[0, 4])
+    np.testing.assert_allclose(obs[0, base + data.cand_dim + 1:base + 2 * data.cand_dim + 1],
                                data.cand_feat[0, 1])
     _, r, term, _, info = env.step([4])  # a repeated pick is invalid: worst rating, still a step
     assert term[0] and info["rating"][0] == data.scale_min
@@ -78,7 +79,7 @@ def test_unrated_pairs_masked_invalid_pick_worst_and_chained_users(env_parts):
     env = SessionVectorEnv({"data": data.with_rewards(table), "center": False, "users_per_episode": 4,
                             "reward_mode": "static", "num_envs": 1})
     obs, _ = env.reset(seed=0, options={"user_rows": [0]})
-    assert obs["action_mask"][0, 2] == 0
+    assert env.layout.mask(obs)[0, 2] == 0
     _, r, term, _, info = env.step([2])
     assert r[0] == data.scale_min and info["item_id"][0] == -1 and not term[0]
     steps = 1
@@ -102,5 +103,5 @@ def test_training_users_only(env_parts):
     obs, _ = env.reset(seed=0)
     for _ in range(10):
         seen |= set(env._u.tolist())
-        obs, *_ = env.step(obs["action_mask"].argmax(1))
+        obs, *_ = env.step(env.layout.mask(obs).argmax(1))
     assert seen == {3, 5}

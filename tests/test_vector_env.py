@@ -14,6 +14,9 @@ from rlsim.simulators.point import baseline_simulator
 from rlsim.vector_env import SessionVectorEnv
 
 
+K = 8  # candidates per user in these tests
+
+
 class Recording:
     """Wraps a simulator; records every request (the env must send one per step)."""
 
@@ -35,7 +38,7 @@ def parts(ml100k):
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(len(ml100k.items), 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    cands = build_candidates(split.train, ml100k.items, emb, CandidatesConfig(k=8))
+    cands = build_candidates(split.train, ml100k.items, emb, CandidatesConfig(k=K))
     data = build_env_data(split.train, ml100k.items, cands, emb, ml100k.scale, dims=8)
     return data, baseline_simulator("mf", split.train, ml100k.scale)
 
@@ -48,13 +51,13 @@ def make(parts, **kw):
 
 
 def first_valid(obs):
-    return obs["action_mask"].argmax(1)
+    return obs[:, -K:].argmax(1)  # the action mask ends the flat observation (rlsim.env.ObsLayout)
 
 
 def test_one_request_per_step_with_growing_sessions(parts):
     env, rec = make(parts)
     obs, _ = env.reset(seed=0)
-    assert obs["observations"].shape == (6, env.obs_dim)
+    assert obs.shape == (6, env.obs_dim) and obs.dtype == np.float32 and env.single_observation_space.contains(obs[0])
     for t in range(3):
         obs, r, term, trunc, info = env.step(first_valid(obs))
         assert len(rec.requests) == t + 1  # all six envs in one request
@@ -75,7 +78,7 @@ def test_next_step_autoreset(parts):
     obs, r, term, _, info = env.step(first_valid(obs))
     # The step after termination resets: no simulator request, zero reward, not terminated.
     assert len(rec.requests) == n and (r == 0).all() and not term.any() and not info["_rating"].any()
-    assert (obs["action_mask"].sum(1) > 0).all()
+    assert (env.layout.mask(obs).sum(1) > 0).all()
 
 
 def test_sampled_rewards_are_seeded_and_follow_the_distribution(parts):
@@ -132,7 +135,7 @@ def test_gymnasium_vector_entry_point(parts):
                                                                       "horizon": 2}))
     env = gym.make_vec("rlsim-test-session-v0", num_envs=4, vectorization_mode="vector_entry_point")
     obs, _ = env.reset(seed=0)
-    assert env.num_envs == 4 and obs["action_mask"].shape == (4, data.k)
+    assert env.num_envs == 4 and obs.shape == (4, *env.single_observation_space.shape)
     assert env.observation_space.contains(obs)
 
 
@@ -267,3 +270,46 @@ def test_engagement_needs_a_user_who_chooses(parts):
         make(parts, reward="engagement")
     with pytest.raises(ConfigError, match="needs reward_mode sampled"):
         make_choosing(parts, lambda i: 1.0, reward="liked", reward_mode="expected")
+
+
+@pytest.mark.parametrize("kw", [dict(horizon=4, history=2), dict(horizon=1, reward_mode="static", users_per_episode=3),
+                                dict(horizon=3, history=0, reward_mode="expected")])
+def test_flat_observation_carries_the_dict_observations_numbers(parts, kw):
+    """The flat observation is exactly what the Dict observation held: {"observations": user, candidates,
+    history; "action_mask": mask}, in that order, the same float32 numbers (rlsim.env.ObsLayout)."""
+    import torch
+
+    from rlsim.policy.rl_module import MASKED_LOGIT, SlateScorer
+
+    data, sim = parts
+    env = SessionVectorEnv({"data": data, "source": sim, "num_envs": 5, **kw})
+    lay = env.layout
+    obs, _ = env.reset(seed=2)
+    torch.manual_seed(0)
+    net = SlateScorer(data.user_dim, data.cand_dim, data.k, env.history, hidden=16)
+    rng = np.random.default_rng(0)
+    for _ in range(7):
+        # The Dict observation as SessionVectorEnv built it before it went flat.
+        old = np.concatenate([data.user_feat[env._u], data.cand_feat[env._u].reshape(5, -1),
+                              env._hist.reshape(5, -1)], 1).astype(np.float32)
+        mask = env._mask.copy()
+        assert obs.dtype == np.float32 and obs.shape == (5, lay.size) == (5, old.shape[1] + data.k)
+        assert lay.feats(obs).tobytes() == old.tobytes() and lay.mask(obs).tobytes() == mask.tobytes()
+        np.testing.assert_array_equal(lay.user(obs), data.user_feat[env._u])
+        np.testing.assert_array_equal(lay.cands(obs), data.cand_feat[env._u])
+        np.testing.assert_array_equal(lay.hist(obs), env._hist.reshape(5, -1))
+        # The network reads the same numbers: the Dict-era maths on (observations, action_mask).
+        o, m = torch.from_numpy(old), torch.from_numpy(mask)
+        with torch.no_grad():
+            user, cands = o[:, :data.user_dim], o[:, data.user_dim:data.user_dim + data.k * data.cand_dim]
+            ctx = torch.cat([user, o[:, data.user_dim + data.k * data.cand_dim:]], 1) if env.history else user
+            c = net.ctx(ctx)
+            z = torch.tanh(net.cand_mix(net.cand(cands.reshape(-1, data.k, data.cand_dim))) + net.ctx_mix(c).unsqueeze(1))
+            want = torch.where(m > 0, net.out(z).squeeze(-1), torch.full((5, data.k), MASKED_LOGIT))
+            w = m.unsqueeze(-1)
+            want_emb = torch.cat([c, (z * w).sum(1) / w.sum(1).clamp(min=1.0)], -1)
+            logits, emb = net(torch.from_numpy(obs))
+            acting, none = net(torch.from_numpy(obs), values=False)
+        assert torch.equal(logits, want) and torch.equal(emb, want_emb) and torch.equal(acting, want) and none is None
+        picks = np.array([rng.choice(np.flatnonzero(r)) for r in mask])
+        obs, *_ = env.step(picks)

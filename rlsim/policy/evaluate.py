@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rlsim.env import EnvData
+from rlsim.env import EnvData, ObsLayout
 
 
-def initial_observations(data: EnvData, rewards: np.ndarray, history: int = 0) -> dict[str, np.ndarray]:
-    """The first observation of every user's episode, batched: {"observations", "action_mask"}."""
-    U = len(data.user_ids)
-    hist = np.zeros((U, history * (data.cand_dim + 1)), np.float32)
-    obs = np.concatenate([data.user_feat, data.cand_feat.reshape(U, -1), hist], 1).astype(np.float32)
-    return {"observations": obs, "action_mask": available(data, rewards).astype(np.float32)}
+def initial_observations(data: EnvData, rewards: np.ndarray, history: int = 0) -> np.ndarray:
+    """The first observation of every user's episode, batched: [U, ObsLayout.size] flat observations
+    (rlsim.env.ObsLayout: no history yet, the candidates the rewards rate available)."""
+    lay = ObsLayout.of(data, history)
+    hist = np.zeros((len(data.user_ids), history, lay.hist_dim), np.float32)
+    return lay.build(data.user_feat, data.cand_feat, hist, available(data, rewards))
 
 
 def available(data: EnvData, rewards: np.ndarray) -> np.ndarray:
@@ -40,21 +40,22 @@ def argmax_masked(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.argmax(s, axis=1)
 
 
-def module_logits(module, obs: dict[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
-    """[U, K] masked logits of an RLModule: the policy's ranking of each user's candidates."""
+def module_logits(module, obs: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """[U, K] masked logits of an RLModule over flat observations: the policy's ranking of each user's
+    candidates."""
     import torch
 
     from ray.rllib.core.columns import Columns
 
     out = []
     with torch.no_grad():
-        for s in range(0, len(obs["observations"]), batch_size):
-            b = {k: torch.from_numpy(v[s:s + batch_size]) for k, v in obs.items()}
+        for s in range(0, len(obs), batch_size):
+            b = torch.from_numpy(np.ascontiguousarray(obs[s:s + batch_size], np.float32))
             out.append(module.forward_inference({Columns.OBS: b})[Columns.ACTION_DIST_INPUTS].numpy())
-    return np.concatenate(out) if out else np.zeros((0, obs["action_mask"].shape[1]), np.float32)
+    return np.concatenate(out) if out else np.zeros((0, module.model_config["k"]), np.float32)
 
 
-def module_choices(module, obs: dict[str, np.ndarray], batch_size: int = 4096) -> np.ndarray:
+def module_choices(module, obs: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Greedy (argmax of masked logits) picks of an RLModule."""
     return module_logits(module, obs, batch_size).argmax(-1)
 

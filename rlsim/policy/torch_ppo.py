@@ -37,11 +37,6 @@ class TorchPPOConfig:
     seed: int = 0
 
 
-def _stack(obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.asarray(obs["observations"], np.float32)), \
-        torch.from_numpy(np.asarray(obs["action_mask"], np.float32))
-
-
 def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=None) -> dict:
     """Train; returns {"net", "history", "env_steps", "seconds", "env_steps_per_s"}."""
     torch.manual_seed(cfg.seed)
@@ -55,19 +50,19 @@ def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=No
     T = max(1, cfg.steps_per_iteration // cfg.num_envs)
     N = cfg.num_envs
     obs, _ = envs.reset(seed=cfg.seed)
-    o, m = _stack(obs)
+    o = torch.from_numpy(obs)  # flat observations (rlsim.env.ObsLayout): features, then the action mask
     history = []
     steps = 0
     t_start = time.perf_counter()
     for it in range(1, cfg.iterations + 1):
         t0 = time.perf_counter()
-        B_obs, B_mask = torch.zeros((T, N, o.shape[1])), torch.zeros((T, N, m.shape[1]))
+        B_obs = torch.zeros((T, N, o.shape[1]))
         B_act, B_logp, B_rew, B_done, B_val, B_ok = (torch.zeros((T, N)) for _ in range(6))
         # Rollout ---------------------------------------------------------------------------
         with torch.no_grad():
             for t in range(T):
-                B_obs[t], B_mask[t] = o, m
-                logits, emb = net(o, m)
+                B_obs[t] = o
+                logits, emb = net(o)
                 dist = torch.distributions.Categorical(logits=logits)
                 a = dist.sample()
                 B_act[t], B_logp[t], B_val[t] = a, dist.log_prob(a), net.values(emb)
@@ -75,8 +70,8 @@ def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=No
                 B_ok[t] = torch.as_tensor(info["_rating"], dtype=torch.float32)
                 B_rew[t] = torch.as_tensor(r, dtype=torch.float32)
                 B_done[t] = torch.as_tensor(np.logical_or(term, trunc), dtype=torch.float32)
-                o, m = _stack(obs)
-            _, emb = net(o, m)
+                o = torch.from_numpy(obs)
+            _, emb = net(o)
             next_v = net.values(emb)
             # GAE; B_done[t] says step t ended its episode (then s_{t+1} belongs to a new one).
             adv = torch.zeros((T, N))
@@ -91,14 +86,14 @@ def train_torch_ppo(data: EnvData, env_config: dict, cfg: TorchPPOConfig, log=No
         steps += int(B_ok.sum())
         keep = B_ok.reshape(-1) > 0
         f = lambda x: x.reshape(T * N, *x.shape[2:])[keep]  # noqa: E731
-        b_obs, b_mask, b_act, b_logp, b_adv, b_ret = map(f, (B_obs, B_mask, B_act, B_logp, adv, ret))
+        b_obs, b_act, b_logp, b_adv, b_ret = map(f, (B_obs, B_act, B_logp, adv, ret))
         # Update ----------------------------------------------------------------------------
         n = len(b_obs)
         for _ in range(cfg.num_epochs):
             perm = torch.randperm(n)
             for s in range(0, n, cfg.minibatch_size):
                 idx = perm[s:s + cfg.minibatch_size]
-                logits, emb = net(b_obs[idx], b_mask[idx])
+                logits, emb = net(b_obs[idx])
                 dist = torch.distributions.Categorical(logits=logits)
                 logp = dist.log_prob(b_act[idx].long())
                 ratio = (logp - b_logp[idx]).exp()

@@ -68,17 +68,24 @@ def build_ppo_config(env_cfg: dict, data: EnvData, cfg: PolicyConfig, runners: i
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+    from rlsim.policy.connectors import ActionsToEnv, StackObservations
     from rlsim.policy.rl_module import SlateScorerRLModule
 
     model_config = {**obs_layout(data, cfg.env_history()), "hidden": cfg.hidden}
     return (
         PPOConfig()
         # The env is already vectorised: each runner's N sessions go to the simulator in one request.
-        .environment(SessionVectorEnv, env_config=env_cfg)
+        # Discrete actions: nothing to unsquash or clip (RLlib's default would deep-copy every action to do nothing).
+        .environment(SessionVectorEnv, env_config=env_cfg, normalize_actions=False, clip_actions=False)
         # runners: the count train_ppo already resolved (and records); None resolves it here.
         .env_runners(num_env_runners=env_runners(cfg) if runners is None else runners,
                      num_envs_per_env_runner=cfg.num_envs_per_env_runner,
-                     rollout_fragment_length="auto", gym_env_vectorize_mode="vector_entry_point")
+                     rollout_fragment_length="auto", gym_env_vectorize_mode="vector_entry_point",
+                     # One connector piece each way instead of RLlib's default pipelines (rlsim.policy.connectors).
+                     add_default_connectors_to_env_to_module_pipeline=False,
+                     add_default_connectors_to_module_to_env_pipeline=False,
+                     env_to_module_connector=lambda env, spaces, device: StackObservations(device=device),
+                     module_to_env_connector=lambda env, spaces: ActionsToEnv())
         .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.num_gpus_per_learner)
         .rl_module(rl_module_spec=RLModuleSpec(module_class=SlateScorerRLModule, model_config=model_config))
         .training(lr=cfg.lr, train_batch_size_per_learner=cfg.train_batch_size, minibatch_size=cfg.minibatch_size,

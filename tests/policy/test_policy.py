@@ -66,8 +66,11 @@ def test_initial_observations_and_held_out():
     data = _hand_data()
     rewards = np.array([[2.0, np.nan, 3.0], [4.0, 1.0, np.nan]])
     obs = initial_observations(data, rewards, history=1)
-    assert obs["observations"].shape == (2, 2 + 3 * 4 + 5)
-    np.testing.assert_array_equal(obs["action_mask"], [[1, 0, 1], [1, 1, 0]])
+    assert obs.shape == (2, 2 + 3 * 4 + 5 + 3)
+    np.testing.assert_array_equal(obs[:, :2], data.user_feat)
+    np.testing.assert_array_equal(obs[:, 2:14], data.cand_feat.reshape(2, -1))
+    assert not obs[:, 14:19].any()  # no history yet
+    np.testing.assert_array_equal(obs[:, 19:], [[1, 0, 1], [1, 1, 0]])
     real = held_out_ratings(data, pd.DataFrame({"user_id": [8], "item_id": [5], "rating": [2.0]}))
     assert real[1, 1] == 2.0 and np.isnan(real).sum() == 5
 
@@ -129,7 +132,7 @@ def test_torch_ppo_learns(ml100k):
     assert 8 * 1000 * 0.85 < out["env_steps"] <= 8 * 1000 and len(out["history"]) == 8
     obs = initial_observations(data, rewards)
     with torch.no_grad():
-        logits, _ = out["net"](torch.from_numpy(obs["observations"]), torch.from_numpy(obs["action_mask"]))
+        logits, _ = out["net"](torch.from_numpy(obs))
     res, _ = evaluate_strategies(data, rewards, {"policy": logits.argmax(-1).numpy()})
     assert res["gap_closed"] > 0.3, res
 
@@ -139,7 +142,7 @@ def test_evaluate_sessions_hand_built():
 
     data = _hand_data()
     rewards = np.array([[2.0, 5.0, 3.0], [4.0, 1.0, np.nan]])
-    first_available = lambda o: np.argmax(o["action_mask"], axis=1)  # noqa: E731
+    first_available = lambda o: np.argmax(o[:, -3:], axis=1)  # noqa: E731  (the mask ends the observation)
     s = evaluate_sessions(data, rewards, first_available, horizon=2, history=1)
     # user 7 is shown items 0 then 1 (2, 5); user 8 items 0 then 1 (4, 1).
     assert s["policy"]["mean_reward"] == pytest.approx(((2 + 5) / 2 + (4 + 1) / 2) / 2)
@@ -228,3 +231,37 @@ def test_env_runners_default_follows_the_cpus_ray_reports():
     assert auto_env_runners(cfg, 64) == 7
     assert auto_env_runners(PolicyConfig(train_batch_size=4000, num_envs_per_env_runner=16), 64) == 31
     assert env_runners(PolicyConfig(num_env_runners=2)) == 2 and env_runners(PolicyConfig(num_env_runners=0)) == 0
+
+
+def test_gae_reads_the_sampling_pass_values_and_runs_only_the_bootstrap_rows():
+    """RLlib's GAE asks compute_values for the whole train batch: the rows sampled carry their value from
+    forward_exploration (VF_PREDS), the bootstrap rows (LOSS_MASK False) are run afresh."""
+    import gymnasium as gym
+    import torch
+
+    from ray.rllib.core.columns import Columns
+
+    from rlsim.env import ObsLayout
+    from rlsim.policy.rl_module import SlateScorerRLModule
+
+    lay = ObsLayout(user_dim=3, cand_dim=4, k=5, history=1)
+    torch.manual_seed(0)
+    module = SlateScorerRLModule(observation_space=lay.space(), action_space=gym.spaces.Discrete(5),
+                                 model_config={**lay.config(), "hidden": 8})
+    obs = torch.randn(64, lay.size)
+    obs[:, lay.features:] = (torch.rand(64, 5) > 0.2).float()
+    sampled = module.forward_exploration({Columns.OBS: obs})
+    fresh = module.compute_values({Columns.OBS: obs})  # no VF_PREDS: the network over every row
+    assert torch.equal(sampled[Columns.VF_PREDS], fresh) and not fresh.requires_grad
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[::7] = False
+    vf = sampled[Columns.VF_PREDS].clone()
+    vf[~keep] = 99.0  # what a bootstrap row carries is never read
+    got = module.compute_values({Columns.OBS: obs, Columns.VF_PREDS: vf, Columns.LOSS_MASK: keep})
+    assert torch.equal(got[keep], fresh[keep])
+    torch.testing.assert_close(got[~keep], fresh[~keep])
+    # The loss's values (forward_train's embeddings) are the same numbers, with autograd.
+    train = module.forward_train({Columns.OBS: obs})
+    loss_values = module.compute_values({Columns.OBS: obs}, embeddings=train[Columns.EMBEDDINGS])
+    assert loss_values.requires_grad and torch.equal(loss_values.detach(), fresh)
+    assert torch.equal(sampled[Columns.ACTION_DIST_INPUTS], train[Columns.ACTION_DIST_INPUTS].detach())
