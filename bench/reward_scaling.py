@@ -98,6 +98,7 @@ def main(argv=None) -> int:
                    help="batches per epoch at most (0: whole epochs); epoch_seconds is then extrapolated")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="reward settings of the synthetic runs (e.g. history_sample=128 batch_size=2048)")
+    p.add_argument("--tag", default="", help="appended to the synthetic runs' keys (runs.<size>_<workers>w_<tag>)")
     p.add_argument("--compare-u1", action="store_true", help="also ML-100K u1, library default config, per --workers")
     p.add_argument("--source", default="ml-latest-small", help="the synthetic data's source dataset")
     p.add_argument("--data-dir", default=os.environ.get("RLSIM_DATA_DIR", "/work/shared/datasets"))
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     suffix = "" if args.source == "ml-latest-small" else f"-from-{args.source}"
-    jobs = [(f"{size}_{w}w", f"synthetic-{size}{suffix}", w, "runs") for size in args.sizes for w in args.workers]
+    tag = f"_{args.tag}" if args.tag else ""
+    jobs = [(f"{size}_{w}w{tag}", f"synthetic-{size}{suffix}", w, "runs") for size in args.sizes for w in args.workers]
     if args.compare_u1:
         jobs += [(f"{w}w", "ml-100k", w, "ml100k_u1") for w in args.workers]
     for key, dataset, workers, section in jobs:
