@@ -73,6 +73,13 @@ def trial_wins(model_p, trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"user_id": neg["user_id"].to_numpy(), "wins": win, "pairs": 1.0}).groupby("user_id").sum()
 
 
+def _plain(v):
+    """A chosen setting for JSON: a time kernel's infinite user half-life as "inf" (JSON has no inf)."""
+    if isinstance(v, tuple):
+        return [x if np.isfinite(x) else "inf" for x in v]
+    return v
+
+
 def boot_idx(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, (N_BOOT, n))
 
@@ -108,7 +115,8 @@ def evaluate(fit: pd.DataFrame, target: pd.DataFrame, cands: pd.DataFrame, seed:
             m = CHOICE_MODELS[name](seed=seed, recency_grid=grid).fit(fit)
             outs[key] = top1(cands, target, m.probability(u, i))
             wins[key] = trial_wins(m.probability, trials)
-            about[key] = {"default": CHOICE_MODELS[name].RECENCY == grid, "chosen": {k: (list(v) if isinstance(v, tuple) else v) for k, v in m.chosen.items()},
+            about[key] = {"default": CHOICE_MODELS[name].RECENCY == grid,
+                          "chosen": {k: _plain(v) for k, v in m.chosen.items()},
                           "validation_log_loss": m.validation_log_loss}
             print(key, about[key], float(outs[key]["watched"].mean()), flush=True)
     users = outs["popularity_first"].index

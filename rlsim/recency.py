@@ -6,10 +6,12 @@ In a temporal split a user's next watches follow what was being watched when the
     s(u, i) = sum over training picks (v, i, t) of  K(t, T_u),   K = 2 ** (-|t - t'| / half_life)
 
 with T_u the user's time profile: their training timestamps weighted ``2 ** (-(last_u - t) /
-user_half_life)`` (``user_half_life`` 0: their last training time only) and normalised to one.
-Time is binned (days, at most ``max_bins`` bins) so the sums are two small matrix products:
+user_half_life)`` (``user_half_life`` 0: their last training time only; inf: all alike) and
+normalised to one.
+Time is binned (days, at most ``max_bins`` bins, and users x bins at most ``max_cells``, so the
+table stays small at any size) so the sums are two small matrix products:
 the user's profile over bins x the kernel between bins x the (bin x movie) pick counts. The
-result is rescaled to the size of the global counts (``scaled``) so that log1p of it means the
+result is rescaled to the size of the global counts (``scale_``) so that log1p of it means the
 same at a busy and at a quiet time. A user or movie the training ratings never saw scores 0.
 """
 
@@ -29,6 +31,7 @@ class TimeLocalPopularity:
     half_life: float = 90.0  # days
     user_half_life: float = 0.0  # days; 0: the user's last training time only
     max_bins: int = 2000
+    max_cells: int = 10_000_000  # users x bins of the per-user kernel table (80 MB)
 
     def fit(self, train: pd.DataFrame) -> "TimeLocalPopularity":
         df = train.drop_duplicates(["user_id", "item_id"])  # a movie rated twice is one pick
@@ -36,9 +39,11 @@ class TimeLocalPopularity:
         t0 = int(t.min()) if len(t) else 0
         days = (t - t0) / DAY
         span = float(days.max()) if len(days) else 0.0
-        self.width = max(1.0, span / self.max_bins)  # days per bin
-        b = np.minimum((days / self.width).astype(np.int64), int(span / self.width))
-        nb = int(b.max()) + 1 if len(b) else 1
+        n_users = max(int(df["user_id"].nunique()), 1)
+        bins = max(1, min(self.max_bins, self.max_cells // n_users))
+        self.width = max(1.0, span / bins)  # days per bin
+        nb = max(1, min(bins, int(np.ceil(span / self.width))))
+        b = np.minimum((days / self.width).astype(np.int64), nb - 1)  # the last moment joins the last bin
         self.users_ = pd.Index(np.unique(df["user_id"].to_numpy()))
         self.items_ = pd.Index(np.unique(df["item_id"].to_numpy()))
         u = self.users_.get_indexer(df["user_id"].to_numpy())

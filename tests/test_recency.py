@@ -85,3 +85,12 @@ def test_neighbours_stay_time_blind_unless_asked():
     assert m.chosen["time_kernel"] in PopularityChoice.RECENCY
     p = m.probability(test["user_id"].to_numpy(), test["item_id"].to_numpy())
     assert p.shape == (len(test),) and np.isfinite(p).all()
+
+
+def test_the_kernel_table_stays_small_at_any_size():
+    train, _ = trend()
+    m = TimeLocalPopularity(30, max_cells=160 * 10).fit(train)  # 160 users: at most 10 bins
+    assert m.uk_.shape[1] <= 10
+    late, early = 4, 1
+    s = m.score([late, late, early, early], [101, 1, 101, 1])
+    assert s[0] > s[1] and s[3] > s[2]  # coarse bins still tell the eras apart
