@@ -78,3 +78,9 @@ def make_split(ds: Dataset, split: str, seed: int = 0, test_frac: float = 0.2) -
 def holdout_validation(train: pd.DataFrame, frac: float = 0.1, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A per-user random validation set carved out of a training set (for early stopping)."""
     return _per_user_holdout(train, frac, seed, by_time=False)
+
+
+def temporal_validation(train: pd.DataFrame, frac: float = 0.2, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, validation): the last ``frac`` of each user's training ratings by time, as the temporal
+    split carves its test set (ties broken by the seed); users with one rating stay in ``rest``."""
+    return _per_user_holdout(train, frac, seed, by_time=True)
