@@ -10,6 +10,20 @@ import time
 from pathlib import Path
 
 
+def write_result(out: dict, path, script: str, argv, t0: float) -> int:
+    """Stamp a benchmark's JSON with its command line, wall time and machine, write it, say where."""
+    import platform
+    import sys
+
+    from rlsim.io import write_json
+
+    out.update(command=f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+               wall_seconds=round(time.perf_counter() - t0, 1), machine=platform.machine(), cores=os.cpu_count())
+    write_json(path, out)
+    print(f"wrote {path}")
+    return 0
+
+
 def reward_settings(items: list[str]) -> dict[str, dict]:
     """["NAME:KEY=VALUE" or "KEY=VALUE" (NAME "")] -> {NAME: {KEY: VALUE}}, typed as RewardConfig's field."""
     from rlsim.reward.config import RewardConfig

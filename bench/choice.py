@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/
 
 from rlsim.config import DataConfig  # noqa: E402
 from rlsim.data import load_split  # noqa: E402
-from rlsim.io import write_json  # noqa: E402
+from _child import write_result  # noqa: E402
 
 KEYS = ("auc", "acc_1to1", "acc_1to3", "acc_1to9", "f1_1to9")
 
@@ -119,11 +119,7 @@ def main(argv=None) -> int:
             sess["sources"][name] = choice_session_gain(sim.choice, tsplit.train, tsplit.test, seed=tcfg.seed)
             print("session", name, {k: sess["sources"][name][k] for k in ("auc_gain", "accuracy_gain", "trials")})
     out["session"] = sess
-    out.update(command="python bench/choice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               wall_seconds=round(time.perf_counter() - t0, 1), machine=platform.machine(), cores=os.cpu_count())
-    write_json(args.out, out)
-    print(f"wrote {args.out}")
-    return 0
+    return write_result(out, args.out, "choice.py", argv, t0)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -36,8 +35,9 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/
 
-from rlsim.io import write_json  # noqa: E402
+from _child import write_result  # noqa: E402
 
 LIKE = 4.0
 N_BOOT = 2000
@@ -181,11 +181,7 @@ def main(argv=None) -> int:
                       "candidates": {"k": cfg.k, "weights": tuning["chosen"]}, **evaluate(fit, target, cands, dcfg.seed)}
         print(stage, "done", round(time.perf_counter() - t0, 1), flush=True)
     out["validation_rule"] = "last 20% of each user's training ratings by time (the temporal split's own rule)"
-    out.update(command="python bench/choice_temporal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               wall_seconds=round(time.perf_counter() - t0, 1), machine=platform.machine(), cores=os.cpu_count())
-    write_json(args.out, out)
-    print(f"wrote {args.out}")
-    return 0
+    return write_result(out, args.out, "choice_temporal.py", argv, t0)
 
 
 if __name__ == "__main__":
