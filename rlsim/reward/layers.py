@@ -36,10 +36,8 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         if not (self.training and torch.is_grad_enabled()) or src_key_padding_mask is not None:
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         p = self.dropout.p
-        x = src + dropout(self._attention(self.norm1(src), src_mask, p), p, True)
+        # torch's own attention (its dropout on the 6x6 weights is cheap); the dropouts around it are ours.
+        h = self.norm1(src)
+        x = src + dropout(self.self_attn(h, h, h, attn_mask=src_mask, need_weights=False)[0], p, True)
         h = self.linear2(dropout(F.gelu(self.linear1(self.norm2(x))), p, True))
         return x + dropout(h, p, True)
-
-    def _attention(self, x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-        # torch's own attention (its dropout on the 6x6 weights is cheap); the dropouts around it are ours.
-        return self.self_attn(x, x, x, attn_mask=mask, need_weights=False)[0]

@@ -214,11 +214,12 @@ class VanillaTransformer(nn.Module):
     def training_cache(self, keep: bool) -> None:
         """Build the CSR copies of the history matrices before the first timed batch (keep=True), or free
         them once training is over (keep=False)."""
-        self._csr, self._csr_memo = ({}, {}) if not keep else (self._csr, self._csr_memo)
-        if keep:
-            for name in ("hist", "hist_r", "item_hist_r"):
-                if hasattr(self, name):
-                    self._training_csr(name, getattr(self, name))
+        if not keep:
+            self._csr, self._csr_memo = {}, {}
+            return
+        for name in ("hist", "hist_r", "item_hist_r"):
+            if hasattr(self, name):
+                self._training_csr(name, getattr(self, name))
 
     def _with_session(self, h: torch.Tensor, user, table: nn.Embedding, session_items, weights) -> torch.Tensor:
         """A user's history vector (sum over n rated items / sqrt(n)) with the session's items added:
