@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KEEP = ("held_out_users", "held_out_users_with_behaviour", "held_out", "seeds", "env_steps_per_policy",
         "like_threshold", "ndcg_k", "sources", "references", "fidelity_vs_real_spearman", "hybrid_vs_ends",
         "fidelity", "choice_reference", "metric_denominators", "bootstrap", "reference_settings", "candidates_recall",
-        "answer", "notes", "seconds")
+        "answer", "notes", "seconds", "timing")
 
 
 def main(argv=None) -> int:

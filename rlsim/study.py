@@ -193,9 +193,12 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
     if scfg.llm_persona_actor and "llm_persona" not in sources:
         sources.append("llm_persona")
     ckpt = scfg.reward_checkpoint
+    timing: dict = {}  # wall seconds per phase (study.json "timing"): where the study's time goes
+    mark = time.perf_counter()
     if ckpt is None and {"reward_model", "hybrid"} & set(sources):
         ckpt = reward_stage(run, out, (ds, split), progress)
     cand_metrics, cands = candidates_stage(run, out, (ds, split))
+    timing["reward_and_candidates"], mark = time.perf_counter() - mark, time.perf_counter()
     base = policy_base(run)
     kw = dict(seed=dcfg.seed, persona_cfg=run.personas, text_model=dcfg.text_model, cache_dir=dcfg.cache_dir)
     specs = {n: _spec(n, ckpt, scfg) for n in sources}
@@ -209,6 +212,7 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
         fid[n] = {"method": f["simulator"].get("method"), **{m: f[m] for m in ("coverage", *FIDELITY_KEYS)},
                   "choice": choice_summary(sim, split.train, split.test, dcfg.seed)}
         log.info("fidelity %s: %s", n, fid[n])
+        timing.setdefault("fidelity", {})[n], mark = time.perf_counter() - mark, time.perf_counter()
     # Choice fidelity's reference: popularity's picks in the same trials (rlsim.simulators.choice).
     choice_reference = popularity_choice_summary(split.train, split.test, dcfg.seed)
     # 2. Policies.
@@ -252,6 +256,11 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
                         "held_out_users": int(len(held)), "simulator": tm.get("simulator", {}).get("simulator", {})})
             runs[n].append(res)
             bar.update(1)
+            # Training (tm's own wall time) and the rest: judging, and the first run's env tables and references.
+            spent = time.perf_counter() - mark
+            timing.setdefault("policy_training", {}).setdefault(n, []).append(round(tm["wall_seconds"], 1))
+            timing.setdefault("policy_other", {}).setdefault(n, []).append(round(spent - tm["wall_seconds"], 1))
+            mark = time.perf_counter()
         # The references on the same users and candidates as this seed's policies.
         sub = data.subset(seed_rows)
         refs, ref_cov = references_for_users(sub, held_out_ratings(sub, split.test),
@@ -262,6 +271,8 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
                 outcomes[key].setdefault(name, []).append(v)
             cover.setdefault(name, []).append(ref_cov[name])
         held_ids.append([int(u) for u in data.user_ids[seed_rows]])
+        timing["references"] = timing.get("references", 0.0) + time.perf_counter() - mark
+        mark = time.perf_counter()
     bar.close()
     if len({len(h) for h in held_ids}) != 1:
         raise DataError("the seeds hold out different numbers of users; the bootstrap needs the same count")
@@ -293,6 +304,9 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
               "candidates_recall": cand_metrics["candidates"]["blend"]["recall"],
               "reward_checkpoint": ckpt, "config": {"study": to_dict(scfg), "policy": asdict(base)},
               "runs": runs, "notes": sorted(notes), "seconds": round(time.perf_counter() - t0, 1)}
+    timing["aggregate"] = time.perf_counter() - mark
+    result["timing"] = {k: round(v, 1) if isinstance(v, float) else
+                        {n: round(x, 1) if isinstance(x, float) else x for n, x in v.items()} for k, v in timing.items()}
     write_json(out / "study.json", result)
     hybrid = None
     if scfg.hybrid_thresholds:

@@ -108,7 +108,7 @@ def _trial(config: dict, data_cfg: DataConfig, base, dataset, split, threads: in
     from rlsim.reward.train import train_reward_model
 
     torch.set_num_threads(max(1, threads))
-    cfg = dataclasses.replace(base, **config, progress=False)
+    cfg = dataclasses.replace(base, **config, progress=False, threads=max(1, threads))
     if cfg.workers:
         # The trial is a Ray Train run: its workers' per-epoch reports reach Tune (and ASHA) through
         # this callback. Ray Train V2 (Ray's default) drops Tuner(trainer): a trial launches the trainer.

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -263,11 +265,37 @@ def run_epochs(net, tr: dict, cfg: RewardConfig, steps: int, gen: torch.Generato
     return history, best_state
 
 
+def training_threads(cfg: RewardConfig) -> int:
+    """Torch threads for training in this process: reward.threads, or (0) the cores it may use."""
+    if cfg.threads:
+        return cfg.threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch.set_num_threads(n) for the block, then back to what it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_one(ft: FeatureTables, fit_train: pd.DataFrame, val: pd.DataFrame, scale: RatingScale,
             cfg: RewardConfig, seed: int, report_fn: Callable[[dict], None] | None = None,
             member: int = 0) -> tuple[VanillaTransformer, list[dict]]:
-    """Train one model in this process; returns it with the best validation epoch's weights, and the
-    epoch history."""
+    """Train one model in this process (with training_threads(cfg) torch threads); returns it with the
+    best validation epoch's weights, and the epoch history."""
+    with torch_threads(training_threads(cfg)):
+        return _fit_one(ft, fit_train, val, scale, cfg, seed, report_fn, member)
+
+
+def _fit_one(ft, fit_train, val, scale, cfg, seed, report_fn, member):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     device = torch.device(cfg.device)

@@ -66,7 +66,7 @@ class _SparseRows:
 class VanillaTransformer(nn.Module):
     # Buffers rebuilt from FeatureTables (stored once in the checkpoint, not per ensemble member).
     DERIVED_BUFFERS = ("hist", "hist_r", "item_hist_r", "user_norm", "item_norm", "user_count", "genre", "plot",
-                       "demo")
+                       "demo", "pop_counts", "pop_stats")
 
     def __init__(self, cfg: RewardConfig, ft: FeatureTables, class_values: np.ndarray):
         super().__init__()
@@ -117,10 +117,19 @@ class VanillaTransformer(nn.Module):
             for e in (self.hist_r_emb, self.item_hist_r_emb):
                 nn.init.normal_(e.weight, std=0.05)
             n_tokens += 2
-        if cfg.history or cfg.history_ratings:
+        if cfg.history or cfg.history_ratings or cfg.choice_popularity:
             # Ratings per user in the history: a session's ratings are folded into these sums.
             self.register_buffer("user_count", torch.bincount(torch.as_tensor(ft.hist_users),
                                                               minlength=ft.n_users).float())
+        self.pop_features = cfg.choice_weight > 0 and cfg.choice_popularity
+        if self.pop_features:
+            # The choice head's popularity inputs (choice_features): training picks per movie, and the mean and
+            # spread of log(1 + picks) over movies and over users, which put both on one scale at any size.
+            items = torch.bincount(torch.as_tensor(ft.hist_items), minlength=ft.n_items).float()
+            self.register_buffer("pop_counts", items)
+            lu, li = torch.log1p(self.user_count[1:]), torch.log1p(items[1:])  # row 0: the unknown id
+            self.register_buffer("pop_stats", torch.stack([torch.stack([li.mean(), lu.mean()]),
+                                                           torch.stack([li.std(), lu.std()]).clamp(min=1e-3)]))
         self.n_tokens = n_tokens
         self.type_emb = nn.Parameter(torch.zeros(n_tokens, d))
         layer = EncoderLayer(d, cfg.heads, cfg.ff_dim, cfg.dropout, batch_first=True,
@@ -137,13 +146,16 @@ class VanillaTransformer(nn.Module):
         # side is encoded once per pick and any number of negatives costs a dot product each.
         self.choice_head = self.choice_user = self.choice_item = None
         self.user_tokens = [0] + list(range(2, n_tokens - (1 if cfg.history_ratings else 0)))
+        n_pop = 2 if self.pop_features else 0
         if cfg.choice_weight > 0 and cfg.choice_scorer == "joint":
-            self.choice_head = nn.Sequential(nn.Linear(n_tokens * d, cfg.ff_dim), nn.GELU(), Dropout(cfg.dropout),
-                                             nn.Linear(cfg.ff_dim, 1))
+            self.choice_head = nn.Sequential(nn.Linear(n_tokens * d + n_pop, cfg.ff_dim), nn.GELU(),
+                                             Dropout(cfg.dropout), nn.Linear(cfg.ff_dim, 1))
         elif cfg.choice_weight > 0:
             self.choice_user = nn.Sequential(nn.Linear(len(self.user_tokens) * d, cfg.ff_dim), nn.GELU(),
                                              Dropout(cfg.dropout), nn.Linear(cfg.ff_dim, d))
             self.choice_item = nn.Linear(d, d + 1)
+            if self.pop_features:  # dot: the popularity inputs enter as a linear term
+                self.choice_pop = nn.Linear(n_pop, 1, bias=False)
             if cfg.choice_shared_pass:
                 # The user's tokens attend to each other only (the movie's attend to all): their
                 # encodings are the user-only pass's, read off the rating forward for free.
@@ -282,23 +294,42 @@ class VanillaTransformer(nn.Module):
             if head == "rating":
                 return self.head(enc.flatten(1))
             user_vec = self.choice_user(enc[:, self.user_tokens].flatten(1))
-            pick = self.pick_logits(user_vec, tokens[1])
+            pick = self._dot_pick(user_vec, tokens[1], user, item, own_watch)
             if head == "choice":
                 return pick
-            return self.head(enc.flatten(1)), pick, self.pool_logits(user_vec, self.item_vectors(pool_item, pool_text))
+            return self.head(enc.flatten(1)), pick, self._dot_pool(user_vec, user, pool_item, pool_text)
         if self.choice_user is not None and head != "rating":
             user_vec = self.choice_user(self._encode(x[:, self.user_tokens]))
-            pick = self.pick_logits(user_vec, tokens[1])
+            pick = self._dot_pick(user_vec, tokens[1], user, item, own_watch)
             if head == "choice":
                 return pick
             # One forward for both losses (DDP wants every parameter used once per step).
-            return self.head(self._encode(x)), pick, self.pool_logits(user_vec, self.item_vectors(pool_item, pool_text))
+            return self.head(self._encode(x)), pick, self._dot_pool(user_vec, user, pool_item, pool_text)
         x = self._encode(x)
+        if head == "rating":
+            return self.head(x)
+        xc = torch.cat([x, self.choice_features(user, item, own_watch)], -1) if self.pop_features else x
         if head == "choice":
-            return self.choice_head(x).squeeze(-1)
-        if head == "both":
-            return self.head(x), self.choice_head(x).squeeze(-1)
-        return self.head(x)
+            return self.choice_head(xc).squeeze(-1)
+        return self.head(x), self.choice_head(xc).squeeze(-1)
+
+    def choice_features(self, user: torch.Tensor, item: torch.Tensor, own_watch=None) -> torch.Tensor:
+        """[batch, 2]: log(1 + the movie's training picks by OTHER users) and log(1 + the user's training ratings),
+        standardised. A training pick is taken out of its movie's count (else a pick would announce itself);
+        the user's count is the same for their picks and their unrated movies, so it is left whole."""
+        picks = self.pop_counts[item]
+        if own_watch is not None:
+            picks = (picks - own_watch).clamp(min=0.0)
+        raw = torch.stack([torch.log1p(picks), torch.log1p(self.user_count[user]).expand_as(picks)], -1)
+        return (raw - self.pop_stats[0]) / self.pop_stats[1]
+
+    def _pop_pool(self, user: torch.Tensor, pool_item: torch.Tensor) -> torch.Tensor:
+        """The "dot" head's popularity term for every row's user against the pool movies: [B, M] (a pool movie
+        the user rated has weight 0 in the loss, so nothing is taken out of its count)."""
+        w = self.choice_pop.weight[0]
+        f_item = (torch.log1p(self.pop_counts[pool_item]) - self.pop_stats[0, 0]) / self.pop_stats[1, 0]
+        f_user = (torch.log1p(self.user_count[user]) - self.pop_stats[0, 1]) / self.pop_stats[1, 1]
+        return w[0] * f_item[None, :] + (w[1] * f_user)[:, None]
 
     @property
     def has_choice(self) -> bool:
@@ -306,6 +337,15 @@ class VanillaTransformer(nn.Module):
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.encoder(x)).flatten(1)
+
+    def _dot_pick(self, user_vec, item_vec, user, item, own_watch) -> torch.Tensor:
+        pick = self.pick_logits(user_vec, item_vec)
+        return pick + self.choice_features(user, item, own_watch) @ self.choice_pop.weight[0] if self.pop_features \
+            else pick
+
+    def _dot_pool(self, user_vec, user, pool_item, pool_text) -> torch.Tensor:
+        pool = self.pool_logits(user_vec, self.item_vectors(pool_item, pool_text))
+        return pool + self._pop_pool(user, pool_item) if self.pop_features else pool
 
     def pick_logits(self, user_vec: torch.Tensor, item_vec: torch.Tensor) -> torch.Tensor:
         """The "dot" choice head, row by row: user_vec [B, d], item_vec [B, d] (item_vectors) -> [B]."""

@@ -142,6 +142,7 @@ class RewardPredictor:
                                        for k, v in state["features"].items()})
         if meta["reward"].get("choice_weight", 0) > 0:  # saved before reward.choice_scorer existed: joint
             meta["reward"].setdefault("choice_scorer", "joint")
+            meta["reward"].setdefault("choice_popularity", False)  # saved before the head read popularity
         cfg = RewardConfig(**meta["reward"])
         scale = RatingScale(**meta["scale"])
         models = []

@@ -111,7 +111,8 @@ def test_dot_head_trains_and_joint_checkpoints_still_load(tables, tmp_path):
 
     ft, train, scale = tables
     for scorer in ("dot", "joint"):
-        cfg = RewardConfig(**{**CFG, "choice_scorer": scorer})
+        # The "joint" one as saved before the head read popularity (the test deletes both keys below).
+        cfg = RewardConfig(**{**CFG, "choice_scorer": scorer, "choice_popularity": scorer == "dot"})
         torch.manual_seed(0)
         model = VanillaTransformer(cfg, ft, scale.values).train()
         tr = tensors(ft, train, scale, "cpu", choice=True)
@@ -125,7 +126,7 @@ def test_dot_head_trains_and_joint_checkpoints_still_load(tables, tmp_path):
         assert last < first
         RewardPredictor([model], ft, scale, cfg).save(tmp_path / scorer)
     meta = json.loads((tmp_path / "joint" / "config.json").read_text())
-    del meta["reward"]["choice_scorer"]  # as saved before the "dot" head existed
+    del meta["reward"]["choice_scorer"], meta["reward"]["choice_popularity"]  # saved before either existed
     (tmp_path / "joint" / "config.json").write_text(json.dumps(meta))
     old = RewardPredictor.load(tmp_path / "joint")
     assert old.has_choice and old.models[0].choice_head is not None
