@@ -19,7 +19,7 @@ from rlsim.embeddings import TextEncoder, item_embeddings
 from rlsim.io import write_json, write_parquet
 from rlsim.reward.config import RewardConfig
 from rlsim.reward.features import build_features
-from rlsim.reward.loop import fit_one, planned_epochs
+from rlsim.reward.loop import fit_one, planned_epochs, torch_threads, training_threads
 from rlsim.reward.predict import RewardPredictor
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ def train_reward_model(data_cfg: DataConfig, cfg: RewardConfig, out_dir: Path | 
 
         require_ray("reward training with reward.workers >= 1 (Ray Train)")  # before any loading
     t_start = time.perf_counter()
-    dataset, split, text = prepare(data_cfg, dataset, split)
+    with torch_threads(training_threads(cfg)):  # the text model's cold encoding too: it also runs alone
+        dataset, split, text = prepare(data_cfg, dataset, split)
     fit_train, val = holdout_validation(split.train, cfg.val_frac, cfg.seed)
     ft = build_features(dataset.items, dataset.users, fit_train, text)
     models, history = [], []

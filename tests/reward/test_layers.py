@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from rlsim.reward.layers import Dropout, EncoderLayer, dropout
+from rlsim.reward.layers import Dropout, EncoderLayer, drop_threshold, dropout
 
 
 def _pair(p: float):
@@ -49,9 +49,15 @@ def test_dropout_zeroes_a_share_p_and_keeps_the_mean():
     torch.manual_seed(1)
     x = torch.ones(200_000)
     y = dropout(x, 0.3, True)
-    assert abs(float((y == 0).float().mean()) - 0.3) < 0.01
+    assert drop_threshold(0.3) == 77  # p in 256ths: 0.3008
+    assert abs(float((y == 0).float().mean()) - 77 / 256) < 0.005  # ~7 standard errors
     assert abs(float(y.mean()) - 1.0) < 0.01
-    torch.testing.assert_close(torch.unique(y), torch.tensor([0.0, 1 / 0.7]))
+    torch.testing.assert_close(torch.unique(y), torch.tensor([0.0, 256 / 179]))
+    # Every byte of each 64-bit draw is used: a shape that is no multiple of 8, and a 2-D one.
+    z = dropout(torch.ones(3, 333), 0.5, True)
+    assert z.shape == (3, 333) and set(torch.unique(z).tolist()) == {0.0, 2.0}
+    assert 0.4 < float((z == 0).float().mean()) < 0.6
+    assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x)) and dropout(x, 0.001, True) is x
     assert dropout(x, 0.3, False) is x
     d = Dropout(0.5).eval()
     assert torch.equal(d(x), x)
