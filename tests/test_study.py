@@ -59,6 +59,13 @@ def test_study_end_to_end_on_fixture(tmp_path, data_root, cache_root, tiny_rewar
     sources = ["bias", "mf", "reward_model", "hybrid"]
     assert len(builds) == 1  # the env's tables are built once for the 8 policies (same split and candidates)
     assert r["source_names"] == sources and r["seeds"] == 2
+    # Where the time went: every source's fidelity, and each policy's training and judging, per seed.
+    t = r["timing"]
+    assert set(t["fidelity"]) == set(t["policy_training"]) == set(t["policy_other"]) == set(sources)
+    assert all(len(v) == 2 and min(v) > 0 for v in t["policy_training"].values())
+    assert [x["wall_seconds"] for x in r["runs"]["mf"]] == pytest.approx(t["policy_training"]["mf"], abs=0.06)
+    assert 0 < t["reward_and_candidates"] + t["references"] + t["aggregate"] + sum(t["fidelity"].values()) \
+        + sum(map(sum, t["policy_training"].values())) + sum(map(sum, t["policy_other"].values())) <= r["seconds"] + 1
     # The matrix: every policy judged by every source; the diagonal is each policy's own simulator.
     assert set(r["matrix"]) == set(sources) and all(set(row) == set(sources) for row in r["matrix"].values())
     # Held-out users only among users with held-out behaviour; every rate names its denominator.

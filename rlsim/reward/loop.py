@@ -192,8 +192,8 @@ def train_step(net, opt, sched, tr: dict, b: torch.Tensor, cfg: RewardConfig, ge
         inputs, labels, weights = _choice_batch(model, tr, b, user, item, real_user, real_item,
                                                 cfg.choice_draws or cfg.choice_negatives, gen,
                                                 cfg.choice_negatives)
-        logits, pick = net(**inputs, head="both")
-        loss = _loss(model, logits[:len(b)], tr["y"][b], tr["r"][b], cfg) + cfg.choice_weight * (
+        logits, pick = net(**inputs, head="both", n_rated=len(b))
+        loss = _loss(model, logits, tr["y"][b], tr["r"][b], cfg) + cfg.choice_weight * (
             F.binary_cross_entropy_with_logits(pick, labels, weight=weights, reduction="sum") / len(b))
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -244,7 +244,7 @@ class VanillaTransformer(nn.Module):
 
     def forward(self, user, item, text, demo, self_r=None, real_user=None, real_item=None,
                 session_items=None, session_r=None, own_watch=None, head: str = "rating", pool_item=None,
-                pool_text=None):
+                pool_text=None, n_rated: int | None = None):
         """Logits [batch, n_classes] for index tensors from FeatureTables.encode.
 
         self_r: the pair's own centred rating when it is in the histories (it is taken out of them);
@@ -256,7 +256,8 @@ class VanillaTransformer(nn.Module):
         taken out of the implicit-history token, so a pick never announces itself to the choice head.
         head: "rating" (logits [batch, n_classes]), "choice" (the pick logit [batch]) or "both"; with the
         "dot" scorer, "both" also scores every row's user against the pool_item movies (rows of the item
-        and text tables): (rating logits, pick logits [batch], pool logits [batch, pool])."""
+        and text tables): (rating logits, pick logits [batch], pool logits [batch, pool]). n_rated ("joint",
+        "both"): only the first n_rated rows get rating logits (the rest are unrated draws: no rating to fit)."""
         tokens = [self.user_emb(user), self.item_vectors(item, text)]
         if self.cfg.user_features:
             a, g, o = self.demo[demo].unbind(-1)
@@ -311,7 +312,7 @@ class VanillaTransformer(nn.Module):
         xc = torch.cat([x, self.choice_features(user, item, own_watch)], -1) if self.pop_features else x
         if head == "choice":
             return self.choice_head(xc).squeeze(-1)
-        return self.head(x), self.choice_head(xc).squeeze(-1)
+        return self.head(x if n_rated is None else x[:n_rated]), self.choice_head(xc).squeeze(-1)
 
     def choice_features(self, user: torch.Tensor, item: torch.Tensor, own_watch=None) -> torch.Tensor:
         """[batch, 2]: log(1 + the movie's training picks by OTHER users) and log(1 + the user's training ratings),
