@@ -306,7 +306,8 @@ def run_study(run: "RunConfig", out: str | Path, progress: bool = True, llm_pers
               "runs": runs, "notes": sorted(notes), "seconds": round(time.perf_counter() - t0, 1)}
     timing["aggregate"] = time.perf_counter() - mark
     result["timing"] = {k: round(v, 1) if isinstance(v, float) else
-                        {n: round(x, 1) if isinstance(x, float) else x for n, x in v.items()} for k, v in timing.items()}
+                        {n: round(x, 1) if isinstance(x, float) else x for n, x in v.items()}
+                        for k, v in timing.items()}
     write_json(out / "study.json", result)
     hybrid = None
     if scfg.hybrid_thresholds:

@@ -64,7 +64,7 @@ class RewardConfig:
     # The choice head also reads the movie's popularity, log(1 + its training picks by other users), and the
     # user's activity, log(1 + their training ratings) (the ID tables are decayed hard, so a movie's own
     # popularity might be what the head learns least). Off: on u1's validation slice the joint head chose
-    # worse with it (AUC 0.915 vs 0.918, 1:9 accuracy 0.620 vs 0.632; bench/results/choice_head.json).
+    # worse with it (AUC 0.915 vs 0.918, 1:9 accuracy 0.620 vs 0.632; bench/results/choice_head_popularity.json).
     choice_popularity: bool = False
     # dot only: read the user vector off the rating forward (the user's tokens attend to each other
     # only there) instead of a second pass over them: 1.12x a no-head epoch rather than 1.35x, but
@@ -87,7 +87,7 @@ class RewardConfig:
     seed: int = 0
     # Torch threads while training in this process (0: every core this process may use). Ray Train
     # workers use one each and a Tune trial its CPU share; the default run trains alone, so on 2 cores
-    # 2 threads make an epoch ~1.5x faster (the env runners' OMP_NUM_THREADS=1 is for parallel workers).
+    # 2 threads make a u1 epoch ~1.3x faster (the env runners' OMP_NUM_THREADS=1 is for parallel workers).
     threads: int = 0
     progress: bool = False  # a progress bar over epochs (the CLI turns it on unless --quiet)
 

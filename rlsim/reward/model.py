@@ -321,16 +321,17 @@ class VanillaTransformer(nn.Module):
         picks = self.pop_counts[item]
         if own_watch is not None:
             picks = (picks - own_watch).clamp(min=0.0)
-        raw = torch.stack([torch.log1p(picks), torch.log1p(self.user_count[user]).expand_as(picks)], -1)
+        return self._popularity(picks, self.user_count[user])
+
+    def _popularity(self, picks: torch.Tensor, activity: torch.Tensor) -> torch.Tensor:
+        raw = torch.stack(torch.broadcast_tensors(torch.log1p(picks), torch.log1p(activity)), -1)
         return (raw - self.pop_stats[0]) / self.pop_stats[1]
 
     def _pop_pool(self, user: torch.Tensor, pool_item: torch.Tensor) -> torch.Tensor:
         """The "dot" head's popularity term for every row's user against the pool movies: [B, M] (a pool movie
         the user rated has weight 0 in the loss, so nothing is taken out of its count)."""
-        w = self.choice_pop.weight[0]
-        f_item = (torch.log1p(self.pop_counts[pool_item]) - self.pop_stats[0, 0]) / self.pop_stats[1, 0]
-        f_user = (torch.log1p(self.user_count[user]) - self.pop_stats[0, 1]) / self.pop_stats[1, 1]
-        return w[0] * f_item[None, :] + (w[1] * f_user)[:, None]
+        return self._popularity(self.pop_counts[pool_item][None, :], self.user_count[user][:, None]) \
+            @ self.choice_pop.weight[0]
 
     @property
     def has_choice(self) -> bool:
