@@ -49,7 +49,7 @@ install-llm-local: install
 llm-serve: install-llm-local
 	$(BIN)/rlsim llm serve --port $(LLM_PORT)
 
-# One BLAS/OpenMP thread per process, as the README's measurement ran (5:26; 6:22 without it, one run
+# One BLAS/OpenMP thread per process, as the README's measurements ran (5:18, 5:26; 6:22 without it, one run
 # each): the reward stage sets its own torch threads (reward.threads), Ray's workers get one each.
 quickstart: install
 	OMP_NUM_THREADS=1 $(BIN)/rlsim pipeline --config configs/quickstart.yaml --data-dir $(DATA_DIR) --out $(OUT)
