@@ -114,7 +114,6 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         K = data.k
         # One flat float32 vector per session (rlsim.env.ObsLayout: user, candidates, history, mask).
         self.layout = ObsLayout.of(data, self.history)
-        self._hist_dim = self.layout.hist_dim
         self.obs_dim = self.layout.size
         self.single_observation_space = self.layout.space()
         self.single_action_space = gym.spaces.Discrete(K)
@@ -125,7 +124,7 @@ class SessionVectorEnv(gym.vector.VectorEnv):
         self._t = np.zeros(N, np.int64)
         self._chained = np.zeros(N, np.int64)
         self._mask = np.zeros((N, K), np.float32)
-        self._hist = np.zeros((N, self.history, self._hist_dim), np.float32)
+        self._hist = np.zeros((N, self.history, self.layout.hist_dim), np.float32)
         self._sessions = [EMPTY] * N
         self._skips = np.zeros(N, np.int64)  # skips in a row (exit_after_skips)
         self._needs_reset = np.zeros(N, bool)

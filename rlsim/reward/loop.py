@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rlsim.data.schema import RatingScale
 from rlsim.reward.config import RewardConfig
 from rlsim.reward.features import FeatureTables
-from rlsim.reward.model import VanillaTransformer
+from rlsim.reward.model import VanillaTransformer, csr_runs
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,12 @@ def pool_batch(tr: dict, real_user: torch.Tensor, n_items: int, cfg: RewardConfi
     pool = torch.randint(1, n_items, (cfg.choice_pool,), generator=gen).to(device)
     # The batch users' rated movies as a dense [batch, n_items] mask (their CSR rows scattered): a
     # gather per (pick, pool movie), where a search of every pair's key costs 10x more.
-    starts, ends = tr["hist_rows"][real_user], tr["hist_rows"][real_user + 1]
-    lengths = ends - starts
+    starts = tr["hist_rows"][real_user]
+    lengths = tr["hist_rows"][real_user + 1] - starts
+    base, within, _ = csr_runs(starts, lengths)
     row = torch.repeat_interleave(torch.arange(len(real_user), device=device), lengths)
-    first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
     rated = torch.zeros(len(real_user), n_items, dtype=torch.bool, device=device)
-    rated[row, tr["hist_cols"][first + torch.arange(len(row), device=device)]] = True
+    rated[row, tr["hist_cols"][base + within]] = True
     return pool, (~rated[:, pool]).float() * (cfg.choice_negatives / cfg.choice_pool)
 
 

@@ -18,6 +18,14 @@ from rlsim.reward.features import AGE_EDGES, FeatureTables
 from rlsim.reward.layers import Dropout, EncoderLayer
 
 
+def csr_runs(starts: torch.Tensor, take: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For CSR rows starting at `starts` and `take` nonzeros of each: (each position's row start, its index
+    within the row, each row's offset in the concatenation); start + within is the nonzero's position."""
+    offsets = torch.cumsum(take, 0) - take
+    within = torch.arange(int(take.sum()), device=starts.device) - torch.repeat_interleave(offsets, take)
+    return torch.repeat_interleave(starts, take), within, offsets
+
+
 class _SparseRows:
     """rows -> (matrix @ table.weight)[rows], computed for those rows only (an embedding_bag over their
     nonzeros): the same numbers as the full sparse product, at the cost of the batch's own histories.
@@ -42,18 +50,16 @@ class _SparseRows:
         starts = self.crow[uniq]
         lengths = self.crow[uniq + 1] - starts
         take = lengths.clamp(max=self.sample) if self.sample else lengths
-        offsets = torch.cumsum(take, 0) - take
-        total = int(take.sum())
-        within = torch.arange(total, device=rows.device) - torch.repeat_interleave(offsets, take)
+        base, within, offsets = csr_runs(starts, take)
         if self.sample and bool((lengths > self.sample).any()):
             n = torch.repeat_interleave(lengths, take)
             big = n > self.sample
-            drawn = (torch.rand(total, device=rows.device) * n).long().clamp(max=n - 1)
+            drawn = (torch.rand(len(within), device=rows.device) * n).long().clamp(max=n - 1)
             within = torch.where(big, drawn, within)
             weight = torch.where(big, n / self.sample, 1.0)
         else:
-            weight = torch.ones(total, device=rows.device)
-        out = (torch.repeat_interleave(starts, take) + within, offsets, weight, inverse)
+            weight = torch.ones(len(within), device=rows.device)
+        out = (base + within, offsets, weight, inverse)
         self.memo["last"] = (rows, out)
         return out
 
